@@ -1,0 +1,268 @@
+"""The K/V cache on disk: the contract between stage 1 (writer) and stage 2 (reader).
+
+One directory per (teacher, data set, split, extraction settings):
+
+    manifest.json              written last, atomically; see `build_manifest`
+    shard-00000.safetensors    (or .h5) samples packed along time, one tensor per layer
+    shard-00000.json           sidecar: the shard's manifest entry, written after the shard;
+                               a shard counts as complete when both exist and sizes agree
+
+Tensors in a shard (n samples, N tokens in all; H kv heads, D head_dim):
+
+    k.{layer}, v.{layer}   (N, H, D)  stored dtype; `layer` is the teacher's layer index
+    input_ids              (N,)       int64
+    char_offsets           (N, 2)     int32, character span of each token in the sample text
+    sample_offsets         (n+1,)     int64, sample j holds tokens [off[j], off[j+1])
+    rows                   (n,)       int64, row index in the data set
+    token_segments         (n, 3, 2)  int32, [start, end) per segment (question, reasoning, answer)
+    char_segments          (n, 3, 2)  int32, the same in characters
+    truncated              (n,)       uint8, 1 where max_length cut the sample
+    text_bytes             (B,)       uint8, UTF-8 texts packed; text_offsets (n+1,) int64
+
+Time-major storage keeps one sample's K/V for one layer contiguous on disk, so a reader maps
+only the bytes of the layers and samples it asks for. Keys are stored post-RoPE, as the model
+returned them; the manifest records the RoPE settings and that positions run 0..T-1.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+FORMATS = {"safetensors": ".safetensors", "hdf5": ".h5"}
+_STORED_AS_INT16 = (torch.bfloat16,)  # HDF5 has no bfloat16: stored as its bits, viewed back
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(identity: dict) -> str:
+    """A short hash of the fields that decide a cache's contents."""
+    blob = json.dumps(identity, sort_keys=True, ensure_ascii=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def shard_name(index: int, fmt: str) -> str:
+    return f"shard-{index:05d}{FORMATS[fmt]}"
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def write_shard(cache_dir: Path, index: int, fmt: str, tensors: dict[str, torch.Tensor],
+                entry: dict) -> dict:
+    """Write one shard under a temporary name, rename it, then write its sidecar.
+
+    `entry` holds the shard's bookkeeping (samples, tokens, bad samples); file, bytes and
+    sha256 are added here. Returns the completed entry.
+    """
+    name = shard_name(index, fmt)
+    final = cache_dir / name
+    tmp = cache_dir / (name + ".tmp")
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp),
+                  metadata={"kava_schema": str(SCHEMA_VERSION)})
+    else:
+        import h5py
+        with h5py.File(tmp, "w") as f:
+            f.attrs["kava_schema"] = SCHEMA_VERSION
+            for k, t in tensors.items():
+                arr = t.contiguous()
+                if arr.dtype in _STORED_AS_INT16:
+                    f.create_dataset(k, data=arr.view(torch.int16).numpy()).attrs["torch_dtype"] = "bfloat16"
+                else:
+                    f.create_dataset(k, data=arr.numpy())
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    entry = dict(entry, file=name, bytes=tmp.stat().st_size, sha256=sha256_file(tmp))
+    os.replace(tmp, final)
+    atomic_write_text(cache_dir / f"shard-{index:05d}.json", json.dumps(entry, indent=1))
+    return entry
+
+
+def completed_shards(cache_dir: Path) -> dict[int, dict]:
+    """Sidecar entries of shards that were fully written (file present, size as recorded)."""
+    done = {}
+    for side in sorted(cache_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9].json")):
+        try:
+            entry = json.loads(side.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        f = cache_dir / entry.get("file", "")
+        if f.is_file() and f.stat().st_size == entry.get("bytes"):
+            done[int(entry["index"])] = entry
+    return done
+
+
+def remove_partial_files(cache_dir: Path) -> list[str]:
+    """Delete leftovers of an interrupted run (temporary files); returns their names."""
+    gone = []
+    for p in cache_dir.glob("*.tmp"):
+        p.unlink()
+        gone.append(p.name)
+    return gone
+
+
+def write_manifest(cache_dir: Path, manifest: dict) -> None:
+    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=True))
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+class _Shard:
+    """Lazy handle on one shard file; safe to use after fork (reopened per process)."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        self._pid = None
+        self._f = None
+        self.meta: dict[str, np.ndarray] = {}
+
+    def _open(self):
+        if self._pid != os.getpid():
+            if self.fmt == "safetensors":
+                from safetensors import safe_open
+                self._f = safe_open(str(self.path), framework="pt")
+            else:
+                import h5py
+                self._f = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+            self.meta = {}
+        return self._f
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        f = self._open()
+        if self.fmt == "safetensors":
+            if start is None:
+                return f.get_tensor(name)
+            return f.get_slice(name)[start:stop]
+        ds = f[name]
+        arr = ds[()] if start is None else ds[start:stop]
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if ds.attrs.get("torch_dtype") == "bfloat16":
+            t = t.view(torch.bfloat16)
+        return t
+
+    def small(self, name: str) -> np.ndarray:
+        """A per-sample metadata tensor, read once per process and kept."""
+        self._open()
+        if name not in self.meta:
+            self.meta[name] = self.read(name).numpy()
+        return self.meta[name]
+
+
+class KVCache:
+    """Read a cache directory written by stage 1.
+
+    `len(cache)` samples; `cache.manifest` the manifest dict; `cache[i]` a dict with
+    `input_ids` (LongTensor [T]) and `k`, `v` ([len(layers), kv_heads, T, head_dim], stored
+    dtype), plus `row`, `text`, `char_offsets` [T, 2], `token_segments` {name: (start, end)},
+    `truncated`. Files open on first use in each process, so DataLoader workers can share it.
+    """
+
+    def __init__(self, path: str | os.PathLike, layers: list[int] | None = None):
+        self.path = Path(path)
+        mf = self.path / MANIFEST
+        if not mf.is_file():
+            raise FileNotFoundError(f"{self.path}: no {MANIFEST}; not a kava cache, or stage 1 has "
+                                    "not finished (re-run the same stage-1 command to complete it)")
+        self.manifest: dict[str, Any] = json.loads(mf.read_text())
+        if self.manifest.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{mf}: schema version {self.manifest.get('schema_version')}, "
+                             f"this kava reads {SCHEMA_VERSION}")
+        stored = self.manifest["layers"]
+        self.layers = list(stored) if layers is None else list(layers)
+        missing = [l for l in self.layers if l not in stored]
+        if missing:
+            raise ValueError(f"{self.path}: layers {missing} are not stored; it holds {stored}")
+        fmt = self.manifest["format"]
+        self._shards = [_Shard(self.path / s["file"], fmt) for s in self.manifest["shards"]]
+        self._starts = [s["first_sample"] for s in self.manifest["shards"]]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def __len__(self) -> int:
+        return self.manifest["num_samples"]
+
+    def locate(self, i: int) -> tuple[_Shard, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for cache of {len(self)} samples")
+        i %= len(self)
+        s = bisect.bisect_right(self._starts, i) - 1
+        return self._shards[s], i - self._starts[s]
+
+    def tokens(self, i: int) -> torch.Tensor:
+        """Token ids of sample i, without reading any K/V."""
+        shard, j = self.locate(i)
+        off = shard.small("sample_offsets")
+        return shard.read("input_ids", int(off[j]), int(off[j + 1]))
+
+    def __getitem__(self, i: int) -> dict:
+        shard, j = self.locate(i)
+        off = shard.small("sample_offsets")
+        a, b = int(off[j]), int(off[j + 1])
+        k = torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers])  # (L, H, T, D)
+        v = torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers])  # (L, H, T, D)
+        toff = shard.small("text_offsets")
+        text = bytes(shard.small("text_bytes")[toff[j]:toff[j + 1]]).decode("utf-8")
+        segs = shard.small("token_segments")[j]
+        names = self.manifest["segments"]
+        return {
+            "input_ids": shard.read("input_ids", a, b).long(),
+            "k": k,
+            "v": v,
+            "row": int(shard.small("rows")[j]),
+            "text": text,
+            "char_offsets": shard.read("char_offsets", a, b),
+            "token_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, segs)},
+            "truncated": bool(shard.small("truncated")[j]),
+        }
+
+
+def open_cache(path: str | os.PathLike, layers: list[int] | None = None) -> KVCache:
+    """Open a finished cache directory; `layers` selects a subset of the stored teacher layers."""
+    return KVCache(path, layers)
+
+
+def verify_cache(path: str | os.PathLike) -> list[str]:
+    """Re-hash every shard; returns one line per problem (empty when the cache is intact)."""
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    problems = []
+    for s in manifest["shards"]:
+        f = path / s["file"]
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != s["bytes"]:
+            problems.append(f"{f}: size {f.stat().st_size} bytes, manifest says {s['bytes']}")
+        elif sha256_file(f) != s["sha256"]:
+            problems.append(f"{f}: sha256 does not match the manifest")
+    return problems

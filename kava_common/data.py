@@ -1,0 +1,145 @@
+"""Data sets with GSM8K's fields (`question`, `answer`): the hub copy, a local file, or synthetic.
+
+`load_rows(spec, split)` returns a `Rows` with the rows and an identity (name, split, count,
+content hash) that goes into the cache manifest, so stage 2 can check it trains on the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+HUB_GSM8K = ("openai/gsm8k", "main")
+SYNTHETIC_SIZES = {"train": 2000, "test": 200}
+
+
+@dataclass
+class Rows:
+    name: str
+    split: str
+    questions: list[str]
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for q, a in zip(self.questions, self.answers):
+            h.update(json.dumps([q, a], ensure_ascii=True).encode())
+        return h.hexdigest()
+
+    def identity(self) -> dict:
+        return {"name": self.name, "split": self.split, "rows": len(self),
+                "content_sha256": self.content_hash()}
+
+
+def load_rows(spec: str, split: str = "train", max_samples: int | None = None,
+              seed: int = 0) -> Rows:
+    """Load rows from `gsm8k` (hub), `synthetic` (generated from `seed`) or a local PATH."""
+    if spec == "synthetic":
+        n = max_samples if max_samples is not None else SYNTHETIC_SIZES.get(split, 200)
+        qs, ans = zip(*synthetic_problems(n, split=split, seed=seed)) if n else ((), ())
+        return Rows(f"synthetic-seed{seed}", split, list(qs), list(ans))
+    if spec == "gsm8k":
+        import datasets
+        ds = datasets.load_dataset(*HUB_GSM8K, split=split)
+        name = "gsm8k"
+    else:
+        ds, name = _load_local(Path(spec), split), str(Path(spec).resolve())
+    missing = {"question", "answer"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"data set {spec!r} (split {split!r}) lacks column(s) {sorted(missing)}; "
+                         f"it has {ds.column_names}")
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    qs, ans = ds["question"], ds["answer"]
+    for i, (q, a) in enumerate(zip(qs, ans)):
+        if not isinstance(q, str) or not isinstance(a, (str, type(None))):
+            raise ValueError(f"data set {spec!r} row {i}: `question` and `answer` must be text, "
+                             f"got {type(q).__name__} and {type(a).__name__}")
+    return Rows(name, split, list(qs), [a or "" for a in ans])
+
+
+def _load_local(path: Path, split: str):
+    import datasets
+    if not path.exists():
+        raise FileNotFoundError(f"--dataset {path}: no such file or folder "
+                                "(use 'gsm8k', 'synthetic' or a path)")
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path}: no split {split!r}; it has {list(ds)}")
+            ds = ds[split]
+        return ds
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if kind is None:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} "
+                         "(use .jsonl, .json, .parquet or a saved datasets folder)")
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps parse errors in several types
+        raise ValueError(f"{path}: could not be read as {kind}: {e}") from e
+
+
+# --- synthetic GSM8K-format problems --------------------------------------------------------
+
+_NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Liam"]
+_ITEMS = ["apples", "pens", "stamps", "marbles", "books", "shells", "cards", "coins"]
+
+
+def synthetic_problems(n: int, split: str = "train", seed: int = 0, steps: tuple[int, int] = (2, 3),
+                       max_start: int = 50) -> list[tuple[str, str]]:
+    """`n` word problems in GSM8K's format: calculator notes `<<a*b=c>>` and a `#### N` line.
+
+    Each problem starts from a count and applies `steps` operations (buy bags, give away, share
+    equally, double); every intermediate value is a non-negative integer. The split name is
+    part of the seed, so train and test draw different problems.
+    """
+    rng = random.Random(f"kava-synthetic-{seed}-{split}")
+    return [_one_problem(rng, rng.randint(*steps), max_start) for _ in range(n)]
+
+
+def _one_problem(rng: random.Random, n_steps: int, max_start: int) -> tuple[str, str]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    total = rng.randint(2, max_start)
+    q = [f"{name} has {total} {item}."]
+    a = []
+    for _ in range(n_steps):
+        op = rng.choice(["bags", "give", "share", "double"] if total >= 2 else ["bags", "double"])
+        if op == "bags":
+            bags, per = rng.randint(2, 9), rng.randint(2, 12)
+            got = bags * per
+            q.append(f"{name} buys {bags} bags with {per} {item} each.")
+            a.append(f"{name} buys {bags}*{per}=<<{bags}*{per}={got}>>{got} {item}.")
+            new = total + got
+            a.append(f"Now {name} has {total}+{got}=<<{total}+{got}={new}>>{new} {item}.")
+        elif op == "give":
+            k = rng.randint(1, total - 1)
+            new = total - k
+            q.append(f"{name} gives away {k} {item}.")
+            a.append(f"After giving away {k}, {name} has {total}-{k}=<<{total}-{k}={new}>>{new} {item}.")
+        elif op == "share":
+            divisors = [d for d in range(2, 10) if total % d == 0]
+            if not divisors:
+                k = total % 2 + 1
+                new = total - k
+                q.append(f"{name} loses {k} {item}.")
+                a.append(f"{name} has {total}-{k}=<<{total}-{k}={new}>>{new} {item} left.")
+            else:
+                d = rng.choice(divisors)
+                new = total // d
+                q.append(f"{name} shares them equally among {d} friends and keeps one share.")
+                a.append(f"One share is {total}/{d}=<<{total}/{d}={new}>>{new} {item}.")
+        else:
+            new = total * 2
+            q.append(f"Then the number of {item} doubles.")
+            a.append(f"Doubled, {name} has {total}*2=<<{total}*2={new}>>{new} {item}.")
+        total = new
+    q.append(f"How many {item} does {name} have now?")
+    a.append(f"#### {total}")
+    return " ".join(q), "\n".join(a)

@@ -1,0 +1,68 @@
+"""python -m kava_common.info CACHE [CACHE ...] [--verify]
+
+Prints a cache's summary (teacher, geometry, samples, size, bytes per token); with --verify it
+re-hashes every shard and exits 1 naming each file that does not match the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cache import open_cache, verify_cache
+
+
+def summary(path: str) -> str:
+    c = open_cache(path)
+    m = c.manifest
+    t, q = m["teacher"], m["teacher"]["quantization"]
+    quant = (f"{q['bits']}-bit {q['quant_type']}{' double-quant' if q.get('double_quant') else ''}"
+             if q["method"] != "none" else f"unquantized {q['dtype']}")
+    return "\n".join([
+        f"cache        {Path(path)}",
+        f"fingerprint  {m['fingerprint']}",
+        f"teacher      {t['name']} ({t['architecture']}, {quant})",
+        f"data         {m['dataset']['name']} split {m['dataset']['split']}, "
+        f"{m['dataset']['rows']} rows, template {m['prompt_template']}",
+        f"geometry     {m['num_layers']} layers (stored {len(m['layers'])}: {_ranges(m['layers'])}), "
+        f"{m['num_kv_heads']} KV heads, head_dim {m['head_dim']}, {m['kv_dtype']}, keys post-RoPE",
+        f"samples      {m['num_samples']} ({len(m['skipped_rows'])} rows skipped, "
+        f"{len(m['bad_samples'])} bad, {m['truncated_samples']} truncated at {m['max_length']} tokens)",
+        f"size         {m['total_bytes'] / 1e9:.3f} GB in {len(m['shards'])} {m['format']} shards, "
+        f"{m['num_tokens']} tokens, {m['kv_bytes_per_token']} K/V bytes per token "
+        f"({m['total_bytes'] / max(m['num_tokens'], 1):.0f} on disk with metadata)",
+    ])
+
+
+def _ranges(xs: list[int]) -> str:
+    if xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}-{xs[-1]}"
+    return ",".join(map(str, xs))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kava_common.info", description=__doc__.split("\n\n")[1])
+    p.add_argument("caches", nargs="+", help="cache folder(s) holding manifest.json")
+    p.add_argument("--verify", action="store_true", help="re-hash every shard against the manifest")
+    args = p.parse_args(argv)
+    status = 0
+    for path in args.caches:
+        try:
+            print(summary(path))
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            status = 1
+            continue
+        if args.verify:
+            problems = verify_cache(path)
+            for line in problems:
+                print(f"CORRUPT {line}")
+            print(f"verify       {'FAILED' if problems else 'ok'}: "
+                  f"{len(problems)} of {len(open_cache(path).manifest['shards'])} shards do not match")
+            status = status or int(bool(problems))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Tiny models of real architectures and locally trained tokenizers, for tests and the demo.
+
+Nothing here downloads anything: tokenizers are trained with `tokenizers` on text we generate,
+models are built from configs with random weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+EOS = "<|endoftext|>"
+BOS = "<s>"
+
+
+def train_tokenizer(texts, vocab_size: int = 384, add_bos: bool = False):
+    """A byte-level BPE tokenizer trained on `texts` (any Unicode input encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = [EOS] + ([BOS] if add_bos else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    if add_bos:
+        bos_id = tk.token_to_id(BOS)
+        tk.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos_id)])])
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    kw = {"bos_token": BOS} if add_bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, pad_token=EOS, **kw)
+
+
+def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
+                kv_heads: int = 2, head_dim: int | None = None, intermediate: int | None = None,
+                max_positions: int = 1024, tok=None):
+    """A config of a real architecture ('qwen2' or 'llama') at toy size."""
+    from transformers import LlamaConfig, Qwen2Config
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads,
+              head_dim=head_dim or hidden // heads, intermediate_size=intermediate or 2 * hidden,
+              max_position_embeddings=max_positions, tie_word_embeddings=True)
+    if tok is not None:
+        kw.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  bos_token_id=tok.bos_token_id)
+    return cls(**kw)
+
+
+def build_model(config, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def save_model(model, tok, path: Path) -> Path:
+    """Save weights and tokenizer in one folder, loadable by from_pretrained."""
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Text of synthetic problems in the prompt template, for tokenizer training."""
+    from .data import synthetic_problems
+    from .prompt import format_sample
+    return [format_sample(q, a).text for q, a in synthetic_problems(n, "train", seed)]

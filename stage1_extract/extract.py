@@ -1,0 +1,376 @@
+"""Stage 1: run each teacher once over a data set and write its per-layer K/V to a cache.
+
+Flow per teacher: config + tokenizer (cheap) -> samples through the shared prompt template ->
+fingerprint -> cache folder -> size estimate and disk check -> teacher weights -> for each
+shard not yet on disk: length-sorted batches through the model with the cache on, padding
+stripped per sample, handed to a background writer -> manifest.json last.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kava_common import KavaError
+from kava_common import cache as kcache
+from kava_common.data import Rows, load_rows
+from kava_common.geometry import DTYPES, KVGeometry, dtype_bytes
+from kava_common.prompt import SEGMENTS, TEMPLATE_ID, format_sample, token_spans
+
+from . import teacher as T
+from .config import ExtractConfig
+from .writer import BackgroundWriter
+
+META_BYTES_PER_TOKEN = 8 + 8  # input_ids int64 + char_offsets 2 x int32
+
+
+@dataclass
+class Sample:
+    row: int                          # index in the data set
+    text: str
+    ids: list[int]                    # (T,) after truncation
+    offsets: list[tuple[int, int]]    # (T, 2) character span of each token
+    token_segments: list[tuple[int, int]]
+    char_segments: tuple[tuple[int, int], ...]
+    truncated: bool
+
+
+def prepare_samples(rows: Rows, tok, max_length: int) -> tuple[list[Sample], list[dict], dict]:
+    """Format and tokenize every row; returns samples, skipped rows (with reasons), counts."""
+    samples, skipped = [], []
+    texts, kept = [], []
+    no_final = 0
+    for i, (q, a) in enumerate(zip(rows.questions, rows.answers)):
+        if not q.strip():
+            skipped.append({"row": i, "reason": "empty question"})
+            continue
+        f = format_sample(q, a)
+        no_final += not f.has_final
+        texts.append(f.text)
+        kept.append((i, f))
+    enc = tok(texts, return_offsets_mapping=True, add_special_tokens=True) if texts else None
+    for j, (i, f) in enumerate(kept):
+        ids, offs = enc["input_ids"][j], [tuple(o) for o in enc["offset_mapping"][j]]
+        cut = len(ids) > max_length
+        ids, offs = ids[:max_length], offs[:max_length]
+        samples.append(Sample(i, f.text, ids, offs, token_spans(f.char_spans, offs),
+                              f.char_spans, cut))
+    stats = {"rows_without_final_answer": no_final,
+             "truncated_samples": sum(s.truncated for s in samples)}
+    return samples, skipped, stats
+
+
+def plan_shards(samples: list[Sample], bytes_per_token: int, shard_bytes: float) -> list[list[int]]:
+    """Split samples, in order, into shards of about `shard_bytes`; deterministic, so a resumed
+    run finds the same shard boundaries."""
+    shards, cur, size = [], [], 0
+    for j, s in enumerate(samples):
+        cur.append(j)
+        size += len(s.ids) * bytes_per_token
+        if size >= shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def length_sorted_batches(samples: list[Sample], members: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of shard-local positions, longest first, so a batch pads little."""
+    order = sorted(range(len(members)), key=lambda p: -len(samples[members[p]].ids))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right"):
+    """Pad token lists into (B, T) ids, mask and position ids; real tokens sit at positions
+    0..len-1 whatever the padding side (post-RoPE keys depend on position)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)     # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)           # (B, T)
+    for b, s in enumerate(seqs):
+        sl = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+        ids[b, sl] = torch.tensor(s, dtype=torch.long)
+        mask[b, sl] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)                            # (B, T)
+    return ids, mask, pos
+
+
+def teacher_forward(model, ids, mask, pos):
+    """The teacher's forward with the K/V cache on; logits only for the last position."""
+    dev = model.device
+    return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                 use_cache=True, logits_to_keep=1)
+
+
+def check_geometry(name: str, geometry: KVGeometry, kv_cache, batch: int, width: int) -> None:
+    """The config's KV geometry must match the tensors the model returned."""
+    layers = getattr(kv_cache, "layers", None)
+    if layers is None:
+        raise KavaError(f"teacher {name!r}: expected a transformers 5 DynamicCache with "
+                           f".layers, got {type(kv_cache).__name__}")
+    got = (len(layers), *layers[0].keys.shape)
+    want = (geometry.num_layers, batch, geometry.num_kv_heads, width, geometry.head_dim)
+    if got != want:
+        raise KavaError(
+            f"teacher {name!r}: its config gives {geometry.num_layers} layers x "
+            f"{geometry.num_kv_heads} KV heads x head_dim {geometry.head_dim}, but the model "
+            f"returned {got[0]} layers of keys shaped {list(got[1:])} (batch, heads, T, head_dim)")
+
+
+def capture(kv_cache, layers: list[int], mask: torch.Tensor, kv_dtype: torch.dtype):
+    """Real-token K/V of a padded batch, packed along time in batch order.
+
+    Returns per stored layer (k, v) each (sum of lengths, H, D) on the CPU, and (B,) flags of
+    samples whose stored K/V hold NaN or Inf.
+    """
+    m = mask.to(kv_cache.layers[0].keys.device).bool()                  # (B, T)
+    bad = torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
+    out = []
+    for l in layers:
+        pair = []
+        for t in (kv_cache.layers[l].keys, kv_cache.layers[l].values):  # (B, H, T, D)
+            t = t.to(kv_dtype).transpose(1, 2)                          # (B, T, H, D)
+            bad |= (~torch.isfinite(t).flatten(2).all(-1) & m).any(-1)
+            pair.append(t[m].cpu())                                     # (sum T, H, D)
+        out.append(pair)
+    return out, bad.cpu()
+
+
+class _Counter:
+    def __init__(self):
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def add(self, n):
+        with self.lock:
+            self.bytes += n
+
+
+def _assemble_and_write(item: dict, counter: _Counter) -> None:
+    """Writer thread: put a shard's batches back in sample order, drop bad samples, write."""
+    samples, order, bad = item["samples"], item["order"], item["bad"]
+    lengths = [len(s.ids) for s in samples]
+    starts = [0] * len(order)                      # token start of each sample in batch order
+    acc = 0
+    for p, local in enumerate(order):
+        starts[p] = acc
+        acc += lengths[local]
+    where = {local: starts[p] for p, local in enumerate(order)}
+    keep = [j for j in range(len(samples)) if not bad[j]]
+    index = torch.cat([torch.arange(where[j], where[j] + lengths[j]) for j in keep]) if keep \
+        else torch.zeros(0, dtype=torch.long)
+    tensors = {}
+    for l, (ks, vs) in item["kv"].items():
+        tensors[f"k.{l}"] = torch.cat(ks).index_select(0, index)    # (N, H, D)
+        tensors[f"v.{l}"] = torch.cat(vs).index_select(0, index)    # (N, H, D)
+    kept = [samples[j] for j in keep]
+    texts = [s.text.encode("utf-8") for s in kept]
+    tensors.update({
+        "input_ids": torch.tensor([t for s in kept for t in s.ids], dtype=torch.long),
+        "char_offsets": torch.tensor([o for s in kept for o in s.offsets], dtype=torch.int32).reshape(-1, 2),
+        "sample_offsets": torch.tensor([0] + [len(s.ids) for s in kept], dtype=torch.long).cumsum(0),
+        "rows": torch.tensor([s.row for s in kept], dtype=torch.long),
+        "token_segments": torch.tensor([s.token_segments for s in kept], dtype=torch.int32).reshape(-1, 3, 2),
+        "char_segments": torch.tensor([s.char_segments for s in kept], dtype=torch.int32).reshape(-1, 3, 2),
+        "truncated": torch.tensor([s.truncated for s in kept], dtype=torch.uint8),
+        "text_bytes": torch.from_numpy(np.frombuffer(b"".join(texts), dtype=np.uint8).copy()),
+        "text_offsets": torch.tensor([0] + [len(t) for t in texts], dtype=torch.long).cumsum(0),
+    })
+    entry = {"index": item["index"], "fingerprint": item["fingerprint"], "num_samples": len(kept),
+             "tokens": int(index.numel()), "rows": [samples[0].row, samples[-1].row],
+             "bad_samples": [{"row": samples[j].row, "reason": "non-finite K/V (NaN or Inf)"}
+                             for j in range(len(samples)) if bad[j]]}
+    entry = kcache.write_shard(item["dir"], item["index"], item["format"], tensors, entry)
+    counter.add(entry["bytes"])
+
+
+def _slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9.]+", "-", Path(name).name if Path(name).exists() else name).strip("-")
+    return s[-40:] or "teacher"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None,
+                    log=print) -> Path:
+    """Write (or complete) the cache of one teacher; returns the cache folder.
+
+    `model`/`tok` may be passed in already loaded (tests, benchmarks); otherwise they are
+    loaded here as `cfg` says and freed at the end.
+    """
+    from transformers import AutoConfig
+    device = T.resolve_device(cfg.device) if model is None else model.device
+    config = model.config if model is not None else AutoConfig.from_pretrained(name, revision=cfg.revision)
+    geometry = KVGeometry.from_config(config)
+    layers = list(range(geometry.num_layers)) if cfg.layers is None else list(cfg.layers)
+    bad_layers = [l for l in layers if not 0 <= l < geometry.num_layers]
+    if bad_layers:
+        raise ValueError(f"--layers {bad_layers}: teacher {name!r} has layers 0..{geometry.num_layers - 1}")
+    tok = tok if tok is not None else T.load_tokenizer(name, cfg.revision)
+    samples, skipped, stats = prepare_samples(rows, tok, cfg.max_length)
+    if not samples:
+        raise ValueError(f"data set {rows.name!r} split {rows.split!r}: no usable rows "
+                         f"({len(skipped)} skipped)")
+    if model is not None:
+        quant = _describe_loaded(model)
+    else:
+        quant = T.quantization_settings(cfg.quantize, cfg.quant_type, cfg.double_quant, device, cfg.dtype)
+    teacher_info = dict(T.model_summary(name, config), revision=cfg.revision,
+                        weights=T.weights_identity(name, config))
+    identity = {"schema_version": kcache.SCHEMA_VERSION, "teacher": {
+        k: teacher_info[k] for k in ("name", "revision", "weights")}, "quantization": dict(quant),
+        "tokenizer_sha256": T.tokenizer_identity(tok)["sha256"], "dataset": rows.identity(),
+        "prompt_template": TEMPLATE_ID, "max_length": cfg.max_length, "layers": layers,
+        "kv_dtype": cfg.kv_dtype, "format": cfg.format, "shard_mb": cfg.shard_mb}
+    fp = kcache.fingerprint(identity)
+    cache_dir = Path(cfg.out) / f"{_slug(name)}-{rows.split}-{fp}"
+    if (cache_dir / kcache.MANIFEST).is_file():
+        log(f"[{name}] cache complete, nothing to do: {cache_dir}")
+        return cache_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    kcache.atomic_write_text(cache_dir / "identity.json", json.dumps(identity, indent=1))
+    kcache.remove_partial_files(cache_dir)
+
+    kv_bpt = geometry.bytes_per_token(cfg.kv_dtype, layers)
+    plan = plan_shards(samples, kv_bpt, cfg.shard_mb * 1e6)
+    done = kcache.completed_shards(cache_dir)
+    todo = [i for i in range(len(plan)) if i not in done]
+    est = lambda idx: sum(len(samples[j].ids) * (kv_bpt + META_BYTES_PER_TOKEN) + len(samples[j].text.encode())
+                          for i in idx for j in plan[i])
+    total_est, left_est = est(range(len(plan))), est(todo)
+    free = shutil.disk_usage(cache_dir).free
+    n_tokens = sum(len(s.ids) for s in samples)
+    log(f"[{name}] {len(samples)} samples, {n_tokens} tokens, {geometry.num_layers} layers "
+        f"({len(layers)} kept) x {geometry.num_kv_heads} KV heads x head_dim {geometry.head_dim}, "
+        f"{kv_bpt} B/token as {cfg.kv_dtype}: estimated cache {_gb(total_est)}, still to write "
+        f"{_gb(left_est)}, free {_gb(free)}; {len(done)}/{len(plan)} shards already done")
+    if cfg.disk_check and left_est > free:
+        raise KavaError(f"{cache_dir}: the cache needs about {_gb(left_est)} more but only {_gb(free)} "
+                      "is free; free space, keep fewer --layers, use a smaller --kv-dtype, or pass "
+                      "--no-disk-check to try anyway")
+
+    if todo:
+        own_model = model is None
+        if own_model:
+            log(f"[{name}] loading teacher ({quant['method']}"
+                f"{' ' + quant.get('quant_type', '') if quant['method'] != 'none' else ''}) on {device}")
+            model = T.load_teacher(name, quant, device, cfg.revision)
+        try:
+            _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir, fp)
+        finally:
+            if own_model:
+                del model
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    entries = kcache.completed_shards(cache_dir)
+    missing = [i for i in range(len(plan)) if i not in entries]
+    if missing:
+        raise KavaError(f"{cache_dir}: shards {missing} are missing after extraction")
+    shards, first = [], 0
+    for i in range(len(plan)):
+        e = dict(entries[i], first_sample=first)
+        first += e["num_samples"]
+        shards.append(e)
+    import transformers
+    manifest = {
+        "schema_version": kcache.SCHEMA_VERSION, "fingerprint": fp,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "teacher": dict(teacher_info, quantization=quant),
+        "tokenizer": T.tokenizer_identity(tok),
+        "dataset": dict(rows.identity(), seed=cfg.seed if rows.name.startswith("synthetic") else None),
+        "prompt_template": TEMPLATE_ID, "segments": list(SEGMENTS), "max_length": cfg.max_length,
+        "format": cfg.format,
+        "num_layers": geometry.num_layers, "layers": layers, "num_kv_heads": geometry.num_kv_heads,
+        "num_attention_heads": geometry.num_attention_heads, "head_dim": geometry.head_dim,
+        "kv_dtype": cfg.kv_dtype, "kv_bytes_per_token": kv_bpt, "rope": geometry.rope,
+        "keys_post_rope": True, "positions": "0..T-1 per sample, no padding stored",
+        "num_samples": first, "num_tokens": sum(s["tokens"] for s in shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "skipped_rows": skipped, "bad_samples": [b for s in shards for b in s["bad_samples"]],
+        **stats,
+        "shards": shards,
+        "software": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": sys.version.split()[0]},
+    }
+    kcache.write_manifest(cache_dir, manifest)
+    nbad = len(manifest["bad_samples"])
+    log(f"[{name}] done: {first} samples, {manifest['num_tokens']} tokens, "
+        f"{_gb(manifest['total_bytes'])} in {len(shards)} shards"
+        f"{f', {nbad} bad samples recorded in the manifest' if nbad else ''} -> {cache_dir}")
+    return cache_dir
+
+
+def _describe_loaded(model) -> dict:
+    """Quantization settings of a model loaded by the caller."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and getattr(qc, "load_in_4bit", False):
+        return {"method": "bitsandbytes", "bits": 4, "quant_type": qc.bnb_4bit_quant_type,
+                "double_quant": qc.bnb_4bit_use_double_quant,
+                "compute_dtype": str(qc.bnb_4bit_compute_dtype).replace("torch.", "")}
+    return {"method": "none", "dtype": str(model.dtype).replace("torch.", "")}
+
+
+def _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir, fp):
+    from tqdm.auto import tqdm
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    kv_dtype = DTYPES[cfg.kv_dtype]
+    counter = _Counter()
+    writer = BackgroundWriter(lambda item: _assemble_and_write(item, counter), cfg.writer_queue)
+    total = sum(len(p) for p in plan)
+    bar = tqdm(total=total, initial=total - sum(len(plan[i]) for i in todo), unit="sample",
+               desc=f"stage1 {_slug(name)}", disable=not cfg.progress, dynamic_ncols=True,
+               ascii=True)
+    checked = False
+    t0, tokens = time.perf_counter(), 0
+    try:
+        for index in todo:
+            members = plan[index]
+            order, kv, bad = [], {l: ([], []) for l in layers}, {}
+            with torch.inference_mode():
+                for batch in length_sorted_batches(samples, members, cfg.batch_size):
+                    ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id,
+                                             cfg.padding_side)
+                    out = teacher_forward(model, ids, mask, pos)
+                    if not checked:
+                        check_geometry(name, geometry, out.past_key_values, *ids.shape)
+                        checked = True
+                    packed, flags = capture(out.past_key_values, layers, mask, kv_dtype)
+                    for l, (k, v) in zip(layers, packed):
+                        kv[l][0].append(k)
+                        kv[l][1].append(v)
+                    bad.update({p: bool(f) for p, f in zip(batch, flags)})
+                    order.extend(batch)
+                    del out
+                    tokens += int(mask.sum())
+                    bar.update(len(batch))
+                    rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{rate:.0f} tok/s, {counter.bytes / 1e9:.2f} GB written")
+            writer.submit({"dir": cache_dir, "index": index, "format": cfg.format, "fingerprint": fp,
+                           "samples": [samples[j] for j in members], "order": order, "kv": kv,
+                           "bad": [bad[p] for p in range(len(members))]})
+    finally:
+        try:
+            writer.close()  # shards already computed are written even on Ctrl-C
+        finally:
+            bar.close()
+
+
+def main(cfg: ExtractConfig) -> list[Path]:
+    """Extract one cache per teacher; returns their folders."""
+    rows = load_rows(cfg.dataset, cfg.split, cfg.max_samples, seed=cfg.seed)
+    return [extract_teacher(cfg, name, rows) for name in cfg.teachers]

@@ -1,0 +1,40 @@
+"""Shared fixtures: a locally trained tokenizer and tiny teachers of real architectures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kava_common import tiny
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny.train_tokenizer(tiny.corpus(400) + ["caf\u00e9 \u20ac5 \u201cquoted\u201d"], vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tok):
+    """A GQA Qwen2 teacher whose head_dim (32) differs from hidden/heads (64/4 = 16).
+
+    Every linear's output width is a multiple of 32, as bitsandbytes' 4-bit CPU kernel needs."""
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=3, heads=4, kv_heads=2,
+                           head_dim=32, intermediate=128, tok=tok)
+    return tiny.save_model(tiny.build_model(cfg, seed=0), tok, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A Llama teacher with its own tokenizer (adds BOS) and plain MHA geometry."""
+    ltok = tiny.train_tokenizer(tiny.corpus(300, seed=5), vocab_size=280, add_bos=True)
+    cfg = tiny.tiny_config("llama", len(ltok), hidden=64, layers=2, heads=2, kv_heads=2, tok=ltok)
+    return tiny.save_model(tiny.build_model(cfg, seed=3), ltok, tmp_path_factory.mktemp("llama"))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

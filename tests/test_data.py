@@ -1,0 +1,56 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from kava_common.data import load_rows, synthetic_problems
+
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "gsm8k"
+
+
+def test_synthetic_is_gsm8k_format_and_arithmetic_is_right():
+    probs = synthetic_problems(300, "train", seed=1)
+    for q, a in probs:
+        assert q.endswith("have now?")
+        notes = re.findall(r"<<([^=]+)=(\d+)>>", a)
+        assert notes, a
+        for expr, val in notes:
+            assert eval(expr.replace("/", "//")) == int(val), (expr, val)
+        final = a.splitlines()[-1]
+        assert final.startswith("#### ")
+        last_result = re.findall(r">>(\d+)", a)[-1]
+        assert final == f"#### {last_result}"
+
+
+def test_synthetic_is_seeded_and_splits_differ():
+    assert synthetic_problems(20, "train", 0) == synthetic_problems(20, "train", 0)
+    assert synthetic_problems(20, "train", 0) != synthetic_problems(20, "train", 1)
+    assert synthetic_problems(20, "train", 0) != synthetic_problems(20, "test", 0)
+    rows = load_rows("synthetic", "test", max_samples=7, seed=3)
+    assert len(rows) == 7 and rows.name == "synthetic-seed3"
+    assert rows.identity()["content_sha256"] == load_rows("synthetic", "test", 7, seed=3).content_hash()
+
+
+def test_local_jsonl_and_errors(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"question": "q1", "answer": "a #### 1"},
+                                          {"question": "q2", "answer": None}])
+    rows = load_rows(str(p), "train")
+    assert rows.questions == ["q1", "q2"] and rows.answers == ["a #### 1", ""]
+    assert load_rows(str(p), max_samples=1).questions == ["q1"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "answer": "y"}])
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['question'\]"):
+        load_rows(str(bad))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+        load_rows(str(tmp_path / "x.csv"))
+
+
+@pytest.mark.skipif(not GSM8K.is_dir(), reason="the real GSM8K is not at ../shared/gsm8k")
+def test_real_gsm8k_by_path():
+    train = load_rows(str(GSM8K / "train.jsonl"))
+    test = load_rows(str(GSM8K / "test.jsonl"))
+    assert (len(train), len(test)) == (7473, 1319)
+    assert all("####" in a for a in train.answers)

@@ -1,0 +1,238 @@
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import write_jsonl
+from kava_common import KavaError
+from kava_common.cache import open_cache
+from kava_common.data import load_rows
+from kava_common.info import main as info_main
+from stage1_extract.__main__ import cli
+from stage1_extract.config import ExtractConfig
+from stage1_extract.extract import extract_teacher, main as extract_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(teacher, out, **kw):
+    kw.setdefault("max_samples", 10)
+    kw.setdefault("batch_size", 3)
+    kw.setdefault("quantize", False)
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("kv_dtype", "float32")
+    return ExtractConfig(teachers=[str(teacher)], dataset="synthetic", out=str(out),
+                         device="cpu", progress=False, **kw)
+
+
+def reference_kv(model, ids):
+    """K/V of one sample from its own unbatched forward pass: (L, H, T, D) each."""
+    with torch.no_grad():
+        c = model(input_ids=ids[None], use_cache=True).past_key_values
+    return (torch.stack([l.keys[0] for l in c.layers]), torch.stack([l.values[0] for l in c.layers]))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_cached_kv_equal_unbatched_forward(teacher_dir, tmp_path, padding_side):
+    (d,) = extract_main(cfg_for(teacher_dir, tmp_path, padding_side=padding_side, max_samples=11))
+    c = open_cache(d)
+    ref = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    m = c.manifest
+    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"]) == (3, 2, 32)
+    assert m["layers"] == [0, 1, 2] and m["keys_post_rope"] and m["teacher"]["quantization"]["method"] == "none"
+    lengths = {len(c.tokens(i)) for i in range(len(c))}
+    assert len(c) == 11 and len(lengths) > 3                    # mixed lengths, batches of 3
+    for i in range(len(c)):
+        s = c[i]
+        k, v = reference_kv(ref, s["input_ids"])
+        assert s["k"].shape == (3, 2, len(s["input_ids"]), 32) == k.shape
+        assert torch.allclose(s["k"], k, atol=1e-5, rtol=0), (i, (s["k"] - k).abs().max())
+        assert torch.allclose(s["v"], v, atol=1e-5, rtol=0), (i, (s["v"] - v).abs().max())
+    assert c[4]["row"] == 4 and c[4]["text"].startswith("Question: ")
+
+
+def test_layer_subset_and_reader_layer_selection(teacher_dir, tmp_path):
+    (full,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=4))
+    (sub,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=4, layers=[0, 2]))
+    assert sub != full                                            # other settings, other folder
+    a, b = open_cache(full, layers=[2, 0]), open_cache(sub)
+    assert b.manifest["layers"] == [0, 2]
+    assert torch.equal(a[1]["k"], b[1]["k"].flip(0))
+    assert torch.equal(a[1]["v"][1], b[1]["v"][0])
+    with pytest.raises(ValueError, match=r"layers \[1\] are not stored"):
+        open_cache(sub, layers=[1])
+    with pytest.raises(ValueError, match=r"--layers \[3\]: teacher .* has layers 0..2"):
+        extract_main(cfg_for(teacher_dir, tmp_path, layers=[3]))
+
+
+def test_4bit_nf4_cache_close_to_unquantized(teacher_dir, tmp_path):
+    (q,) = extract_main(cfg_for(teacher_dir, tmp_path, quantize=True, kv_dtype="float16", max_samples=6))
+    (f,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=6))
+    cq, cf = open_cache(q), open_cache(f)
+    quant = cq.manifest["teacher"]["quantization"]
+    assert quant["method"] == "bitsandbytes" and quant["bits"] == 4 and quant["quant_type"] == "nf4"
+    assert quant["linear4bit_modules"] == 3 * 7                   # q,k,v,o,gate,up,down per layer
+    for key in ("k", "v"):
+        a = torch.cat([cq[i][key].float().flatten() for i in range(len(cq))])
+        b = torch.cat([cf[i][key].flatten() for i in range(len(cf))])
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+        # measured 0.9939 (K) and 0.9936 (V) on this tiny random teacher (fp32 reference)
+        assert cos > 0.98, (key, cos)
+
+
+def test_hdf5_and_safetensors_give_the_same_samples(teacher_dir, tmp_path):
+    (s,) = extract_main(cfg_for(teacher_dir, tmp_path, kv_dtype="bfloat16", max_samples=5))
+    (h,) = extract_main(cfg_for(teacher_dir, tmp_path, kv_dtype="bfloat16", max_samples=5, format="hdf5"))
+    cs, ch = open_cache(s), open_cache(h)
+    assert ch.manifest["shards"][0]["file"].endswith(".h5")
+    assert len(cs) == len(ch) == 5
+    for i in range(5):
+        a, b = cs[i], ch[i]
+        assert b["k"].dtype == torch.bfloat16
+        for key in ("input_ids", "k", "v", "char_offsets"):
+            assert torch.equal(a[key], b[key]), key
+        assert (a["text"], a["token_segments"], a["row"]) == (b["text"], b["token_segments"], b["row"])
+
+
+def test_resume_after_kill_9_equals_uninterrupted(teacher_dir, tmp_path):
+    args = ["--teacher", str(teacher_dir), "--dataset", "synthetic", "--max-samples", "60",
+            "--batch-size", "2", "--no-quantize", "--dtype", "float32", "--shard-mb", "0.01",
+            "--device", "cpu", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "stage1_extract", *args, "--out", str(killed)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(killed.glob("*/shard-00002.json")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (cdir,) = killed.iterdir()
+    n_done = len(list(cdir.glob("shard-*.json")))
+    print(f"killed after {n_done} of 60 shards")
+    assert not (cdir / "manifest.json").exists() and 3 <= n_done < 60, n_done
+    assert cli([*args, "--out", str(killed)]) == 0                 # resume
+    assert cli([*args, "--out", str(tmp_path / "clean")]) == 0     # uninterrupted
+    (clean,) = (tmp_path / "clean").iterdir()
+    assert clean.name == cdir.name
+    a, b = open_cache(cdir), open_cache(clean)
+    assert len(a) == len(b) == 60 and len(a.manifest["shards"]) > 3
+    assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
+    for i in range(60):
+        assert torch.equal(a[i]["k"], b[i]["k"]) and torch.equal(a[i]["v"], b[i]["v"])
+    assert not list(cdir.glob("*.tmp"))
+    # a finished cache is left alone on a re-run
+    before = (cdir / "manifest.json").stat().st_mtime_ns
+    assert cli([*args, "--out", str(killed)]) == 0
+    assert (cdir / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_verify_names_a_corrupted_shard(teacher_dir, tmp_path, capsys):
+    (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=6, shard_mb=0.05))
+    shards = sorted(d.glob("shard-*.safetensors"))
+    assert len(shards) >= 2
+    assert info_main([str(d), "--verify"]) == 0
+    assert "verify       ok" in capsys.readouterr().out
+    data = bytearray(shards[1].read_bytes())
+    data[-5] ^= 0xFF
+    shards[1].write_bytes(bytes(data))
+    assert info_main([str(d), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert [l for l in out.splitlines() if l.startswith("CORRUPT")] == [
+        f"CORRUPT {shards[1]}: sha256 does not match the manifest"]
+    assert "verify       FAILED: 1 of" in out
+
+
+def test_edge_rows(teacher_dir, tmp_path):
+    long_q = "How many? " + "word " * 400
+    rows = [{"question": "Ava has 3 pens. How many?", "answer": "3\n#### 3"},
+            {"question": "   ", "answer": "#### 1"},                               # empty
+            {"question": long_q, "answer": "Many.\n#### 9"},                        # over-long
+            {"question": "Caf\u00e9 costs \u20ac5. \u201cHow much\u201d?", "answer": "\u20ac5\n#### 5"},
+            {"question": "No final mark here?", "answer": "Just reasoning."}]
+    data = write_jsonl(tmp_path / "edge.jsonl", rows)
+    cfg = ExtractConfig(teachers=[str(teacher_dir)], dataset=str(data), out=str(tmp_path / "o"),
+                        max_length=64, quantize=False, dtype="float32", device="cpu", progress=False)
+    (d,) = extract_main(cfg)
+    c = open_cache(d)
+    m = c.manifest
+    assert m["skipped_rows"] == [{"row": 1, "reason": "empty question"}]
+    assert m["dataset"]["rows"] == 5 and len(c) == 4
+    assert [c[i]["row"] for i in range(4)] == [0, 2, 3, 4]
+    assert m["truncated_samples"] == 1 and m["rows_without_final_answer"] == 1
+    long = c[1]
+    assert long["truncated"] and len(long["input_ids"]) == 64 and long["k"].shape[2] == 64
+    assert long["token_segments"]["answer"] == (64, 64)             # cut off
+    euro = c[2]
+    assert euro["text"] == "Question: Caf\u00e9 costs \u20ac5. \u201cHow much\u201d?\nAnswer: \u20ac5\n#### 5"
+    s, e = euro["token_segments"]["answer"]
+    a, b = euro["char_offsets"][s][0].item(), euro["char_offsets"][e - 1][1].item()
+    assert euro["text"][a:b].strip() == "5"
+    nofinal = c[3]
+    assert nofinal["token_segments"]["answer"][0] == nofinal["token_segments"]["answer"][1] == len(nofinal["input_ids"])
+    assert (d / "manifest.json").read_bytes().isascii()
+
+
+def test_nan_sample_recorded_not_written(teacher_dir, tmp_path, tok):
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    zid = tok.convert_tokens_to_ids("Z")
+    model.model.embed_tokens.register_forward_hook(
+        lambda mod, inp, out: out.masked_fill((inp[0] == zid).any(1)[:, None, None], float("nan")))
+    data = write_jsonl(tmp_path / "nan.jsonl", [
+        {"question": "Ava has 3 pens.", "answer": "#### 3"},
+        {"question": "Zed has ZZ pens.", "answer": "#### 2"},
+        {"question": "Ben has 4 pens.", "answer": "#### 4"}])
+    cfg = cfg_for(teacher_dir, tmp_path, max_samples=None)
+    d = extract_teacher(cfg, str(teacher_dir), load_rows(str(data)), model=model, tok=tok)
+    c = open_cache(d)
+    assert c.manifest["bad_samples"] == [{"row": 1, "reason": "non-finite K/V (NaN or Inf)"}]
+    assert len(c) == 2 and [c[i]["row"] for i in range(2)] == [0, 2]
+    assert all(torch.isfinite(c[i]["k"]).all() for i in range(2))
+
+
+def test_disk_check_refuses_before_loading(teacher_dir, tmp_path, monkeypatch):
+    import stage1_extract.extract as ex
+    monkeypatch.setattr(ex.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
+    monkeypatch.setattr(ex.T, "load_teacher", lambda *a, **k: pytest.fail("teacher was loaded"))
+    with pytest.raises(KavaError, match=r"needs about .* GB more but only 0.00 GB is free.*--no-disk-check"):
+        extract_main(cfg_for(teacher_dir, tmp_path))
+
+
+def test_geometry_disagreement_is_a_clear_error(teacher_dir, tmp_path, tok):
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    model.config.num_key_value_heads = 4                          # the tensors still have 2
+    with pytest.raises(KavaError, match=r"config gives 3 layers x 4 KV heads x head_dim 32, but the "
+                                        r"model returned 3 layers of keys shaped \[3, 2, \d+, 32\]"):
+        extract_teacher(cfg_for(teacher_dir, tmp_path), str(teacher_dir),
+                        load_rows("synthetic", max_samples=10), model=model, tok=tok)
+
+
+def test_cli_two_teachers_and_bad_settings(teacher_dir, llama_dir, tmp_path, capsys):
+    rc = cli(["--teacher", str(teacher_dir), "--teacher", str(llama_dir), "--dataset", "synthetic",
+              "--max-samples", "4", "--out", str(tmp_path), "--no-quantize", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    dirs = [Path(l.split("cache: ")[1]) for l in out.splitlines() if l.startswith("cache: ")]
+    assert len(dirs) == 2
+    llama = open_cache(dirs[1])
+    assert llama.manifest["teacher"]["architecture"] == "LlamaForCausalLM"
+    assert llama[0]["input_ids"][0].item() == AutoTokenizer.from_pretrained(llama_dir).bos_token_id
+    assert llama[0]["char_offsets"][0].tolist() == [0, 0]
+    assert cli(["--teacher", "x", "--batch-size", "0", "--kv-dtype", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be >= 1, got 0" in err and "--kv-dtype 'int3'" in err
+
+
+def test_dataloader_workers_share_the_reader(teacher_dir, tmp_path):
+    (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=6, shard_mb=0.05))
+    c = open_cache(d)
+    c[0]  # opened in the parent before the fork
+    dl = torch.utils.data.DataLoader(c, batch_size=None, num_workers=2)
+    for i, s in enumerate(dl):
+        assert torch.equal(s["k"], c[i]["k"])
+    assert i == 5
