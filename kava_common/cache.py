@@ -44,13 +44,14 @@ _STORED_AS_INT16 = (torch.bfloat16,)  # HDF5 has no bfloat16: stored as its bits
 
 # --- small helpers ------------------------------------------------------------------------------
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
+def atomic_write_text(path: Path, text: str, sync: bool = False) -> None:
+    """Write `text` to `path` through a temporary file and a rename (fsync'd when `sync`)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="ascii") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -98,8 +99,8 @@ def write_shard(cache_dir: Path, index: int, fmt: str, tensors: dict[str, torch.
                     f.create_dataset(k, data=arr.view(torch.int16).numpy()).attrs["torch_dtype"] = "bfloat16"
                 else:
                     f.create_dataset(k, data=arr.numpy())
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    # No fsync per shard: the rename is atomic against a killed process, and after an OS
+    # crash a short or corrupt shard fails the size check (then it is redone) or `--verify`.
     entry = dict(entry, file=name, bytes=tmp.stat().st_size, sha256=sha256_file(tmp))
     os.replace(tmp, final)
     atomic_write_text(cache_dir / f"shard-{index:05d}.json", json.dumps(entry, indent=1))
@@ -130,7 +131,7 @@ def remove_partial_files(cache_dir: Path) -> list[str]:
 
 
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
-    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=True))
+    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=True), sync=True)
 
 
 # --- reading ------------------------------------------------------------------------------------

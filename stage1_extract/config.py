@@ -26,7 +26,7 @@ class ExtractConfig:
     dtype: str = "auto"                  # unquantized teacher dtype (auto: float32 on CPU, bf16 on GPU)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     revision: str | None = None          # hub revision of every teacher
-    shard_mb: float = 256.0              # target shard size in MB (shards hold whole samples)
+    shard_mb: float = 128.0              # target shard size in MB (shards hold whole samples)
     disk_check: bool = True              # refuse to start when the estimate exceeds free space
     seed: int = 0                        # seed of the synthetic data set
     padding_side: str = "right"          # padding inside a batch; results do not depend on it

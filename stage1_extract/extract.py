@@ -39,8 +39,8 @@ META_BYTES_PER_TOKEN = 8 + 8  # input_ids int64 + char_offsets 2 x int32
 class Sample:
     row: int                          # index in the data set
     text: str
-    ids: list[int]                    # (T,) after truncation
-    offsets: list[tuple[int, int]]    # (T, 2) character span of each token
+    ids: np.ndarray                   # (T,) int64, after truncation
+    offsets: np.ndarray               # (T, 2) int32, character span of each token
     token_segments: list[tuple[int, int]]
     char_segments: tuple[tuple[int, int], ...]
     truncated: bool
@@ -61,11 +61,12 @@ def prepare_samples(rows: Rows, tok, max_length: int) -> tuple[list[Sample], lis
         kept.append((i, f))
     enc = tok(texts, return_offsets_mapping=True, add_special_tokens=True) if texts else None
     for j, (i, f) in enumerate(kept):
-        ids, offs = enc["input_ids"][j], [tuple(o) for o in enc["offset_mapping"][j]]
+        ids, offs = enc["input_ids"][j], enc["offset_mapping"][j]
         cut = len(ids) > max_length
         ids, offs = ids[:max_length], offs[:max_length]
-        samples.append(Sample(i, f.text, ids, offs, token_spans(f.char_spans, offs),
-                              f.char_spans, cut))
+        samples.append(Sample(i, f.text, np.asarray(ids, dtype=np.int64),
+                              np.asarray(offs, dtype=np.int32).reshape(-1, 2),
+                              token_spans(f.char_spans, offs), f.char_spans, cut))
     stats = {"rows_without_final_answer": no_final,
              "truncated_samples": sum(s.truncated for s in samples)}
     return samples, skipped, stats
@@ -100,7 +101,7 @@ def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right"):
     mask = torch.zeros((len(seqs), width), dtype=torch.long)           # (B, T)
     for b, s in enumerate(seqs):
         sl = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
-        ids[b, sl] = torch.tensor(s, dtype=torch.long)
+        ids[b, sl] = torch.as_tensor(s, dtype=torch.long)
         mask[b, sl] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)                            # (B, T)
     return ids, mask, pos
@@ -128,23 +129,51 @@ def check_geometry(name: str, geometry: KVGeometry, kv_cache, batch: int, width:
             f"returned {got[0]} layers of keys shaped {list(got[1:])} (batch, heads, T, head_dim)")
 
 
-def capture(kv_cache, layers: list[int], mask: torch.Tensor, kv_dtype: torch.dtype):
-    """Real-token K/V of a padded batch, packed along time in batch order.
+def sample_spans(seqs_len: list[int], width: int, padding_side: str) -> list[int]:
+    """Where each sample's real tokens start along the padded time axis."""
+    return [0 if padding_side == "right" else width - n for n in seqs_len]
 
-    Returns per stored layer (k, v) each (sum of lengths, H, D) on the CPU, and (B,) flags of
-    samples whose stored K/V hold NaN or Inf.
+
+def alloc_shard_buffers(n_tokens: int, layers: list[int], geometry: KVGeometry,
+                        kv_dtype: torch.dtype, pin: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per stored layer, K and V buffers (n_tokens, H, D) that a shard's samples are copied into
+    in sample order; pinned host memory when the teacher is on a GPU."""
+    shape = (n_tokens, geometry.num_kv_heads, geometry.head_dim)
+    return {l: (torch.empty(shape, dtype=kv_dtype, pin_memory=pin),
+                torch.empty(shape, dtype=kv_dtype, pin_memory=pin)) for l in layers}
+
+
+def capture(kv_cache, bufs: dict, spans: list[tuple[int, int, int, int]]) -> None:
+    """Copy real-token K/V of a padded batch into the shard buffers.
+
+    `spans` holds per sample (batch row, start on the padded time axis, length, destination
+    token offset in the shard). One strided copy per sample and tensor converts dtype and
+    layout (B, H, T, D) -> (T, H, D); padding is never copied.
     """
-    m = mask.to(kv_cache.layers[0].keys.device).bool()                  # (B, T)
-    bad = torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
-    out = []
-    for l in layers:
-        pair = []
-        for t in (kv_cache.layers[l].keys, kv_cache.layers[l].values):  # (B, H, T, D)
-            t = t.to(kv_dtype).transpose(1, 2)                          # (B, T, H, D)
-            bad |= (~torch.isfinite(t).flatten(2).all(-1) & m).any(-1)
-            pair.append(t[m].cpu())                                     # (sum T, H, D)
-        out.append(pair)
-    return out, bad.cpu()
+    for l, (kbuf, vbuf) in bufs.items():
+        for t, buf in ((kv_cache.layers[l].keys, kbuf), (kv_cache.layers[l].values, vbuf)):
+            if t.device.type != "cpu":
+                t = t.to(buf.dtype)                     # cast once on the GPU, then copy out
+            for b, s, n, d in spans:
+                buf[d:d + n].copy_(t[b, :, s:s + n].transpose(0, 1), non_blocking=True)
+
+
+def nonfinite_samples(bufs: dict, offsets: torch.Tensor) -> torch.Tensor:
+    """(n,) flags of samples with NaN or Inf anywhere in their stored K/V.
+
+    Fast path: a float32 sum of a buffer is finite when every element is (the stored values
+    cannot overflow float32 when added up), so one reduction per buffer clears a clean shard;
+    the per-token check runs only where a sum is not finite.
+    """
+    suspect = [(k, v) for k, v in bufs.values()
+               if not (torch.isfinite(torch.sum(k, dtype=torch.float32))
+                       and torch.isfinite(torch.sum(v, dtype=torch.float32)))]
+    bad_tok = torch.zeros(int(offsets[-1]), dtype=torch.bool)
+    for kbuf, vbuf in suspect:
+        bad_tok |= ~torch.isfinite(kbuf).flatten(1).all(1)
+        bad_tok |= ~torch.isfinite(vbuf).flatten(1).all(1)
+    cs = torch.cat([torch.zeros(1, dtype=torch.long), bad_tok.long().cumsum(0)])
+    return (cs[offsets[1:]] - cs[offsets[:-1]]) > 0
 
 
 class _Counter:
@@ -157,28 +186,24 @@ class _Counter:
             self.bytes += n
 
 
-def _assemble_and_write(item: dict, counter: _Counter) -> None:
-    """Writer thread: put a shard's batches back in sample order, drop bad samples, write."""
-    samples, order, bad = item["samples"], item["order"], item["bad"]
-    lengths = [len(s.ids) for s in samples]
-    starts = [0] * len(order)                      # token start of each sample in batch order
-    acc = 0
-    for p, local in enumerate(order):
-        starts[p] = acc
-        acc += lengths[local]
-    where = {local: starts[p] for p, local in enumerate(order)}
+def _write_shard_item(item: dict, counter: _Counter) -> None:
+    """Writer thread: check for NaN/Inf, drop bad samples, write the shard and its sidecar."""
+    samples, bufs = item["samples"], item["bufs"]
+    offsets = torch.tensor([0] + [len(s.ids) for s in samples], dtype=torch.long).cumsum(0)
+    bad = nonfinite_samples(bufs, offsets).tolist()
     keep = [j for j in range(len(samples)) if not bad[j]]
-    index = torch.cat([torch.arange(where[j], where[j] + lengths[j]) for j in keep]) if keep \
-        else torch.zeros(0, dtype=torch.long)
-    tensors = {}
-    for l, (ks, vs) in item["kv"].items():
-        tensors[f"k.{l}"] = torch.cat(ks).index_select(0, index)    # (N, H, D)
-        tensors[f"v.{l}"] = torch.cat(vs).index_select(0, index)    # (N, H, D)
+    if len(keep) < len(samples):
+        index = torch.cat([torch.arange(int(offsets[j]), int(offsets[j + 1])) for j in keep]) \
+            if keep else torch.zeros(0, dtype=torch.long)
+        bufs = {l: (k.index_select(0, index), v.index_select(0, index)) for l, (k, v) in bufs.items()}
     kept = [samples[j] for j in keep]
+    tensors = {}
+    for l, (k, v) in bufs.items():
+        tensors[f"k.{l}"], tensors[f"v.{l}"] = k, v                 # (N, H, D) each
     texts = [s.text.encode("utf-8") for s in kept]
     tensors.update({
-        "input_ids": torch.tensor([t for s in kept for t in s.ids], dtype=torch.long),
-        "char_offsets": torch.tensor([o for s in kept for o in s.offsets], dtype=torch.int32).reshape(-1, 2),
+        "input_ids": torch.from_numpy(np.concatenate([s.ids for s in kept] or [np.zeros(0, np.int64)])),
+        "char_offsets": torch.from_numpy(np.concatenate([s.offsets for s in kept] or [np.zeros((0, 2), np.int32)])),
         "sample_offsets": torch.tensor([0] + [len(s.ids) for s in kept], dtype=torch.long).cumsum(0),
         "rows": torch.tensor([s.row for s in kept], dtype=torch.long),
         "token_segments": torch.tensor([s.token_segments for s in kept], dtype=torch.int32).reshape(-1, 3, 2),
@@ -188,7 +213,7 @@ def _assemble_and_write(item: dict, counter: _Counter) -> None:
         "text_offsets": torch.tensor([0] + [len(t) for t in texts], dtype=torch.long).cumsum(0),
     })
     entry = {"index": item["index"], "fingerprint": item["fingerprint"], "num_samples": len(kept),
-             "tokens": int(index.numel()), "rows": [samples[0].row, samples[-1].row],
+             "tokens": int(tensors["sample_offsets"][-1]), "rows": [samples[0].row, samples[-1].row],
              "bad_samples": [{"row": samples[j].row, "reason": "non-finite K/V (NaN or Inf)"}
                              for j in range(len(samples)) if bad[j]]}
     entry = kcache.write_shard(item["dir"], item["index"], item["format"], tensors, entry)
@@ -237,7 +262,7 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
         "kv_dtype": cfg.kv_dtype, "format": cfg.format, "shard_mb": cfg.shard_mb}
     fp = kcache.fingerprint(identity)
     cache_dir = Path(cfg.out) / f"{_slug(name)}-{rows.split}-{fp}"
-    if (cache_dir / kcache.MANIFEST).is_file():
+    if _finished(cache_dir, fp):
         log(f"[{name}] cache complete, nothing to do: {cache_dir}")
         return cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -315,6 +340,14 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
     return cache_dir
 
 
+def _finished(cache_dir: Path, fp: str) -> bool:
+    """A readable manifest with this fingerprint means the cache is complete."""
+    try:
+        return json.loads((cache_dir / kcache.MANIFEST).read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False
+
+
 def _describe_loaded(model) -> dict:
     """Quantization settings of a model loaded by the caller."""
     qc = getattr(model.config, "quantization_config", None)
@@ -330,17 +363,22 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     kv_dtype = DTYPES[cfg.kv_dtype]
     counter = _Counter()
-    writer = BackgroundWriter(lambda item: _assemble_and_write(item, counter), cfg.writer_queue)
+    writer = BackgroundWriter(lambda item: _write_shard_item(item, counter), cfg.writer_queue)
     total = sum(len(p) for p in plan)
     bar = tqdm(total=total, initial=total - sum(len(plan[i]) for i in todo), unit="sample",
                desc=f"stage1 {_slug(name)}", disable=not cfg.progress, dynamic_ncols=True,
                ascii=True)
     checked = False
+    pin = torch.device(model.device).type == "cuda"
     t0, tokens = time.perf_counter(), 0
     try:
         for index in todo:
             members = plan[index]
-            order, kv, bad = [], {l: ([], []) for l in layers}, {}
+            lens = [len(samples[j].ids) for j in members]
+            dest = [0] * len(members)                   # token offset of each sample in the shard
+            for p in range(1, len(members)):
+                dest[p] = dest[p - 1] + lens[p - 1]
+            bufs = alloc_shard_buffers(sum(lens), layers, geometry, kv_dtype, pin)
             with torch.inference_mode():
                 for batch in length_sorted_batches(samples, members, cfg.batch_size):
                     ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id,
@@ -349,20 +387,18 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir
                     if not checked:
                         check_geometry(name, geometry, out.past_key_values, *ids.shape)
                         checked = True
-                    packed, flags = capture(out.past_key_values, layers, mask, kv_dtype)
-                    for l, (k, v) in zip(layers, packed):
-                        kv[l][0].append(k)
-                        kv[l][1].append(v)
-                    bad.update({p: bool(f) for p, f in zip(batch, flags)})
-                    order.extend(batch)
+                    starts = sample_spans([lens[p] for p in batch], ids.shape[1], cfg.padding_side)
+                    capture(out.past_key_values, bufs,
+                            [(b, s, lens[p], dest[p]) for b, (p, s) in enumerate(zip(batch, starts))])
                     del out
                     tokens += int(mask.sum())
                     bar.update(len(batch))
                     rate = tokens / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix_str(f"{rate:.0f} tok/s, {counter.bytes / 1e9:.2f} GB written")
+            if pin:
+                torch.cuda.synchronize(model.device)    # buffers filled before the writer reads
             writer.submit({"dir": cache_dir, "index": index, "format": cfg.format, "fingerprint": fp,
-                           "samples": [samples[j] for j in members], "order": order, "kv": kv,
-                           "bad": [bad[p] for p in range(len(members))]})
+                           "samples": [samples[j] for j in members], "bufs": bufs})
     finally:
         try:
             writer.close()  # shards already computed are written even on Ctrl-C

@@ -54,3 +54,27 @@ def test_real_gsm8k_by_path():
     test = load_rows(str(GSM8K / "test.jsonl"))
     assert (len(train), len(test)) == (7473, 1319)
     assert all("####" in a for a in train.answers)
+
+
+def test_saved_datasets_folder(tmp_path):
+    import datasets
+    d = datasets.Dataset.from_dict({"question": ["a?", "b?"], "answer": ["#### 1", "#### 2"]})
+    d.save_to_disk(str(tmp_path / "flat"))
+    datasets.DatasetDict({"test": d}).save_to_disk(str(tmp_path / "dict"))
+    assert load_rows(str(tmp_path / "flat")).questions == ["a?", "b?"]
+    assert load_rows(str(tmp_path / "dict"), "test").answers == ["#### 1", "#### 2"]
+    with pytest.raises(ValueError, match=r"no split 'train'; it has \['test'\]"):
+        load_rows(str(tmp_path / "dict"), "train")
+
+
+def test_gsm8k_loads_config_main_from_the_hub(monkeypatch):
+    import datasets
+    calls = []
+
+    def fake(*args, **kw):
+        calls.append((args, kw))
+        return datasets.Dataset.from_dict({"question": ["q"], "answer": ["r\n#### 3"]})
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    rows = load_rows("gsm8k", "test")
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
+    assert rows.name == "gsm8k" and rows.split == "test" and rows.answers == ["r\n#### 3"]

@@ -1,0 +1,129 @@
+"""Stage-1 overhead: wall time of extraction divided by the teacher's forward-only time.
+
+Both loops run the same length-sorted, padded batches through the same loaded model; the
+extraction side also captures K/V, strips padding, and writes (in the background) the shards,
+sidecars and manifest. Model loading is outside both timings and printed apart. Runs alternate
+(forward, extract, forward, extract, ...) and the ratio uses each side's best time, so a noisy
+machine affects both alike. Goal: ratio <= 1.10.
+
+    python bench/bench_extract.py                       # tiny fp32 + tiny nf4 + Qwen2.5-1.5B-shaped fp32
+    python bench/bench_extract.py --cases tiny-fp32 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kava_common import tiny
+from kava_common.data import load_rows
+from stage1_extract.config import ExtractConfig
+from stage1_extract.extract import (collate, extract_teacher, length_sorted_batches, plan_shards,
+                                    prepare_samples, teacher_forward)
+from kava_common.geometry import KVGeometry
+
+# Qwen2.5-1.5B's published hyperparameters; weights are random (nothing is downloaded).
+QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, tie_word_embeddings=True)
+
+
+def forward_only(cfg, model, tok, rows) -> float:
+    """Time the teacher's forward passes alone over the batches stage 1 would run."""
+    samples, _, _ = prepare_samples(rows, tok, cfg.max_length)
+    bpt = KVGeometry.from_config(model.config).bytes_per_token(cfg.kv_dtype, cfg.layers)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for members in plan_shards(samples, bpt, cfg.shard_mb * 1e6):
+            for batch in length_sorted_batches(samples, members, cfg.batch_size):
+                out = teacher_forward(model, *collate([samples[members[p]].ids for p in batch], pad))
+                del out
+    _sync(model)
+    return time.perf_counter() - t0
+
+
+def extract_once(cfg, model, tok, rows, root: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=root))
+    c = ExtractConfig(**{**cfg.__dict__, "out": str(out)})
+    t0 = time.perf_counter()
+    extract_teacher(c, "bench-teacher", rows, model=model, tok=tok, log=lambda *a: None)
+    _sync(model)
+    dt = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return dt
+
+
+def _sync(model):
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_case(name: str, tok, device: str, root: Path):
+    """Returns (model, samples, batch size, load seconds)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config
+    t0 = time.perf_counter()
+    if name.startswith("tiny"):
+        cfg = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2,
+                               head_dim=64, intermediate=256, tok=tok)
+        model = tiny.build_model(cfg, seed=1)
+        if name == "tiny-nf4":
+            path = tiny.save_model(model, tok, root / "tiny-teacher")
+            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch.bfloat16,
+                                                         device_map=device if device != "cpu" else "cpu")
+        n, bs = 2048, 16
+    else:
+        cfg = Qwen2Config(**QWEN25_15B)
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        n, bs = (8, 4) if device == "cpu" else (256, 16)
+    model = model.to(device).eval() if "nf4" not in name else model.eval()
+    return model, n, bs, time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="tiny-fp32,tiny-nf4,qwen2.5-1.5b-fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs per side (real shape on CPU: 2)")
+    p.add_argument("--root", default="data_cache/bench")
+    p.add_argument("--shard-mb", type=float, default=128.0)
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    results = []
+    for case in args.cases.split(","):
+        model, n, bs, load_s = build_case(case, tok, args.device, root)
+        rows = load_rows("synthetic", "train", max_samples=n)
+        cfg = ExtractConfig(teachers=["bench-teacher"], dataset="synthetic", max_samples=n,
+                            batch_size=bs, max_length=256, device=args.device, progress=False,
+                            shard_mb=args.shard_mb)
+        reps = 2 if case.startswith("qwen") and args.device == "cpu" else args.repeats
+        forward_only(cfg, model, tok, load_rows("synthetic", "train", max_samples=bs))  # warm-up
+        fw, ex = [], []
+        for _ in range(reps):
+            fw.append(forward_only(cfg, model, tok, rows))
+            ex.append(extract_once(cfg, model, tok, rows, root))
+        ratio = min(ex) / min(fw)
+        results.append((case, ratio))
+        tokens = sum(len(s.ids) for s in prepare_samples(rows, tok, cfg.max_length)[0])
+        print(f"{case:>20}: {n} samples, {tokens} tokens, batch {bs}; load {load_s:.1f} s; "
+              f"forward-only {min(fw):.2f} s ({tokens / min(fw):.0f} tok/s), stage 1 {min(ex):.2f} s; "
+              f"ratio {ratio:.3f} (runs: fwd {', '.join(f'{x:.2f}' for x in fw)}; "
+              f"extract {', '.join(f'{x:.2f}' for x in ex)})")
+        del model
+    print("summary: " + "; ".join(f"{c} {r:.3f}" for c, r in results) + " (goal <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
