@@ -134,13 +134,31 @@ def sample_spans(seqs_len: list[int], width: int, padding_side: str) -> list[int
     return [0 if padding_side == "right" else width - n for n in seqs_len]
 
 
-def alloc_shard_buffers(n_tokens: int, layers: list[int], geometry: KVGeometry,
-                        kv_dtype: torch.dtype, pin: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per stored layer, K and V buffers (n_tokens, H, D) that a shard's samples are copied into
-    in sample order; pinned host memory when the teacher is on a GPU."""
-    shape = (n_tokens, geometry.num_kv_heads, geometry.head_dim)
-    return {l: (torch.empty(shape, dtype=kv_dtype, pin_memory=pin),
-                torch.empty(shape, dtype=kv_dtype, pin_memory=pin)) for l in layers}
+class BufferPool:
+    """Reusable per-layer K/V buffers for shards, so the forward loop does not page-fault
+    fresh memory for every shard. Each set holds, per stored layer, K and V buffers of
+    (capacity, H, D); a shard takes views of its first n tokens. Pinned on a GPU run."""
+
+    def __init__(self, capacity: int, layers: list[int], geometry: KVGeometry,
+                 kv_dtype: torch.dtype, pin: bool):
+        self.shape = (capacity, geometry.num_kv_heads, geometry.head_dim)
+        self.layers, self.dtype, self.pin = layers, kv_dtype, pin
+        self._free: list[dict] = []
+        self._lock = threading.Lock()
+
+    def take(self, n_tokens: int) -> tuple[dict, dict]:
+        """A buffer set and its views of n_tokens rows: {layer: (K, V)} each (n, H, D)."""
+        with self._lock:
+            full = self._free.pop() if self._free else None
+        if full is None:
+            full = {l: (torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin),
+                        torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
+                    for l in self.layers}
+        return full, {l: (k[:n_tokens], v[:n_tokens]) for l, (k, v) in full.items()}
+
+    def give_back(self, full: dict) -> None:
+        with self._lock:
+            self._free.append(full)
 
 
 def capture(kv_cache, bufs: dict, spans: list[tuple[int, int, int, int]]) -> None:
@@ -218,6 +236,7 @@ def _write_shard_item(item: dict, counter: _Counter) -> None:
                              for j in range(len(samples)) if bad[j]]}
     entry = kcache.write_shard(item["dir"], item["index"], item["format"], tensors, entry)
     counter.add(entry["bytes"])
+    item["release"]()
 
 
 def _slug(name: str) -> str:
@@ -370,6 +389,8 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir
                ascii=True)
     checked = False
     pin = torch.device(model.device).type == "cuda"
+    pool = BufferPool(max(sum(len(samples[j].ids) for j in plan[i]) for i in todo), layers,
+                      geometry, kv_dtype, pin)
     t0, tokens = time.perf_counter(), 0
     try:
         for index in todo:
@@ -378,7 +399,7 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir
             dest = [0] * len(members)                   # token offset of each sample in the shard
             for p in range(1, len(members)):
                 dest[p] = dest[p - 1] + lens[p - 1]
-            bufs = alloc_shard_buffers(sum(lens), layers, geometry, kv_dtype, pin)
+            full, bufs = pool.take(sum(lens))
             with torch.inference_mode():
                 for batch in length_sorted_batches(samples, members, cfg.batch_size):
                     ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id,
@@ -398,7 +419,8 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir
             if pin:
                 torch.cuda.synchronize(model.device)    # buffers filled before the writer reads
             writer.submit({"dir": cache_dir, "index": index, "format": cfg.format, "fingerprint": fp,
-                           "samples": [samples[j] for j in members], "bufs": bufs})
+                           "samples": [samples[j] for j in members], "bufs": bufs,
+                           "release": lambda full=full: pool.give_back(full)})
     finally:
         try:
             writer.close()  # shards already computed are written even on Ctrl-C
