@@ -183,8 +183,8 @@ class KVCache:
 
     `len(cache)` samples; `cache.manifest` the manifest dict; `cache[i]` a dict with
     `input_ids` (LongTensor [T]) and `k`, `v` ([len(layers), kv_heads, T, head_dim], stored
-    dtype), plus `row`, `text`, `char_offsets` [T, 2], `token_segments` {name: (start, end)},
-    `truncated`. Files open on first use in each process, so DataLoader workers can share it.
+    dtype), plus `row`, `text`, `char_offsets` [T, 2], `token_segments` and `char_segments`
+    {name: (start, end)}, `truncated`. Files open on first use in each process, so DataLoader workers can share it.
     """
 
     def __init__(self, path: str | os.PathLike, layers: list[int] | None = None):
@@ -235,6 +235,7 @@ class KVCache:
         toff = shard.small("text_offsets")
         text = bytes(shard.small("text_bytes")[toff[j]:toff[j + 1]]).decode("utf-8")
         segs = shard.small("token_segments")[j]
+        csegs = shard.small("char_segments")[j]
         names = self.manifest["segments"]
         return {
             "input_ids": shard.read("input_ids", a, b).long(),
@@ -244,6 +245,7 @@ class KVCache:
             "text": text,
             "char_offsets": shard.read("char_offsets", a, b),
             "token_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, segs)},
+            "char_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, csegs)},
             "truncated": bool(shard.small("truncated")[j]),
         }
 

@@ -37,6 +37,13 @@ class Rows:
                 "content_sha256": self.content_hash()}
 
 
+def tokenizer_identity(tok) -> dict:
+    """Name, vocabulary size and a hash of a fast tokenizer's full definition."""
+    blob = tok.backend_tokenizer.to_str().encode()
+    return {"name": getattr(tok, "name_or_path", ""), "vocab_size": len(tok),
+            "sha256": hashlib.sha256(blob).hexdigest()}
+
+
 def load_rows(spec: str, split: str = "train", max_samples: int | None = None,
               seed: int = 0) -> Rows:
     """Load rows from `gsm8k` (hub), `synthetic` (generated from `seed`) or a local PATH."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kava_common import KavaError
+from kava_common.data import tokenizer_identity  # noqa: F401  (re-exported)
 from kava_common.geometry import DTYPES
 
 
@@ -35,12 +36,6 @@ def load_tokenizer(name: str, revision: str | None = None):
         raise ValueError(f"teacher {name!r}: a fast tokenizer is needed (character offsets); "
                          "this one is a slow Python tokenizer")
     return tok
-
-
-def tokenizer_identity(tok) -> dict:
-    blob = tok.backend_tokenizer.to_str().encode()
-    return {"name": getattr(tok, "name_or_path", ""), "vocab_size": len(tok),
-            "sha256": hashlib.sha256(blob).hexdigest()}
 
 
 def weights_identity(name: str, config) -> str:

@@ -1,0 +1,142 @@
+"""Training data over one or more caches: teacher K/V plus the student's own tokenization.
+
+Every cache must come from the same data set (same rows, same content hash) and the prompt
+template this code formats with; samples are matched across caches by data-set row. The
+student tokenizes the sample text stored in the cache, and each teacher's positions are aligned
+to the student's (see align.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kava_common.cache import KVCache
+from kava_common.data import tokenizer_identity
+from kava_common.prompt import TEMPLATE_ID
+
+from .align import linear_alignment, overlap_alignment, segment_alignment
+
+
+def check_caches(caches: list[KVCache], dataset: str | None = None, split: str | None = None) -> None:
+    """Refuse caches that do not fit together or do not fit the run; name both sides."""
+    problems = []
+    for c in caches:
+        m = c.manifest
+        if m["prompt_template"] != TEMPLATE_ID:
+            problems.append(f"{c.path}: made with prompt template {m['prompt_template']!r}, but "
+                            f"stage 2 formats samples with {TEMPLATE_ID!r}")
+        d = m["dataset"]
+        if dataset is not None and d["name"] != dataset:
+            problems.append(f"{c.path}: made from data set {d['name']!r}, but the run asks for {dataset!r}")
+        if split is not None and d["split"] != split:
+            problems.append(f"{c.path}: made from split {d['split']!r}, but the run asks for {split!r}")
+    ref = caches[0].manifest["dataset"]
+    for c in caches[1:]:
+        d = c.manifest["dataset"]
+        if (d["name"], d["split"], d["content_sha256"]) != (ref["name"], ref["split"], ref["content_sha256"]):
+            problems.append(f"{c.path} was made from {d['name']} / {d['split']} ({d['rows']} rows, "
+                            f"hash {d['content_sha256'][:12]}) but {caches[0].path} from {ref['name']} / "
+                            f"{ref['split']} ({ref['rows']} rows, hash {ref['content_sha256'][:12]})")
+    if problems:
+        raise ValueError("the caches do not fit this run:\n  " + "\n  ".join(problems))
+
+
+def cache_rows(cache: KVCache) -> np.ndarray:
+    """Data-set row of every sample of a cache, read from the shards' small metadata."""
+    return np.concatenate([s.small("rows") for s in cache._shards]) if len(cache) else np.zeros(0, np.int64)
+
+
+class DistillData(torch.utils.data.Dataset):
+    """Sample i: the student's input ids and answer mask, and per teacher its K/V of the
+    selected layers with an alignment onto the student's positions."""
+
+    def __init__(self, caches: list[KVCache], student_tok, max_length: int, align: str = "auto"):
+        self.caches, self.tok, self.max_length, self.align = caches, student_tok, max_length, align
+        per_cache = [dict(zip(cache_rows(c).tolist(), range(len(c)))) for c in caches]
+        common = sorted(set(per_cache[0]).intersection(*per_cache[1:]))
+        self.rows = common
+        self.index = [tuple(m[r] for m in per_cache) for r in common]
+        sha = tokenizer_identity(student_tok)["sha256"]
+        self.same_tokenizer = [c.manifest["tokenizer"]["sha256"] == sha for c in caches]
+        if align == "identity" and not all(self.same_tokenizer):
+            bad = [str(c.path) for c, same in zip(caches, self.same_tokenizer) if not same]
+            raise ValueError(f"align 'identity' needs the student's tokenizer, but {bad} used another "
+                             "(use align auto, overlap, linear or segment)")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        samples = [c[j] for c, j in zip(self.caches, self.index[i])]
+        text = samples[0]["text"]
+        enc = self.tok(text, return_offsets_mapping=True, add_special_tokens=True)
+        ids = torch.tensor(enc["input_ids"][:self.max_length], dtype=torch.long)          # (Ts,)
+        offs = torch.tensor(enc["offset_mapping"][:self.max_length], dtype=torch.long).reshape(-1, 2)
+        ans_start = samples[0]["char_segments"]["reasoning"][0]
+        ce_mask = (offs[:, 1] > offs[:, 0]) & (offs[:, 1] > ans_start)                   # (Ts,)
+        s_tok_segments = _token_segments(samples[0]["char_segments"], offs)
+        teachers = []
+        for t, (s, same) in enumerate(zip(samples, self.same_tokenizer)):
+            ts, tt = len(ids), len(s["input_ids"])
+            mode = self.align if self.align != "auto" else ("identity" if same else "overlap")
+            if mode == "identity":
+                n = min(ts, tt)
+                if not torch.equal(ids[:n], s["input_ids"][:n]):
+                    raise ValueError(f"sample row {self.rows[i]}: the student's tokens differ from "
+                                     f"those in {self.caches[t].path} although the tokenizers match")
+                A, valid = None, torch.arange(ts) < tt
+            elif mode == "overlap":
+                A, valid = overlap_alignment(offs, s["char_offsets"])
+            elif mode == "linear":
+                A, valid = linear_alignment(ts, tt)
+            else:
+                A, valid = segment_alignment(ts, tt, s_tok_segments,
+                                             [s["token_segments"][n] for n in s["token_segments"]])
+            teachers.append({"k": s["k"], "v": s["v"], "A": A, "valid": valid})
+        return {"input_ids": ids, "ce_mask": ce_mask, "teachers": teachers, "row": self.rows[i]}
+
+
+def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, int]]:
+    from kava_common.prompt import token_spans
+    return token_spans(list(char_segments.values()), offs.tolist())
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Pad a list of samples into a batch.
+
+    input_ids, attention_mask, ce_mask (B, Ts); per teacher: k, v (B, L, H, Tt, D) zero-padded,
+    A (B, Ts, Tt) or None when every sample is identity-aligned, valid (B, Ts).
+    """
+    B = len(batch)
+    ts = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((B, ts), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, ts), dtype=torch.long)
+    ce = torch.zeros((B, ts), dtype=torch.bool)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], attn[i, :n], ce[i, :n] = b["input_ids"], 1, b["ce_mask"]
+    teachers = []
+    for t in range(len(batch[0]["teachers"])):
+        items = [b["teachers"][t] for b in batch]
+        tt = max(it["k"].shape[2] for it in items)
+        L, H, _, D = items[0]["k"].shape
+        k = torch.zeros((B, L, H, max(tt, ts), D), dtype=items[0]["k"].dtype)
+        v = torch.zeros_like(k)
+        valid = torch.zeros((B, ts), dtype=torch.bool)
+        identity = all(it["A"] is None for it in items)
+        A = None if identity else torch.zeros((B, ts, tt))
+        for i, it in enumerate(items):
+            n = it["k"].shape[2]
+            k[i, :, :, :n], v[i, :, :, :n] = it["k"], it["v"]
+            valid[i, :len(it["valid"])] = it["valid"]
+            if not identity:
+                a = it["A"] if it["A"] is not None else torch.eye(len(it["valid"]), n)
+                A[i, :a.shape[0], :a.shape[1]] = a
+        if identity:
+            k, v = k[..., :ts, :], v[..., :ts, :]
+        else:
+            k, v = k[..., :tt, :], v[..., :tt, :]
+        teachers.append({"k": k, "v": v, "A": A, "valid": valid & attn.bool()})
+    return {"input_ids": ids, "attention_mask": attn, "ce_mask": ce, "teachers": teachers,
+            "rows": torch.tensor([b["row"] for b in batch])}

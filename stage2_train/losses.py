@@ -1,0 +1,79 @@
+"""K/V distillation losses: stateless, masked, computed in float32.
+
+Every loss compares a prediction and a target shaped (B, H, T, D) over the positions where
+`mask` (B, T) is true, treating each head's D-vector at each position as one item, and returns
+a scalar; 0 (with a gradient path) when every position is masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+
+
+def _items(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) and (B, T) -> (N, H, D) float32 of the unmasked positions."""
+    return x.transpose(1, 2)[mask.bool()].float()
+
+
+def _mean(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.mean() if v.numel() else like.sum() * 0.0
+
+
+def cosine_loss(pred, target, mask):
+    """mean(1 - cos(pred, target)) over heads and unmasked positions."""
+    p, t = _items(pred, mask), _items(target, mask)
+    return _mean(1 - F.cosine_similarity(p, t, dim=-1, eps=EPS), pred)
+
+
+def mercator_loss(pred, target, mask, alpha: float = 1.0, beta: float = 0.01):
+    """alpha * (1 - cos) + beta * (log|pred| - log|target|)^2: direction and scale separately."""
+    p, t = _items(pred, mask), _items(target, mask)
+    cos = F.cosine_similarity(p, t, dim=-1, eps=EPS)
+    lognorm = (torch.log(p.norm(dim=-1) + EPS) - torch.log(t.norm(dim=-1) + EPS)) ** 2
+    return _mean(alpha * (1 - cos) + beta * lognorm, pred)
+
+
+def mse_loss(pred, target, mask):
+    p, t = _items(pred, mask), _items(target, mask)
+    return _mean((p - t) ** 2, pred)
+
+
+def l1_loss(pred, target, mask):
+    p, t = _items(pred, mask), _items(target, mask)
+    return _mean((p - t).abs(), pred)
+
+
+LOSSES = {"mercator": mercator_loss, "cosine": cosine_loss, "mse": mse_loss, "l1": l1_loss}
+
+
+def kv_loss(name: str, pred, target, mask, alpha: float = 1.0, beta: float = 0.01):
+    if name == "mercator":
+        return mercator_loss(pred, target, mask, alpha, beta)
+    return LOSSES[name](pred, target, mask)
+
+
+@torch.no_grad()
+def mean_cosine(pred, target, mask, shuffle: torch.Generator | None = None) -> float:
+    """Mean cosine over heads and unmasked positions; with `shuffle`, targets are paired with
+    predictions at randomly permuted positions (the collapse baseline)."""
+    p, t = _items(pred, mask), _items(target, mask)
+    if not len(p):
+        return float("nan")
+    if shuffle is not None:
+        t = t[torch.randperm(len(t), generator=shuffle)]
+    return F.cosine_similarity(p, t, dim=-1, eps=EPS).mean().item()
+
+
+def answer_cross_entropy(logits, input_ids, loss_mask):
+    """Next-token cross-entropy on positions whose target token has loss_mask true.
+
+    logits (B, T, V), input_ids (B, T), loss_mask (B, T): mask of the *target* tokens.
+    """
+    tgt = input_ids[:, 1:]
+    m = loss_mask[:, 1:].bool()
+    if not m.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, :-1][m].float(), tgt[m])

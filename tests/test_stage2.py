@@ -1,0 +1,146 @@
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kava_common import KavaError, tiny
+from stage1_extract.config import ExtractConfig
+from stage1_extract.extract import main as extract
+from stage2_train.__main__ import cli
+from stage2_train.config import TrainConfig, load_config
+from stage2_train.train import main as train
+
+
+@pytest.fixture(scope="session")
+def caches(tmp_path_factory, teacher_dir, llama_dir):
+    root = tmp_path_factory.mktemp("caches")
+    cfg = ExtractConfig(teachers=[str(teacher_dir), str(llama_dir)], dataset="synthetic",
+                        max_samples=72, batch_size=8, quantize=False, device="cpu", progress=False,
+                        out=str(root))
+    qwen, llama = extract(cfg)
+    other = ExtractConfig(**{**cfg.__dict__, "teachers": [str(teacher_dir)], "seed": 1, "max_samples": 40})
+    (other_data,) = extract(other)
+    return {"qwen": qwen, "llama": llama, "other": other_data}
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tok):
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=2, heads=4, kv_heads=1, head_dim=16, tok=tok)
+    return tiny.save_model(tiny.build_model(cfg, seed=7), tok, tmp_path_factory.mktemp("student"))
+
+
+def run(student, caches, out, **kw):
+    kw.setdefault("max_steps", 40)
+    kw.setdefault("log_every", 10)
+    kw.setdefault("save_every", 0)
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("lr_projector", 3e-3)
+    kw.setdefault("eval_samples", 8)
+    cfg = TrainConfig(student=str(student), caches=[str(c) for c in caches], out=str(out),
+                      device="cpu", progress=False, **kw)
+    train(cfg, echo=lambda *a: None)
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shared_tokenizer_learns_above_shuffled(student_dir, caches, tmp_path):
+    m = run(student_dir, [caches["qwen"]], tmp_path / "r")
+    first, last = m[0], m[-1]
+    assert [r["step"] for r in m] == [10, 20, 30, 40]
+    assert {"step", "loss", "cos_k", "cos_v", "cos_k_shuffled", "loss_ce", "grad_norm"} <= set(last)
+    assert last["cos_k"] > last["cos_k_shuffled"] + 0.1, last
+    assert last["cos_v"] > last["cos_v_shuffled"] + 0.1, last
+    assert last["loss_kv"] < first["loss_kv"]
+    final = tmp_path / "r" / "final"
+    student = AutoModelForCausalLM.from_pretrained(final / "student")
+    assert student.config.num_hidden_layers == 2
+    proj = json.loads((final / "projector.json").read_text())
+    assert proj["kind"] == "linear" and proj["teachers"][0]["distilled"] == [[0, [[0, 1.0]]], [1, [[1, 1.0]]]]
+    assert (final / "projector.safetensors").is_file() and (tmp_path / "r" / "step-000040").is_dir()
+
+
+def test_frozen_student_projector_alone_raises_cosine(student_dir, caches, tmp_path):
+    before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(student_dir).state_dict().items()}
+    m = run(student_dir, [caches["qwen"]], tmp_path / "r", freeze_student=True, ce_weight=0.0,
+            projector="head", lr_projector=1e-2)
+    # measured: K 0.11 -> 0.27 (shuffled 0.07), V 0.22 -> 0.48 (shuffled 0.07)
+    assert m[-1]["cos_k"] > m[0]["cos_k"] + 0.1 and m[-1]["cos_k"] > m[-1]["cos_k_shuffled"] + 0.15
+    assert m[-1]["cos_v"] > m[0]["cos_v"] + 0.1 and m[-1]["cos_v"] > m[-1]["cos_v_shuffled"] + 0.15
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final" / "student").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_two_tokenizers_llama_teacher_into_qwen2_student(student_dir, caches, tmp_path):
+    m = run(student_dir, [caches["llama"]], tmp_path / "r", projector="mlp")
+    assert m[-1]["cos_k"] > m[-1]["cos_k_shuffled"] + 0.1, m[-1]
+    assert m[-1]["cos_v"] > m[-1]["cos_v_shuffled"] + 0.1, m[-1]
+
+
+def test_two_teachers_fused(student_dir, caches, tmp_path):
+    m = run(student_dir, [caches["qwen"], caches["llama"]], tmp_path / "r", max_steps=20,
+            fusion="target", gate="learned")
+    assert m[-1]["cos_k"] > m[-1]["cos_k_shuffled"]
+    m = run(student_dir, [caches["qwen"], caches["llama"]], tmp_path / "w", max_steps=10,
+            teacher_weights=[0.7, 0.3], direction="student_to_teacher", loss="mse")
+    assert m[-1]["loss"] > 0
+
+
+def test_stop_and_resume_gives_the_same_losses(student_dir, caches, tmp_path):
+    kw = dict(max_steps=8, log_every=1, save_every=0, grad_accum=2, batch_size=4)
+    straight = run(student_dir, [caches["qwen"]], tmp_path / "a", **kw)
+
+    def stop_at_3(line):
+        if line.startswith("step      3 "):
+            os.kill(os.getpid(), signal.SIGINT)
+    cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "b"),
+                      device="cpu", progress=False, eval_samples=8, lr_projector=3e-3, **kw)
+    train(cfg, echo=stop_at_3)
+    assert (tmp_path / "b" / "step-000003").is_dir() and not (tmp_path / "b" / "final").exists()
+    train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lambda *a: None)
+    resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert a["cos_k"] == pytest.approx(b["cos_k"], rel=1e-5, abs=1e-6)
+
+
+def test_refuses_caches_from_another_data_set_or_template(student_dir, caches, tmp_path):
+    with pytest.raises(ValueError, match=r"was made from synthetic-seed1 / train \(40 rows.*but .* from "
+                                         r"synthetic-seed0 / train \(72 rows"):
+        run(student_dir, [caches["qwen"], caches["other"]], tmp_path / "x")
+    with pytest.raises(ValueError, match="made from data set 'synthetic-seed0', but the run asks for 'gsm8k'"):
+        run(student_dir, [caches["qwen"]], tmp_path / "x", dataset="gsm8k")
+    bad = tmp_path / "bad"
+    shutil.copytree(caches["qwen"], bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["prompt_template"] = "alpaca-v0"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="made with prompt template 'alpaca-v0', but stage 2 formats "
+                                         "samples with 'kava-qa-v1'"):
+        run(student_dir, [bad], tmp_path / "x")
+    with pytest.raises(KavaError, match="no checkpoint there"):
+        run(student_dir, [caches["qwen"]], tmp_path / "x", resume=str(tmp_path / "nothing"))
+
+
+def test_config_file_overrides_and_unknown_keys(tmp_path, student_dir, caches, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"student: {student_dir}\nmax_steps: 3\nloss: mse\nbogus: 1\nalso_bogus: 2\n")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['also_bogus', 'bogus'\]"):
+        load_config(str(y), {})
+    y.write_text(f"student: {student_dir}\nmax_steps: 3\nloss: mse\nlog_every: 1\n")
+    cfg = load_config(str(y), {"loss": "l1", "caches": [str(caches["qwen"])]})
+    assert (cfg.max_steps, cfg.loss) == (3, "l1")
+    with pytest.raises(ValueError, match="gate learned needs fusion target"):
+        TrainConfig(student="s", caches=["c"], gate="learned")
+    out = tmp_path / "run"
+    rc = cli(["--config", str(y), "--cache", str(caches["qwen"]), "--out", str(out), "--eval-samples", "8",
+              "--no-progress", "--layer-map", "[null, 1]", "--device", "cpu"])
+    assert rc == 0
+    saved = (out / "config.yaml").read_text()
+    assert "loss: mse" in saved and "cache_fingerprints:" in saved
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert cli(["--student", "s", "--cache", "c", "--projector", "conv"]) == 2
+    assert "projector 'conv'" in capsys.readouterr().err

@@ -1,0 +1,163 @@
+import math
+
+import pytest
+import torch
+
+from kava_common import tiny
+from kava_common.geometry import KVGeometry
+from stage2_train.align import (linear_alignment, overlap_alignment, parse_layer_map,
+                                proportional_layer_map, segment_alignment)
+from stage2_train.losses import (answer_cross_entropy, cosine_loss, l1_loss, mean_cosine,
+                                 mercator_loss, mse_loss)
+from stage2_train.projector import KVProjector, head_mix_init, make_projector
+from stage2_train.student import StudentKV, enable_checkpointing
+from stage2_train.train import epoch_batches, lr_factor
+
+
+def bhtd(rows):
+    """[[token vectors]] for one head -> (1, 1, T, D)."""
+    return torch.tensor(rows, dtype=torch.float32)[None, None]
+
+
+P = bhtd([[2.0, 0.0], [0.0, 1.0]])     # norms 2, 1
+T = bhtd([[1.0, 0.0], [1.0, 0.0]])     # norms 1, 1; cos(P, T) = [1, 0]
+ALL = torch.tensor([[True, True]])
+FIRST = torch.tensor([[True, False]])
+
+
+def test_losses_by_hand():
+    assert cosine_loss(P, T, ALL).item() == pytest.approx(0.5)
+    assert mercator_loss(P, T, ALL, 1.0, 0.01).item() == pytest.approx((1 + 0.01 * math.log(2) ** 2) / 2)
+    assert mercator_loss(P, T, ALL, 2.0, 1.0).item() == pytest.approx((2 + math.log(2) ** 2) / 2)
+    P3 = bhtd([[3.0, 0.0], [0.0, 1.0]])
+    assert mse_loss(P3, T, ALL).item() == pytest.approx((4 + 0 + 1 + 1) / 4)
+    assert l1_loss(P3, T, ALL).item() == pytest.approx((2 + 0 + 1 + 1) / 4)
+
+
+def test_masked_positions_change_nothing_and_all_masked_is_zero():
+    junk = P.clone()
+    junk[0, 0, 1] = torch.tensor([1e6, -3e5])
+    for f in (cosine_loss, mercator_loss, mse_loss, l1_loss):
+        assert f(junk, T, FIRST).item() == f(P, T, FIRST).item()
+        z = f(P.clone().requires_grad_(), T, torch.zeros(1, 2, dtype=torch.bool))
+        assert z.item() == 0.0 and z.requires_grad
+    assert mean_cosine(P, T, ALL) == pytest.approx(0.5)
+    assert mean_cosine(P, T, FIRST) == pytest.approx(1.0)
+
+
+def test_losses_in_fp32_from_bf16():
+    assert cosine_loss(P.bfloat16(), T.bfloat16(), ALL).dtype == torch.float32
+
+
+def test_answer_cross_entropy_by_hand():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1, 2] = math.log(3.0)             # position 1 predicts token 2 with p = 3/6
+    ids = torch.tensor([[0, 1, 2]])
+    mask = torch.tensor([[False, False, True]])  # only target token 2 (predicted from position 1)
+    assert answer_cross_entropy(logits, ids, mask).item() == pytest.approx(-math.log(0.5))
+    assert answer_cross_entropy(logits, ids, torch.zeros(1, 3, dtype=torch.bool)).item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "head", "mlp"])
+@pytest.mark.parametrize("hin,din,hout,dout", [(12, 16, 2, 8), (28, 8, 4, 16), (4, 8, 2, 8),
+                                               (2, 8, 4, 16), (32, 4, 8, 8)])
+def test_projector_shapes(kind, hin, din, hout, dout):
+    x = torch.randn(3, hin, 5, din)
+    assert make_projector(kind, hin, din, hout, dout)(x).shape == (3, hout, 5, dout)
+
+
+def test_head_projector_starts_as_group_average():
+    assert head_mix_init(4, 2).tolist() == [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]
+    assert head_mix_init(2, 4).tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]
+    p = make_projector("head", 6, 3, 2, 3)
+    with torch.no_grad():
+        p.dim.weight.copy_(torch.eye(3))
+        p.dim.bias.zero_()
+    x = torch.arange(6.0)[None, :, None, None].expand(1, 6, 2, 3)   # head h holds the value h
+    y = p(x)
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([1.0, 4.0]))  # means of (0,1,2) and (3,4,5)
+    shared = KVProjector("linear", 3, 2, 4, 1, 4, shared=True)     # 3 layers, one K/V pair
+    k, v = shared(2, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    assert len(shared.k) == len(shared.v) == 1 and k.shape == v.shape == (1, 1, 5, 4)
+
+
+def test_overlap_alignment_by_hand():
+    # text "ab cd": teacher tokens "a","b"," cd"; student tokens [BOS], "ab", " c", "d"
+    teacher = [(0, 1), (1, 2), (2, 5)]
+    student = [(0, 0), (0, 2), (2, 4), (4, 5)]
+    A, valid = overlap_alignment(student, teacher)
+    assert valid.tolist() == [False, True, True, True]
+    assert A.tolist() == [[0, 0, 0], [0.5, 0.5, 0], [0, 0, 1], [0, 0, 1]]
+
+
+def test_linear_alignment_edge_lengths():
+    A, valid = linear_alignment(3, 5)                         # positions 0, 2, 4
+    assert A.tolist() == [[1, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 1]]
+    A, valid = linear_alignment(2, 3)                         # 0 and 2
+    assert A.tolist() == [[1, 0, 0], [0, 0, 1]]
+    A, valid = linear_alignment(3, 2)                         # 0, 0.5, 1
+    assert A.tolist() == [[1, 0], [0.5, 0.5], [0, 1]] and valid.all()
+    A, valid = linear_alignment(1, 3)                         # the middle
+    assert A.tolist() == [[0, 1, 0]]
+    A, valid = linear_alignment(2, 1)
+    assert A.tolist() == [[1], [1]]
+    A, valid = linear_alignment(2, 0)
+    assert A.shape == (2, 0) and not valid.any()
+    assert linear_alignment(0, 4)[0].shape == (0, 4)
+
+
+def test_segment_alignment_keeps_segments_apart():
+    # student segments (0,2),(2,3),(3,3 empty); teacher (0,1),(1,4),(4,5)
+    A, valid = segment_alignment(4, 5, [(0, 2), (2, 3), (3, 3)], [(0, 1), (1, 4), (4, 5)])
+    assert A.tolist() == [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]
+    assert valid.tolist() == [True, True, True, False]
+
+
+def test_layer_maps():
+    assert proportional_layer_map(4, 28, list(range(28))) == [[(0, 1.0)], [(9, 1.0)], [(18, 1.0)], [(27, 1.0)]]
+    stored = [0, 7, 14, 21, 27]
+    assert proportional_layer_map(3, 28, stored) == [[(0, 1.0)], [(2, 1.0)], [(4, 1.0)]]
+    assert parse_layer_map([None, 7, {"14": 0.25, "21": 0.75}], 3, 28, stored) == \
+        [[], [(1, 1.0)], [(2, 0.25), (3, 0.75)]]
+    with pytest.raises(ValueError, match="student layer 1 wants teacher layer 8, which the cache does not store"):
+        parse_layer_map([0, 8, 14], 3, 28, stored)
+    with pytest.raises(ValueError, match="one entry per student layer"):
+        parse_layer_map([0], 3, 28, stored)
+
+
+def test_schedule_and_epochs():
+    assert lr_factor(0, 4, 20, 0.1) == 0.25 and lr_factor(3, 4, 20, 0.1) == 1.0
+    assert lr_factor(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, 0.1) == pytest.approx(0.55)
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+    a = epoch_batches(10, 3, seed=0, epoch=0)
+    assert a == epoch_batches(10, 3, 0, 0) and a != epoch_batches(10, 3, 0, 1)
+    assert len(a) == 3 and all(len(b) == 3 for b in a) and len({i for b in a for i in b}) == 9
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_student_hooks_match_the_models_cache_and_keep_gradients(arch, tok):
+    cfg = tiny.tiny_config(arch, len(tok), hidden=32, layers=2, heads=4, kv_heads=2, head_dim=16, tok=tok)
+    model = tiny.build_model(cfg, seed=0)
+    geo = KVGeometry.from_config(cfg)
+    cap = StudentKV(model, [0, 1], geo)
+    ids = torch.randint(0, len(tok), (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    assert cap.check(model, ids, mask) < 1e-5
+    model.train()
+
+    def grads(gc):
+        if gc:
+            enable_checkpointing(model)
+        model.zero_grad()
+        with cap:
+            model(input_ids=ids, attention_mask=mask)
+        k, v = cap.kv(1)
+        (k.square().sum() + v.sum()).backward()
+        g = model.model.layers[0].self_attn.k_proj.weight.grad.clone()
+        if gc:
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        return g
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.abs().sum() > 0 and torch.allclose(plain, checkpointed, atol=1e-6)
