@@ -1,8 +1,9 @@
 """python -m kava_common.demo: the built-in demo, end to end on this machine, offline.
 
 Builds once under data_cache/demo/ a tokenizer trained locally and a tiny Qwen2-architecture
-teacher and student, then runs stage 1 (4-bit NF4 teacher) over synthetic GSM8K-format problems,
-prints the cache summary and verifies it. Re-running reuses everything already built.
+teacher and student, runs stage 1 (4-bit NF4 teacher) over synthetic GSM8K-format problems,
+verifies the cache, then runs stage 2 (student + projector) on it and draws its curves.
+Re-running reuses the models and the cache and trains a fresh run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kava_common.demo", description=__doc__.split("\n\n")[1])
     p.add_argument("--root", default="data_cache/demo", help="where models and caches go")
     p.add_argument("--samples", type=int, default=512, help="synthetic training problems")
+    p.add_argument("--steps", type=int, default=60, help="stage-2 optimizer steps")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     root = Path(args.root)
@@ -50,9 +52,22 @@ def main(argv=None) -> int:
     problems = verify_cache(cache_dir)
     for line in problems:
         print(f"CORRUPT {line}")
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s; cache verified "
-          f"{'FAILED' if problems else 'ok'}: {cache_dir}")
-    return int(bool(problems))
+    if problems:
+        return 1
+    from stage2_train.config import TrainConfig
+    from stage2_train.plot import plot
+    from stage2_train.train import main as train
+    run = root / "run"
+    train(TrainConfig(student=str(student), caches=[str(cache_dir)], out=str(run), max_steps=args.steps,
+                      batch_size=8, log_every=10, save_every=args.steps // 2, lr_projector=3e-3,
+                      device="cpu"))
+    png = plot(run / "metrics.jsonl")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s\n"
+          f"  cache    {cache_dir} (verified)\n"
+          f"  run      {run} (metrics.jsonl, config.yaml, step-*/)\n"
+          f"  student  {run / 'final' / 'student'} (loads with AutoModelForCausalLM)\n"
+          f"  curves   {png}")
+    return 0
 
 
 if __name__ == "__main__":

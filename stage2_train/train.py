@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,15 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
+
+
+def epoch_loader(train_set, cfg: TrainConfig, prog: Progress, collate_fn):
+    """Iterator over the rest of the current epoch's micro-batches (from prog.micro on),
+    loaded by `num_workers` DataLoader workers that read the caches ahead of the step."""
+    batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, prog.epoch)[prog.micro:]
+    return iter(torch.utils.data.DataLoader(
+        train_set, batch_sampler=batches, collate_fn=collate_fn, num_workers=cfg.num_workers,
+        prefetch_factor=2 if cfg.num_workers else None, persistent_workers=False))
 
 
 class Distiller(torch.nn.Module):
@@ -129,6 +139,31 @@ class Distiller(torch.nn.Module):
         c = self.cfg
         return (c.k_weight * kv_loss(c.loss, pk, tk, mask, c.alpha, c.beta)
                 + c.v_weight * kv_loss(c.loss, pv, tv, mask, c.alpha, c.beta))
+
+
+def train_step(model, cap, distiller, batch, cfg, device, autocast):
+    """Forward of one micro-batch: (total loss with its graph, K/V part, CE part as floats)."""
+    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    with cap, autocast():
+        out = model(input_ids=ids, attention_mask=attn)
+    with autocast():
+        kv, _ = distiller(batch, cap, device)
+    ce = answer_cross_entropy(out.logits, ids, batch["ce_mask"].to(device)) \
+        if cfg.ce_weight else torch.zeros((), device=device)
+    loss = cfg.kv_weight * kv + cfg.ce_weight * ce
+    return loss, float(kv.detach()) if torch.is_tensor(kv) else float(kv), float(ce.detach())
+
+
+def memory_estimate(cfg, teachers, dtype, device) -> str:
+    """The estimate of memory.py for this run (all teachers' distilled layers together)."""
+    from transformers import AutoConfig
+    from .memory import Shape, describe, estimate
+    kv_width = sum(len(t["distilled"]) * t["heads"] * t["head_dim"] for t in teachers)
+    return describe(estimate(Shape.from_config(AutoConfig.from_pretrained(cfg.student)),
+                             (1, 1, kv_width), cfg.batch_size, cfg.max_length,
+                             "bf16" if dtype == torch.bfloat16 else "fp32", cfg.optimizer,
+                             cfg.lora_r, cfg.gradient_checkpointing,
+                             cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -293,6 +328,7 @@ def main(cfg: TrainConfig, echo=print) -> Path:
     np.random.seed(cfg.seed)
     teachers, s_geo = setup(cfg)               # checks the caches before loading the student
     dtype = _precision(cfg, device)
+    echo(f"{memory_estimate(cfg, teachers, dtype, device)} at batch {cfg.batch_size} x {cfg.max_length} tokens")
     model, tok = load_student(cfg.student, device, dtype, cfg.lora_r, cfg.lora_alpha,
                               cfg.gradient_checkpointing)
     if cfg.freeze_student:
@@ -309,7 +345,7 @@ def main(cfg: TrainConfig, echo=print) -> Path:
     train_set = torch.utils.data.Subset(data, range(n_train))
     eval_set = torch.utils.data.Subset(data, range(n_train, len(data)))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    collate_fn = lambda b: collate(b, pad_id)
+    collate_fn = partial(collate, pad_id=pad_id)
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=collate_fn)
 
     probe = collate([data[0]], pad_id)
@@ -351,28 +387,22 @@ def main(cfg: TrainConfig, echo=print) -> Path:
                dynamic_ncols=True, ascii=True)
     t_last, tokens = time.perf_counter(), 0
     try:
-        batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, prog.epoch)
+        it = epoch_loader(train_set, cfg, prog, collate_fn)
         while prog.step < cfg.max_steps and stop["signal"] is None:
             parts = {"loss": 0.0, "loss_kv": 0.0, "loss_ce": 0.0}
             for _ in range(cfg.grad_accum):
-                if prog.micro >= len(batches):
+                batch = next(it, None)
+                if batch is None:                       # epoch done: the next one's order
                     prog.epoch, prog.micro = prog.epoch + 1, 0
-                    batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, prog.epoch)
-                batch = collate_fn([train_set[i] for i in batches[prog.micro]])
+                    it = epoch_loader(train_set, cfg, prog, collate_fn)
+                    batch = next(it)
                 prog.micro += 1
-                ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                with cap, autocast():
-                    out = model(input_ids=ids, attention_mask=attn)
-                with autocast():
-                    kv, _ = distiller(batch, cap, device)
-                ce = answer_cross_entropy(out.logits, ids, batch["ce_mask"].to(device)) \
-                    if cfg.ce_weight else torch.zeros((), device=device)
-                loss = cfg.kv_weight * kv + cfg.ce_weight * ce
+                loss, kv, ce = train_step(model, cap, distiller, batch, cfg, device, autocast)
                 (loss / cfg.grad_accum).backward()
                 parts["loss"] += loss.item() / cfg.grad_accum
-                parts["loss_kv"] += float(kv.detach()) / cfg.grad_accum
-                parts["loss_ce"] += ce.item() / cfg.grad_accum
-                tokens += int(attn.sum())
+                parts["loss_kv"] += float(kv) / cfg.grad_accum
+                parts["loss_ce"] += float(ce) / cfg.grad_accum
+                tokens += int(batch["attention_mask"].sum())
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             opt.step()
             sched.step()

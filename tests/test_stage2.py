@@ -144,3 +144,24 @@ def test_config_file_overrides_and_unknown_keys(tmp_path, student_dir, caches, c
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert cli(["--student", "s", "--cache", "c", "--projector", "conv"]) == 2
     assert "projector 'conv'" in capsys.readouterr().err
+
+
+def test_8gb_options_lora_adamw8bit_checkpointing_resume(student_dir, caches, tmp_path):
+    kw = dict(max_steps=4, log_every=1, batch_size=4, lora_r=4, optimizer="adamw8bit",
+              gradient_checkpointing=True)
+    straight = run(student_dir, [caches["qwen"]], tmp_path / "a", **kw)
+
+    def stop_at_2(line):
+        if line.startswith("step      2 "):
+            os.kill(os.getpid(), signal.SIGTERM)
+    cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "b"),
+                      device="cpu", progress=False, eval_samples=8, lr_projector=3e-3, save_every=0, **kw)
+    train(cfg, echo=stop_at_2)
+    assert (tmp_path / "b" / "step-000002" / "student" / "adapter_model.safetensors").is_file()
+    train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lambda *a: None)
+    resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final" / "student")
+    base = AutoModelForCausalLM.from_pretrained(student_dir)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])      # LoRA merged in

@@ -1,0 +1,80 @@
+"""A peak-memory estimate for a stage-2 run, from configs alone (nothing is loaded).
+
+Terms (bytes): student weights; gradients and optimizer state of what trains (AdamW: two fp32
+moments; 8-bit AdamW: two 1-byte moments; LoRA: only the adapters train); projector weights,
+gradients and AdamW state in fp32; activations kept for the backward pass (every layer without
+gradient checkpointing, one layer's worth plus each layer's input with it); the logits and
+their fp32 cross-entropy copies; the teacher K/V batch in fp32 with its aligned copy; and the
+CUDA context. It is an estimate: allocator fragmentation and kernel workspaces come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1024 ** 3
+
+
+@dataclass
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    params: int
+
+    @classmethod
+    def from_config(cls, c, params: int | None = None) -> "Shape":
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        if params is None:
+            attn = c.hidden_size * hd * (c.num_attention_heads * 2 + kv * 2)
+            mlp = 3 * c.hidden_size * c.intermediate_size
+            emb = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+            params = c.num_hidden_layers * (attn + mlp) + emb
+        return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                   kv, hd, c.vocab_size, params)
+
+
+def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: int,
+             precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
+             gradient_checkpointing: bool = False, projector_params: int | None = None,
+             cuda_context: float = 0.5 * GB) -> dict[str, float]:
+    """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim)."""
+    wb = 2 if precision == "bf16" else 4
+    s = student
+    if lora_r:
+        trainable = s.layers * lora_r * 2 * (2 * s.hidden + 2 * s.heads * s.head_dim
+                                             + 2 * s.kv_heads * s.head_dim)
+    else:
+        trainable = s.params
+    opt_b = {"adamw": 8, "adamw8bit": 2}[optimizer]
+    lt, ht, dt = teacher_kv
+    if projector_params is None:       # linear K and V projectors per distilled layer
+        projector_params = 2 * lt * (ht * dt + 1) * s.kv_heads * s.head_dim
+    tokens = batch * seq
+    kv_dim = s.kv_heads * s.head_dim
+    per_layer = tokens * (6 * s.hidden + 2 * kv_dim + 4 * s.intermediate) * wb
+    layer_input = tokens * s.hidden * wb
+    acts = (s.layers * layer_input + per_layer) if gradient_checkpointing else s.layers * per_layer
+    acts += 2 * tokens * kv_dim * 4 * s.layers        # captured student K/V upcast for the loss
+    out = {
+        "weights": s.params * wb + (trainable * wb if lora_r else 0),
+        "gradients": trainable * wb,
+        "optimizer": trainable * opt_b,
+        "projector": projector_params * 4 * 4,         # weights, grads, two AdamW moments
+        "activations": acts,
+        "logits": tokens * s.vocab * (wb + 4 + 4),     # logits, fp32 copy, its gradient
+        "teacher_kv": 2 * tokens * lt * 2 * ht * dt * 4,  # fp32 K and V, plus the aligned copy
+        "cuda_context": cuda_context,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def describe(est: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in est.items() if k != "total")
+    return f"estimated peak memory {est['total'] / GB:.2f} GB ({parts})"

@@ -1,0 +1,52 @@
+"""python -m stage2_train.plot RUN/metrics.jsonl [--out PNG]: loss and cosine curves.
+
+Draws the loss (and its K/V and cross-entropy parts) and the held-out cosine of K and V beside
+the shuffled-target cosine, from the metrics file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def plot(metrics: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = Path(metrics)
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+    if not rows:
+        raise ValueError(f"{metrics}: no metrics yet")
+    out = Path(out) if out else metrics.with_name("curves.png")
+    step = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("loss", "-"), ("loss_kv", "--"), ("loss_ce", ":")):
+        a.plot(step, [r[key] for r in rows], style, label=key)
+    a.set(xlabel="step", ylabel="loss", title="training loss")
+    a.legend()
+    for key, color in (("k", "tab:blue"), ("v", "tab:orange")):
+        b.plot(step, [r[f"cos_{key}"] for r in rows], color=color, label=f"cos {key.upper()} held-out")
+        b.plot(step, [r[f"cos_{key}_shuffled"] for r in rows], "--", color=color,
+               label=f"cos {key.upper()} shuffled targets")
+    b.set(xlabel="step", ylabel="cosine", title="held-out K/V cosine vs shuffled baseline")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stage2_train.plot", description=__doc__.split("\n\n")[1])
+    p.add_argument("metrics", help="RUN/metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: curves.png beside the metrics)")
+    a = p.parse_args(argv)
+    print(plot(a.metrics, a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
