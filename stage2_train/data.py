@@ -59,6 +59,7 @@ class DistillData(torch.utils.data.Dataset):
         self.index = [tuple(m[r] for m in per_cache) for r in common]
         sha = tokenizer_identity(student_tok)["sha256"]
         self.same_tokenizer = [c.manifest["tokenizer"]["sha256"] == sha for c in caches]
+        self._student: dict[int, tuple] = {}
         if align == "identity" and not all(self.same_tokenizer):
             bad = [str(c.path) for c, same in zip(caches, self.same_tokenizer) if not same]
             raise ValueError(f"align 'identity' needs the student's tokenizer, but {bad} used another "
@@ -67,15 +68,21 @@ class DistillData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def _encode(self, sample: dict):
+        """Student tokens of the sample text: ids (Ts,), offsets (Ts, 2), answer mask (Ts,),
+        segment token spans."""
+        enc = self.tok(sample["text"], return_offsets_mapping=True, add_special_tokens=True)
+        ids = torch.tensor(enc["input_ids"][:self.max_length], dtype=torch.long)
+        offs = torch.tensor(enc["offset_mapping"][:self.max_length], dtype=torch.long).reshape(-1, 2)
+        ans_start = sample["char_segments"]["reasoning"][0]
+        ce_mask = (offs[:, 1] > offs[:, 0]) & (offs[:, 1] > ans_start)
+        return ids, offs, ce_mask, _token_segments(sample["char_segments"], offs)
+
     def __getitem__(self, i: int) -> dict:
         samples = [c[j] for c, j in zip(self.caches, self.index[i])]
-        text = samples[0]["text"]
-        enc = self.tok(text, return_offsets_mapping=True, add_special_tokens=True)
-        ids = torch.tensor(enc["input_ids"][:self.max_length], dtype=torch.long)          # (Ts,)
-        offs = torch.tensor(enc["offset_mapping"][:self.max_length], dtype=torch.long).reshape(-1, 2)
-        ans_start = samples[0]["char_segments"]["reasoning"][0]
-        ce_mask = (offs[:, 1] > offs[:, 0]) & (offs[:, 1] > ans_start)                   # (Ts,)
-        s_tok_segments = _token_segments(samples[0]["char_segments"], offs)
+        if i not in self._student:           # the student's view of a sample never changes
+            self._student[i] = self._encode(samples[0])
+        ids, offs, ce_mask, s_tok_segments = self._student[i]
         teachers = []
         for t, (s, same) in enumerate(zip(samples, self.same_tokenizer)):
             ts, tt = len(ids), len(s["input_ids"])

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,9 @@ def test_8gb_options_lora_adamw8bit_checkpointing_resume(student_dir, caches, tm
     base = AutoModelForCausalLM.from_pretrained(student_dir)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])      # LoRA merged in
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_example_config_is_valid(path):
+    cfg = load_config(str(path), {"student": "s", "caches": ["a", "b"]})
+    assert cfg.student == "s"

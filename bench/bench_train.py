@@ -1,0 +1,202 @@
+"""Stage-2 benchmarks, each a ratio measured in one run:
+
+1. cache: step time when batches are read from the cache (DataLoader) divided by the step time
+   with the same batches already collated in memory (goal <= 1.05); tiny models.
+2. host memory (RSS) at the start and at the end of an epoch read from the cache (flat).
+3. online: stage-2 step time divided by the online step that runs the teacher's forward in the
+   loop to get the same K/V, as the seed did (goal <= 0.5 at real shapes: Qwen2.5-0.5B student,
+   Qwen2.5-1.5B teacher, random weights).
+4. the peak-GPU-memory estimate for the seed's setting (0.5B student, 1.5B teacher cache,
+   batch 2, length 512) under the options that bring it below 7.5 GB.
+
+    python bench/bench_train.py                      # all (the real-shape part takes a few minutes)
+    python bench/bench_train.py --parts cache,memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import psutil
+import torch
+
+from kava_common import tiny
+from kava_common.data import load_rows
+from stage1_extract.config import ExtractConfig
+from stage1_extract.extract import extract_teacher
+from stage2_train.config import TrainConfig
+from stage2_train.data import DistillData, collate
+from stage2_train.memory import GB, Shape, describe, estimate
+from stage2_train.student import StudentKV
+from stage2_train.train import Distiller, epoch_batches, make_optimizer, setup, train_step
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, tie_word_embeddings=True)
+QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, tie_word_embeddings=True)
+
+
+def rss_gb() -> float:
+    return psutil.Process(os.getpid()).memory_info().rss / GB
+
+
+class Trainer:
+    """The pieces of stage2_train.train.main needed to time steps."""
+
+    def __init__(self, cfg: TrainConfig, model, tok):
+        self.cfg = cfg
+        self.teachers, self.s_geo = setup(cfg)
+        self.model, self.tok = model.train(), tok
+        self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers)
+        self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t["distilled"]}), self.s_geo)
+        self.opt = make_optimizer(cfg, model, self.distiller)
+        self.data = DistillData([t["cache"] for t in self.teachers], tok, cfg.max_length, cfg.align)
+        self.collate = partial(collate, pad_id=tok.pad_token_id or 0)
+
+    def step(self, batch):
+        loss, _, _ = train_step(self.model, self.cap, self.distiller, batch, self.cfg,
+                                torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def loader(self, n_batches: int, workers: int):
+        batches = epoch_batches(len(self.data), self.cfg.batch_size, 0, 0)[:n_batches]
+        return torch.utils.data.DataLoader(self.data, batch_sampler=batches, collate_fn=self.collate,
+                                           num_workers=workers, prefetch_factor=2 if workers else None)
+
+
+def build_tiny(root: Path, n: int):
+    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
+    t = tiny.build_model(tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2,
+                                          head_dim=64, intermediate=256, tok=tok), seed=1)
+    s = tiny.build_model(tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1,
+                                          head_dim=16, intermediate=128, tok=tok), seed=2)
+    sdir = tiny.save_model(s, tok, root / "student")
+    ecfg = ExtractConfig(teachers=["tiny"], max_samples=n, batch_size=16, max_length=256, device="cpu",
+                         progress=False, out=str(root / "caches"))
+    cache = extract_teacher(ecfg, "tiny", load_rows("synthetic", max_samples=n), model=t, tok=tok,
+                            log=lambda *a: None)
+    return sdir, cache, tok
+
+
+def bench_cache(root: Path, steps: int, workers: int):
+    from transformers import AutoModelForCausalLM
+    sdir, cache, tok = build_tiny(root, 512)
+    cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device="cpu", progress=False)
+    tr = Trainer(cfg, AutoModelForCausalLM.from_pretrained(sdir), tok)
+    in_memory = list(tr.loader(steps, 0))
+    for b in in_memory[:3]:
+        tr.step(b)                                          # warm-up
+    times = {"memory": [], "cache": []}
+    for _ in range(3):                                      # alternate; keep each side's best
+        t0 = time.perf_counter()
+        for b in in_memory:
+            tr.step(b)
+        times["memory"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for b in tr.loader(steps, workers):
+            tr.step(b)
+        times["cache"].append(time.perf_counter() - t0)
+    ratio = min(times["cache"]) / min(times["memory"])
+    print(f"cache: {steps} steps of batch 8, workers {workers}: from cache {min(times['cache']):.2f} s, "
+          f"in memory {min(times['memory']):.2f} s; ratio {ratio:.3f} (goal <= 1.05); runs "
+          f"{[round(x, 2) for x in times['cache']]} vs {[round(x, 2) for x in times['memory']]}")
+    # host memory over one whole epoch read from the cache
+    n_batches = len(tr.data) // cfg.batch_size
+    start = rss_gb()
+    for b in tr.loader(n_batches, workers):
+        tr.step(b)
+    end = rss_gb()
+    print(f"host memory: epoch of {n_batches} batches ({len(tr.data)} samples): RSS {start:.3f} GB at "
+          f"start, {end:.3f} GB at end ({(end - start) * 1024:+.1f} MB)")
+    return ratio
+
+
+def bench_online(root: Path, steps: int, seq: int):
+    """Offline (cache) step vs online step (teacher forward in the loop) at real shapes."""
+    from transformers import Qwen2Config, AutoModelForCausalLM
+    from stage1_extract.extract import collate as s1_collate, teacher_forward
+    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    teacher = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_15B), dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_05B), dtype=torch.float32)
+    sdir = root / "student-05b"
+    student.save_pretrained(sdir)
+    tok.save_pretrained(sdir)
+    print(f"online: built random Qwen2.5-1.5B teacher and 0.5B student in {time.perf_counter() - t0:.0f} s")
+    n = steps + 1
+    ecfg = ExtractConfig(teachers=["q15"], max_samples=n, batch_size=1, max_length=seq, device="cpu",
+                         progress=False, out=str(root / "caches"))
+    cache = extract_teacher(ecfg, "q15", load_rows("synthetic", max_samples=n), model=teacher, tok=tok,
+                            log=lambda *a: None)
+    cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=1, max_length=seq,
+                      eval_samples=1, device="cpu", progress=False)
+    tr = Trainer(cfg, student, tok)
+    batches = list(tr.loader(steps, 0))
+    tr.step(batches[0])                                     # warm-up
+    t0 = time.perf_counter()
+    for b in batches:
+        tr.step(b)
+    offline = (time.perf_counter() - t0) / len(batches)
+    t0 = time.perf_counter()
+    for b in batches:                                       # the seed: teacher forward, then the step
+        with torch.inference_mode():
+            ids = b["input_ids"]
+            teacher_forward(teacher, *s1_collate([ids[0].tolist()], 0))
+        tr.step(b)
+    online = (time.perf_counter() - t0) / len(batches)
+    print(f"online: batch 1 x ~{int(batches[0]['attention_mask'].sum())} tokens: stage-2 step {offline:.2f} s, "
+          f"online step {online:.2f} s; ratio {offline / online:.3f} (goal <= 0.5)")
+    return offline / online
+
+
+def bench_memory():
+    from transformers import Qwen2Config
+    s = Shape.from_config(Qwen2Config(**QWEN25_05B))
+    t = Qwen2Config(**QWEN25_15B)
+    kv = (s.layers, t.num_key_value_heads, t.hidden_size // t.num_attention_heads)
+    print(f"memory: seed setting, Qwen2.5-0.5B student ({s.params / 1e6:.0f}M params), Qwen2.5-1.5B "
+          f"cache ({kv[1]} KV heads x {kv[2]}), batch 2 x 512, {kv[0]} distilled layers")
+    options = [("fp32 weights, AdamW", dict(precision="fp32")),
+               ("bf16, AdamW", dict()),
+               ("bf16, 8-bit AdamW", dict(optimizer="adamw8bit")),
+               ("bf16, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit", gradient_checkpointing=True)),
+               ("bf16, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True))]
+    for name, kw in options:
+        e = estimate(s, kv, 2, 512, **kw)
+        verdict = "fits" if e["total"] < 7.5 * GB else "does not fit"
+        print(f"  {name:<36} {e['total'] / GB:5.2f} GB  {verdict} in 7.5 GB")
+    print("  (" + describe(estimate(s, kv, 2, 512, optimizer="adamw8bit", gradient_checkpointing=True)) + ")")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="cache,memory,online")
+    p.add_argument("--steps", type=int, default=20, help="steps per timing in the cache part")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers in the cache part")
+    p.add_argument("--online-steps", type=int, default=3)
+    p.add_argument("--online-seq", type=int, default=256)
+    a = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    parts = a.parts.split(",")
+    if "cache" in parts:
+        bench_cache(root / "tiny", a.steps, a.workers)
+    if "memory" in parts:
+        bench_memory()
+    if "online" in parts:
+        bench_online(root / "real", a.online_steps, a.online_seq)
+
+
+if __name__ == "__main__":
+    main()
