@@ -69,13 +69,20 @@ class DistillData(torch.utils.data.Dataset):
         return len(self.index)
 
     def _encode(self, sample: dict):
-        """Student tokens of the sample text: ids (Ts,), offsets (Ts, 2), answer mask (Ts,),
-        segment token spans."""
+        """Student tokens of the sample text plus EOS: ids (Ts,), offsets (Ts, 2), answer mask
+        (Ts,), segment token spans."""
         enc = self.tok(sample["text"], return_offsets_mapping=True, add_special_tokens=True)
-        ids = torch.tensor(enc["input_ids"][:self.max_length], dtype=torch.long)
-        offs = torch.tensor(enc["offset_mapping"][:self.max_length], dtype=torch.long).reshape(-1, 2)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+        eos = self.tok.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            # the student learns to stop after the answer: EOS is a CE target, not a K/V one
+            ids, offs = ids + [eos], offs + [(len(sample["text"]), len(sample["text"]))]
+        ids = torch.tensor(ids[:self.max_length], dtype=torch.long)
+        offs = torch.tensor(offs[:self.max_length], dtype=torch.long).reshape(-1, 2)
         ans_start = sample["char_segments"]["reasoning"][0]
         ce_mask = (offs[:, 1] > offs[:, 0]) & (offs[:, 1] > ans_start)
+        if eos is not None and len(ids) and ids[-1] == eos and len(sample["text"]) > ans_start:
+            ce_mask[-1] = True
         return ids, offs, ce_mask, _token_segments(sample["char_segments"], offs)
 
     def __getitem__(self, i: int) -> dict:

@@ -172,3 +172,33 @@ def test_8gb_options_lora_adamw8bit_checkpointing_resume(student_dir, caches, tm
 def test_every_example_config_is_valid(path):
     cfg = load_config(str(path), {"student": "s", "caches": ["a", "b"]})
     assert cfg.student == "s"
+
+
+def test_sweep_two_run_grid_and_skip_on_rerun(student_dir, caches, tmp_path, capsys):
+    from stage2_train.sweep import main as sweep_main
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        f"out: {tmp_path / 'sw'}\n"
+        f"settings: {{student: {student_dir}, caches: [{caches['qwen']}], max_steps: 4, log_every: 2,\n"
+        f"           batch_size: 8, eval_samples: 8, save_every: 0, device: cpu}}\n"
+        "grid:\n  loss: [mercator, mse]\n"
+        "eval: {dataset: synthetic, split: test, max_samples: 4, max_new_tokens: 4, device: cpu}\n")
+    assert sweep_main([str(spec), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] loss-mercator: training" in out and "[2/2] loss-mse: training" in out
+    md = (tmp_path / "sw" / "results.md").read_text().splitlines()
+    assert md[0] == "| run | loss | step | train_loss | loss_kv | loss_ce | cos_k | cos_k_shuffled | " \
+                    "cos_v | cos_v_shuffled | accuracy |"
+    assert len(md) == 4 and md[2].startswith("| loss-mercator | mercator | 4 |")
+    csv_rows = (tmp_path / "sw" / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and (tmp_path / "sw" / "results.png").stat().st_size > 1000
+    assert len((tmp_path / "sw" / "loss-mse" / "eval.jsonl").read_text().splitlines()) == 4
+    mtime = (tmp_path / "sw" / "loss-mse" / "metrics.jsonl").stat().st_mtime_ns
+    assert sweep_main([str(spec), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] loss-mercator: done before, skipped" in out and "[2/2] loss-mse: done before, skipped" in out
+    assert (tmp_path / "sw" / "loss-mse" / "metrics.jsonl").stat().st_mtime_ns == mtime
+    assert (tmp_path / "sw" / "results.md").read_text().splitlines() == md
+    spec.write_text(f"out: {tmp_path / 'x'}\ngrid:\n  lossy: [a]\n")
+    assert sweep_main([str(spec)]) == 1
+    assert "grid names unknown setting(s) ['lossy']" in capsys.readouterr().err

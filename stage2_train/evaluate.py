@@ -1,0 +1,133 @@
+"""python -m stage2_train.evaluate --model PATH --dataset {gsm8k,synthetic,PATH} --split test
+
+Batched greedy generation with any Hugging Face causal LM (base student, distilled student,
+teacher) on the shared prompt template; the answer is the number after the last `####`, else
+the last number in the output; exact match against the gold `####` answer. Writes one JSON
+line per sample (prompt, output, extracted, gold, correct) and prints the accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kava_common.data import load_rows
+from kava_common.prompt import extract_final_answer, format_prompt
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The `####` answer if there is one, else the last number; normalised (no commas, no
+    trailing zeros after a decimal point, no '+')."""
+    final = extract_final_answer(text)
+    if final is not None:
+        m = _NUMBER.search(final)
+        return normalize(m.group(0)) if m else (final or None)
+    nums = _NUMBER.findall(text)
+    return normalize(nums[-1]) if nums else None
+
+
+def normalize(num: str) -> str:
+    num = num.replace(",", "").strip().lstrip("+")
+    if "." in num:
+        num = num.rstrip("0").rstrip(".")
+    return num or "0"
+
+
+def gold_answer(answer: str) -> str | None:
+    final = extract_final_answer(answer)
+    return normalize(final) if final else None
+
+
+@dataclass
+class EvalResult:
+    n: int
+    correct: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], max_new_tokens: int, device) -> list[str]:
+    """Greedy continuations of a batch of prompts (left-padded), cut at EOS."""
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", max_samples: int | None = None,
+             batch_size: int = 16, max_new_tokens: int = 256, out: str | Path | None = None,
+             seed: int = 0, device: str = "auto", progress: bool = True, model=None, tok=None) -> EvalResult:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_path).to(dev)
+        tok = AutoTokenizer.from_pretrained(model_path)
+    model.eval()
+    rows = load_rows(dataset, split, max_samples, seed=seed)
+    out_f = open(out, "w", encoding="ascii") if out else None
+    correct = 0
+    bar = tqdm(total=len(rows), desc="evaluate", unit="sample", disable=not progress, ascii=True)
+    try:
+        for i in range(0, len(rows), batch_size):
+            qs, golds = rows.questions[i:i + batch_size], rows.answers[i:i + batch_size]
+            prompts = [format_prompt(q) for q in qs]
+            outs = generate(model, tok, prompts, max_new_tokens, dev)
+            for j, (p, o, g) in enumerate(zip(prompts, outs, golds)):
+                pred, gold = extract_answer(o), gold_answer(g)
+                ok = pred is not None and pred == gold
+                correct += ok
+                if out_f:
+                    out_f.write(json.dumps({"index": i + j, "prompt": p, "output": o, "extracted": pred,
+                                            "gold": gold, "correct": ok}) + "\n")
+            bar.update(len(qs))
+            bar.set_postfix_str(f"acc {correct / min(i + batch_size, len(rows)):.3f}")
+    finally:
+        bar.close()
+        if out_f:
+            out_f.close()
+    return EvalResult(len(rows), correct)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stage2_train.evaluate", description=__doc__.split("\n\n")[1])
+    p.add_argument("--model", required=True, help="folder or hub id of a causal LM with its tokenizer")
+    p.add_argument("--dataset", default="synthetic", help="gsm8k | synthetic | PATH")
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-samples", type=int, default=None, help="first N problems only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of --dataset synthetic")
+    p.add_argument("--out", default=None, help="per-sample JSONL (default: MODEL/eval-SPLIT.jsonl)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    out = a.out or (str(Path(a.model) / f"eval-{a.split}.jsonl") if Path(a.model).is_dir() else None)
+    try:
+        r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
+                     a.seed, a.device, a.progress)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exact match {r.correct}/{r.n} = {r.accuracy:.4f} on {a.dataset} {a.split}"
+          + (f"; per-sample results in {out}" if out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

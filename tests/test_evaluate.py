@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+
+from kava_common import tiny
+from kava_common.data import load_rows
+from stage2_train.evaluate import evaluate, extract_answer, gold_answer, main
+
+
+@pytest.mark.parametrize("text,want", [
+    (" She sold 48/2=<<48/2=24>>24.\n#### 72", "72"),
+    (" total\n#### 1,234\nQuestion: next", "1234"),
+    (" so #### $18.00 dollars", "18"),
+    (" #### -3", "-3"),
+    (" First 5 then 7.", "7"),                 # no ####: the last number
+    (" 2.50 each", "2.5"),
+    (" no numbers at all", None),
+    (" ####", None),
+])
+def test_extract_answer_on_hand_written_generations(text, want):
+    assert extract_answer(text) == want
+
+
+def test_gold_answer():
+    assert gold_answer("a\n#### 1,000") == "1000"
+    assert gold_answer("no mark") is None
+
+
+class KnownLM:
+    """A stand-in causal LM whose continuation of each prompt is given in advance."""
+
+    def __init__(self, tok, answers: dict[str, str]):
+        self.tok, self.answers = tok, answers
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        prompts = self.tok.batch_decode(input_ids, skip_special_tokens=True)
+        conts = [self.tok(self.answers[p.strip()], add_special_tokens=False)["input_ids"][:max_new_tokens]
+                 for p in prompts]
+        width = max(map(len, conts))
+        pad = [c + [self.tok.eos_token_id] * (width - len(c)) for c in conts]
+        return torch.cat([input_ids, torch.tensor(pad)], dim=1)
+
+
+def test_accuracy_arithmetic_and_limits(tok, tmp_path):
+    from kava_common.prompt import format_prompt
+    rows = load_rows("synthetic", "test", max_samples=10)
+    answers = {}
+    for i, (q, a) in enumerate(zip(rows.questions, rows.answers)):
+        gold = gold_answer(a)
+        # rows 0, 3, 6, 9 right via ####; row 1 right via last number; the rest wrong
+        answers[format_prompt(q)] = (f" work\n#### {gold}" if i % 3 == 0 else
+                                     f" it is {gold}" if i == 1 else f" #### {int(gold) + 1}")
+    out = tmp_path / "e.jsonl"
+    r = evaluate("known", "synthetic", "test", max_samples=10, batch_size=4, out=out, device="cpu",
+                 progress=False, model=KnownLM(tok, answers), tok=tok)
+    assert (r.n, r.correct, r.accuracy) == (10, 5, 0.5)
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [l["index"] for l in lines] == list(range(10))
+    assert [l["correct"] for l in lines] == [True, True, False, True, False, False, True, False, False, True]
+    assert lines[1]["extracted"] == lines[1]["gold"] and lines[0]["prompt"].startswith("Question: ")
+    r = evaluate("known", "synthetic", "test", max_samples=3, batch_size=2, device="cpu", progress=False,
+                 model=KnownLM(tok, answers), tok=tok)
+    assert (r.n, r.correct) == (3, 2)
+
+
+def test_cli_on_a_real_tiny_model(tok, tmp_path, capsys):
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=1, heads=2, kv_heads=1, tok=tok)
+    d = tiny.save_model(tiny.build_model(cfg), tok, tmp_path / "m")
+    assert main(["--model", str(d), "--max-samples", "5", "--max-new-tokens", "8", "--no-progress"]) == 0
+    assert "exact match 0/5 = 0.0000 on synthetic test" in capsys.readouterr().out
+    lines = (d / "eval-test.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(l)["gold"] for l in lines)
