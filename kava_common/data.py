@@ -14,6 +14,8 @@ from pathlib import Path
 
 HUB_GSM8K = ("openai/gsm8k", "main")
 SYNTHETIC_SIZES = {"train": 2000, "test": 200}
+# named synthetic variants: (steps per problem, largest starting count)
+SYNTHETIC = {"synthetic": ((2, 3), 50), "synthetic-hard": ((3, 4), 99)}
 
 
 @dataclass
@@ -46,11 +48,13 @@ def tokenizer_identity(tok) -> dict:
 
 def load_rows(spec: str, split: str = "train", max_samples: int | None = None,
               seed: int = 0) -> Rows:
-    """Load rows from `gsm8k` (hub), `synthetic` (generated from `seed`) or a local PATH."""
-    if spec == "synthetic":
+    """Load rows from `gsm8k` (hub), `synthetic` or `synthetic-hard` (generated from `seed`),
+    or a local PATH."""
+    if spec in SYNTHETIC:
+        steps, max_start = SYNTHETIC[spec]
         n = max_samples if max_samples is not None else SYNTHETIC_SIZES.get(split, 200)
-        qs, ans = zip(*synthetic_problems(n, split=split, seed=seed)) if n else ((), ())
-        return Rows(f"synthetic-seed{seed}", split, list(qs), list(ans))
+        qs, ans = zip(*synthetic_problems(n, split, seed, steps, max_start)) if n else ((), ())
+        return Rows(f"{spec}-seed{seed}", split, list(qs), list(ans))
     if spec == "gsm8k":
         import datasets
         ds = datasets.load_dataset(*HUB_GSM8K, split=split)

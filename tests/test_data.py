@@ -78,3 +78,11 @@ def test_gsm8k_loads_config_main_from_the_hub(monkeypatch):
     rows = load_rows("gsm8k", "test")
     assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
     assert rows.name == "gsm8k" and rows.split == "test" and rows.answers == ["r\n#### 3"]
+
+
+def test_synthetic_hard_has_more_steps():
+    hard = load_rows("synthetic-hard", "test", max_samples=50)
+    easy = load_rows("synthetic", "test", max_samples=50)
+    assert hard.name == "synthetic-hard-seed0"
+    n_steps = lambda rows: [a.count("<<") - a.count("buys") for a in rows.answers]  # bags = 2 notes
+    assert min(n_steps(hard)) >= 3 and max(n_steps(easy)) <= 3

@@ -168,14 +168,15 @@ def test_8gb_options_lora_adamw8bit_checkpointing_resume(student_dir, caches, tm
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])      # LoRA merged in
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+                                        if not p.name.startswith("sweep")))
 def test_every_example_config_is_valid(path):
     cfg = load_config(str(path), {"student": "s", "caches": ["a", "b"]})
     assert cfg.student == "s"
 
 
 def test_sweep_two_run_grid_and_skip_on_rerun(student_dir, caches, tmp_path, capsys):
-    from stage2_train.sweep import main as sweep_main
+    from stage2_train.sweep import combos, main as sweep_main
     spec = tmp_path / "sweep.yaml"
     spec.write_text(
         f"out: {tmp_path / 'sw'}\n"
@@ -199,6 +200,9 @@ def test_sweep_two_run_grid_and_skip_on_rerun(student_dir, caches, tmp_path, cap
     assert "[1/2] loss-mercator: done before, skipped" in out and "[2/2] loss-mse: done before, skipped" in out
     assert (tmp_path / "sw" / "loss-mse" / "metrics.jsonl").stat().st_mtime_ns == mtime
     assert (tmp_path / "sw" / "results.md").read_text().splitlines() == md
+    from stage2_train.sweep import load_sweep
+    example = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "sweep_example.yaml")
+    assert len(combos(example["grid"])) == 4
     spec.write_text(f"out: {tmp_path / 'x'}\ngrid:\n  lossy: [a]\n")
     assert sweep_main([str(spec)]) == 1
     assert "grid names unknown setting(s) ['lossy']" in capsys.readouterr().err
