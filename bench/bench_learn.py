@@ -2,7 +2,8 @@
 
     python bench/bench_learn.py               # about 20-30 min on 2 CPU cores; re-runs skip finished work
 
-1. Task: `synthetic-hard` GSM8K-format problems (3-4 steps, calculator notes, `#### N`).
+1. Task: `synthetic` GSM8K-format problems (2-3 operations, each with calculator notes, and a
+   `#### N` line); tokenizers split digits one per token, as Qwen2's does.
 2. Teachers trained from scratch with cross-entropy on 20,000 training problems: a Qwen2
    (byte-level BPE tokenizer A) and a Llama (its own tokenizer B, with BOS), so their K/V
    geometry and tokenization differ from each other and from the student's.
@@ -40,7 +41,7 @@ from stage1_extract.extract import main as extract
 from stage2_train.evaluate import evaluate
 from stage2_train.sweep import run_sweep
 
-DATA = "synthetic-hard"
+DATA = "synthetic"
 N_TEACHER = 20000          # problems the teachers learn from
 N_STUDENT = 256            # problems in the caches; all the student ever sees
 N_TEST = 200

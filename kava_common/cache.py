@@ -226,21 +226,28 @@ class KVCache:
         off = shard.small("sample_offsets")
         return shard.read("input_ids", int(off[j]), int(off[j + 1]))
 
+    def kv(self, i: int) -> dict:
+        """Only `input_ids`, `k` and `v` of sample i (what a training step needs)."""
+        shard, j = self.locate(i)
+        off = shard.small("sample_offsets")
+        a, b = int(off[j]), int(off[j + 1])
+        return {
+            "input_ids": shard.read("input_ids", a, b).long(),
+            "k": torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers]),  # (L, H, T, D)
+            "v": torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers]),  # (L, H, T, D)
+        }
+
     def __getitem__(self, i: int) -> dict:
         shard, j = self.locate(i)
         off = shard.small("sample_offsets")
         a, b = int(off[j]), int(off[j + 1])
-        k = torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers])  # (L, H, T, D)
-        v = torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers])  # (L, H, T, D)
         toff = shard.small("text_offsets")
         text = bytes(shard.small("text_bytes")[toff[j]:toff[j + 1]]).decode("utf-8")
         segs = shard.small("token_segments")[j]
         csegs = shard.small("char_segments")[j]
         names = self.manifest["segments"]
         return {
-            "input_ids": shard.read("input_ids", a, b).long(),
-            "k": k,
-            "v": v,
+            **self.kv(i),
             "row": int(shard.small("rows")[j]),
             "text": text,
             "char_offsets": shard.read("char_offsets", a, b),

@@ -15,11 +15,13 @@ BOS = "<s>"
 
 
 def train_tokenizer(texts, vocab_size: int = 384, add_bos: bool = False):
-    """A byte-level BPE tokenizer trained on `texts` (any Unicode input encodes)."""
+    """A byte-level BPE tokenizer trained on `texts` (any Unicode input encodes). Digits are
+    split one per token, as Qwen2's tokenizer does, so arithmetic stays learnable."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tk.decoder = decoders.ByteLevel()
     specials = [EOS] + ([BOS] if add_bos else [])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,

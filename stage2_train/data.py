@@ -59,7 +59,7 @@ class DistillData(torch.utils.data.Dataset):
         self.index = [tuple(m[r] for m in per_cache) for r in common]
         sha = tokenizer_identity(student_tok)["sha256"]
         self.same_tokenizer = [c.manifest["tokenizer"]["sha256"] == sha for c in caches]
-        self._student: dict[int, tuple] = {}
+        self._plan: dict[int, tuple] = {}
         if align == "identity" and not all(self.same_tokenizer):
             bad = [str(c.path) for c, same in zip(caches, self.same_tokenizer) if not same]
             raise ValueError(f"align 'identity' needs the student's tokenizer, but {bad} used another "
@@ -86,11 +86,21 @@ class DistillData(torch.utils.data.Dataset):
         return ids, offs, ce_mask, _token_segments(sample["char_segments"], offs)
 
     def __getitem__(self, i: int) -> dict:
-        samples = [c[j] for c, j in zip(self.caches, self.index[i])]
-        if i not in self._student:           # the student's view of a sample never changes
-            self._student[i] = self._encode(samples[0])
-        ids, offs, ce_mask, s_tok_segments = self._student[i]
+        idx = self.index[i]
+        if i not in self._plan:    # first visit: the full samples; later only their K/V
+            self._plan[i] = self._prepare(i, [c[j] for c, j in zip(self.caches, idx)])
+        ids, ce_mask, aligns = self._plan[i]
         teachers = []
+        for c, j, (A, valid) in zip(self.caches, idx, aligns):
+            s = c.kv(j)
+            teachers.append({"k": s["k"], "v": s["v"], "A": None if A is None else A.to_dense(), "valid": valid})
+        return {"input_ids": ids, "ce_mask": ce_mask, "teachers": teachers, "row": self.rows[i]}
+
+    def _prepare(self, i: int, samples: list[dict]):
+        """The student's tokens and answer mask, and per teacher its alignment (sparse) and mask;
+        none of it changes between epochs, so it is computed once per sample."""
+        ids, offs, ce_mask, s_tok_segments = self._encode(samples[0])
+        aligns = []
         for t, (s, same) in enumerate(zip(samples, self.same_tokenizer)):
             ts, tt = len(ids), len(s["input_ids"])
             mode = self.align if self.align != "auto" else ("identity" if same else "overlap")
@@ -107,8 +117,8 @@ class DistillData(torch.utils.data.Dataset):
             else:
                 A, valid = segment_alignment(ts, tt, s_tok_segments,
                                              [s["token_segments"][n] for n in s["token_segments"]])
-            teachers.append({"k": s["k"], "v": s["v"], "A": A, "valid": valid})
-        return {"input_ids": ids, "ce_mask": ce_mask, "teachers": teachers, "row": self.rows[i]}
+            aligns.append((None if A is None else A.to_sparse(), valid))
+        return ids, ce_mask, aligns
 
 
 def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, int]]:
