@@ -177,7 +177,8 @@ def main(argv=None):
         tiny.save_model(tiny.build_model(cfg, seed=21), tok_a, student)
     settings = dict(student=str(student), max_steps=STUDENT_STEPS, batch_size=16, lr_student=2e-3,
                     lr_projector=2e-3, warmup_steps=30, min_lr_ratio=0.1, eval_samples=16, log_every=50,
-                    save_every=0, device="cpu", max_length=256, projector="head")
+                    save_every=0, device="cpu", max_length=256, projector="head",
+                    direction="teacher_to_student")   # as pre-registered (the default then)
     arms = {
         "a_ce_only": {"what": "cross-entropy only", "caches": [str(c_fp)], "kv_weight": 0.0},
         "b_kv_nf4": {"what": "+ K/V from Qwen2 teacher, NF4 cache", "caches": [str(c_nf4)]},

@@ -39,7 +39,8 @@ class TrainConfig:
     # distillation
     projector: str = "linear"            # linear | head | mlp
     projector_shared: bool = False       # one K and one V projector for all layers
-    direction: str = "teacher_to_student"  # or student_to_teacher (the teacher target stays fixed)
+    direction: str = "student_to_teacher"  # the teacher target stays fixed; or teacher_to_student
+    # (as the seed did; both sides move, which collapsed in bench/bench_learn.py: see README)
     layer_map: typing.Any = "proportional"  # or one entry per student layer: int | null | {t: w}
     align: str = "auto"                  # auto | identity | overlap | linear | segment
     loss: str = "mercator"               # mercator | mse | l1 | cosine

@@ -321,6 +321,8 @@ def evaluate(model, cap, distiller, loader, device, autocast) -> dict:
 
 def main(cfg: TrainConfig, echo=print) -> Path:
     from tqdm.auto import tqdm
+    if echo is print:
+        echo = tqdm.write                       # log lines above the progress bar, not inside it
     run = Path(cfg.out)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
