@@ -24,8 +24,8 @@ import torch
 
 from kava_common import KavaError
 from kava_common import cache as kcache
-from kava_common.data import Rows, load_rows
-from kava_common.geometry import DTYPES, KVGeometry, dtype_bytes
+from kava_common.data import Rows, load_rows, tokenizer_identity
+from kava_common.geometry import DTYPES, KVGeometry
 from kava_common.prompt import SEGMENTS, TEMPLATE_ID, format_sample, token_spans
 
 from . import teacher as T
@@ -276,7 +276,7 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
                         weights=T.weights_identity(name, config))
     identity = {"schema_version": kcache.SCHEMA_VERSION, "teacher": {
         k: teacher_info[k] for k in ("name", "revision", "weights")}, "quantization": dict(quant),
-        "tokenizer_sha256": T.tokenizer_identity(tok)["sha256"], "dataset": rows.identity(),
+        "tokenizer_sha256": tokenizer_identity(tok)["sha256"], "dataset": rows.identity(),
         "prompt_template": TEMPLATE_ID, "max_length": cfg.max_length, "layers": layers,
         "kv_dtype": cfg.kv_dtype, "format": cfg.format, "shard_mb": cfg.shard_mb}
     fp = kcache.fingerprint(identity)
@@ -335,7 +335,7 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
         "schema_version": kcache.SCHEMA_VERSION, "fingerprint": fp,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher": dict(teacher_info, quantization=quant),
-        "tokenizer": T.tokenizer_identity(tok),
+        "tokenizer": tokenizer_identity(tok),
         "dataset": dict(rows.identity(), seed=cfg.seed if rows.name.startswith("synthetic") else None),
         "prompt_template": TEMPLATE_ID, "segments": list(SEGMENTS), "max_length": cfg.max_length,
         "format": cfg.format,

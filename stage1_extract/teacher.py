@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from kava_common import KavaError
-from kava_common.data import tokenizer_identity  # noqa: F401  (re-exported)
 from kava_common.geometry import DTYPES
 
 
