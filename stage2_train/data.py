@@ -88,11 +88,13 @@ class DistillData(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         idx = self.index[i]
         if i not in self._plan:    # first visit: the full samples; later only their K/V
-            self._plan[i] = self._prepare(i, [c[j] for c, j in zip(self.caches, idx)])
+            full = [c[j] for c, j in zip(self.caches, idx)]
+            self._plan[i] = self._prepare(i, full)
+        else:
+            full = [c.kv(j) for c, j in zip(self.caches, idx)]
         ids, ce_mask, aligns = self._plan[i]
         teachers = []
-        for c, j, (A, valid) in zip(self.caches, idx, aligns):
-            s = c.kv(j)
+        for s, (A, valid) in zip(full, aligns):
             teachers.append({"k": s["k"], "v": s["v"], "A": None if A is None else A.to_dense(), "valid": valid})
         return {"input_ids": ids, "ce_mask": ce_mask, "teachers": teachers, "row": self.rows[i]}
 
