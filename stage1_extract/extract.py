@@ -257,7 +257,11 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
     """
     from transformers import AutoConfig
     device = T.resolve_device(cfg.device) if model is None else model.device
-    config = model.config if model is not None else AutoConfig.from_pretrained(name, revision=cfg.revision)
+    try:
+        config = model.config if model is not None else AutoConfig.from_pretrained(name, revision=cfg.revision)
+    except OSError as e:
+        raise KavaError(f"teacher {name!r}: no model config found (a local folder or a hub id "
+                        f"reachable from here is needed): {e}") from e
     geometry = KVGeometry.from_config(config)
     layers = list(range(geometry.num_layers)) if cfg.layers is None else list(cfg.layers)
     bad_layers = [l for l in layers if not 0 <= l < geometry.num_layers]

@@ -177,7 +177,11 @@ def setup(cfg: TrainConfig):
     from transformers import AutoConfig
     caches = [open_cache(p) for p in cfg.caches]
     check_caches(caches, cfg.dataset, cfg.split)
-    s_geo = KVGeometry.from_config(AutoConfig.from_pretrained(cfg.student))
+    try:
+        s_geo = KVGeometry.from_config(AutoConfig.from_pretrained(cfg.student))
+    except OSError as e:
+        raise KavaError(f"student {cfg.student!r}: no model config found (a local folder or a hub "
+                        f"id reachable from here is needed): {e}") from e
     teachers = []
     for c in caches:
         m = c.manifest

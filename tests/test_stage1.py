@@ -236,3 +236,29 @@ def test_dataloader_workers_share_the_reader(teacher_dir, tmp_path):
     for i, s in enumerate(dl):
         assert torch.equal(s["k"], c[i]["k"])
     assert i == 5
+
+
+GSM8K = ROOT.parent / "shared" / "gsm8k" / "test.jsonl"
+
+
+@pytest.mark.skipif(not GSM8K.is_file(), reason="the real GSM8K is not at ../shared/gsm8k")
+def test_real_gsm8k_rows_by_path(teacher_dir, tmp_path):
+    cfg = ExtractConfig(teachers=[str(teacher_dir)], dataset=str(GSM8K), split="test", max_samples=40,
+                        out=str(tmp_path), quantize=False, device="cpu", progress=False, max_length=384)
+    (d,) = extract_main(cfg)
+    c = open_cache(d)
+    m = c.manifest
+    assert m["dataset"]["rows"] == 40 and len(c) == 40 and m["rows_without_final_answer"] == 0
+    rows = load_rows(str(GSM8K), "test", 40)
+    for i in range(40):
+        s = c[i]
+        assert s["text"].startswith("Question: " + rows.questions[i].strip())
+        a, b = s["char_segments"]["answer"]
+        assert s["text"][a:b] == rows.answers[i].rsplit("####", 1)[1].strip()
+        assert s["k"].shape[2] == len(s["input_ids"])
+
+
+def test_unknown_teacher_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert cli(["--teacher", str(missing), "--out", str(tmp_path), "--no-progress"]) == 1
+    assert f"error: teacher '{missing}': no model config found" in capsys.readouterr().err

@@ -210,3 +210,9 @@ def test_sweep_two_run_grid_and_skip_on_rerun(student_dir, caches, tmp_path, cap
     spec.write_text(f"out: {tmp_path / 'x'}\ngrid:\n  lossy: [a]\n")
     assert sweep_main([str(spec)]) == 1
     assert "grid names unknown setting(s) ['lossy']" in capsys.readouterr().err
+
+
+def test_unknown_student_is_a_clear_error(caches, tmp_path, capsys):
+    assert cli(["--student", str(tmp_path / "nope"), "--cache", str(caches["qwen"]), "--out",
+                str(tmp_path / "r"), "--no-progress"]) == 1
+    assert "no model config found" in capsys.readouterr().err
