@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-disk-check", dest="disk_check", action="store_false",
                    help="start even when the size estimate exceeds the free space")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of --dataset synthetic")
+    p.add_argument("--num-shards", type=int, default=d.num_shards,
+                   help="split the work over N processes writing one cache (default 1)")
+    p.add_argument("--shard-index", type=int, default=d.shard_index,
+                   help="this process's part, 0..N-1; the last to finish writes the manifest")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -69,7 +73,8 @@ def cli(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for d in dirs:
-        print(f"cache: {d}")
+        done = (d / "manifest.json").is_file()
+        print(f"cache: {d}" if done else f"cache (this part done, other processes pending): {d}")
     return 0
 
 

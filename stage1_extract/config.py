@@ -29,6 +29,8 @@ class ExtractConfig:
     shard_mb: float = 128.0              # target shard size in MB (shards hold whole samples)
     disk_check: bool = True              # refuse to start when the estimate exceeds free space
     seed: int = 0                        # seed of the synthetic data set
+    num_shards: int = 1                  # processes splitting the work (one per GPU, SLURM array, ...)
+    shard_index: int = 0                 # this process: takes shards i with i % num_shards == index
     padding_side: str = "right"          # padding inside a batch; results do not depend on it
     progress: bool = True                # show a progress bar
     writer_queue: int = 2                # shards waiting for the background writer
@@ -57,6 +59,9 @@ class ExtractConfig:
             problems.append(f"--layers must list distinct layer indices, got {self.layers}")
         if self.shard_mb <= 0:
             problems.append(f"--shard-mb must be > 0, got {self.shard_mb}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            problems.append(f"--shard-index must be in 0..{self.num_shards - 1} for --num-shards "
+                            f"{self.num_shards}, got {self.shard_index}")
         if self.padding_side not in ("left", "right"):
             problems.append(f"padding_side must be left or right, got {self.padding_side!r}")
         if problems:

@@ -295,7 +295,8 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
     kv_bpt = geometry.bytes_per_token(cfg.kv_dtype, layers)
     plan = plan_shards(samples, kv_bpt, cfg.shard_mb * 1e6)
     done = kcache.completed_shards(cache_dir)
-    todo = [i for i in range(len(plan)) if i not in done]
+    mine = [i for i in range(len(plan)) if i % cfg.num_shards == cfg.shard_index]
+    todo = [i for i in mine if i not in done]
     est = lambda idx: sum(len(samples[j].ids) * (kv_bpt + META_BYTES_PER_TOKEN) + len(samples[j].text.encode())
                           for i in idx for j in plan[i])
     total_est, left_est = est(range(len(plan))), est(todo)
@@ -304,7 +305,9 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
     log(f"[{name}] {len(samples)} samples, {n_tokens} tokens, {geometry.num_layers} layers "
         f"({len(layers)} kept) x {geometry.num_kv_heads} KV heads x head_dim {geometry.head_dim}, "
         f"{kv_bpt} B/token as {cfg.kv_dtype}: estimated cache {_gb(total_est)}, still to write "
-        f"{_gb(left_est)}, free {_gb(free)}; {len(done)}/{len(plan)} shards already done")
+        f"{_gb(left_est)}, free {_gb(free)}; {len(done)}/{len(plan)} shards already done"
+        + (f"; this process takes {len(mine)} (part {cfg.shard_index} of {cfg.num_shards})"
+           if cfg.num_shards > 1 else ""))
     if cfg.disk_check and left_est > free:
         raise KavaError(f"{cache_dir}: the cache needs about {_gb(left_est)} more but only {_gb(free)} "
                       "is free; free space, keep fewer --layers, use a smaller --kv-dtype, or pass "
@@ -317,7 +320,7 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
                 f"{' ' + quant.get('quant_type', '') if quant['method'] != 'none' else ''}) on {device}")
             model = T.load_teacher(name, quant, device, cfg.revision)
         try:
-            _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir, fp)
+            _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cache_dir, fp)
         finally:
             if own_model:
                 del model
@@ -327,8 +330,12 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
 
     entries = kcache.completed_shards(cache_dir)
     missing = [i for i in range(len(plan)) if i not in entries]
-    if missing:
-        raise KavaError(f"{cache_dir}: shards {missing} are missing after extraction")
+    if [i for i in missing if i in mine]:
+        raise KavaError(f"{cache_dir}: shards {[i for i in missing if i in mine]} are missing after extraction")
+    if missing:          # other processes' parts: whoever completes the last one writes the manifest
+        log(f"[{name}] part {cfg.shard_index}/{cfg.num_shards} done; {len(missing)} shards of other "
+            f"processes pending; the last process to finish writes the manifest -> {cache_dir}")
+        return cache_dir
     shards, first = [], 0
     for i in range(len(plan)):
         e = dict(entries[i], first_sample=first)
@@ -381,13 +388,13 @@ def _describe_loaded(model) -> dict:
     return {"method": "none", "dtype": str(model.dtype).replace("torch.", "")}
 
 
-def _run(cfg, name, model, tok, geometry, layers, samples, plan, todo, cache_dir, fp):
+def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cache_dir, fp):
     from tqdm.auto import tqdm
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     kv_dtype = DTYPES[cfg.kv_dtype]
     counter = _Counter()
     writer = BackgroundWriter(lambda item: _write_shard_item(item, counter), cfg.writer_queue)
-    total = sum(len(p) for p in plan)
+    total = sum(len(plan[i]) for i in mine)         # this process's part of the plan
     bar = tqdm(total=total, initial=total - sum(len(plan[i]) for i in todo), unit="sample",
                desc=f"stage1 {_slug(name)}", disable=not cfg.progress, dynamic_ncols=True,
                ascii=True)

@@ -262,3 +262,22 @@ def test_unknown_teacher_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert cli(["--teacher", str(missing), "--out", str(tmp_path), "--no-progress"]) == 1
     assert f"error: teacher '{missing}': no model config found" in capsys.readouterr().err
+
+
+def test_two_processes_write_one_cache(teacher_dir, tmp_path, capsys):
+    args = ["--teacher", str(teacher_dir), "--max-samples", "12", "--no-quantize", "--dtype", "float32",
+            "--shard-mb", "0.05", "--device", "cpu", "--no-progress"]
+    assert cli([*args, "--out", str(tmp_path / "one")]) == 0
+    (single,) = (tmp_path / "one").iterdir()
+    split = tmp_path / "two"
+    assert cli([*args, "--out", str(split), "--num-shards", "2", "--shard-index", "1"]) == 0
+    (d,) = split.iterdir()
+    assert d.name == single.name and not (d / "manifest.json").exists()
+    assert "cache (this part done, other processes pending)" in capsys.readouterr().out
+    part1 = sorted(p.name for p in d.glob("shard-*.json"))
+    assert part1 and all(int(n[6:11]) % 2 == 1 for n in part1)
+    assert cli([*args, "--out", str(split), "--num-shards", "2", "--shard-index", "0"]) == 0
+    a, b = open_cache(single), open_cache(d)
+    assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
+    assert len(b) == 12 and torch.equal(a[7]["k"], b[7]["k"])
+    assert cli([*args, "--out", str(split), "--num-shards", "2", "--shard-index", "2"]) == 2
