@@ -22,15 +22,11 @@ import torch
 
 from kava_common import tiny
 from kava_common.data import load_rows
+from kava_common.geometry import KVGeometry
+from kava_common.tiny import QWEN25_15B   # real shape, random weights
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import (collate, extract_teacher, length_sorted_batches, plan_shards,
                                     prepare_samples, teacher_forward)
-from kava_common.geometry import KVGeometry
-
-# Qwen2.5-1.5B's published hyperparameters; weights are random (nothing is downloaded).
-QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_theta=1000000.0, tie_word_embeddings=True)
 
 
 def forward_only(cfg, model, tok, rows) -> float:

@@ -34,13 +34,7 @@ from stage2_train.data import DistillData, collate
 from stage2_train.memory import GB, Shape, describe, estimate
 from stage2_train.student import StudentKV
 from stage2_train.train import Distiller, epoch_batches, make_optimizer, setup, train_step
-
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_theta=1000000.0, tie_word_embeddings=True)
-QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_theta=1000000.0, tie_word_embeddings=True)
+from kava_common.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
 
 
 def rss_gb() -> float:

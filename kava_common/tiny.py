@@ -10,6 +10,14 @@ from pathlib import Path
 
 import torch
 
+# Real shapes for benchmarks: the published Qwen2.5 hyperparameters (weights stay random).
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, tie_word_embeddings=True)
+QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, tie_word_embeddings=True)
+
 EOS = "<|endoftext|>"
 BOS = "<s>"
 

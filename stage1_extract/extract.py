@@ -25,6 +25,7 @@ import torch
 from kava_common import KavaError
 from kava_common import cache as kcache
 from kava_common.data import Rows, load_rows, tokenizer_identity
+from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
 from kava_common.prompt import SEGMENTS, TEMPLATE_ID, format_sample, token_spans
 
@@ -256,7 +257,7 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
     loaded here as `cfg` says and freed at the end.
     """
     from transformers import AutoConfig
-    device = T.resolve_device(cfg.device) if model is None else model.device
+    device = resolve_device(cfg.device) if model is None else model.device
     try:
         config = model.config if model is not None else AutoConfig.from_pretrained(name, revision=cfg.revision)
     except OSError as e:
@@ -330,8 +331,9 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
 
     entries = kcache.completed_shards(cache_dir)
     missing = [i for i in range(len(plan)) if i not in entries]
-    if [i for i in missing if i in mine]:
-        raise KavaError(f"{cache_dir}: shards {[i for i in missing if i in mine]} are missing after extraction")
+    lost = [i for i in missing if i in mine]
+    if lost:
+        raise KavaError(f"{cache_dir}: shards {lost} are missing after extraction")
     if missing:          # other processes' parts: whoever completes the last one writes the manifest
         log(f"[{name}] part {cfg.shard_index}/{cfg.num_shards} done; {len(missing)} shards of other "
             f"processes pending; the last process to finish writes the manifest -> {cache_dir}")

@@ -12,15 +12,6 @@ from kava_common import KavaError
 from kava_common.geometry import DTYPES
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KavaError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
 def compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the device supports it, else fp16 (older GPUs)."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -13,7 +13,7 @@ import torch
 
 from kava_common.cache import KVCache
 from kava_common.data import tokenizer_identity
-from kava_common.prompt import TEMPLATE_ID
+from kava_common.prompt import TEMPLATE_ID, token_spans
 
 from .align import linear_alignment, overlap_alignment, segment_alignment
 
@@ -124,7 +124,6 @@ class DistillData(torch.utils.data.Dataset):
 
 
 def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, int]]:
-    from kava_common.prompt import token_spans
     return token_spans(list(char_segments.values()), offs.tolist())
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from kava_common import KavaError
 from kava_common.data import load_rows
+from kava_common.device import resolve_device
 from kava_common.prompt import extract_final_answer, format_prompt
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -73,8 +75,7 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
              seed: int = 0, device: str = "auto", progress: bool = True, model=None, tok=None) -> EvalResult:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_path).to(dev)
         tok = AutoTokenizer.from_pretrained(model_path)
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     try:
         r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
                      a.seed, a.device, a.progress)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (KavaError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exact match {r.correct}/{r.n} = {r.accuracy:.4f} on {a.dataset} {a.split}"

@@ -24,6 +24,7 @@ import torch
 
 from kava_common import KavaError
 from kava_common.cache import open_cache
+from kava_common.device import resolve_device
 from kava_common.geometry import KVGeometry
 
 from .align import parse_layer_map
@@ -164,12 +165,6 @@ def memory_estimate(cfg, teachers, dtype, device) -> str:
                              "bf16" if dtype == torch.bfloat16 else "fp32", cfg.optimizer,
                              cfg.lora_r, cfg.gradient_checkpointing,
                              cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def setup(cfg: TrainConfig):
