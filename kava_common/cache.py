@@ -83,7 +83,6 @@ def write_shard(cache_dir: Path, index: int, fmt: str, tensors: dict[str, torch.
     sha256 are added here. Returns the completed entry.
     """
     name = shard_name(index, fmt)
-    final = cache_dir / name
     tmp = cache_dir / (name + ".tmp")
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -99,12 +98,114 @@ def write_shard(cache_dir: Path, index: int, fmt: str, tensors: dict[str, torch.
                     f.create_dataset(k, data=arr.view(torch.int16).numpy()).attrs["torch_dtype"] = "bfloat16"
                 else:
                     f.create_dataset(k, data=arr.numpy())
+    return _finish_shard(cache_dir, index, name, tmp, entry, sha256_file(tmp))
+
+
+def _finish_shard(cache_dir: Path, index: int, name: str, tmp: Path, entry: dict, sha: str) -> dict:
     # No fsync per shard: the rename is atomic against a killed process, and after an OS
     # crash a short or corrupt shard fails the size check (then it is redone) or `--verify`.
-    entry = dict(entry, file=name, bytes=tmp.stat().st_size, sha256=sha256_file(tmp))
-    os.replace(tmp, final)
+    entry = dict(entry, file=name, bytes=tmp.stat().st_size, sha256=sha)
+    os.replace(tmp, cache_dir / name)
     atomic_write_text(cache_dir / f"shard-{index:05d}.json", json.dumps(entry, indent=1))
     return entry
+
+
+# --- safetensors shards laid out before they are filled -----------------------------------------
+
+ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in multiples of the block size
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+
+
+def round_up(n: int, to: int = ALIGN) -> int:
+    return -(-n // to) * to
+
+
+class ShardLayout:
+    """The bytes of a safetensors shard, planned before its tensors are filled.
+
+    The safetensors format is a little-endian u64 header length, a JSON header giving each
+    tensor's dtype, shape and [begin, end) in the data area, then the data area without gaps
+    (https://github.com/huggingface/safetensors#format). Knowing every shape before the
+    teacher runs, stage 1 lays the whole file out in one flat buffer, copies K/V straight into
+    its views, and writes the buffer as it is: no serialisation copy, and the sha256 is taken
+    from memory. Tensors are ordered by descending element size, then name (as safetensors
+    does), so each starts aligned to its element size.
+    """
+
+    def __init__(self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        header: dict[str, Any] = {"__metadata__": metadata}
+        self.places: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        pos = 0
+        for name, dtype, shape in sorted(specs, key=lambda s: (-s[1].itemsize, s[0])):
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            self.places[name] = (pos, dtype, tuple(shape))
+            pos += n
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+        blob += b" " * ((-8 - len(blob)) % 8)        # data area starts 8-byte aligned
+        self.prefix = len(blob).to_bytes(8, "little") + blob
+        self.nbytes = len(self.prefix) + pos
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each tensor as a view of `flat` (uint8, at least `nbytes` long)."""
+        base = len(self.prefix)
+        out = {}
+        for name, (pos, dtype, shape) in self.places.items():
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            out[name] = flat[base + pos: base + pos + n].view(dtype).view(shape)
+        return out
+
+
+def aligned_bytes(n: int, pin: bool = False) -> torch.Tensor:
+    """A uint8 buffer of `n` bytes whose address is a multiple of ALIGN."""
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    shift = (-raw.data_ptr()) % ALIGN
+    return raw[shift: shift + n]
+
+
+def write_bytes(path: Path, buf: np.ndarray, n: int, direct: bool = True) -> bool:
+    """Write buf[:n] to a new file at `path`; returns whether the page cache was bypassed.
+
+    With `direct`, an ALIGN-aligned `buf` and room to round `n` up to ALIGN, the file is
+    written with O_DIRECT (rounded up, then truncated to n): the writer spends almost no CPU,
+    which on a machine with few cores is CPU the teacher's forward keeps, and a cache of
+    hundreds of GB does not evict everything else from memory. File systems without O_DIRECT
+    (tmpfs, some network mounts) get a plain buffered write.
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    m = round_up(n)
+    if direct and flag and buf.ctypes.data % ALIGN == 0 and len(buf) >= m:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                view, done = memoryview(buf)[:m], 0
+                while done < m:
+                    done += os.write(fd, view[done: done + (1 << 30)])
+                os.ftruncate(fd, n)
+                return True
+            except OSError:
+                pass                                   # e.g. EINVAL: fall back below
+            finally:
+                os.close(fd)
+    with open(path, "wb") as f:
+        f.write(memoryview(buf)[:n])
+    return False
+
+
+def write_laid_out_shard(cache_dir: Path, index: int, layout: ShardLayout, flat: torch.Tensor,
+                         entry: dict, direct: bool = True) -> dict:
+    """Write a safetensors shard whose tensors were filled in place in `flat` (see ShardLayout)."""
+    flat[:len(layout.prefix)].copy_(torch.frombuffer(bytearray(layout.prefix), dtype=torch.uint8))
+    arr = flat.numpy()
+    sha = hashlib.sha256(memoryview(arr)[:layout.nbytes]).hexdigest()
+    name = shard_name(index, "safetensors")
+    tmp = cache_dir / (name + ".tmp")
+    write_bytes(tmp, arr, layout.nbytes, direct)
+    return _finish_shard(cache_dir, index, name, tmp, entry, sha)
 
 
 def completed_shards(cache_dir: Path) -> dict[int, dict]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 TEMPLATE_ID = "kava-qa-v1"
 SEGMENTS = ("question", "reasoning", "answer")
 FINAL_MARK = "####"
@@ -58,20 +60,25 @@ def format_sample(question: str, answer: str) -> Formatted:
     return Formatted(text, (q_span, (a0, a0 + len(reasoning)), (final_start, len(text))), True)
 
 
-def token_spans(char_spans, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def token_spans(char_spans, offsets) -> list[tuple[int, int]]:
     """Map character spans to token spans: a token belongs to every span its characters overlap.
 
-    `offsets` is the tokenizer's offset mapping, one (start, end) per token; tokens with an
-    empty offset (special tokens such as BOS) belong to no span. An empty span maps to an empty
-    token span placed at the first token that starts at or after it.
+    `offsets` is the tokenizer's offset mapping, one (start, end) per token, as a (T, 2) array
+    or a list of pairs; tokens with an empty offset (special tokens such as BOS) belong to no
+    span. An empty span maps to an empty token span placed at the first token that starts at
+    or after it.
     """
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    a, b = off[:, 0], off[:, 1]
+    real = b > a
     out = []
     for s, e in char_spans:
-        inside = [j for j, (a, b) in enumerate(offsets) if b > a and a < e and b > s]
-        if inside:
-            out.append((inside[0], inside[-1] + 1))
+        inside = np.flatnonzero(real & (a < e) & (b > s))
+        if len(inside):
+            out.append((int(inside[0]), int(inside[-1]) + 1))
         else:
-            at = next((j for j, (a, b) in enumerate(offsets) if b > a and b > s), len(offsets))
+            after = np.flatnonzero(real & (b > s))
+            at = int(after[0]) if len(after) else len(off)
             out.append((at, at))
     return out
 

@@ -64,9 +64,8 @@ def prepare_samples(rows: Rows, tok, max_length: int) -> tuple[list[Sample], lis
     for j, (i, f) in enumerate(kept):
         ids, offs = enc["input_ids"][j], enc["offset_mapping"][j]
         cut = len(ids) > max_length
-        ids, offs = ids[:max_length], offs[:max_length]
-        samples.append(Sample(i, f.text, np.asarray(ids, dtype=np.int64),
-                              np.asarray(offs, dtype=np.int32).reshape(-1, 2),
+        offs = np.asarray(offs[:max_length], dtype=np.int32).reshape(-1, 2)
+        samples.append(Sample(i, f.text, np.asarray(ids[:max_length], dtype=np.int64), offs,
                               token_spans(f.char_spans, offs), f.char_spans, cut))
     stats = {"rows_without_final_answer": no_final,
              "truncated_samples": sum(s.truncated for s in samples)}
@@ -136,30 +135,50 @@ def sample_spans(seqs_len: list[int], width: int, padding_side: str) -> list[int
 
 
 class BufferPool:
-    """Reusable per-layer K/V buffers for shards, so the forward loop does not page-fault
-    fresh memory for every shard. Each set holds, per stored layer, K and V buffers of
-    (capacity, H, D); a shard takes views of its first n tokens. Pinned on a GPU run."""
+    """Reusable flat shard buffers, so the forward loop does not page-fault fresh memory for
+    every shard. Each buffer holds a whole shard file as `ShardLayout` plans it; K/V are
+    captured straight into its views and the writer sends its bytes to disk as they are.
+    ALIGN-aligned (for O_DIRECT) and pinned on a GPU run."""
 
-    def __init__(self, capacity: int, layers: list[int], geometry: KVGeometry,
-                 kv_dtype: torch.dtype, pin: bool):
-        self.shape = (capacity, geometry.num_kv_heads, geometry.head_dim)
-        self.layers, self.dtype, self.pin = layers, kv_dtype, pin
-        self._free: list[dict] = []
+    def __init__(self, capacity: int, pin: bool):
+        self.capacity, self.pin = kcache.round_up(capacity), pin
+        self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
-    def take(self, n_tokens: int) -> tuple[dict, dict]:
-        """A buffer set and its views of n_tokens rows: {layer: (K, V)} each (n, H, D)."""
+    def take(self) -> torch.Tensor:
         with self._lock:
-            full = self._free.pop() if self._free else None
-        if full is None:
-            full = {l: (torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin),
-                        torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
-                    for l in self.layers}
-        return full, {l: (k[:n_tokens], v[:n_tokens]) for l, (k, v) in full.items()}
+            flat = self._free.pop() if self._free else None
+        return flat if flat is not None else kcache.aligned_bytes(self.capacity, self.pin)
 
-    def give_back(self, full: dict) -> None:
+    def give_back(self, flat: torch.Tensor) -> None:
         with self._lock:
-            self._free.append(full)
+            self._free.append(flat)
+
+
+def shard_meta(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """A shard's tensors other than K/V (see kava_common.cache for their meaning)."""
+    texts = [s.text.encode("utf-8") for s in samples]
+    return {
+        "input_ids": torch.from_numpy(np.concatenate([s.ids for s in samples] or [np.zeros(0, np.int64)])),
+        "char_offsets": torch.from_numpy(np.concatenate([s.offsets for s in samples] or [np.zeros((0, 2), np.int32)])),
+        "sample_offsets": torch.tensor([0] + [len(s.ids) for s in samples], dtype=torch.long).cumsum(0),
+        "rows": torch.tensor([s.row for s in samples], dtype=torch.long),
+        "token_segments": torch.tensor([s.token_segments for s in samples], dtype=torch.int32).reshape(-1, 3, 2),
+        "char_segments": torch.tensor([s.char_segments for s in samples], dtype=torch.int32).reshape(-1, 3, 2),
+        "truncated": torch.tensor([s.truncated for s in samples], dtype=torch.uint8),
+        "text_bytes": torch.from_numpy(np.frombuffer(b"".join(texts), dtype=np.uint8).copy()),
+        "text_offsets": torch.tensor([0] + [len(t) for t in texts], dtype=torch.long).cumsum(0),
+    }
+
+
+def shard_layout(meta: dict[str, torch.Tensor], layers: list[int], geometry: KVGeometry,
+                 kv_dtype: torch.dtype) -> kcache.ShardLayout:
+    """The file layout of a shard: its metadata tensors and (N, H, D) K and V per stored layer."""
+    n = int(meta["sample_offsets"][-1])
+    kv = (n, geometry.num_kv_heads, geometry.head_dim)
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in meta.items()]
+    specs += [(f"{kind}.{l}", kv_dtype, kv) for l in layers for kind in ("k", "v")]
+    return kcache.ShardLayout(specs, {"kava_schema": str(kcache.SCHEMA_VERSION)})
 
 
 def capture(kv_cache, bufs: dict, spans: list[tuple[int, int, int, int]]) -> None:
@@ -167,7 +186,9 @@ def capture(kv_cache, bufs: dict, spans: list[tuple[int, int, int, int]]) -> Non
 
     `spans` holds per sample (batch row, start on the padded time axis, length, destination
     token offset in the shard). One strided copy per sample and tensor converts dtype and
-    layout (B, H, T, D) -> (T, H, D); padding is never copied.
+    layout (B, H, T, D) -> (T, H, D); padding is never copied. (Measured on the CPU: faster
+    than one gather + index_copy per batch, whose advanced indexing costs more than the calls
+    it saves.)
     """
     for l, (kbuf, vbuf) in bufs.items():
         for t, buf in ((kv_cache.layers[l].keys, kbuf), (kv_cache.layers[l].values, vbuf)):
@@ -206,36 +227,35 @@ class _Counter:
 
 
 def _write_shard_item(item: dict, counter: _Counter) -> None:
-    """Writer thread: check for NaN/Inf, drop bad samples, write the shard and its sidecar."""
-    samples, bufs = item["samples"], item["bufs"]
-    offsets = torch.tensor([0] + [len(s.ids) for s in samples], dtype=torch.long).cumsum(0)
+    """Writer thread: check for NaN/Inf, write the shard (its bytes as laid out, or rebuilt
+    without the bad samples) and its sidecar, then hand the buffer back."""
+    samples, views, meta, layers = item["samples"], item["views"], item["meta"], item["layers"]
+    bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in layers}
+    offsets = meta["sample_offsets"]
     bad = nonfinite_samples(bufs, offsets).tolist()
-    keep = [j for j in range(len(samples)) if not bad[j]]
-    if len(keep) < len(samples):
-        index = torch.cat([torch.arange(int(offsets[j]), int(offsets[j + 1])) for j in keep]) \
-            if keep else torch.zeros(0, dtype=torch.long)
-        bufs = {l: (k.index_select(0, index), v.index_select(0, index)) for l, (k, v) in bufs.items()}
-    kept = [samples[j] for j in keep]
-    tensors = {}
-    for l, (k, v) in bufs.items():
-        tensors[f"k.{l}"], tensors[f"v.{l}"] = k, v                 # (N, H, D) each
-    texts = [s.text.encode("utf-8") for s in kept]
-    tensors.update({
-        "input_ids": torch.from_numpy(np.concatenate([s.ids for s in kept] or [np.zeros(0, np.int64)])),
-        "char_offsets": torch.from_numpy(np.concatenate([s.offsets for s in kept] or [np.zeros((0, 2), np.int32)])),
-        "sample_offsets": torch.tensor([0] + [len(s.ids) for s in kept], dtype=torch.long).cumsum(0),
-        "rows": torch.tensor([s.row for s in kept], dtype=torch.long),
-        "token_segments": torch.tensor([s.token_segments for s in kept], dtype=torch.int32).reshape(-1, 3, 2),
-        "char_segments": torch.tensor([s.char_segments for s in kept], dtype=torch.int32).reshape(-1, 3, 2),
-        "truncated": torch.tensor([s.truncated for s in kept], dtype=torch.uint8),
-        "text_bytes": torch.from_numpy(np.frombuffer(b"".join(texts), dtype=np.uint8).copy()),
-        "text_offsets": torch.tensor([0] + [len(t) for t in texts], dtype=torch.long).cumsum(0),
-    })
-    entry = {"index": item["index"], "fingerprint": item["fingerprint"], "num_samples": len(kept),
-             "tokens": int(tensors["sample_offsets"][-1]), "rows": [samples[0].row, samples[-1].row],
+    entry = {"index": item["index"], "fingerprint": item["fingerprint"],
+             "rows": [samples[0].row, samples[-1].row],
              "bad_samples": [{"row": samples[j].row, "reason": "non-finite K/V (NaN or Inf)"}
                              for j in range(len(samples)) if bad[j]]}
-    entry = kcache.write_shard(item["dir"], item["index"], item["format"], tensors, entry)
+    if not any(bad):
+        entry.update(num_samples=len(samples), tokens=int(offsets[-1]))
+        for name, t in meta.items():
+            views[name].copy_(t)
+        if item["format"] == "safetensors":
+            entry = kcache.write_laid_out_shard(item["dir"], item["index"], item["layout"],
+                                                item["flat"], entry)
+        else:
+            entry = kcache.write_shard(item["dir"], item["index"], item["format"], views, entry)
+    else:
+        keep = [j for j in range(len(samples)) if not bad[j]]
+        index = torch.cat([torch.arange(int(offsets[j]), int(offsets[j + 1])) for j in keep]) \
+            if keep else torch.zeros(0, dtype=torch.long)
+        kept = [samples[j] for j in keep]
+        tensors = shard_meta(kept)
+        for l, (k, v) in bufs.items():
+            tensors[f"k.{l}"], tensors[f"v.{l}"] = k.index_select(0, index), v.index_select(0, index)
+        entry.update(num_samples=len(kept), tokens=int(tensors["sample_offsets"][-1]))
+        entry = kcache.write_shard(item["dir"], item["index"], item["format"], tensors, entry)
     counter.add(entry["bytes"])
     item["release"]()
 
@@ -402,8 +422,9 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
                ascii=True)
     checked = False
     pin = torch.device(model.device).type == "cuda"
-    pool = BufferPool(max(sum(len(samples[j].ids) for j in plan[i]) for i in todo), layers,
-                      geometry, kv_dtype, pin)
+    metas = {i: shard_meta([samples[j] for j in plan[i]]) for i in todo}
+    layouts = {i: shard_layout(metas[i], layers, geometry, kv_dtype) for i in todo}
+    pool = BufferPool(max(l.nbytes for l in layouts.values()), pin)
     t0, tokens = time.perf_counter(), 0
     try:
         for index in todo:
@@ -412,7 +433,9 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
             dest = [0] * len(members)                   # token offset of each sample in the shard
             for p in range(1, len(members)):
                 dest[p] = dest[p - 1] + lens[p - 1]
-            full, bufs = pool.take(sum(lens))
+            flat = pool.take()
+            views = layouts[index].views(flat)
+            bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in layers}
             with torch.inference_mode():
                 for batch in length_sorted_batches(samples, members, cfg.batch_size):
                     ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id,
@@ -432,8 +455,9 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
             if pin:
                 torch.cuda.synchronize(model.device)    # buffers filled before the writer reads
             writer.submit({"dir": cache_dir, "index": index, "format": cfg.format, "fingerprint": fp,
-                           "samples": [samples[j] for j in members], "bufs": bufs,
-                           "release": lambda full=full: pool.give_back(full)})
+                           "samples": [samples[j] for j in members], "layers": layers,
+                           "meta": metas.pop(index), "layout": layouts[index], "flat": flat,
+                           "views": views, "release": lambda flat=flat: pool.give_back(flat)})
     finally:
         try:
             writer.close()  # shards already computed are written even on Ctrl-C

@@ -124,7 +124,7 @@ class DistillData(torch.utils.data.Dataset):
 
 
 def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, int]]:
-    return token_spans(list(char_segments.values()), offs.tolist())
+    return token_spans(list(char_segments.values()), offs.numpy())
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:

@@ -1,0 +1,81 @@
+"""The laid-out safetensors shard: the file stage 1 writes from its flat buffer must be one that
+safetensors itself reads back, tensor for tensor, whether or not the page cache is bypassed."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from kava_common import cache as kc
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "k.0": torch.randn(37, 2, 8, generator=g).half(),
+        "v.0": torch.randn(37, 2, 8, generator=g).half(),
+        "k.3": torch.randn(37, 2, 8, generator=g).bfloat16(),
+        "input_ids": torch.arange(37, dtype=torch.int64) * 7,
+        "char_offsets": torch.arange(74, dtype=torch.int32).reshape(37, 2),
+        "truncated": torch.tensor([0, 1, 0], dtype=torch.uint8),
+        "text_bytes": torch.frombuffer(bytearray(b"odd length!"), dtype=torch.uint8),
+        "empty": torch.zeros(0, 3, 2, dtype=torch.int32),
+        "x32": torch.randn(5, generator=g),
+    }
+
+
+def _laid_out(tensors):
+    layout = kc.ShardLayout([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], {"kava_schema": "1"})
+    flat = kc.aligned_bytes(kc.round_up(layout.nbytes))
+    for k, v in layout.views(flat).items():
+        v.copy_(tensors[k])
+    return layout, flat
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_laid_out_shard_reads_back_with_safetensors(tmp_path, direct):
+    tensors = _tensors()
+    layout, flat = _laid_out(tensors)
+    assert flat.data_ptr() % kc.ALIGN == 0
+    entry = kc.write_laid_out_shard(tmp_path, 4, layout, flat, {"index": 4}, direct=direct)
+    path = tmp_path / "shard-00004.safetensors"
+    assert entry["file"] == path.name and entry["bytes"] == path.stat().st_size == layout.nbytes
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == kc.sha256_file(path)
+    assert json.loads((tmp_path / "shard-00004.json").read_text()) == entry
+    got = load_file(str(path))
+    assert got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"kava_schema": "1"}
+        assert torch.equal(f.get_slice("k.0")[5:9], tensors["k.0"][5:9])
+    # the data area starts 8-byte aligned and each tensor at a multiple of its element size
+    assert len(layout.prefix) % 8 == 0
+    for pos, dtype, _ in layout.places.values():
+        assert pos % dtype.itemsize == 0
+
+
+def test_direct_and_buffered_files_are_byte_identical(tmp_path):
+    layout, flat = _laid_out(_tensors())
+    flat[:len(layout.prefix)].copy_(torch.frombuffer(bytearray(layout.prefix), dtype=torch.uint8))
+    arr = flat.numpy()
+    a, b = tmp_path / "a", tmp_path / "b"
+    kc.write_bytes(a, arr, layout.nbytes, direct=True)
+    assert kc.write_bytes(b, arr, layout.nbytes, direct=False) is False
+    assert a.read_bytes() == b.read_bytes() == bytes(arr[:layout.nbytes])
+
+
+def test_unaligned_or_short_buffer_falls_back_to_a_buffered_write(tmp_path):
+    data = bytes(range(256)) * 20                       # 5120 bytes
+    buf = kc.aligned_bytes(kc.ALIGN * 3)
+    buf[1:1 + len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    arr = buf.numpy()[1:]                               # address not aligned
+    assert kc.write_bytes(tmp_path / "u", arr, len(data)) is False
+    assert (tmp_path / "u").read_bytes() == data
+    short = kc.aligned_bytes(len(data))                 # no room to round up to ALIGN
+    short.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert kc.write_bytes(tmp_path / "s", short.numpy(), len(data)) is False
+    assert (tmp_path / "s").read_bytes() == data
