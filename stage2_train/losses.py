@@ -67,13 +67,26 @@ def mean_cosine(pred, target, mask, shuffle: torch.Generator | None = None) -> f
     return F.cosine_similarity(p, t, dim=-1, eps=EPS).mean().item()
 
 
-def answer_cross_entropy(logits, input_ids, loss_mask):
+def answer_positions(loss_mask) -> torch.Tensor:
+    """(P,) positions p of the batch whose next token p+1 is a cross-entropy target in some row.
+
+    A model run with `logits_to_keep=answer_positions(mask)` computes logits there alone:
+    with a 151,936-token vocabulary the logits of every position are the largest activation
+    of a small student, while the answer is a few tokens.
+    """
+    return loss_mask[:, 1:].bool().any(0).nonzero().flatten()
+
+
+def answer_cross_entropy(logits, input_ids, loss_mask, positions=None):
     """Next-token cross-entropy on positions whose target token has loss_mask true.
 
-    logits (B, T, V), input_ids (B, T), loss_mask (B, T): mask of the *target* tokens.
+    input_ids, loss_mask (B, T), loss_mask marking the *target* tokens. logits (B, T, V) for
+    every position, or (B, P, V) for `positions` only (see answer_positions).
     """
-    tgt = input_ids[:, 1:]
-    m = loss_mask[:, 1:].bool()
+    if positions is None:
+        logits, positions = logits[:, :-1], torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
+    tgt = input_ids[:, positions + 1]
+    m = loss_mask[:, positions + 1].bool()
     if not m.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1][m].float(), tgt[m])
+    return F.cross_entropy(logits[m].float(), tgt[m])

@@ -4,8 +4,9 @@ Terms (bytes): student weights; gradients and optimizer state of what trains (Ad
 moments; 8-bit AdamW: two 1-byte moments; LoRA: only the adapters train); projector weights,
 gradients and AdamW state in fp32; activations kept for the backward pass (every layer without
 gradient checkpointing, one layer's worth plus each layer's input with it); the logits and
-their fp32 cross-entropy copies; the teacher K/V batch in fp32 with its aligned copy; and the
-CUDA context. It is an estimate: allocator fragmentation and kernel workspaces come on top.
+their fp32 cross-entropy copies, at the answer positions only (the union over the batch of
+`answer_tokens` per sample; stage 2 asks the model for no other logits); the teacher K/V batch
+in fp32 with its aligned copy; and the CUDA context. It is an estimate: allocator fragmentation and kernel workspaces come on top.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Shape:
 def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: int,
              precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
              gradient_checkpointing: bool = False, projector_params: int | None = None,
-             cuda_context: float = 0.5 * GB) -> dict[str, float]:
+             cuda_context: float = 0.5 * GB, answer_tokens: int = 8) -> dict[str, float]:
     """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim)."""
     wb = 2 if precision == "bf16" else 4
     s = student
@@ -67,7 +68,7 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
         "optimizer": trainable * opt_b,
         "projector": projector_params * 4 * 4,         # weights, grads, two AdamW moments
         "activations": acts,
-        "logits": tokens * s.vocab * (wb + 4 + 4),     # logits, fp32 copy, its gradient
+        "logits": batch * min(seq, batch * answer_tokens) * s.vocab * (wb + 4 + 4),  # + fp32 copy, grad
         "teacher_kv": 2 * tokens * lt * 2 * ht * dt * 4,  # fp32 K and V, plus the aligned copy
         "cuda_context": cuda_context,
     }

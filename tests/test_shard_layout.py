@@ -79,3 +79,28 @@ def test_unaligned_or_short_buffer_falls_back_to_a_buffered_write(tmp_path):
     short.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     assert kc.write_bytes(tmp_path / "s", short.numpy(), len(data)) is False
     assert (tmp_path / "s").read_bytes() == data
+
+
+@pytest.mark.parametrize("how", ["save_file", "laid_out"])
+def test_mapped_reader_equals_safe_open(tmp_path, how):
+    """The reader's memory-mapped slices equal safetensors' own, for shards written either way."""
+    tensors = _tensors()
+    if how == "save_file":
+        kc.write_shard(tmp_path, 0, "safetensors", tensors, {"index": 0})
+    else:
+        layout, flat = _laid_out(tensors)
+        kc.write_laid_out_shard(tmp_path, 0, layout, flat, {"index": 0})
+    path = tmp_path / "shard-00000.safetensors"
+    shard = kc._Shard(path, "safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        for name, t in tensors.items():
+            whole = shard.read(name)
+            assert whole.dtype == t.dtype and torch.equal(whole, f.get_tensor(name)), name
+            for a, b in [(0, 1), (3, 11), (len(t) - 1, len(t)), (5, 5), (2, 999)]:
+                got = shard.read(name, a, b)
+                assert got.shape == t[a:b].shape and torch.equal(got, t[a:b]), (name, a, b)
+    got = shard.read("k.0", 1, 3)
+    got.mul_(0)                                  # a private mapping: the file stays as written
+    assert torch.equal(kc._Shard(path, "safetensors").read("k.0", 1, 3), tensors["k.0"][1:3])
+    with pytest.raises(KeyError, match="no tensor 'k.9'"):
+        shard.read("k.9")

@@ -7,8 +7,8 @@ from kava_common import tiny
 from kava_common.geometry import KVGeometry
 from stage2_train.align import (linear_alignment, overlap_alignment, parse_layer_map,
                                 proportional_layer_map, segment_alignment)
-from stage2_train.losses import (answer_cross_entropy, cosine_loss, l1_loss, mean_cosine,
-                                 mercator_loss, mse_loss)
+from stage2_train.losses import (answer_cross_entropy, answer_positions, cosine_loss, l1_loss,
+                                 mean_cosine, mercator_loss, mse_loss)
 from stage2_train.projector import KVProjector, head_mix_init, make_projector
 from stage2_train.student import StudentKV, enable_checkpointing
 from stage2_train.train import epoch_batches, lr_factor
@@ -56,6 +56,32 @@ def test_answer_cross_entropy_by_hand():
     mask = torch.tensor([[False, False, True]])  # only target token 2 (predicted from position 1)
     assert answer_cross_entropy(logits, ids, mask).item() == pytest.approx(-math.log(0.5))
     assert answer_cross_entropy(logits, ids, torch.zeros(1, 3, dtype=torch.bool)).item() == 0.0
+
+
+def test_answer_logits_only_equal_full_logits(tok):
+    """Logits at the answer positions alone give the same cross-entropy and gradients as
+    logits everywhere; the model then computes (B, P, V) logits, P = positions needed."""
+    model = tiny.build_model(tiny.tiny_config("qwen2", len(tok), hidden=32, layers=2, heads=4, kv_heads=2,
+                                              head_dim=8, intermediate=64, tok=tok), seed=3)
+    ids = torch.randint(3, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 5:7] = True                              # targets 5, 6 -> predicted from 4, 5
+    mask[1, 3] = True                                # target 3 -> predicted from 2
+    pos = answer_positions(mask)
+    assert pos.tolist() == [2, 4, 5]
+    full = answer_cross_entropy(model(input_ids=ids, attention_mask=attn).logits, ids, mask)
+    g_full = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
+    out = model(input_ids=ids, attention_mask=attn, logits_to_keep=pos)
+    assert out.logits.shape == (2, 3, len(tok))
+    part = answer_cross_entropy(out.logits, ids, mask, pos)
+    g_part = torch.autograd.grad(part, list(model.parameters()), allow_unused=True)
+    assert part.item() == pytest.approx(full.item(), rel=1e-6)
+    for a, b in zip(g_full, g_part):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["linear", "head", "mlp"])
