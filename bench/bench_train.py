@@ -115,7 +115,7 @@ def bench_cache(root: Path, steps: int, workers: int):
     return ratio
 
 
-def bench_online(root: Path, steps: int, seq: int, reps: int):
+def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings: bool = False):
     """Offline (cache) step vs online step (teacher forward in the loop) at real shapes."""
     from transformers import Qwen2Config, AutoModelForCausalLM
     from stage1_extract.extract import collate as s1_collate, teacher_forward
@@ -134,7 +134,9 @@ def bench_online(root: Path, steps: int, seq: int, reps: int):
     cache = extract_teacher(ecfg, "q15", load_rows("synthetic", max_samples=n), model=teacher, tok=tok,
                             log=lambda *a: None)
     cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=1, max_length=seq,
-                      eval_samples=1, device="cpu", progress=False)
+                      eval_samples=1, device="cpu", progress=False, freeze_embeddings=freeze_embeddings)
+    if freeze_embeddings:
+        student.get_input_embeddings().requires_grad_(False)
     tr = Trainer(cfg, student, tok)
     batches = list(tr.loader(steps, 0))
     tr.step(batches[0])                                     # warm-up
@@ -152,7 +154,8 @@ def bench_online(root: Path, steps: int, seq: int, reps: int):
             tr.step(b)
         times["online"].append((time.perf_counter() - t0) / len(batches))
     offline, online = min(times["offline"]), min(times["online"])
-    print(f"online: batch 1 x ~{int(batches[0]['attention_mask'].sum())} tokens, {steps} steps x {reps} "
+    print(f"online{' (frozen embeddings)' if freeze_embeddings else ''}: batch 1 x "
+          f"~{int(batches[0]['attention_mask'].sum())} tokens, {steps} steps x {reps} "
           f"alternating runs: stage-2 step {offline:.2f} s, online step {online:.2f} s; ratio "
           f"{offline / online:.3f} (goal <= 0.5); per-step means {[round(x, 2) for x in times['offline']]} "
           f"vs {[round(x, 2) for x in times['online']]}")
@@ -170,11 +173,13 @@ def bench_memory():
                ("bf16, AdamW", dict()),
                ("bf16, 8-bit AdamW", dict(optimizer="adamw8bit")),
                ("bf16, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit", gradient_checkpointing=True)),
+               ("bf16, 8-bit AdamW, ckpt, frozen embeddings", dict(optimizer="adamw8bit", gradient_checkpointing=True,
+                                                                  freeze="embeddings")),
                ("bf16, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True))]
     for name, kw in options:
         e = estimate(s, kv, 2, 512, **kw)
         verdict = "fits" if e["total"] < 7.5 * GB else "does not fit"
-        print(f"  {name:<36} {e['total'] / GB:5.2f} GB  {verdict} in 7.5 GB")
+        print(f"  {name:<42} {e['total'] / GB:5.2f} GB  {verdict} in 7.5 GB")
     print("  (" + describe(estimate(s, kv, 2, 512, optimizer="adamw8bit", gradient_checkpointing=True)) + ")")
 
 
@@ -186,6 +191,7 @@ def main(argv=None):
     p.add_argument("--online-steps", type=int, default=3)
     p.add_argument("--online-seq", type=int, default=256)
     p.add_argument("--online-reps", type=int, default=2, help="alternating offline/online runs")
+    p.add_argument("--freeze-embeddings", action="store_true", help="online part: the student's embeddings fixed")
     a = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
@@ -195,7 +201,7 @@ def main(argv=None):
     if "memory" in parts:
         bench_memory()
     if "online" in parts:
-        bench_online(root / "real", a.online_steps, a.online_seq, a.online_reps)
+        bench_online(root / "real", a.online_steps, a.online_seq, a.online_reps, a.freeze_embeddings)
 
 
 if __name__ == "__main__":

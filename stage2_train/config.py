@@ -32,6 +32,7 @@ class TrainConfig:
     optimizer: str = "adamw"             # adamw | adamw8bit (bitsandbytes)
     # model
     freeze_student: bool = False         # train the projector alone
+    freeze_embeddings: bool = False      # keep the input embeddings (and a tied output head) fixed
     lora_r: int = 0                      # LoRA rank on attention projections (0: full fine-tune)
     lora_alpha: int = 16
     gradient_checkpointing: bool = False
@@ -98,6 +99,8 @@ class TrainConfig:
             p.append(f"precision {self.precision!r}: auto, fp32 or bf16")
         if self.freeze_student and self.lora_r:
             p.append("freeze_student and lora_r contradict each other")
+        if self.freeze_embeddings and (self.freeze_student or self.lora_r):
+            p.append("freeze_embeddings is implied by freeze_student and by lora_r (embeddings stay fixed)")
         if self.eval_samples < 1:
             p.append(f"eval_samples must be >= 1, got {self.eval_samples}")
         if p:

@@ -43,15 +43,19 @@ class Shape:
 def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: int,
              precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
              gradient_checkpointing: bool = False, projector_params: int | None = None,
-             cuda_context: float = 0.5 * GB, answer_tokens: int = 8) -> dict[str, float]:
-    """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim)."""
+             cuda_context: float = 0.5 * GB, answer_tokens: int = 8,
+             freeze: str = "none") -> dict[str, float]:
+    """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim);
+    freeze: none | embeddings (input embeddings fixed) | all (projector alone)."""
     wb = 2 if precision == "bf16" else 4
     s = student
-    if lora_r:
+    if freeze == "all":
+        trainable = 0
+    elif lora_r:
         trainable = s.layers * lora_r * 2 * (2 * s.hidden + 2 * s.heads * s.head_dim
                                              + 2 * s.kv_heads * s.head_dim)
     else:
-        trainable = s.params
+        trainable = s.params - (s.vocab * s.hidden if freeze == "embeddings" else 0)
     opt_b = {"adamw": 8, "adamw8bit": 2}[optimizer]
     lt, ht, dt = teacher_kv
     if projector_params is None:       # linear K and V projectors per distilled layer

@@ -167,7 +167,9 @@ def memory_estimate(cfg, teachers, dtype, device) -> str:
                              (1, 1, kv_width), cfg.batch_size, cfg.max_length,
                              "bf16" if dtype == torch.bfloat16 else "fp32", cfg.optimizer,
                              cfg.lora_r, cfg.gradient_checkpointing,
-                             cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0))
+                             cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0,
+                             freeze="all" if cfg.freeze_student else
+                             "embeddings" if cfg.freeze_embeddings else "none"))
 
 
 def setup(cfg: TrainConfig):
@@ -342,6 +344,8 @@ def main(cfg: TrainConfig, echo=print) -> Path:
                               cfg.gradient_checkpointing)
     if cfg.freeze_student:
         model.requires_grad_(False)
+    if cfg.freeze_embeddings:       # a tied output head shares the weight, so it stays fixed too
+        model.get_input_embeddings().requires_grad_(False)
     model.train()
     distiller = Distiller(cfg, teachers, s_geo, s_geo.num_layers).to(device)
     cap = StudentKV(model, sorted({s for t in teachers for s, _ in t["distilled"]}), s_geo)

@@ -77,6 +77,16 @@ def test_frozen_student_projector_alone_raises_cosine(student_dir, caches, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_frozen_embeddings_stay_fixed_and_the_rest_trains(student_dir, caches, tmp_path):
+    before = AutoModelForCausalLM.from_pretrained(student_dir).state_dict()
+    run(student_dir, [caches["qwen"]], tmp_path / "r", max_steps=5, log_every=5, freeze_embeddings=True)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final" / "student").state_dict()
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(before[emb], after[emb])            # the tied output head is the same tensor
+    moved = [k for k in before if k != emb and not torch.equal(before[k], after[k])]
+    assert "model.layers.0.self_attn.k_proj.weight" in moved and len(moved) > 10
+
+
 def test_two_tokenizers_llama_teacher_into_qwen2_student(student_dir, caches, tmp_path):
     # measured K 0.30 vs shuffled 0.09, V 0.55 vs 0.09
     m = run(student_dir, [caches["llama"]], tmp_path / "r", projector="mlp", lr_projector=1e-2)

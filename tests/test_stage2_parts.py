@@ -187,3 +187,19 @@ def test_student_hooks_match_the_models_cache_and_keep_gradients(arch, tok):
         return g
     plain, checkpointed = grads(False), grads(True)
     assert plain.abs().sum() > 0 and torch.allclose(plain, checkpointed, atol=1e-6)
+
+
+def test_memory_estimate_by_hand():
+    from stage2_train.memory import Shape, estimate
+    s = Shape(layers=2, hidden=4, intermediate=8, heads=2, kv_heads=1, head_dim=2, vocab=10, params=1000)
+    e = estimate(s, (1, 1, 2), batch=1, seq=3, precision="bf16", optimizer="adamw", cuda_context=0)
+    assert e["weights"] == 2000 and e["gradients"] == 2000 and e["optimizer"] == 8000
+    assert e["projector"] == 2 * 1 * (1 * 2 + 1) * 1 * 2 * 16          # K and V linear, fp32 x 4
+    assert e["activations"] == 2 * 3 * (6 * 4 + 2 * 2 + 4 * 8) * 2 + 2 * 3 * 2 * 4 * 2
+    assert e["logits"] == 1 * 3 * 10 * (2 + 4 + 4)                      # 3 positions < 8 answer tokens
+    assert e["teacher_kv"] == 2 * 3 * 1 * 2 * 1 * 2 * 4
+    assert e["total"] == 13404
+    assert estimate(s, (1, 1, 2), 1, 3, cuda_context=0, freeze="embeddings")["total"] == 13404 - 40 * 10
+    assert estimate(s, (1, 1, 2), 1, 3, cuda_context=0, freeze="all")["total"] == 13404 - 10000
+    long = estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0)
+    assert long["logits"] == 2 * (2 * 8) * 10 * 10                      # answer positions only
