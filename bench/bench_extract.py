@@ -13,6 +13,7 @@ machine affects both alike. Goal: ratio <= 1.10.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import tempfile
 import time
@@ -47,12 +48,14 @@ def forward_only(cfg, model, tok, rows) -> float:
 def extract_once(cfg, model, tok, rows, root: Path) -> float:
     out = Path(tempfile.mkdtemp(dir=root))
     c = ExtractConfig(**{**cfg.__dict__, "out": str(out)})
+    lines = []
     t0 = time.perf_counter()
-    extract_teacher(c, "bench-teacher", rows, model=model, tok=tok, log=lambda *a: None)
+    extract_teacher(c, "bench-teacher", rows, model=model, tok=tok, log=lines.append)
     _sync(model)
     dt = time.perf_counter() - t0
     shutil.rmtree(out)
-    return dt
+    cpu = [float(m.group(1)) for l in lines if (m := re.search(r"writer thread used ([0-9.]+) s", l))]
+    return dt, (cpu[0] if cpu else float("nan"))
 
 
 def _sync(model):
@@ -106,17 +109,20 @@ def main(argv=None):
                             shard_mb=args.shard_mb)
         reps = 2 if case.startswith("qwen") and args.device == "cpu" else args.repeats
         forward_only(cfg, model, tok, load_rows("synthetic", "train", max_samples=bs))  # warm-up
-        fw, ex = [], []
+        fw, ex, wcpu = [], [], []
         for _ in range(reps):
             fw.append(forward_only(cfg, model, tok, rows))
-            ex.append(extract_once(cfg, model, tok, rows, root))
+            dt, cpu = extract_once(cfg, model, tok, rows, root)
+            ex.append(dt)
+            wcpu.append(cpu)
         ratio = min(ex) / min(fw)
         results.append((case, ratio))
         tokens = sum(len(s.ids) for s in prepare_samples(rows, tok, cfg.max_length)[0])
         print(f"{case:>20}: {n} samples, {tokens} tokens, batch {bs}; load {load_s:.1f} s; "
               f"forward-only {min(fw):.2f} s ({tokens / min(fw):.0f} tok/s), stage 1 {min(ex):.2f} s; "
               f"ratio {ratio:.3f} (runs: fwd {', '.join(f'{x:.2f}' for x in fw)}; "
-              f"extract {', '.join(f'{x:.2f}' for x in ex)})")
+              f"extract {', '.join(f'{x:.2f}' for x in ex)}); writer thread CPU "
+              f"{', '.join(f'{x:.2f}' for x in wcpu)} s")
         del model
     print("summary: " + "; ".join(f"{c} {r:.3f}" for c, r in results) + " (goal <= 1.10)")
 

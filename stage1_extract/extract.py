@@ -217,13 +217,25 @@ def nonfinite_samples(bufs: dict, offsets: torch.Tensor) -> torch.Tensor:
 
 
 class _Counter:
+    """Bytes written, and the CPU seconds the writer thread spent (what it takes from the
+    teacher's forward when cores are few)."""
+
     def __init__(self):
         self.bytes = 0
+        self.cpu = 0.0
         self.lock = threading.Lock()
 
     def add(self, n):
         with self.lock:
             self.bytes += n
+
+
+def _timed_write(item: dict, counter: _Counter) -> None:
+    t = time.thread_time()
+    try:
+        _write_shard_item(item, counter)
+    finally:
+        counter.cpu += time.thread_time() - t
 
 
 def _write_shard_item(item: dict, counter: _Counter) -> None:
@@ -341,7 +353,9 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
                 f"{' ' + quant.get('quant_type', '') if quant['method'] != 'none' else ''}) on {device}")
             model = T.load_teacher(name, quant, device, cfg.revision)
         try:
-            _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cache_dir, fp)
+            written = _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cache_dir, fp)
+            log(f"[{name}] wrote {_gb(written.bytes)} this run; the writer thread used "
+                f"{written.cpu:.2f} s of CPU")
         finally:
             if own_model:
                 del model
@@ -415,7 +429,7 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     kv_dtype = DTYPES[cfg.kv_dtype]
     counter = _Counter()
-    writer = BackgroundWriter(lambda item: _write_shard_item(item, counter), cfg.writer_queue)
+    writer = BackgroundWriter(lambda item: _timed_write(item, counter), cfg.writer_queue)
     total = sum(len(plan[i]) for i in mine)         # this process's part of the plan
     bar = tqdm(total=total, initial=total - sum(len(plan[i]) for i in todo), unit="sample",
                desc=f"stage1 {_slug(name)}", disable=not cfg.progress, dynamic_ncols=True,
@@ -463,6 +477,7 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
             writer.close()  # shards already computed are written even on Ctrl-C
         finally:
             bar.close()
+    return counter
 
 
 def main(cfg: ExtractConfig) -> list[Path]:
