@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the work over N processes writing one cache (default 1)")
     p.add_argument("--shard-index", type=int, default=d.shard_index,
                    help="this process's part, 0..N-1; the last to finish writes the manifest")
+    p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
+                   help="write shards through the page cache instead of with O_DIRECT (same files)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 

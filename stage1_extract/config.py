@@ -34,6 +34,7 @@ class ExtractConfig:
     padding_side: str = "right"          # padding inside a batch; results do not depend on it
     progress: bool = True                # show a progress bar
     writer_queue: int = 2                # shards waiting for the background writer
+    direct_io: bool = True               # O_DIRECT shard writes where the file system allows
 
     def __post_init__(self):
         problems = []

@@ -255,7 +255,7 @@ def _write_shard_item(item: dict, counter: _Counter) -> None:
             views[name].copy_(t)
         if item["format"] == "safetensors":
             entry = kcache.write_laid_out_shard(item["dir"], item["index"], item["layout"],
-                                                item["flat"], entry)
+                                                item["flat"], entry, item["direct_io"])
         else:
             entry = kcache.write_shard(item["dir"], item["index"], item["format"], views, entry)
     else:
@@ -469,6 +469,7 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
             if pin:
                 torch.cuda.synchronize(model.device)    # buffers filled before the writer reads
             writer.submit({"dir": cache_dir, "index": index, "format": cfg.format, "fingerprint": fp,
+                           "direct_io": cfg.direct_io,
                            "samples": [samples[j] for j in members], "layers": layers,
                            "meta": metas.pop(index), "layout": layouts[index], "flat": flat,
                            "views": views, "release": lambda flat=flat: pool.give_back(flat)})

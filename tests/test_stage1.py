@@ -100,6 +100,17 @@ def test_hdf5_and_safetensors_give_the_same_samples(teacher_dir, tmp_path):
         assert (a["text"], a["token_segments"], a["row"]) == (b["text"], b["token_segments"], b["row"])
 
 
+def test_direct_and_buffered_writes_give_identical_shards(teacher_dir, tmp_path):
+    kw = dict(kv_dtype="float16", max_samples=7, shard_mb=0.05)      # several shards
+    (a,) = extract_main(cfg_for(teacher_dir, tmp_path / "direct", **kw))
+    (b,) = extract_main(cfg_for(teacher_dir, tmp_path / "buffered", direct_io=False, **kw))
+    assert a.name == b.name                              # not part of the cache's identity
+    sa, sb = open_cache(a).manifest["shards"], open_cache(b).manifest["shards"]
+    assert len(sa) > 1 and [s["sha256"] for s in sa] == [s["sha256"] for s in sb]
+    for s in sa:
+        assert (a / s["file"]).read_bytes() == (b / s["file"]).read_bytes()
+
+
 def test_resume_after_kill_9_equals_uninterrupted(teacher_dir, tmp_path):
     args = ["--teacher", str(teacher_dir), "--dataset", "synthetic", "--max-samples", "60",
             "--batch-size", "2", "--no-quantize", "--dtype", "float32", "--shard-mb", "0.01",
