@@ -33,7 +33,7 @@ from stage2_train.config import TrainConfig
 from stage2_train.data import DistillData, collate
 from stage2_train.memory import GB, Shape, describe, estimate
 from stage2_train.student import StudentKV
-from stage2_train.train import Distiller, epoch_batches, make_optimizer, setup, train_step
+from stage2_train.train import Distiller, epoch_batches, freeze, make_optimizer, setup, train_step
 from kava_common.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
 
 
@@ -47,6 +47,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model, tok):
         self.cfg = cfg
         self.teachers, self.s_geo = setup(cfg)
+        freeze(model, cfg)
         self.model, self.tok = model.train(), tok
         self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers)
         self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t["distilled"]}), self.s_geo)
@@ -135,8 +136,6 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
                             log=lambda *a: None)
     cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=1, max_length=seq,
                       eval_samples=1, device="cpu", progress=False, freeze_embeddings=freeze_embeddings)
-    if freeze_embeddings:
-        student.get_input_embeddings().requires_grad_(False)
     tr = Trainer(cfg, student, tok)
     batches = list(tr.loader(steps, 0))
     tr.step(batches[0])                                     # warm-up

@@ -135,12 +135,12 @@ class ShardLayout:
 
     def __init__(self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
         header: dict[str, Any] = {"__metadata__": metadata}
-        self.places: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        self.places: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}  # pos, bytes, ...
         pos = 0
         for name, dtype, shape in sorted(specs, key=lambda s: (-s[1].itemsize, s[0])):
             n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
-            self.places[name] = (pos, dtype, tuple(shape))
+            self.places[name] = (pos, n, dtype, tuple(shape))
             pos += n
         blob = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
         blob += b" " * ((-8 - len(blob)) % 8)        # data area starts 8-byte aligned
@@ -151,8 +151,7 @@ class ShardLayout:
         """Each tensor as a view of `flat` (uint8, at least `nbytes` long)."""
         base = len(self.prefix)
         out = {}
-        for name, (pos, dtype, shape) in self.places.items():
-            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        for name, (pos, n, dtype, shape) in self.places.items():
             out[name] = flat[base + pos: base + pos + n].view(dtype).view(shape)
         return out
 

@@ -241,8 +241,7 @@ def _timed_write(item: dict, counter: _Counter) -> None:
 def _write_shard_item(item: dict, counter: _Counter) -> None:
     """Writer thread: check for NaN/Inf, write the shard (its bytes as laid out, or rebuilt
     without the bad samples) and its sidecar, then hand the buffer back."""
-    samples, views, meta, layers = item["samples"], item["views"], item["meta"], item["layers"]
-    bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in layers}
+    samples, views, meta, bufs = item["samples"], item["views"], item["meta"], item["bufs"]
     offsets = meta["sample_offsets"]
     bad = nonfinite_samples(bufs, offsets).tolist()
     entry = {"index": item["index"], "fingerprint": item["fingerprint"],
@@ -470,7 +469,7 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
                 torch.cuda.synchronize(model.device)    # buffers filled before the writer reads
             writer.submit({"dir": cache_dir, "index": index, "format": cfg.format, "fingerprint": fp,
                            "direct_io": cfg.direct_io,
-                           "samples": [samples[j] for j in members], "layers": layers,
+                           "samples": [samples[j] for j in members], "bufs": bufs,
                            "meta": metas.pop(index), "layout": layouts[index], "flat": flat,
                            "views": views, "release": lambda flat=flat: pool.give_back(flat)})
     finally:

@@ -6,7 +6,8 @@ gradients and AdamW state in fp32; activations kept for the backward pass (every
 gradient checkpointing, one layer's worth plus each layer's input with it); the logits and
 their fp32 cross-entropy copies, at the answer positions only (the union over the batch of
 `answer_tokens` per sample; stage 2 asks the model for no other logits); the teacher K/V batch
-in fp32 with its aligned copy; and the CUDA context. It is an estimate: allocator fragmentation and kernel workspaces come on top.
+in fp32 with its aligned copy; and the CUDA context. It is an estimate: allocator fragmentation
+and kernel workspaces come on top.
 """
 
 from __future__ import annotations

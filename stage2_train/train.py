@@ -206,6 +206,14 @@ def _precision(cfg, device):
     return torch.float32
 
 
+def freeze(model, cfg) -> None:
+    """Fix what the config keeps out of training (before the optimizer is made)."""
+    if cfg.freeze_student:
+        model.requires_grad_(False)
+    if cfg.freeze_embeddings:       # a tied output head shares the weight, so it stays fixed too
+        model.get_input_embeddings().requires_grad_(False)
+
+
 def make_optimizer(cfg, model, distiller):
     groups = []
     s_params = [p for p in model.parameters() if p.requires_grad]
@@ -342,10 +350,7 @@ def main(cfg: TrainConfig, echo=print) -> Path:
     echo(f"{memory_estimate(cfg, teachers, dtype, device)} at batch {cfg.batch_size} x {cfg.max_length} tokens")
     model, tok = load_student(cfg.student, device, dtype, cfg.lora_r, cfg.lora_alpha,
                               cfg.gradient_checkpointing)
-    if cfg.freeze_student:
-        model.requires_grad_(False)
-    if cfg.freeze_embeddings:       # a tied output head shares the weight, so it stays fixed too
-        model.get_input_embeddings().requires_grad_(False)
+    freeze(model, cfg)
     model.train()
     distiller = Distiller(cfg, teachers, s_geo, s_geo.num_layers).to(device)
     cap = StudentKV(model, sorted({s for t in teachers for s, _ in t["distilled"]}), s_geo)

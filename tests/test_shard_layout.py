@@ -54,7 +54,7 @@ def test_laid_out_shard_reads_back_with_safetensors(tmp_path, direct):
         assert torch.equal(f.get_slice("k.0")[5:9], tensors["k.0"][5:9])
     # the data area starts 8-byte aligned and each tensor at a multiple of its element size
     assert len(layout.prefix) % 8 == 0
-    for pos, dtype, _ in layout.places.values():
+    for pos, _, dtype, _ in layout.places.values():
         assert pos % dtype.itemsize == 0
 
 
