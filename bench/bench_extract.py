@@ -1,8 +1,10 @@
 """Stage-1 overhead: wall time of extraction divided by the teacher's forward-only time.
 
-Both loops run the same length-sorted, padded batches through the same loaded model; the
-extraction side also captures K/V, strips padding, and writes (in the background) the shards,
-sidecars and manifest. Model loading is outside both timings and printed apart. Runs alternate
+Both loops run the same length-sorted, padded batches through the same loaded model. The
+forward-only side is the stock forward with the cache on (transformers' DynamicCache, which
+concatenates each layer's K/V into a fresh tensor); the extraction side tokenizes, passes
+stage 1's capturing cache (each layer's real-token K/V copied straight into the shard buffer,
+no concatenation), and writes (in the background) the shards, sidecars and manifest. Model loading is outside both timings and printed apart. Runs alternate
 (forward, extract, forward, extract, ...) and the ratio uses each side's best time, so a noisy
 machine affects both alike. Goal: ratio <= 1.10.
 

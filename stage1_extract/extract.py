@@ -8,6 +8,7 @@ stripped per sample, handed to a background writer -> manifest.json last.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import re
@@ -107,26 +108,85 @@ def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right"):
     return ids, mask, pos
 
 
-def teacher_forward(model, ids, mask, pos):
-    """The teacher's forward with the K/V cache on; logits only for the last position."""
+def teacher_forward(model, ids, mask, pos, cache=None):
+    """The teacher's forward with the K/V cache on; logits only for the last position.
+    `cache` None uses the model's own DynamicCache; stage 1 passes a `KVCapture.cache`."""
     dev = model.device
     return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                 use_cache=True, logits_to_keep=1)
+                 use_cache=True, past_key_values=cache, logits_to_keep=1)
 
 
-def check_geometry(name: str, geometry: KVGeometry, kv_cache, batch: int, width: int) -> None:
-    """The config's KV geometry must match the tensors the model returned."""
-    layers = getattr(kv_cache, "layers", None)
-    if layers is None:
-        raise KavaError(f"teacher {name!r}: expected a transformers 5 DynamicCache with "
-                           f".layers, got {type(kv_cache).__name__}")
-    got = (len(layers), *layers[0].keys.shape)
-    want = (geometry.num_layers, batch, geometry.num_kv_heads, width, geometry.head_dim)
-    if got != want:
-        raise KavaError(
-            f"teacher {name!r}: its config gives {geometry.num_layers} layers x "
-            f"{geometry.num_kv_heads} KV heads x head_dim {geometry.head_dim}, but the model "
-            f"returned {got[0]} layers of keys shaped {list(got[1:])} (batch, heads, T, head_dim)")
+class KVCapture:
+    """Takes each layer's K/V inside the teacher's forward, as attention receives them.
+
+    `cache(spans, batch, width)` gives a transformers `Cache` for one forward. When layer l
+    stores its fresh keys and values (B, H, T, D), the real tokens of each sample are copied
+    into the shard buffers right there and the tensors go back to attention unchanged: no
+    layer keeps its K/V, so the padded batch's K/V of all layers are never held at once and
+    the stock DynamicCache's concatenation (one more copy of everything) is skipped. Every
+    layer's shapes are checked against the config's geometry before anything is copied.
+    """
+
+    def __init__(self, name: str, geometry: KVGeometry, bufs: dict | None = None):
+        self.name, self.geometry, self.bufs = name, geometry, bufs or {}
+        self.spans: list[tuple[int, int, int, int]] = []
+        self.want: tuple = ()
+        self.seen = 0
+
+    def cache(self, spans: list[tuple[int, int, int, int]], batch: int, width: int):
+        """`spans`: per sample (batch row, start on the padded time axis, length,
+        destination token offset in the shard)."""
+        self.spans, self.seen = spans, 0
+        self.want = (batch, self.geometry.num_kv_heads, width, self.geometry.head_dim)
+        return _capture_cache_class()(self)
+
+    def take(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        g = self.geometry
+        if layer >= g.num_layers or tuple(keys.shape) != self.want or tuple(values.shape) != self.want:
+            raise KavaError(
+                f"teacher {self.name!r}: its config gives {g.num_layers} layers x {g.num_kv_heads} KV "
+                f"heads x head_dim {g.head_dim}, but the model returned keys shaped "
+                f"{list(keys.shape)} and values shaped {list(values.shape)} at layer {layer} "
+                f"(batch, heads, T, head_dim; expected {list(self.want)})")
+        self.seen += 1
+        if layer not in self.bufs:
+            return
+        for t, buf in zip((keys, values), self.bufs[layer]):
+            if t.device.type != "cpu":
+                t = t.to(buf.dtype)                     # cast once on the GPU, then copy out
+            for b, s, n, d in self.spans:
+                buf[d:d + n].copy_(t[b, :, s:s + n].transpose(0, 1), non_blocking=True)
+
+    def check_complete(self) -> None:
+        """After a forward: every layer of the config passed through the cache."""
+        if self.seen != self.geometry.num_layers:
+            raise KavaError(f"teacher {self.name!r}: its config gives {self.geometry.num_layers} "
+                            f"layers, but the model stored K/V for {self.seen}")
+
+
+@functools.cache
+def _capture_cache_class():
+    """The Cache subclass, built on first use (transformers is imported lazily)."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PassLayer(DynamicLayer):
+        """Stores nothing: the forward is a single prefill, nothing is reused."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            return key_states, value_states
+
+    class CaptureCache(Cache):
+        def __init__(self, capture: KVCapture):
+            super().__init__(layer_class_to_replicate=PassLayer)
+            self.capture = capture
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            self.capture.take(layer_idx, key_states, value_states)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return CaptureCache
 
 
 def sample_spans(seqs_len: list[int], width: int, padding_side: str) -> list[int]:
@@ -181,35 +241,25 @@ def shard_layout(meta: dict[str, torch.Tensor], layers: list[int], geometry: KVG
     return kcache.ShardLayout(specs, {"kava_schema": str(kcache.SCHEMA_VERSION)})
 
 
-def capture(kv_cache, bufs: dict, spans: list[tuple[int, int, int, int]]) -> None:
-    """Copy real-token K/V of a padded batch into the shard buffers.
-
-    `spans` holds per sample (batch row, start on the padded time axis, length, destination
-    token offset in the shard). One strided copy per sample and tensor converts dtype and
-    layout (B, H, T, D) -> (T, H, D); padding is never copied. (Measured on the CPU: faster
-    than one gather + index_copy per batch, whose advanced indexing costs more than the calls
-    it saves.)
-    """
-    for l, (kbuf, vbuf) in bufs.items():
-        for t, buf in ((kv_cache.layers[l].keys, kbuf), (kv_cache.layers[l].values, vbuf)):
-            if t.device.type != "cpu":
-                t = t.to(buf.dtype)                     # cast once on the GPU, then copy out
-            for b, s, n, d in spans:
-                buf[d:d + n].copy_(t[b, :, s:s + n].transpose(0, 1), non_blocking=True)
+def suspect_layers(bufs: dict) -> list:
+    """Layers whose K or V buffer may hold NaN or Inf: a float32 sum of a buffer is finite when
+    every element is (the stored values cannot overflow float32 when added up), so one
+    reduction per buffer clears a clean shard. Run on the main thread between batches: a
+    multi-threaded torch op on the writer thread would start a second OpenMP team that fights
+    the forward's for two cores."""
+    return [l for l, (k, v) in bufs.items()
+            if not (torch.isfinite(torch.sum(k, dtype=torch.float32))
+                    and torch.isfinite(torch.sum(v, dtype=torch.float32)))]
 
 
 def nonfinite_samples(bufs: dict, offsets: torch.Tensor) -> torch.Tensor:
     """(n,) flags of samples with NaN or Inf anywhere in their stored K/V.
 
-    Fast path: a float32 sum of a buffer is finite when every element is (the stored values
-    cannot overflow float32 when added up), so one reduction per buffer clears a clean shard;
-    the per-token check runs only where a sum is not finite.
+    The per-token check runs only on `suspect_layers`.
     """
-    suspect = [(k, v) for k, v in bufs.values()
-               if not (torch.isfinite(torch.sum(k, dtype=torch.float32))
-                       and torch.isfinite(torch.sum(v, dtype=torch.float32)))]
     bad_tok = torch.zeros(int(offsets[-1]), dtype=torch.bool)
-    for kbuf, vbuf in suspect:
+    for l in suspect_layers(bufs):
+        kbuf, vbuf = bufs[l]
         bad_tok |= ~torch.isfinite(kbuf).flatten(1).all(1)
         bad_tok |= ~torch.isfinite(vbuf).flatten(1).all(1)
     cs = torch.cat([torch.zeros(1, dtype=torch.long), bad_tok.long().cumsum(0)])
@@ -243,7 +293,7 @@ def _write_shard_item(item: dict, counter: _Counter) -> None:
     without the bad samples) and its sidecar, then hand the buffer back."""
     samples, views, meta, bufs = item["samples"], item["views"], item["meta"], item["bufs"]
     offsets = meta["sample_offsets"]
-    bad = nonfinite_samples(bufs, offsets).tolist()
+    bad = nonfinite_samples({l: bufs[l] for l in item["suspect"]}, offsets).tolist()
     entry = {"index": item["index"], "fingerprint": item["fingerprint"],
              "rows": [samples[0].row, samples[-1].row],
              "bad_samples": [{"row": samples[j].row, "reason": "non-finite K/V (NaN or Inf)"}
@@ -433,7 +483,7 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
     bar = tqdm(total=total, initial=total - sum(len(plan[i]) for i in todo), unit="sample",
                desc=f"stage1 {_slug(name)}", disable=not cfg.progress, dynamic_ncols=True,
                ascii=True)
-    checked = False
+    grab = KVCapture(name, geometry)
     pin = torch.device(model.device).type == "cuda"
     metas = {i: shard_meta([samples[j] for j in plan[i]]) for i in todo}
     layouts = {i: shard_layout(metas[i], layers, geometry, kv_dtype) for i in todo}
@@ -449,18 +499,15 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
             flat = pool.take()
             views = layouts[index].views(flat)
             bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in layers}
+            grab.bufs = bufs
             with torch.inference_mode():
                 for batch in length_sorted_batches(samples, members, cfg.batch_size):
                     ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id,
                                              cfg.padding_side)
-                    out = teacher_forward(model, ids, mask, pos)
-                    if not checked:
-                        check_geometry(name, geometry, out.past_key_values, *ids.shape)
-                        checked = True
                     starts = sample_spans([lens[p] for p in batch], ids.shape[1], cfg.padding_side)
-                    capture(out.past_key_values, bufs,
-                            [(b, s, lens[p], dest[p]) for b, (p, s) in enumerate(zip(batch, starts))])
-                    del out
+                    teacher_forward(model, ids, mask, pos, grab.cache(
+                        [(b, s, lens[p], dest[p]) for b, (p, s) in enumerate(zip(batch, starts))], *ids.shape))
+                    grab.check_complete()
                     tokens += int(mask.sum())
                     bar.update(len(batch))
                     rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -470,6 +517,7 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
             writer.submit({"dir": cache_dir, "index": index, "format": cfg.format, "fingerprint": fp,
                            "direct_io": cfg.direct_io,
                            "samples": [samples[j] for j in members], "bufs": bufs,
+                           "suspect": suspect_layers(bufs),
                            "meta": metas.pop(index), "layout": layouts[index], "flat": flat,
                            "views": views, "release": lambda flat=flat: pool.give_back(flat)})
     finally:

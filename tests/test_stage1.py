@@ -218,7 +218,12 @@ def test_geometry_disagreement_is_a_clear_error(teacher_dir, tmp_path, tok):
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     model.config.num_key_value_heads = 4                          # the tensors still have 2
     with pytest.raises(KavaError, match=r"config gives 3 layers x 4 KV heads x head_dim 32, but the "
-                                        r"model returned 3 layers of keys shaped \[3, 2, \d+, 32\]"):
+                                        r"model returned keys shaped \[3, 2, \d+, 32\] .* at layer 0"):
+        extract_teacher(cfg_for(teacher_dir, tmp_path), str(teacher_dir),
+                        load_rows("synthetic", max_samples=10), model=model, tok=tok)
+    model.config.num_key_value_heads = 2
+    model.config.num_hidden_layers = 4                            # the model still runs 3
+    with pytest.raises(KavaError, match=r"config gives 4 layers, but the model stored K/V for 3"):
         extract_teacher(cfg_for(teacher_dir, tmp_path), str(teacher_dir),
                         load_rows("synthetic", max_samples=10), model=model, tok=tok)
 
