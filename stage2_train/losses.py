@@ -14,36 +14,44 @@ EPS = 1e-8
 
 
 def _items(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, D) and (B, T) -> (N, H, D) float32 of the unmasked positions."""
+    """(B, H, T, D) and (B, T) -> (N, H, D) float32 of the unmasked positions (metrics)."""
     return x.transpose(1, 2)[mask.bool()].float()
 
 
-def _mean(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.mean() if v.numel() else like.sum() * 0.0
+def _masked_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of per-item values v (B, H, T) over heads and the positions where mask (B, T) is
+    true; 0 with a gradient path when none is.
+
+    Masked items are replaced by exact zeros (not multiplied, so junk there cannot turn into
+    NaN) rather than gathered out: boolean indexing has a data-dependent shape, and on a GPU
+    every such call waits for the device, several times per distilled layer and step.
+    """
+    keep = mask.bool()[:, None, :].expand_as(v)
+    n = keep.sum().clamp(min=1)
+    return torch.where(keep, v, v.new_zeros(())).sum() / n
 
 
 def cosine_loss(pred, target, mask):
     """mean(1 - cos(pred, target)) over heads and unmasked positions."""
-    p, t = _items(pred, mask), _items(target, mask)
-    return _mean(1 - F.cosine_similarity(p, t, dim=-1, eps=EPS), pred)
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=EPS)
+    return _masked_mean(1 - cos, mask)
 
 
 def mercator_loss(pred, target, mask, alpha: float = 1.0, beta: float = 0.01):
     """alpha * (1 - cos) + beta * (log|pred| - log|target|)^2: direction and scale separately."""
-    p, t = _items(pred, mask), _items(target, mask)
+    p, t = pred.float(), target.float()
     cos = F.cosine_similarity(p, t, dim=-1, eps=EPS)
     lognorm = (torch.log(p.norm(dim=-1) + EPS) - torch.log(t.norm(dim=-1) + EPS)) ** 2
-    return _mean(alpha * (1 - cos) + beta * lognorm, pred)
+    return _masked_mean(alpha * (1 - cos) + beta * lognorm, mask)
 
 
 def mse_loss(pred, target, mask):
-    p, t = _items(pred, mask), _items(target, mask)
-    return _mean((p - t) ** 2, pred)
+    """Mean squared error over every element of the unmasked positions."""
+    return _masked_mean(((pred.float() - target.float()) ** 2).mean(-1), mask)
 
 
 def l1_loss(pred, target, mask):
-    p, t = _items(pred, mask), _items(target, mask)
-    return _mean((p - t).abs(), pred)
+    return _masked_mean((pred.float() - target.float()).abs().mean(-1), mask)
 
 
 LOSSES = {"mercator": mercator_loss, "cosine": cosine_loss, "mse": mse_loss, "l1": l1_loss}

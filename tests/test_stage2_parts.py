@@ -45,6 +45,27 @@ def test_masked_positions_change_nothing_and_all_masked_is_zero():
     assert mean_cosine(P, T, FIRST) == pytest.approx(1.0)
 
 
+def test_losses_equal_their_definition_over_gathered_items():
+    """The masked-mean losses against a direct computation over the gathered unmasked items."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 2, 7, 5, generator=g), torch.randn(3, 2, 7, 5, generator=g)
+    pred.requires_grad_()
+    mask = torch.rand(3, 7, generator=g) > 0.4
+    mask[2] = False                                   # a row with nothing to compare
+    p, t = pred.transpose(1, 2)[mask], target.transpose(1, 2)[mask]   # (N, H, D)
+    cos = torch.nn.functional.cosine_similarity(p, t, dim=-1, eps=1e-8)
+    logn = (torch.log(p.norm(dim=-1) + 1e-8) - torch.log(t.norm(dim=-1) + 1e-8)) ** 2
+    want = {cosine_loss: (1 - cos).mean(), mse_loss: ((p - t) ** 2).mean(), l1_loss: (p - t).abs().mean(),
+            mercator_loss: (0.7 * (1 - cos) + 0.3 * logn).mean()}
+    for f, w in want.items():
+        got = f(pred, target, mask, 0.7, 0.3) if f is mercator_loss else f(pred, target, mask)
+        assert torch.allclose(got, w, rtol=1e-6, atol=0), (f.__name__, got, w)
+        (g1,) = torch.autograd.grad(got, pred)
+        (g2,) = torch.autograd.grad(w, pred, retain_graph=True)   # the items are shared
+        assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-9), f.__name__
+        assert g1[2].abs().sum() == 0                 # masked positions get no gradient
+
+
 def test_losses_in_fp32_from_bf16():
     assert cosine_loss(P.bfloat16(), T.bfloat16(), ALL).dtype == torch.float32
 
