@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from stage1_extract.extract import (Sample, collate, length_sorted_batches, nonfinite_samples,
-                                    plan_shards, sample_spans)
+                                    plan_shards, sample_spans, suspect_layers)
 
 
 def test_collate_right_and_left_padding():
@@ -42,3 +42,12 @@ def test_nonfinite_samples_flags_by_hand():
         [False, True, True]
     big = torch.full((6, 2, 3), 60000.0, dtype=torch.float16)  # large but finite: no false alarm
     assert nonfinite_samples({0: (big, big)}, off).tolist() == [False, False, False]
+    assert suspect_layers({0: (k.clone().zero_(), k.clone().zero_()), 3: (k, v), 5: (big, big)}) == [3]
+    for dt in (torch.bfloat16, torch.float32):                # the screen in every stored dtype
+        x = torch.zeros(6, 2, 3, dtype=dt)
+        assert suspect_layers({1: (x, x)}) == []
+        y = x.clone()
+        y[4, 1, 1] = float("-inf")
+        assert suspect_layers({1: (x, y)}) == [1]
+    empty = torch.zeros(0, 2, 3)
+    assert suspect_layers({0: (empty, empty)}) == []
