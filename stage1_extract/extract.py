@@ -127,16 +127,17 @@ class KVCapture:
     layer's shapes are checked against the config's geometry before anything is copied.
     """
 
-    def __init__(self, name: str, geometry: KVGeometry, bufs: dict | None = None):
-        self.name, self.geometry, self.bufs = name, geometry, bufs or {}
+    def __init__(self, name: str, geometry: KVGeometry):
+        self.name, self.geometry = name, geometry
+        self.bufs: dict = {}
         self.spans: list[tuple[int, int, int, int]] = []
         self.want: tuple = ()
         self.seen = 0
 
-    def cache(self, spans: list[tuple[int, int, int, int]], batch: int, width: int):
-        """`spans`: per sample (batch row, start on the padded time axis, length,
-        destination token offset in the shard)."""
-        self.spans, self.seen = spans, 0
+    def cache(self, bufs: dict, spans: list[tuple[int, int, int, int]], batch: int, width: int):
+        """`bufs`: {stored layer: (K, V) shard buffers (N, H, D)}; `spans`: per sample (batch
+        row, start on the padded time axis, length, destination token offset in the shard)."""
+        self.bufs, self.spans, self.seen = bufs, spans, 0
         self.want = (batch, self.geometry.num_kv_heads, width, self.geometry.head_dim)
         return _capture_cache_class()(self)
 
@@ -254,13 +255,10 @@ def suspect_layers(bufs: dict) -> list:
 
 
 def nonfinite_samples(bufs: dict, offsets: torch.Tensor) -> torch.Tensor:
-    """(n,) flags of samples with NaN or Inf anywhere in their stored K/V.
-
-    The per-token check runs only on `suspect_layers`.
-    """
+    """(n,) flags of samples with NaN or Inf anywhere in the K/V of `bufs`, token by token.
+    Stage 1 passes only the layers `suspect_layers` flagged."""
     bad_tok = torch.zeros(int(offsets[-1]), dtype=torch.bool)
-    for l in suspect_layers(bufs):
-        kbuf, vbuf = bufs[l]
+    for kbuf, vbuf in bufs.values():
         bad_tok |= ~torch.isfinite(kbuf).flatten(1).all(1)
         bad_tok |= ~torch.isfinite(vbuf).flatten(1).all(1)
     cs = torch.cat([torch.zeros(1, dtype=torch.long), bad_tok.long().cumsum(0)])
@@ -500,14 +498,14 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
             flat = pool.take()
             views = layouts[index].views(flat)
             bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in layers}
-            grab.bufs = bufs
             with torch.inference_mode():
                 for batch in length_sorted_batches(samples, members, cfg.batch_size):
                     ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id,
                                              cfg.padding_side)
                     starts = sample_spans([lens[p] for p in batch], ids.shape[1], cfg.padding_side)
                     teacher_forward(model, ids, mask, pos, grab.cache(
-                        [(b, s, lens[p], dest[p]) for b, (p, s) in enumerate(zip(batch, starts))], *ids.shape))
+                        bufs, [(b, s, lens[p], dest[p]) for b, (p, s) in enumerate(zip(batch, starts))],
+                        *ids.shape))
                     grab.check_complete()
                     tokens += int(mask.sum())
                     bar.update(len(batch))
