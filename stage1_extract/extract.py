@@ -246,9 +246,7 @@ def suspect_layers(bufs: dict) -> list:
     """Layers whose K or V buffer may hold NaN or Inf. A buffer's minimum and maximum are
     finite exactly when every element is (NaN propagates through both), and one aminmax pass
     costs about 0.1 s per GB in any float dtype (a float32 sum of a float16 buffer, the first
-    screen, took 1 s per GB on the CPU). Run on the main thread between shards: a
-    multi-threaded torch op on the writer thread would start a second OpenMP team that fights
-    the forward's for the cores."""
+    screen, took 1 s per GB on the CPU)."""
     def finite(t):
         return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
     return [l for l, (k, v) in bufs.items() if not (finite(k) and finite(v))]
@@ -263,6 +261,38 @@ def nonfinite_samples(bufs: dict, offsets: torch.Tensor) -> torch.Tensor:
         bad_tok |= ~torch.isfinite(vbuf).flatten(1).all(1)
     cs = torch.cat([torch.zeros(1, dtype=torch.long), bad_tok.long().cumsum(0)])
     return (cs[offsets[1:]] - cs[offsets[:-1]]) > 0
+
+
+def shard_item(samples: list[Sample], meta: dict, layout, flat, views: dict, bufs: dict) -> dict:
+    """Main thread, after a shard's last forward: screen for NaN/Inf and finish the shard's
+    tensors, so the writer thread only hashes and writes bytes.
+
+    The writer must run no torch op: with libgomp, a parallel op on a second thread starts a
+    second OpenMP team, and once there are more OpenMP threads than cores every thread of the
+    forward's team stops spin-waiting and sleeps between parallel regions (measured here,
+    2 cores, tiny teacher: one core idle for ~3.5 s of a ~11 s extraction, +15-30% wall)."""
+    offsets = meta["sample_offsets"]
+    suspect = suspect_layers(bufs)
+    bad = nonfinite_samples({l: bufs[l] for l in suspect}, offsets).tolist() if suspect \
+        else [False] * len(samples)
+    item = {"rows": [samples[0].row, samples[-1].row],
+            "bad_samples": [{"row": samples[j].row, "reason": "non-finite K/V (NaN or Inf)"}
+                            for j in range(len(samples)) if bad[j]]}
+    if not any(bad):
+        for name, t in meta.items():
+            views[name].copy_(t)
+        item.update(num_samples=len(samples), tokens=int(offsets[-1]), layout=layout, flat=flat,
+                    tensors=views)
+    else:        # rebuilt without the bad samples; rare, so plain serialisation is fine
+        keep = [j for j in range(len(samples)) if not bad[j]]
+        index = torch.cat([torch.arange(int(offsets[j]), int(offsets[j + 1])) for j in keep]) \
+            if keep else torch.zeros(0, dtype=torch.long)
+        tensors = shard_meta([samples[j] for j in keep])
+        for l, (k, v) in bufs.items():
+            tensors[f"k.{l}"], tensors[f"v.{l}"] = k.index_select(0, index), v.index_select(0, index)
+        item.update(num_samples=len(keep), tokens=int(tensors["sample_offsets"][-1]), layout=None,
+                    tensors=tensors)
+    return item
 
 
 class _Counter:
@@ -288,34 +318,16 @@ def _timed_write(item: dict, counter: _Counter) -> None:
 
 
 def _write_shard_item(item: dict, counter: _Counter) -> None:
-    """Writer thread: check for NaN/Inf, write the shard (its bytes as laid out, or rebuilt
-    without the bad samples) and its sidecar, then hand the buffer back."""
-    samples, views, meta, bufs = item["samples"], item["views"], item["meta"], item["bufs"]
-    offsets = meta["sample_offsets"]
-    bad = nonfinite_samples({l: bufs[l] for l in item["suspect"]}, offsets).tolist()
-    entry = {"index": item["index"], "fingerprint": item["fingerprint"],
-             "rows": [samples[0].row, samples[-1].row],
-             "bad_samples": [{"row": samples[j].row, "reason": "non-finite K/V (NaN or Inf)"}
-                             for j in range(len(samples)) if bad[j]]}
-    if not any(bad):
-        entry.update(num_samples=len(samples), tokens=int(offsets[-1]))
-        for name, t in meta.items():
-            views[name].copy_(t)
-        if item["format"] == "safetensors":
-            entry = kcache.write_laid_out_shard(item["dir"], item["index"], item["layout"],
-                                                item["flat"], entry, item["direct_io"])
-        else:
-            entry = kcache.write_shard(item["dir"], item["index"], item["format"], views, entry)
+    """Writer thread: write the shard (its laid-out bytes, or serialised) and its sidecar,
+    then hand the buffer back."""
+    entry = {"index": item["index"], "fingerprint": item["fingerprint"], "rows": item["rows"],
+             "bad_samples": item["bad_samples"], "num_samples": item["num_samples"],
+             "tokens": item["tokens"]}
+    if item["layout"] is not None and item["format"] == "safetensors":
+        entry = kcache.write_laid_out_shard(item["dir"], item["index"], item["layout"],
+                                            item["flat"], entry, item["direct_io"])
     else:
-        keep = [j for j in range(len(samples)) if not bad[j]]
-        index = torch.cat([torch.arange(int(offsets[j]), int(offsets[j + 1])) for j in keep]) \
-            if keep else torch.zeros(0, dtype=torch.long)
-        kept = [samples[j] for j in keep]
-        tensors = shard_meta(kept)
-        for l, (k, v) in bufs.items():
-            tensors[f"k.{l}"], tensors[f"v.{l}"] = k.index_select(0, index), v.index_select(0, index)
-        entry.update(num_samples=len(kept), tokens=int(tensors["sample_offsets"][-1]))
-        entry = kcache.write_shard(item["dir"], item["index"], item["format"], tensors, entry)
+        entry = kcache.write_shard(item["dir"], item["index"], item["format"], item["tensors"], entry)
     counter.add(entry["bytes"])
     item["release"]()
 
@@ -513,12 +525,10 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
                     bar.set_postfix_str(f"{rate:.0f} tok/s, {counter.bytes / 1e9:.2f} GB written")
             if pin:
                 torch.cuda.synchronize(model.device)    # buffers filled before the writer reads
-            writer.submit({"dir": cache_dir, "index": index, "format": cfg.format, "fingerprint": fp,
-                           "direct_io": cfg.direct_io,
-                           "samples": [samples[j] for j in members], "bufs": bufs,
-                           "suspect": suspect_layers(bufs),
-                           "meta": metas.pop(index), "layout": layouts[index], "flat": flat,
-                           "views": views, "release": lambda flat=flat: pool.give_back(flat)})
+            item = shard_item([samples[j] for j in members], metas.pop(index), layouts[index],
+                              flat, views, bufs)
+            writer.submit(dict(item, dir=cache_dir, index=index, format=cfg.format, fingerprint=fp,
+                               direct_io=cfg.direct_io, release=lambda flat=flat: pool.give_back(flat)))
     finally:
         try:
             writer.close()  # shards already computed are written even on Ctrl-C

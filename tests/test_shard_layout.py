@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import pytest
+import xxhash
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -43,7 +44,9 @@ def test_laid_out_shard_reads_back_with_safetensors(tmp_path, direct):
     entry = kc.write_laid_out_shard(tmp_path, 4, layout, flat, {"index": 4}, direct=direct)
     path = tmp_path / "shard-00004.safetensors"
     assert entry["file"] == path.name and entry["bytes"] == path.stat().st_size == layout.nbytes
-    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == kc.sha256_file(path)
+    assert entry["checksum"] == "xxh3_128:" + xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    assert kc.checksum_file(path) == entry["checksum"]
+    assert kc.checksum_file(path, "sha256") == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     assert json.loads((tmp_path / "shard-00004.json").read_text()) == entry
     got = load_file(str(path))
     assert got.keys() == tensors.keys()

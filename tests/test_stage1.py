@@ -1,3 +1,5 @@
+import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -106,7 +108,7 @@ def test_direct_and_buffered_writes_give_identical_shards(teacher_dir, tmp_path)
     (b,) = extract_main(cfg_for(teacher_dir, tmp_path / "buffered", direct_io=False, **kw))
     assert a.name == b.name                              # not part of the cache's identity
     sa, sb = open_cache(a).manifest["shards"], open_cache(b).manifest["shards"]
-    assert len(sa) > 1 and [s["sha256"] for s in sa] == [s["sha256"] for s in sb]
+    assert len(sa) > 1 and [s["checksum"] for s in sa] == [s["checksum"] for s in sb]
     for s in sa:
         assert (a / s["file"]).read_bytes() == (b / s["file"]).read_bytes()
 
@@ -133,7 +135,7 @@ def test_resume_after_kill_9_equals_uninterrupted(teacher_dir, tmp_path):
     assert clean.name == cdir.name
     a, b = open_cache(cdir), open_cache(clean)
     assert len(a) == len(b) == 60 and len(a.manifest["shards"]) > 3
-    assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
+    assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
     for i in range(60):
         assert torch.equal(a[i]["k"], b[i]["k"]) and torch.equal(a[i]["v"], b[i]["v"])
     assert not list(cdir.glob("*.tmp"))
@@ -155,8 +157,27 @@ def test_verify_names_a_corrupted_shard(teacher_dir, tmp_path, capsys):
     assert info_main([str(d), "--verify"]) == 1
     out = capsys.readouterr().out
     assert [l for l in out.splitlines() if l.startswith("CORRUPT")] == [
-        f"CORRUPT {shards[1]}: sha256 does not match the manifest"]
+        f"CORRUPT {shards[1]}: xxh3_128 checksum does not match the manifest"]
     assert "verify       FAILED: 1 of" in out
+
+
+def test_schema_1_cache_reads_and_verifies(teacher_dir, tmp_path, capsys):
+    """Caches written before schema 2 hold a bare sha256 per shard; they still open and verify."""
+    (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=6, shard_mb=0.05))
+    new = open_cache(d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["schema_version"] = 1
+    for s in m["shards"]:
+        del s["checksum"]
+        s["sha256"] = hashlib.sha256((d / s["file"]).read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(m))
+    old = open_cache(d)
+    assert torch.equal(old[2]["k"], new[2]["k"]) and old.manifest["schema_version"] == 1
+    assert info_main([str(d), "--verify"]) == 0
+    m["shards"][0]["sha256"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert info_main([str(d), "--verify"]) == 1
+    assert f"CORRUPT {d / m['shards'][0]['file']}: sha256 checksum does not match" in capsys.readouterr().out
 
 
 def test_edge_rows(teacher_dir, tmp_path):
@@ -294,6 +315,6 @@ def test_two_processes_write_one_cache(teacher_dir, tmp_path, capsys):
     assert part1 and all(int(n[6:11]) % 2 == 1 for n in part1)
     assert cli([*args, "--out", str(split), "--num-shards", "2", "--shard-index", "0"]) == 0
     a, b = open_cache(single), open_cache(d)
-    assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
+    assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
     assert len(b) == 12 and torch.equal(a[7]["k"], b[7]["k"])
     assert cli([*args, "--out", str(split), "--num-shards", "2", "--shard-index", "2"]) == 2
