@@ -119,7 +119,8 @@ def bench_cache(root: Path, steps: int, workers: int):
     return ratio
 
 
-def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings: bool = False):
+def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings: bool = False,
+                 batch: int = 2):
     """Offline (cache) step vs online step (teacher forward in the loop) at real shapes."""
     from transformers import Qwen2Config, AutoModelForCausalLM
     from stage1_extract.extract import collate as s1_collate, teacher_forward
@@ -132,12 +133,12 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
     student.save_pretrained(sdir)
     tok.save_pretrained(sdir)
     print(f"online: built random Qwen2.5-1.5B teacher and 0.5B student in {time.perf_counter() - t0:.0f} s")
-    n = steps + 1
-    ecfg = ExtractConfig(teachers=["q15"], max_samples=n, batch_size=1, max_length=seq, device="cpu",
+    n = steps * batch + 1
+    ecfg = ExtractConfig(teachers=["q15"], max_samples=n, batch_size=batch, max_length=seq, device="cpu",
                          progress=False, out=str(root / "caches"))
     cache = extract_teacher(ecfg, "q15", load_rows("synthetic", max_samples=n), model=teacher, tok=tok,
                             log=lambda *a: None)
-    cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=1, max_length=seq,
+    cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=batch, max_length=seq,
                       eval_samples=1, device="cpu", progress=False, freeze_embeddings=freeze_embeddings)
     tr = Trainer(cfg, student, tok)
     batches = list(tr.loader(steps, 0))
@@ -150,15 +151,15 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
         times["offline"].append((time.perf_counter() - t0) / len(batches))
         t0 = time.perf_counter()
         for b in batches:                                   # the seed: teacher forward, then the step
-            with torch.inference_mode():
-                ids = b["input_ids"]
-                teacher_forward(teacher, *s1_collate([ids[0].tolist()], 0))
+            with torch.inference_mode():       # the same texts (shared tokenizer), unpadded
+                rows = [i[m.bool()].tolist() for i, m in zip(b["input_ids"], b["attention_mask"])]
+                teacher_forward(teacher, *s1_collate(rows, 0))
             tr.step(b)
         times["online"].append((time.perf_counter() - t0) / len(batches))
     offline, online = min(times["offline"]), min(times["online"])
     paired = statistics.median(a / b for a, b in zip(times["offline"], times["online"]))
-    print(f"online{' (frozen embeddings)' if freeze_embeddings else ''}: batch 1 x "
-          f"~{int(batches[0]['attention_mask'].sum())} tokens, {steps} steps x {reps} "
+    print(f"online{' (frozen embeddings)' if freeze_embeddings else ''}: batch {batch}, "
+          f"~{int(batches[0]['attention_mask'].sum())} tokens per step, {steps} steps x {reps} "
           f"alternating runs: stage-2 step {offline:.2f} s, online step {online:.2f} s; ratio "
           f"{offline / online:.3f} (goal <= 0.5), median of paired runs {paired:.3f}; per-step means {[round(x, 2) for x in times['offline']]} "
           f"vs {[round(x, 2) for x in times['online']]}")
@@ -194,6 +195,7 @@ def main(argv=None):
     p.add_argument("--online-steps", type=int, default=3)
     p.add_argument("--online-seq", type=int, default=256)
     p.add_argument("--online-reps", type=int, default=2, help="alternating offline/online runs")
+    p.add_argument("--online-batch", type=int, default=2, help="samples per step (the seed used 2)")
     p.add_argument("--freeze-embeddings", action="store_true", help="online part: the student's embeddings fixed")
     a = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
@@ -204,7 +206,8 @@ def main(argv=None):
     if "memory" in parts:
         bench_memory()
     if "online" in parts:
-        bench_online(root / "real", a.online_steps, a.online_seq, a.online_reps, a.freeze_embeddings)
+        bench_online(root / "real", a.online_steps, a.online_seq, a.online_reps, a.freeze_embeddings,
+                     a.online_batch)
 
 
 if __name__ == "__main__":

@@ -127,18 +127,24 @@ class KVCapture:
     layer's shapes are checked against the config's geometry before anything is copied.
     """
 
-    def __init__(self, name: str, geometry: KVGeometry):
-        self.name, self.geometry = name, geometry
+    def __init__(self, name: str, geometry: KVGeometry, gather: bool | None = None):
+        """`gather`: first collect a layer's real tokens into one contiguous tensor on the
+        model's device, then copy each sample's rows out of it (plain memcpys); None means on
+        for a GPU, where copying straight from the padded, strided K/V costs a kernel per
+        sample and layer besides the copy. On the CPU the direct copies are as fast."""
+        self.name, self.geometry, self.gather = name, geometry, gather
         self.bufs: dict = {}
         self.spans: list[tuple[int, int, int, int]] = []
         self.want: tuple = ()
         self.seen = 0
+        self._index = None
 
     def cache(self, bufs: dict, spans: list[tuple[int, int, int, int]], batch: int, width: int):
         """`bufs`: {stored layer: (K, V) shard buffers (N, H, D)}; `spans`: per sample (batch
         row, start on the padded time axis, length, destination token offset in the shard)."""
         self.bufs, self.spans, self.seen = bufs, spans, 0
         self.want = (batch, self.geometry.num_kv_heads, width, self.geometry.head_dim)
+        self._index = None
         return _capture_cache_class()(self)
 
     def take(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -152,11 +158,24 @@ class KVCapture:
         self.seen += 1
         if layer not in self.bufs:
             return
+        gather = self.gather if self.gather is not None else keys.device.type != "cpu"
         for t, buf in zip((keys, values), self.bufs[layer]):
-            if t.device.type != "cpu":
-                t = t.to(buf.dtype)                     # cast once on the GPU, then copy out
-            for b, s, n, d in self.spans:
-                buf[d:d + n].copy_(t[b, :, s:s + n].transpose(0, 1), non_blocking=True)
+            if gather:
+                if self._index is None:     # rows of the real tokens in (B * T), sample by sample
+                    width = self.want[2]
+                    self._index = torch.cat([torch.arange(b * width + s, b * width + s + n)
+                                             for b, s, n, _ in self.spans]).to(t.device)
+                b_, h, w, d_ = t.shape
+                rows = t.transpose(1, 2).reshape(b_ * w, h, d_).index_select(0, self._index).to(buf.dtype)
+                at = 0
+                for _, _, n, d in self.spans:
+                    buf[d:d + n].copy_(rows[at:at + n], non_blocking=True)
+                    at += n
+            else:
+                if t.device.type != "cpu":
+                    t = t.to(buf.dtype)                 # cast once on the GPU, then copy out
+                for b, s, n, d in self.spans:
+                    buf[d:d + n].copy_(t[b, :, s:s + n].transpose(0, 1), non_blocking=True)
 
     def check_complete(self) -> None:
         """After a forward: every layer of the config passed through the cache."""

@@ -18,7 +18,9 @@ from kava_common.data import load_rows
 from kava_common.info import main as info_main
 from stage1_extract.__main__ import cli
 from stage1_extract.config import ExtractConfig
-from stage1_extract.extract import extract_teacher, main as extract_main
+from kava_common.geometry import KVGeometry
+from stage1_extract.extract import (KVCapture, collate, extract_teacher, main as extract_main,
+                                    sample_spans, teacher_forward)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,31 @@ def test_cached_kv_equal_unbatched_forward(teacher_dir, tmp_path, padding_side):
         assert torch.allclose(s["k"], k, atol=1e-5, rtol=0), (i, (s["k"] - k).abs().max())
         assert torch.allclose(s["v"], v, atol=1e-5, rtol=0), (i, (s["v"] - v).abs().max())
     assert c[4]["row"] == 4 and c[4]["text"].startswith("Question: ")
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("gather", [False, True])
+def test_capture_paths_equal_unbatched_forward(teacher_dir, padding_side, gather):
+    """Both copy paths of KVCapture (direct strided copies: the CPU default; gather-then-copy:
+    the GPU default) put each sample's real tokens at its destination rows, layers subset."""
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+    lens = [len(q) for q in seqs]
+    dest = [lens[1] + lens[2], 0, lens[1]]                      # not in batch order
+    bufs = {l: (torch.full((sum(lens), 2, 32), float("nan")), torch.full((sum(lens), 2, 32), float("nan")))
+            for l in (0, 2)}
+    ids, mask, pos = collate(seqs, 0, padding_side)
+    starts = sample_spans(lens, ids.shape[1], padding_side)
+    grab = KVCapture("t", KVGeometry.from_config(model.config), gather=gather)
+    with torch.inference_mode():
+        teacher_forward(model, ids, mask, pos, grab.cache(
+            bufs, [(b, s, n, d) for b, (s, n, d) in enumerate(zip(starts, lens, dest))], *ids.shape))
+    grab.check_complete()
+    for b, (n, d) in enumerate(zip(lens, dest)):
+        k, v = reference_kv(model, torch.tensor(seqs[b]))
+        for l in (0, 2):
+            assert torch.allclose(bufs[l][0][d:d + n].transpose(0, 1), k[l], atol=1e-5, rtol=0)
+            assert torch.allclose(bufs[l][1][d:d + n].transpose(0, 1), v[l], atol=1e-5, rtol=0)
 
 
 def test_layer_subset_and_reader_layer_selection(teacher_dir, tmp_path):
