@@ -17,6 +17,7 @@ printed beside it. Goal: ratio <= 1.10.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import kava_common  # before torch: kava_common sets its allocator options
 import torch
 
 from kava_common import tiny
@@ -104,7 +106,8 @@ def main(argv=None):
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    print(f"kava {kava_common.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {args.device}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     results = []
     for case in args.cases.split(","):
         model, n, bs, load_s = build_case(case, tok, args.device, root)

@@ -32,6 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
+import kava_common  # before torch: kava_common sets its allocator options
 import torch
 import yaml
 
@@ -147,6 +148,7 @@ def main(argv=None):
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     log = lambda *x: print(*x, flush=True)
+    log(f"kava {kava_common.__version__}, torch {torch.__version__}")
     t0 = time.perf_counter()
     torch.manual_seed(0)
 

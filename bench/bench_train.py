@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import psutil
+import kava_common  # before torch: kava_common sets its allocator options
 import torch
 
 from kava_common import tiny
@@ -199,7 +200,8 @@ def main(argv=None):
     p.add_argument("--freeze-embeddings", action="store_true", help="online part: the student's embeddings fixed")
     a = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print(f"kava {kava_common.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     parts = a.parts.split(",")
     if "cache" in parts:
         bench_cache(root / "tiny", a.steps, a.workers)
