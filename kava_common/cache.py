@@ -380,6 +380,11 @@ class KVCache:
         s = bisect.bisect_right(self._starts, i) - 1
         return self._shards[s], i - self._starts[s]
 
+    def token_segments(self) -> np.ndarray:
+        """(n, 3, 2) [start, end) token spans of question, reasoning and answer, every sample."""
+        return np.concatenate([sh.small("token_segments") for sh in self._shards]
+                              or [np.zeros((0, 3, 2), np.int32)])
+
     def tokens(self, i: int) -> torch.Tensor:
         """Token ids of sample i, without reading any K/V."""
         shard, j = self.locate(i)

@@ -4,8 +4,10 @@ Terms (bytes): student weights; gradients and optimizer state of what trains (Ad
 moments; 8-bit AdamW: two 1-byte moments; LoRA: only the adapters train); projector weights,
 gradients and AdamW state in fp32; activations kept for the backward pass (every layer without
 gradient checkpointing, one layer's worth plus each layer's input with it); the logits and
-their fp32 cross-entropy copies, at the answer positions only (the union over the batch of
-`answer_tokens` per sample; stage 2 asks the model for no other logits); the teacher K/V batch
+their fp32 cross-entropy copies, at the answer positions only (reasoning and final answer;
+the union over the batch of `answer_tokens` per sample, bounded by batch x answer_tokens;
+stage 2 asks the model for no other logits, and passes the longest answer in its caches);
+the teacher K/V batch
 in fp32 with its aligned copy; and the CUDA context. It is an estimate: allocator fragmentation
 and kernel workspaces come on top.
 """
@@ -44,10 +46,12 @@ class Shape:
 def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: int,
              precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
              gradient_checkpointing: bool = False, projector_params: int | None = None,
-             cuda_context: float = 0.5 * GB, answer_tokens: int = 8,
+             cuda_context: float = 0.5 * GB, answer_tokens: int | None = None,
              freeze: str = "none") -> dict[str, float]:
     """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim);
-    freeze: none | embeddings (input embeddings fixed) | all (projector alone)."""
+    freeze: none | embeddings (input embeddings fixed) | all (projector alone); answer_tokens:
+    cross-entropy targets per sample (None: every position, the bound for long answers)."""
+    answer_tokens = seq if answer_tokens is None else answer_tokens
     wb = 2 if precision == "bf16" else 4
     s = student
     if freeze == "all":

@@ -158,6 +158,15 @@ def train_step(model, cap, distiller, batch, cfg, device, autocast):
     return loss, float(kv.detach()) if torch.is_tensor(kv) else float(kv), float(ce.detach())
 
 
+def longest_answer(teachers, max_length: int) -> int:
+    """The most cross-entropy targets of any sample (reasoning and final answer, plus EOS), in
+    the caches' teacher tokens; the student's tokenizer may count somewhat differently."""
+    seg = np.concatenate([t["cache"].token_segments() for t in teachers])
+    if not len(seg):
+        return 1
+    return int(min(max_length, (seg[:, 2, 1] - seg[:, 1, 0]).max() + 1))
+
+
 def memory_estimate(cfg, teachers, dtype, device) -> str:
     """The estimate of memory.py for this run (all teachers' distilled layers together)."""
     from transformers import AutoConfig
@@ -165,8 +174,10 @@ def memory_estimate(cfg, teachers, dtype, device) -> str:
     kv_width = sum(len(t["distilled"]) * t["heads"] * t["head_dim"] for t in teachers)
     return describe(estimate(Shape.from_config(AutoConfig.from_pretrained(cfg.student)),
                              (1, 1, kv_width), cfg.batch_size, cfg.max_length,
-                             "bf16" if dtype == torch.bfloat16 else "fp32", cfg.optimizer,
-                             cfg.lora_r, cfg.gradient_checkpointing,
+                             answer_tokens=longest_answer(teachers, cfg.max_length),
+                             precision="bf16" if dtype == torch.bfloat16 else "fp32",
+                             optimizer=cfg.optimizer, lora_r=cfg.lora_r,
+                             gradient_checkpointing=cfg.gradient_checkpointing,
                              cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0,
                              freeze="all" if cfg.freeze_student else
                              "embeddings" if cfg.freeze_embeddings else "none"))
@@ -432,7 +443,7 @@ def main(cfg: TrainConfig, echo=print) -> Path:
                                lr_student=opt.param_groups[0]["lr"] if len(opt.param_groups) > 1 else 0.0,
                                lr_projector=opt.param_groups[-1]["lr"], grad_norm=float(gn),
                                tokens_per_s=tokens / max(time.perf_counter() - t_last, 1e-9),
-                               epoch=prog.epoch)
+                               epoch=prog.epoch, **gpu_memory(device))
                 log.log_dict(metrics, prog.step)
                 bar.set_postfix_str(f"loss {parts['loss']:.3f} cosK {metrics['cos_k']:.3f} cosV {metrics['cos_v']:.3f}")
                 t_last, tokens = time.perf_counter(), 0
@@ -449,8 +460,21 @@ def main(cfg: TrainConfig, echo=print) -> Path:
             signal.signal(s, h)
     save_checkpoint(run, prog, model, tok, distiller, opt, sched, cfg, fps)
     save_final(run, model, tok, distiller, teachers, s_geo, cfg)
+    if device.type == "cuda":
+        m = gpu_memory(device)
+        echo(f"peak GPU memory: {m['gpu_peak_gb']:.2f} GB allocated by tensors, "
+             f"{m['gpu_reserved_gb']:.2f} GB reserved by torch's caching allocator (the estimate "
+             f"printed at the start also counts about 0.5 GB of CUDA context)")
     echo(f"done: {prog.step} steps; student {run / 'final' / 'student'}; metrics {run / 'metrics.jsonl'}")
     return run
+
+
+def gpu_memory(device) -> dict:
+    """Peak GPU memory so far (GB), for the metrics of a CUDA run; empty elsewhere."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_gb": torch.cuda.max_memory_allocated(device) / 1024 ** 3,
+            "gpu_reserved_gb": torch.cuda.max_memory_reserved(device) / 1024 ** 3}
 
 
 def save_final(run: Path, model, tok, distiller, teachers, s_geo, cfg) -> None:

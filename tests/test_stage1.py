@@ -345,3 +345,16 @@ def test_two_processes_write_one_cache(teacher_dir, tmp_path, capsys):
     assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
     assert len(b) == 12 and torch.equal(a[7]["k"], b[7]["k"])
     assert cli([*args, "--out", str(split), "--num-shards", "2", "--shard-index", "2"]) == 2
+
+
+def test_token_segments_of_all_samples_and_longest_answer(teacher_dir, tmp_path):
+    from stage2_train.train import longest_answer
+    (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=7, shard_mb=0.05))
+    c = open_cache(d)
+    seg = c.token_segments()
+    assert len(c.manifest["shards"]) >= 2 and seg.shape == (7, 3, 2)
+    for i in range(7):
+        assert [tuple(x) for x in seg[i]] == [c[i]["token_segments"][n] for n in ("question", "reasoning", "answer")]
+    longest = max(c[i]["token_segments"]["answer"][1] - c[i]["token_segments"]["reasoning"][0] for i in range(7))
+    assert longest_answer([{"cache": c}], 10_000) == longest + 1            # + EOS
+    assert longest_answer([{"cache": c}], 5) == 5                           # capped at max_length

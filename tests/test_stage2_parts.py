@@ -217,10 +217,11 @@ def test_memory_estimate_by_hand():
     assert e["weights"] == 2000 and e["gradients"] == 2000 and e["optimizer"] == 8000
     assert e["projector"] == 2 * 1 * (1 * 2 + 1) * 1 * 2 * 16          # K and V linear, fp32 x 4
     assert e["activations"] == 2 * 3 * (6 * 4 + 2 * 2 + 4 * 8) * 2 + 2 * 3 * 2 * 4 * 2
-    assert e["logits"] == 1 * 3 * 10 * (2 + 4 + 4)                      # 3 positions < 8 answer tokens
+    assert e["logits"] == 1 * 3 * 10 * (2 + 4 + 4)                      # every position by default
     assert e["teacher_kv"] == 2 * 3 * 1 * 2 * 1 * 2 * 4
     assert e["total"] == 13404
     assert estimate(s, (1, 1, 2), 1, 3, cuda_context=0, freeze="embeddings")["total"] == 13404 - 40 * 10
     assert estimate(s, (1, 1, 2), 1, 3, cuda_context=0, freeze="all")["total"] == 13404 - 10000
-    long = estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0)
+    long = estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, answer_tokens=8)
     assert long["logits"] == 2 * (2 * 8) * 10 * 10                      # answer positions only
+    assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0)["logits"] == 2 * 512 * 10 * 10
