@@ -1,0 +1,122 @@
+"""Check stage 2's peak-memory estimate against a real run, at the seed's setting.
+
+Builds a random-weight Qwen2.5-1.5B-shaped teacher and its cache (samples of four synthetic
+problems each, so a sample fills --max-length), a random Qwen2.5-0.5B-shaped student, then runs
+a few stage-2 steps per option set (batch 2) and prints the estimate the run printed beside
+torch's peak allocated and reserved memory (the estimate also counts ~0.5 GB of CUDA context,
+which torch's counters do not). Needs a GPU for the measured columns; `--shape tiny` on the CPU
+is a quick check that the script itself runs.
+
+    python bench/bench_gpu_memory.py --device cuda            # the check (8-bit AdamW needs bitsandbytes)
+    python bench/bench_gpu_memory.py --device cpu --shape tiny   # runs the script, ~10 s; nothing measured
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import kava_common  # before torch: kava_common sets its allocator options
+import torch
+
+from kava_common import tiny
+from kava_common.data import Rows, load_rows
+from kava_common.tiny import QWEN25_05B, QWEN25_15B
+from stage1_extract.config import ExtractConfig
+from stage1_extract.extract import extract_teacher
+from stage2_train.config import TrainConfig
+from stage2_train.train import main as train_main
+
+OPTIONS = [("bf16, AdamW", {}),
+           ("bf16, 8-bit AdamW", dict(optimizer="adamw8bit")),
+           ("bf16, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit", gradient_checkpointing=True)),
+           ("bf16, 8-bit AdamW, ckpt, frozen embeddings", dict(optimizer="adamw8bit",
+                                                              gradient_checkpointing=True,
+                                                              freeze_embeddings=True)),
+           ("bf16, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True))]
+
+
+def long_rows(n: int, per: int = 4) -> Rows:
+    """n rows, each `per` synthetic problems in a row (the last one's `#### N` is the final)."""
+    r = load_rows("synthetic", "train", max_samples=n * per)
+    return Rows("synthetic-long", "train",
+                [" ".join(r.questions[i:i + per]) for i in range(0, n * per, per)],
+                ["\n".join(r.answers[i:i + per]) for i in range(0, n * per, per)])
+
+
+def configs(shape: str, tok):
+    from transformers import Qwen2Config
+    if shape == "real":
+        return Qwen2Config(**QWEN25_15B), Qwen2Config(**QWEN25_05B)
+    t = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2, head_dim=64,
+                         intermediate=256, tok=tok)
+    s = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16,
+                         intermediate=128, tok=tok)
+    return t, s
+
+
+def main(argv=None):
+    from transformers import AutoModelForCausalLM
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shape", default="real", choices=["real", "tiny"])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--samples", type=int, default=12)
+    p.add_argument("--options", default="all", help="comma-separated indices into the option list, or all")
+    a = p.parse_args(argv)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
+    print(f"kava {kava_common.__version__}, torch {torch.__version__}, device {dev}"
+          + (f" ({torch.cuda.get_device_name(dev)})" if cuda else ""))
+    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
+    t_cfg, s_cfg = configs(a.shape, tok)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        teacher = AutoModelForCausalLM.from_config(t_cfg, dtype=torch.bfloat16 if cuda else torch.float32)
+    rows = long_rows(a.samples)
+    ecfg = ExtractConfig(teachers=["teacher"], max_samples=len(rows), batch_size=4, max_length=a.max_length,
+                         device=a.device, progress=False, out=str(root / "caches"))
+    cache = extract_teacher(ecfg, "teacher", rows, model=teacher.eval(), tok=tok, log=lambda *x: None)
+    del teacher
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    student = AutoModelForCausalLM.from_config(s_cfg, dtype=torch.bfloat16)
+    sdir = root / "student"
+    student.save_pretrained(sdir)
+    tok.save_pretrained(sdir)
+    del student
+    chosen = range(len(OPTIONS)) if a.options == "all" else [int(i) for i in a.options.split(",")]
+    print(f"batch 2 x {a.max_length} tokens, {a.steps} steps per option; GB = 2^30 bytes")
+    for i in chosen:
+        name, kw = OPTIONS[i]
+        if not cuda and kw.get("optimizer") == "adamw8bit":
+            kw = {k: v for k, v in kw.items() if k != "optimizer"}
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        lines = []
+        cfg = TrainConfig(student=str(sdir), caches=[str(cache)], out=str(root / f"run-{i}"), batch_size=2,
+                          max_length=a.max_length, max_steps=a.steps, log_every=a.steps, save_every=0,
+                          eval_samples=2, warmup_steps=1, device=a.device, progress=False,
+                          precision="bf16" if cuda else "fp32", **kw)
+        train_main(cfg, echo=lines.append)
+        est = next((float(m.group(1)) for l in lines if (m := re.search(r"estimated peak memory ([0-9.]+) GB", l))),
+                   float("nan"))
+        last = json.loads((root / f"run-{i}" / "metrics.jsonl").read_text().splitlines()[-1])
+        if cuda:
+            print(f"  {name:<42} estimate {est:5.2f} GB ({est - 0.5:5.2f} without context); measured "
+                  f"peak allocated {last['gpu_peak_gb']:5.2f} GB, reserved {last['gpu_reserved_gb']:5.2f} GB")
+        else:
+            print(f"  {name:<42} estimate {est:5.2f} GB; no GPU, nothing measured (loss {last['loss']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
