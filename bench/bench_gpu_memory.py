@@ -37,7 +37,10 @@ OPTIONS = [("bf16, AdamW", {}),
            ("bf16, 8-bit AdamW, ckpt, frozen embeddings", dict(optimizer="adamw8bit",
                                                               gradient_checkpointing=True,
                                                               freeze_embeddings=True)),
-           ("bf16, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True))]
+           ("bf16, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True)),
+           ("bf16, AdamW, ce_chunk 64", dict(ce_chunk=64)),
+           ("bf16, 8-bit AdamW, checkpointing, ce_chunk 64", dict(optimizer="adamw8bit",
+                                                                 gradient_checkpointing=True, ce_chunk=64))]
 
 
 def long_rows(n: int, per: int = 4) -> Rows:
@@ -112,10 +115,10 @@ def main(argv=None):
                    float("nan"))
         last = json.loads((root / f"run-{i}" / "metrics.jsonl").read_text().splitlines()[-1])
         if cuda:
-            print(f"  {name:<42} estimate {est:5.2f} GB ({est - 0.5:5.2f} without context); measured "
+            print(f"  {name:<46} estimate {est:5.2f} GB ({est - 0.5:5.2f} without context); measured "
                   f"peak allocated {last['gpu_peak_gb']:5.2f} GB, reserved {last['gpu_reserved_gb']:5.2f} GB")
         else:
-            print(f"  {name:<42} estimate {est:5.2f} GB; no GPU, nothing measured (loss {last['loss']:.3f})")
+            print(f"  {name:<46} estimate {est:5.2f} GB; no GPU, nothing measured (loss {last['loss']:.3f})")
 
 
 if __name__ == "__main__":

@@ -180,16 +180,20 @@ def bench_memory():
                ("bf16, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit", gradient_checkpointing=True)),
                ("bf16, 8-bit AdamW, ckpt, frozen embeddings", dict(optimizer="adamw8bit", gradient_checkpointing=True,
                                                                   freeze="embeddings")),
-               ("bf16, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True))]
+               ("bf16, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True)),
+               ("bf16, AdamW, --ce-chunk 64", dict(ce_chunk=64)),
+               ("bf16, 8-bit AdamW, checkpointing, --ce-chunk 64", dict(optimizer="adamw8bit",
+                                                                       gradient_checkpointing=True,
+                                                                       ce_chunk=64))]
     # Cross-entropy covers reasoning and final answer: logits at up to every position of a batch
     # of long answers (the bound), or ~128 per sample for a typical GSM8K answer (its answers
     # average 287 characters, about 115 Qwen tokens at GSM8K's ~2.5 characters per token).
-    print(f"  {'':<42} {'long answers':>12} {'128 per sample':>15}")
+    print(f"  {'':<48} {'long answers':>12} {'128 per sample':>15}")
     for name, kw in options:
         e, typical = estimate(s, kv, 2, 512, **kw), estimate(s, kv, 2, 512, answer_tokens=128, **kw)
         verdict = "fits" if e["total"] < 7.5 * GB else \
             "fits only with typical answers" if typical["total"] < 7.5 * GB else "does not fit"
-        print(f"  {name:<42} {e['total'] / GB:9.2f} GB {typical['total'] / GB:12.2f} GB  {verdict} in 7.5 GB")
+        print(f"  {name:<48} {e['total'] / GB:9.2f} GB {typical['total'] / GB:12.2f} GB  {verdict} in 7.5 GB")
     print("  (" + describe(estimate(s, kv, 2, 512, optimizer="adamw8bit", gradient_checkpointing=True)) + ")")
 
 

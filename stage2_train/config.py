@@ -52,6 +52,7 @@ class TrainConfig:
     layer_weights: list | None = None    # one weight per student layer (None: all 1)
     kv_weight: float = 1.0               # weight of the K/V loss in the total
     ce_weight: float = 1.0               # weight of cross-entropy on the answer tokens
+    ce_chunk: int = 0                    # answer tokens per cross-entropy chunk, logits recomputed in the backward (0: all at once)
     fusion: str = "loss"                 # several teachers: loss (weighted sum) | target (fused target)
     teacher_weights: list | None = None  # fixed weights per teacher (None: equal)
     gate: str = "fixed"                  # fixed | learned (per-layer softmax; fusion target only)
@@ -75,6 +76,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "max_length"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ce_chunk < 0:
+            p.append(f"ce_chunk must be >= 0 (0: no chunking), got {self.ce_chunk}")
         if self.projector not in KINDS:
             p.append(f"projector {self.projector!r}: choose one of {KINDS}")
         if self.loss not in LOSSES:

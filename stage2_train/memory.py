@@ -47,10 +47,11 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
              precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
              gradient_checkpointing: bool = False, projector_params: int | None = None,
              cuda_context: float = 0.5 * GB, answer_tokens: int | None = None,
-             freeze: str = "none") -> dict[str, float]:
+             freeze: str = "none", ce_chunk: int = 0) -> dict[str, float]:
     """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim);
     freeze: none | embeddings (input embeddings fixed) | all (projector alone); answer_tokens:
-    cross-entropy targets per sample (None: every position, the bound for long answers)."""
+    cross-entropy targets per sample (None: every position, the bound for long answers);
+    ce_chunk: with chunked cross-entropy, the logits of one chunk of targets at a time."""
     answer_tokens = seq if answer_tokens is None else answer_tokens
     wb = 2 if precision == "bf16" else 4
     s = student
@@ -77,7 +78,8 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
         "optimizer": trainable * opt_b,
         "projector": projector_params * 4 * 4,         # weights, grads, two AdamW moments
         "activations": acts,
-        "logits": batch * min(seq, batch * answer_tokens) * s.vocab * (wb + 4 + 4),  # + fp32 copy, grad
+        "logits": (min(ce_chunk, batch * answer_tokens) if ce_chunk else
+                   batch * min(seq, batch * answer_tokens)) * s.vocab * (wb + 4 + 4),  # + fp32 copy, grad
         "teacher_kv": 2 * tokens * lt * 2 * ht * dt * 4,  # fp32 K and V, plus the aligned copy
         "cuda_context": cuda_context,
     }

@@ -30,7 +30,8 @@ from kava_common.geometry import KVGeometry
 from .align import parse_layer_map
 from .config import TrainConfig
 from .data import DistillData, check_caches, collate
-from .losses import answer_cross_entropy, answer_positions, kv_loss, mean_cosine
+from .losses import (answer_cross_entropy, answer_positions, chunked_answer_cross_entropy, kv_loss,
+                     mean_cosine)
 from .projector import KVProjector
 from .student import StudentKV, load_student
 
@@ -147,13 +148,20 @@ def train_step(model, cap, distiller, batch, cfg, device, autocast):
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     ce_mask = batch["ce_mask"].to(device)
     pos = answer_positions(ce_mask) if cfg.ce_weight else ids.new_zeros(0)
-    with cap, autocast():       # logits only where the answer's cross-entropy needs them
-        out = model(input_ids=ids, attention_mask=attn, use_cache=False,
-                    logits_to_keep=pos if len(pos) else 1)
+    if cfg.ce_chunk and len(pos):   # final hidden states; the head runs chunk by chunk below
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        with cap, autocast():
+            hidden = base.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+            ce = chunked_answer_cross_entropy(base.get_output_embeddings(), hidden[:, pos], ids,
+                                              ce_mask, pos, cfg.ce_chunk)
+    else:
+        with cap, autocast():       # logits only where the answer's cross-entropy needs them
+            out = model(input_ids=ids, attention_mask=attn, use_cache=False,
+                        logits_to_keep=pos if len(pos) else 1)
+        ce = answer_cross_entropy(out.logits, ids, ce_mask, pos) if len(pos) \
+            else out.logits.sum() * 0.0
     with autocast():
         kv, _ = distiller(batch, cap, device)
-    ce = answer_cross_entropy(out.logits, ids, ce_mask, pos) if len(pos) \
-        else out.logits.sum() * 0.0
     loss = cfg.kv_weight * kv + cfg.ce_weight * ce
     return loss, float(kv.detach()) if torch.is_tensor(kv) else float(kv), float(ce.detach())
 
@@ -180,7 +188,7 @@ def memory_estimate(cfg, teachers, dtype, device) -> str:
                              gradient_checkpointing=cfg.gradient_checkpointing,
                              cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0,
                              freeze="all" if cfg.freeze_student else
-                             "embeddings" if cfg.freeze_embeddings else "none"))
+                             "embeddings" if cfg.freeze_embeddings else "none", ce_chunk=cfg.ce_chunk))
 
 
 def setup(cfg: TrainConfig):

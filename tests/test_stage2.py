@@ -182,6 +182,18 @@ def test_8gb_options_lora_adamw8bit_checkpointing_resume(student_dir, caches, tm
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])      # LoRA merged in
 
 
+@pytest.mark.parametrize("extra", [{}, dict(lora_r=4, gradient_checkpointing=True)])
+def test_chunked_cross_entropy_run_matches_whole(student_dir, caches, tmp_path, extra):
+    """--ce-chunk changes where logits live, not what is learned: the same losses step by step
+    (plain and with LoRA + gradient checkpointing, where the head is reached through peft)."""
+    kw = dict(max_steps=4, log_every=1, batch_size=4, **extra)
+    whole = run(student_dir, [caches["qwen"]], tmp_path / "a", **kw)
+    chunked = run(student_dir, [caches["qwen"]], tmp_path / "b", ce_chunk=7, **kw)
+    assert [r["loss_ce"] for r in chunked] == pytest.approx([r["loss_ce"] for r in whole], rel=1e-5)
+    assert [r["loss"] for r in chunked] == pytest.approx([r["loss"] for r in whole], rel=1e-5)
+    assert whole[-1]["loss_ce"] > 0
+
+
 @pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
                                         if not p.name.startswith("sweep")))
 def test_every_example_config_is_valid(path):

@@ -105,6 +105,37 @@ def test_answer_logits_only_equal_full_logits(tok):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_cross_entropy_equals_whole(tok, chunk):
+    """Cross-entropy over chunks of answer tokens (logits recomputed in the backward) gives the
+    value and gradients of the whole at once, tied output head included; 3 targets here."""
+    from stage2_train.losses import chunked_answer_cross_entropy
+    model = tiny.build_model(tiny.tiny_config("qwen2", len(tok), hidden=32, layers=2, heads=4, kv_heads=2,
+                                              head_dim=8, intermediate=64, tok=tok), seed=3)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(3, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 5:7] = True
+    mask[1, 3] = True
+    pos = answer_positions(mask)
+    whole = answer_cross_entropy(model(input_ids=ids, attention_mask=attn, logits_to_keep=pos).logits,
+                                 ids, mask, pos)
+    g_whole = torch.autograd.grad(whole, list(model.parameters()), allow_unused=True)
+    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    part = chunked_answer_cross_entropy(model.get_output_embeddings(), hidden[:, pos], ids, mask, pos, chunk)
+    g_part = torch.autograd.grad(part, list(model.parameters()), allow_unused=True)
+    assert part.item() == pytest.approx(whole.item(), rel=1e-6)
+    for a, b in zip(g_whole, g_part):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    none = chunked_answer_cross_entropy(model.get_output_embeddings(), hidden[:, pos], ids,
+                                        torch.zeros_like(mask), pos, chunk)
+    assert none.item() == 0.0
+
+
 @pytest.mark.parametrize("kind", ["linear", "head", "mlp"])
 @pytest.mark.parametrize("hin,din,hout,dout", [(12, 16, 2, 8), (28, 8, 4, 16), (4, 8, 2, 8),
                                                (2, 8, 4, 16), (32, 4, 8, 8)])
@@ -225,3 +256,6 @@ def test_memory_estimate_by_hand():
     long = estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, answer_tokens=8)
     assert long["logits"] == 2 * (2 * 8) * 10 * 10                      # answer positions only
     assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0)["logits"] == 2 * 512 * 10 * 10
+    assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, ce_chunk=64)["logits"] == 64 * 10 * 10
+    assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, ce_chunk=64,
+                    answer_tokens=8)["logits"] == 16 * 10 * 10          # fewer targets than a chunk
