@@ -79,6 +79,14 @@ def test_answer_cross_entropy_by_hand():
     assert answer_cross_entropy(logits, ids, torch.zeros(1, 3, dtype=torch.bool)).item() == 0.0
 
 
+def assert_same_grads(ga, gb):
+    """Two lists of parameter gradients agree: the same ones missing, the rest close."""
+    for a, b in zip(ga, gb, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_answer_logits_only_equal_full_logits(tok):
     """Logits at the answer positions alone give the same cross-entropy and gradients as
     logits everywhere; the model then computes (B, P, V) logits, P = positions needed."""
@@ -97,12 +105,8 @@ def test_answer_logits_only_equal_full_logits(tok):
     out = model(input_ids=ids, attention_mask=attn, logits_to_keep=pos)
     assert out.logits.shape == (2, 3, len(tok))
     part = answer_cross_entropy(out.logits, ids, mask, pos)
-    g_part = torch.autograd.grad(part, list(model.parameters()), allow_unused=True)
     assert part.item() == pytest.approx(full.item(), rel=1e-6)
-    for a, b in zip(g_full, g_part):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert_same_grads(g_full, torch.autograd.grad(part, list(model.parameters()), allow_unused=True))
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 5])
@@ -125,12 +129,8 @@ def test_chunked_cross_entropy_equals_whole(tok, chunk):
     g_whole = torch.autograd.grad(whole, list(model.parameters()), allow_unused=True)
     hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
     part = chunked_answer_cross_entropy(model.get_output_embeddings(), hidden[:, pos], ids, mask, pos, chunk)
-    g_part = torch.autograd.grad(part, list(model.parameters()), allow_unused=True)
     assert part.item() == pytest.approx(whole.item(), rel=1e-6)
-    for a, b in zip(g_whole, g_part):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert_same_grads(g_whole, torch.autograd.grad(part, list(model.parameters()), allow_unused=True))
     none = chunked_answer_cross_entropy(model.get_output_embeddings(), hidden[:, pos], ids,
                                         torch.zeros_like(mask), pos, chunk)
     assert none.item() == 0.0
