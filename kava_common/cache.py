@@ -440,6 +440,7 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
             problems.append(f"{f}: size {f.stat().st_size} bytes, manifest says {s['bytes']}")
         else:
             want = expected_checksum(s)
-            if checksum_file(f, want.split(":")[0]) != want:
-                problems.append(f"{f}: {want.split(':')[0]} checksum does not match the manifest")
+            algorithm = want.split(":")[0]
+            if checksum_file(f, algorithm) != want:
+                problems.append(f"{f}: {algorithm} checksum does not match the manifest")
     return problems

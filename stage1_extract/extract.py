@@ -161,11 +161,10 @@ class KVCapture:
         gather = self.gather if self.gather is not None else keys.device.type != "cpu"
         for t, buf in zip((keys, values), self.bufs[layer]):
             if gather:
-                if self._index is None:     # rows of the real tokens in (B * T), sample by sample
-                    width = self.want[2]
-                    self._index = torch.cat([torch.arange(b * width + s, b * width + s + n)
-                                             for b, s, n, _ in self.spans]).to(t.device)
                 b_, h, w, d_ = t.shape
+                if self._index is None:     # rows of the real tokens in (B * T), sample by sample
+                    self._index = torch.cat([torch.arange(b * w + s, b * w + s + n)
+                                             for b, s, n, _ in self.spans]).to(t.device)
                 rows = t.transpose(1, 2).reshape(b_ * w, h, d_).index_select(0, self._index).to(buf.dtype)
                 at = 0
                 for _, _, n, d in self.spans:

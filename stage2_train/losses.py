@@ -93,11 +93,15 @@ def answer_cross_entropy(logits, input_ids, loss_mask, positions=None):
     """
     if positions is None:
         logits, positions = logits[:, :-1], torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
-    tgt = input_ids[:, positions + 1]
-    m = loss_mask[:, positions + 1].bool()
+    m, tgt = _answer_targets(input_ids, loss_mask, positions)
     if not m.any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits[m].float(), tgt[m])
+
+
+def _answer_targets(input_ids, loss_mask, positions):
+    """(B, P) mask of the positions whose next token is a target, and those next tokens."""
+    return loss_mask[:, positions + 1].bool(), input_ids[:, positions + 1]
 
 
 def chunked_answer_cross_entropy(head, hidden, input_ids, loss_mask, positions, chunk: int):
@@ -110,10 +114,10 @@ def chunked_answer_cross_entropy(head, hidden, input_ids, loss_mask, positions, 
     forward of the output head.
     """
     from torch.utils.checkpoint import checkpoint
-    m = loss_mask[:, positions + 1].bool()
+    m, tgt = _answer_targets(input_ids, loss_mask, positions)
     if not m.any():
         return hidden.sum() * 0.0
-    h, tgt = hidden[m], input_ids[:, positions + 1][m]                # (N, H), (N,)
+    h, tgt = hidden[m], tgt[m]                                        # (N, H), (N,)
     ce_sum = lambda hc, tc: F.cross_entropy(head(hc).float(), tc, reduction="sum")
     total = sum(checkpoint(ce_sum, h[i:i + chunk], tgt[i:i + chunk], use_reentrant=False)
                 for i in range(0, len(h), chunk))
