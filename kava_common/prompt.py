@@ -17,6 +17,7 @@ Edge cases (documented in the README):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,34 @@ def token_spans(char_spans, offsets) -> list[tuple[int, int]]:
             at = int(after[0]) if len(after) else len(off)
             out.append((at, at))
     return out
+
+
+def encode_with_offsets(tok, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per text: token ids (T,) int64 and character offsets (T, 2) int32, with the tokenizer's
+    special tokens and no truncation or padding -- what `tok(texts, return_offsets_mapping=True)`
+    gives, at about half its cost on a large batch.
+
+    transformers' call first sets the fast tokenizer's Rust backend up (truncation and padding
+    off, its special-token handling) and then turns every encoding into Python lists of
+    everything (mask, type ids, offsets), which costs more than the tokenizing itself (2,048
+    GSM8K-sized texts, 2 cores: 0.22 s vs 0.19 s). Here transformers' call tokenizes the first
+    text only, which also sets the backend up, the backend encodes the batch, and the first
+    text's result is compared with transformers'; on any difference the whole batch goes
+    through transformers' call instead.
+    """
+    if not texts:
+        return []
+    ref = tok(texts[:1], return_offsets_mapping=True, add_special_tokens=True)
+    ref_ids, ref_offs = ref["input_ids"][0], [tuple(o) for o in ref["offset_mapping"][0]]
+    backend = getattr(tok, "backend_tokenizer", None)
+    encs = backend.encode_batch(texts, add_special_tokens=True) if backend is not None else None
+    if encs is None or encs[0].ids != ref_ids or encs[0].offsets != ref_offs:
+        enc = tok(texts, return_offsets_mapping=True, add_special_tokens=True)
+        return [(np.asarray(i, dtype=np.int64), np.asarray(o, dtype=np.int32).reshape(-1, 2))
+                for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
+    return [(np.asarray(e.ids, dtype=np.int64),
+             np.fromiter(itertools.chain.from_iterable(e.offsets), dtype=np.int32,
+                         count=2 * len(e)).reshape(-1, 2)) for e in encs]
 
 
 def extract_final_answer(text: str) -> str | None:

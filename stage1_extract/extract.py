@@ -28,7 +28,7 @@ from kava_common import cache as kcache
 from kava_common.data import Rows, load_rows, tokenizer_identity
 from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
-from kava_common.prompt import SEGMENTS, TEMPLATE_ID, format_sample, token_spans
+from kava_common.prompt import SEGMENTS, TEMPLATE_ID, encode_with_offsets, format_sample, token_spans
 
 from . import teacher as T
 from .config import ExtractConfig
@@ -61,13 +61,10 @@ def prepare_samples(rows: Rows, tok, max_length: int) -> tuple[list[Sample], lis
         no_final += not f.has_final
         texts.append(f.text)
         kept.append((i, f))
-    enc = tok(texts, return_offsets_mapping=True, add_special_tokens=True) if texts else None
-    for j, (i, f) in enumerate(kept):
-        ids, offs = enc["input_ids"][j], enc["offset_mapping"][j]
+    for (i, f), (ids, offs) in zip(kept, encode_with_offsets(tok, texts)):
         cut = len(ids) > max_length
-        offs = np.asarray(offs[:max_length], dtype=np.int32).reshape(-1, 2)
-        samples.append(Sample(i, f.text, np.asarray(ids[:max_length], dtype=np.int64), offs,
-                              token_spans(f.char_spans, offs), f.char_spans, cut))
+        ids, offs = ids[:max_length], offs[:max_length]
+        samples.append(Sample(i, f.text, ids, offs, token_spans(f.char_spans, offs), f.char_spans, cut))
     stats = {"rows_without_final_answer": no_final,
              "truncated_samples": sum(s.truncated for s in samples)}
     return samples, skipped, stats

@@ -1,5 +1,9 @@
-from kava_common.prompt import (SEGMENTS, extract_final_answer, format_prompt, format_sample,
-                                token_spans)
+import numpy as np
+import pytest
+
+from kava_common import tiny
+from kava_common.prompt import (SEGMENTS, encode_with_offsets, extract_final_answer, format_prompt,
+                                format_sample, token_spans)
 
 Q = "Natalia sold clips to 48 friends. How many?"
 A = "She sold 48/2 = <<48/2=24>>24 in May.\n#### 72"
@@ -55,3 +59,39 @@ def test_extract_final_answer():
     assert extract_final_answer(A) == "72"
     assert extract_final_answer("x\n#### 1,234\nmore") == "1234"
     assert extract_final_answer("no mark 5") is None
+
+
+TEXTS = [format_sample(Q, A).text, "", "caf\u00e9 \u20ac5 \u201cquoted\u201d #### 5", "x" * 300]
+
+
+def _reference(tok, texts):
+    enc = tok(texts, return_offsets_mapping=True, add_special_tokens=True)
+    return [(list(i), [tuple(o) for o in offs]) for i, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+def _as_lists(encoded):
+    out = []
+    for ids, offs in encoded:
+        assert ids.dtype == np.int64 and offs.dtype == np.int32 and offs.shape == (len(ids), 2)
+        out.append((ids.tolist(), [tuple(o) for o in offs.tolist()]))
+    return out
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_encode_with_offsets_equals_the_tokenizer_call(tok, add_bos):
+    t = tiny.train_tokenizer(tiny.corpus(300, seed=5), vocab_size=280, add_bos=True) if add_bos else tok
+    # a truncation set on the backend (as some hub tokenizer.json files do) must not leak in:
+    # transformers' call turns it off, and so must the fast path
+    t.backend_tokenizer.enable_truncation(max_length=8)
+    ref = _reference(t, TEXTS)
+    assert len(ref[3][0]) > 8 and (ref[0][0][0] == t.bos_token_id) == add_bos
+    assert _as_lists(encode_with_offsets(t, TEXTS)) == ref
+    assert encode_with_offsets(t, []) == []
+
+
+def test_encode_with_offsets_falls_back_when_the_backend_disagrees(tok, monkeypatch):
+    other = tiny.train_tokenizer(tiny.corpus(50, seed=9), vocab_size=270).backend_tokenizer
+    ref = _reference(tok, TEXTS)
+    monkeypatch.setattr(type(tok), "backend_tokenizer", property(lambda self: other))
+    assert [len(e.ids) for e in other.encode_batch(TEXTS[:1])] != [len(ref[0][0])]  # really differs
+    assert _as_lists(encode_with_offsets(tok, TEXTS)) == ref
