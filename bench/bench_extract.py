@@ -61,6 +61,8 @@ def extract_once(cfg, model, tok, rows, root: Path) -> float:
     _sync(model)
     dt = time.perf_counter() - t0
     shutil.rmtree(out)
+    os.sync()   # the deletion's journal commit (and, on a disk mounted with `discard`, the trims
+                # of the freed blocks) must not land in the next timed run
     cpu = [float(m.group(1)) for l in lines if (m := re.search(r"writer thread used ([0-9.]+) s", l))]
     return dt, (cpu[0] if cpu else float("nan"))
 

@@ -130,16 +130,16 @@ class KVCapture:
         for a GPU, where copying straight from the padded, strided K/V costs a kernel per
         sample and layer besides the copy. On the CPU the direct copies are as fast."""
         self.name, self.geometry, self.gather = name, geometry, gather
-        self.bufs: dict = {}
-        self.spans: list[tuple[int, int, int, int]] = []
+        self.dests: dict = {}
+        self.spans: list[tuple[int, int, int]] = []
         self.want: tuple = ()
         self.seen = 0
         self._index = None
 
-    def cache(self, bufs: dict, spans: list[tuple[int, int, int, int]], batch: int, width: int):
-        """`bufs`: {stored layer: (K, V) shard buffers (N, H, D)}; `spans`: per sample (batch
-        row, start on the padded time axis, length, destination token offset in the shard)."""
-        self.bufs, self.spans, self.seen = bufs, spans, 0
+    def cache(self, dests: dict, spans: list[tuple[int, int, int]], batch: int, width: int):
+        """`dests`: {stored layer: (K views, V views)}, one (n, H, D) destination per entry of
+        `spans`; `spans`: per sample (batch row, start on the padded time axis, length n)."""
+        self.dests, self.spans, self.seen = dests, spans, 0
         self.want = (batch, self.geometry.num_kv_heads, width, self.geometry.head_dim)
         self._index = None
         return _capture_cache_class()(self)
@@ -153,25 +153,27 @@ class KVCapture:
                 f"{list(keys.shape)} and values shaped {list(values.shape)} at layer {layer} "
                 f"(batch, heads, T, head_dim; expected {list(self.want)})")
         self.seen += 1
-        if layer not in self.bufs:
+        if layer not in self.dests:
             return
         gather = self.gather if self.gather is not None else keys.device.type != "cpu"
-        for t, buf in zip((keys, values), self.bufs[layer]):
+        for t, dsts in zip((keys, values), self.dests[layer]):
             if gather:
                 b_, h, w, d_ = t.shape
                 if self._index is None:     # rows of the real tokens in (B * T), sample by sample
                     self._index = torch.cat([torch.arange(b * w + s, b * w + s + n)
-                                             for b, s, n, _ in self.spans]).to(t.device)
-                rows = t.transpose(1, 2).reshape(b_ * w, h, d_).index_select(0, self._index).to(buf.dtype)
-                at = 0
-                for _, _, n, d in self.spans:
-                    buf[d:d + n].copy_(rows[at:at + n], non_blocking=True)
-                    at += n
+                                             for b, s, n in self.spans]).to(t.device)
+                rows = t.transpose(1, 2).reshape(b_ * w, h, d_).index_select(0, self._index)
+                rows = rows.to(dsts[0].dtype).split([n for _, _, n in self.spans])
+                for dst, src in zip(dsts, rows):
+                    dst.copy_(src, non_blocking=True)
+            elif t.device.type == "cpu":
+                # one call for the batch: a third less time than a Python loop of copy_ here
+                per_row = t.transpose(1, 2).unbind(0)        # (T, H, D) views
+                torch._foreach_copy_(dsts, [per_row[b][s:s + n] for b, s, n in self.spans])
             else:
-                if t.device.type != "cpu":
-                    t = t.to(buf.dtype)                 # cast once on the GPU, then copy out
-                for b, s, n, d in self.spans:
-                    buf[d:d + n].copy_(t[b, :, s:s + n].transpose(0, 1), non_blocking=True)
+                t = t.to(dsts[0].dtype)                      # cast once on the GPU, then copy out
+                for dst, (b, s, n) in zip(dsts, self.spans):
+                    dst.copy_(t[b, :, s:s + n].transpose(0, 1), non_blocking=True)
 
     def check_complete(self) -> None:
         """After a forward: every layer of the config passed through the cache."""
@@ -519,19 +521,20 @@ def _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cac
         for index in todo:
             members = plan[index]
             lens = [len(samples[j].ids) for j in members]
-            dest = [0] * len(members)                   # token offset of each sample in the shard
-            for p in range(1, len(members)):
-                dest[p] = dest[p - 1] + lens[p - 1]
             flat = pool.take()
             views = layouts[index].views(flat)
             bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in layers}
+            # each sample's (n, H, D) rows in the shard, samples in data-set order
+            per_sample = {l: (k.split(lens), v.split(lens)) for l, (k, v) in bufs.items()}
             with torch.inference_mode():
                 for batch in length_sorted_batches(samples, members, cfg.batch_size):
                     ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id,
                                              cfg.padding_side)
                     starts = sample_spans([lens[p] for p in batch], ids.shape[1], cfg.padding_side)
+                    dests = {l: ([ks[p] for p in batch], [vs[p] for p in batch])
+                             for l, (ks, vs) in per_sample.items()}
                     teacher_forward(model, ids, mask, pos, grab.cache(
-                        bufs, [(b, s, lens[p], dest[p]) for b, (p, s) in enumerate(zip(batch, starts))],
+                        dests, [(b, s, lens[p]) for b, (p, s) in enumerate(zip(batch, starts))],
                         *ids.shape))
                     grab.check_complete()
                     tokens += int(mask.sum())

@@ -76,8 +76,10 @@ def test_capture_paths_equal_unbatched_forward(teacher_dir, padding_side, gather
     starts = sample_spans(lens, ids.shape[1], padding_side)
     grab = KVCapture("t", KVGeometry.from_config(model.config), gather=gather)
     with torch.inference_mode():
+        dests = {l: ([k[d:d + n] for n, d in zip(lens, dest)], [v[d:d + n] for n, d in zip(lens, dest)])
+                 for l, (k, v) in bufs.items()}
         teacher_forward(model, ids, mask, pos, grab.cache(
-            bufs, [(b, s, n, d) for b, (s, n, d) in enumerate(zip(starts, lens, dest))], *ids.shape))
+            dests, [(b, s, n) for b, (s, n) in enumerate(zip(starts, lens))], *ids.shape))
     grab.check_complete()
     for b, (n, d) in enumerate(zip(lens, dest)):
         k, v = reference_kv(model, torch.tensor(seqs[b]))
