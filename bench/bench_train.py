@@ -35,7 +35,7 @@ from stage2_train.config import TrainConfig
 from stage2_train.data import DistillData, collate
 from stage2_train.memory import GB, Shape, describe, estimate
 from stage2_train.student import StudentKV
-from stage2_train.train import Distiller, epoch_batches, freeze, make_optimizer, setup, train_step
+from stage2_train.train import Distiller, epoch_batches, make_optimizer, set_trainable, setup, train_step
 from kava_common.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
 
 
@@ -49,7 +49,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model, tok):
         self.cfg = cfg
         self.teachers, self.s_geo = setup(cfg)
-        freeze(model, cfg)
+        set_trainable(model, cfg)
         self.model, self.tok = model.train(), tok
         self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers)
         self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t["distilled"]}), self.s_geo)

@@ -225,12 +225,34 @@ def _precision(cfg, device):
     return torch.float32
 
 
-def freeze(model, cfg) -> None:
-    """Fix what the config keeps out of training (before the optimizer is made)."""
+def set_trainable(model, cfg) -> None:
+    """Fix what the config keeps out of training (before the optimizer is made), and let a
+    trainable embedding tied to the output head take sparse gradients (`sparse_tied_embedding`)."""
     if cfg.freeze_student:
         model.requires_grad_(False)
     if cfg.freeze_embeddings:       # a tied output head shares the weight, so it stays fixed too
         model.get_input_embeddings().requires_grad_(False)
+    sparse_tied_embedding(model)
+
+
+def sparse_tied_embedding(model) -> bool:
+    """Make a trainable input embedding that shares its weight with the output head pass a
+    sparse gradient (the rows of the batch's tokens only); returns whether it did.
+
+    Dense, the embedding's gradient is a zero-filled vocab x hidden tensor that autograd then
+    adds to the head's, out of place: for Qwen2.5-0.5B (151,936 x 896, 545 MB in fp32) that
+    is 0.39 s of filling and 0.48 s of adding in a ~9 s CPU step, and two such transient
+    tensors at the peak of a GPU step. Sparse, its rows are added into the head's dense
+    gradient. The head is in every step's graph (the answer's cross-entropy, or a zero-weight
+    term when there is none), so the parameter's gradient is dense as before: the optimizer,
+    clipping and checkpoints see no difference. An untied embedding keeps dense gradients
+    (a sparse one would reach the optimizer)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if (isinstance(emb, torch.nn.Embedding) and head is not None and head.weight is emb.weight
+            and emb.weight.requires_grad):
+        emb.sparse = True
+        return True
+    return False
 
 
 def make_optimizer(cfg, model, distiller):
@@ -369,7 +391,7 @@ def main(cfg: TrainConfig, echo=print) -> Path:
     echo(f"{memory_estimate(cfg, teachers, dtype, device)} at batch {cfg.batch_size} x {cfg.max_length} tokens")
     model, tok = load_student(cfg.student, device, dtype, cfg.lora_r, cfg.lora_alpha,
                               cfg.gradient_checkpointing)
-    freeze(model, cfg)
+    set_trainable(model, cfg)
     model.train()
     distiller = Distiller(cfg, teachers, s_geo, s_geo.num_layers).to(device)
     cap = StudentKV(model, sorted({s for t in teachers for s, _ in t["distilled"]}), s_geo)

@@ -11,7 +11,7 @@ from stage2_train.losses import (answer_cross_entropy, answer_positions, cosine_
                                  mean_cosine, mercator_loss, mse_loss)
 from stage2_train.projector import KVProjector, head_mix_init, make_projector
 from stage2_train.student import StudentKV, enable_checkpointing
-from stage2_train.train import epoch_batches, lr_factor
+from stage2_train.train import epoch_batches, lr_factor, sparse_tied_embedding
 
 
 def bhtd(rows):
@@ -134,6 +134,46 @@ def test_chunked_cross_entropy_equals_whole(tok, chunk):
     none = chunked_answer_cross_entropy(model.get_output_embeddings(), hidden[:, pos], ids,
                                         torch.zeros_like(mask), pos, chunk)
     assert none.item() == 0.0
+
+
+@pytest.mark.parametrize("with_ce", [True, False])
+def test_sparse_tied_embedding_gradients_equal_dense(tok, with_ce):
+    """With the tied embedding's gradient sparse, every parameter's accumulated gradient (two
+    micro-batches) is dense and equal to the all-dense one, with and without cross-entropy
+    (without it the head is in the graph only through a zero-weight term, as in train_step)."""
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
+                           intermediate=64, tok=tok)
+    dense, sparse = tiny.build_model(cfg, seed=3), tiny.build_model(cfg, seed=3)
+    assert sparse_tied_embedding(sparse) and sparse.get_input_embeddings().sparse
+    ids = torch.randint(3, len(tok), (2, 2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 5:8] = True
+    pos = answer_positions(mask)
+    for model in (dense, sparse):
+        for micro in ids:                              # two micro-batches accumulate into .grad
+            out = model(input_ids=micro, logits_to_keep=pos if with_ce else 1, output_hidden_states=True)
+            ce = answer_cross_entropy(out.logits, micro, mask, pos) if with_ce else out.logits.sum() * 0.0
+            (ce + out.hidden_states[-1].pow(2).mean()).backward()
+    for (name, a), b in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        assert b.grad.layout == torch.strided, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    emb_grad = sparse.get_input_embeddings().weight.grad
+    used = torch.zeros(len(tok), dtype=torch.bool)
+    used[ids.flatten()] = True
+    assert emb_grad[used].abs().sum() > 0
+    if not with_ce:          # no head term: only the rows of the batch's tokens have a gradient
+        assert emb_grad[~used].abs().sum() == 0
+
+
+def test_sparse_tied_embedding_leaves_untied_and_frozen_embeddings_dense(tok):
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=1, heads=4, kv_heads=2, tok=tok)
+    frozen = tiny.build_model(cfg, seed=3)
+    frozen.get_input_embeddings().requires_grad_(False)
+    cfg.tie_word_embeddings = False
+    untied = tiny.build_model(cfg, seed=3)
+    assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+    for model in (frozen, untied):
+        assert not sparse_tied_embedding(model) and not model.get_input_embeddings().sparse
 
 
 @pytest.mark.parametrize("kind", ["linear", "head", "mlp"])
