@@ -121,9 +121,11 @@ def bench_cache(root: Path, steps: int, workers: int):
 
 
 def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings: bool = False,
-                 batch: int = 2):
-    """Offline (cache) step vs online step (teacher forward in the loop) at real shapes."""
-    from transformers import Qwen2Config, AutoModelForCausalLM
+                 batch: int = 2, teacher_kind: str = "fp32"):
+    """Offline (cache) step vs online step (teacher forward in the loop) at real shapes.
+    `teacher_kind` nf4: the online loop runs the teacher in 4-bit as the seed did (the cache
+    still comes from the fp32 teacher: what the K/V hold does not change the step's time)."""
+    from transformers import BitsAndBytesConfig, Qwen2Config, AutoModelForCausalLM
     from stage1_extract.extract import collate as s1_collate, teacher_forward
     tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
     torch.manual_seed(0)
@@ -139,6 +141,16 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
                          progress=False, out=str(root / "caches"))
     cache = extract_teacher(ecfg, "q15", load_rows("synthetic", max_samples=n), model=teacher, tok=tok,
                             log=lambda *a: None)
+    if teacher_kind == "nf4":
+        t0 = time.perf_counter()
+        tdir = root / "teacher-15b"
+        teacher.to(torch.bfloat16).save_pretrained(tdir)
+        del teacher
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+        teacher = AutoModelForCausalLM.from_pretrained(tdir, quantization_config=qc, dtype=torch.bfloat16,
+                                                       device_map="cpu").eval()
+        print(f"online: teacher saved and reloaded in NF4 (compute bf16) in {time.perf_counter() - t0:.0f} s")
     cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=batch, max_length=seq,
                       eval_samples=1, device="cpu", progress=False, freeze_embeddings=freeze_embeddings)
     tr = Trainer(cfg, student, tok)
@@ -159,7 +171,7 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
         times["online"].append((time.perf_counter() - t0) / len(batches))
     offline, online = min(times["offline"]), min(times["online"])
     paired = statistics.median(a / b for a, b in zip(times["offline"], times["online"]))
-    print(f"online{' (frozen embeddings)' if freeze_embeddings else ''}: batch {batch}, "
+    print(f"online, {teacher_kind} teacher{', frozen embeddings' if freeze_embeddings else ''}: batch {batch}, "
           f"~{int(batches[0]['attention_mask'].sum())} tokens per step, {steps} steps x {reps} "
           f"alternating runs: stage-2 step {offline:.2f} s, online step {online:.2f} s; ratio "
           f"{offline / online:.3f} (goal <= 0.5), median of paired runs {paired:.3f}; per-step means {[round(x, 2) for x in times['offline']]} "
@@ -207,6 +219,9 @@ def main(argv=None):
     p.add_argument("--online-reps", type=int, default=2, help="alternating offline/online runs")
     p.add_argument("--online-batch", type=int, default=2, help="samples per step (the seed used 2)")
     p.add_argument("--freeze-embeddings", action="store_true", help="online part: the student's embeddings fixed")
+    p.add_argument("--online-teacher", choices=["fp32", "nf4"], default="fp32",
+                   help="online part: the teacher in the loop; nf4 as the seed ran it (bitsandbytes' CPU "
+                        "kernel is ~6x slower than fp32 here, so fp32 is the strict comparison)")
     a = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
     print(f"kava {kava_common.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, "
@@ -218,7 +233,7 @@ def main(argv=None):
         bench_memory()
     if "online" in parts:
         bench_online(root / "real", a.online_steps, a.online_seq, a.online_reps, a.freeze_embeddings,
-                     a.online_batch)
+                     a.online_batch, a.online_teacher)
 
 
 if __name__ == "__main__":
