@@ -72,7 +72,7 @@ def _sync(model):
         torch.cuda.synchronize()
 
 
-def build_case(name: str, tok, device: str, root: Path):
+def build_case(name: str, tok, device: str, root: Path, tiny_samples: int = 2048):
     """Returns (model, samples, batch size, load seconds)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config
     t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def build_case(name: str, tok, device: str, root: Path):
                                     bnb_4bit_compute_dtype=torch.bfloat16)
             model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch.bfloat16,
                                                          device_map=device if device != "cpu" else "cpu")
-        n, bs = 2048, 16
+        n, bs = tiny_samples, 16
     else:
         cfg = Qwen2Config(**QWEN25_15B)
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -104,6 +104,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="alternating runs per side (real shape on CPU: 2)")
     p.add_argument("--root", default="data_cache/bench")
     p.add_argument("--shard-mb", type=float, default=128.0)
+    p.add_argument("--tiny-samples", type=int, default=2048,
+                   help="rows for the tiny cases (GSM8K's train split has 7,473); the end of a run "
+                        "(last shard's write, manifest fsync) costs the same at any size")
     args = p.parse_args(argv)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -112,7 +115,7 @@ def main(argv=None):
           f"device {args.device}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     results = []
     for case in args.cases.split(","):
-        model, n, bs, load_s = build_case(case, tok, args.device, root)
+        model, n, bs, load_s = build_case(case, tok, args.device, root, args.tiny_samples)
         rows = load_rows("synthetic", "train", max_samples=n)
         cfg = ExtractConfig(teachers=["bench-teacher"], dataset="synthetic", max_samples=n,
                             batch_size=bs, max_length=256, device=args.device, progress=False,
