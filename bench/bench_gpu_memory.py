@@ -92,8 +92,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     student = AutoModelForCausalLM.from_config(s_cfg, dtype=torch.bfloat16)
     sdir = root / "student"
-    student.save_pretrained(sdir)
-    tok.save_pretrained(sdir)
+    kava_common.save_pretrained(student, tok, sdir)
     del student
     chosen = range(len(OPTIONS)) if a.options == "all" else [int(i) for i in a.options.split(",")]
     print(f"batch 2 x {a.max_length} tokens, {a.steps} steps per option; GB = 2^30 bytes")

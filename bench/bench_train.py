@@ -133,8 +133,7 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
     teacher = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_15B), dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_05B), dtype=torch.float32)
     sdir = root / "student-05b"
-    student.save_pretrained(sdir)
-    tok.save_pretrained(sdir)
+    kava_common.save_pretrained(student, tok, sdir)
     print(f"online: built random Qwen2.5-1.5B teacher and 0.5B student in {time.perf_counter() - t0:.0f} s")
     n = steps * batch + 1
     ecfg = ExtractConfig(teachers=["q15"], max_samples=n, batch_size=batch, max_length=seq, device="cpu",
@@ -144,7 +143,7 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
     if teacher_kind == "nf4":
         t0 = time.perf_counter()
         tdir = root / "teacher-15b"
-        teacher.to(torch.bfloat16).save_pretrained(tdir)
+        kava_common.save_pretrained(teacher.to(torch.bfloat16), tok, tdir)
         del teacher
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_compute_dtype=torch.bfloat16)

@@ -1,6 +1,8 @@
 """The contract between kava's stages: cache format, prompt template, data, KV geometry."""
 
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -16,3 +18,27 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 class KavaError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
+
+
+@contextmanager
+def no_hf_progress_bars():
+    """Inside: transformers' own progress bars (loading and saving weights) are off. They draw
+    Unicode blocks between the lines of kava's ASCII progress bar; kava prints its own line
+    before a load. transformers' setting is restored on the way out."""
+    from transformers.utils import logging as hf_logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def save_pretrained(model, tok, path) -> Path:
+    """`model.save_pretrained` and `tok.save_pretrained` into one folder (loadable with
+    `from_pretrained`), without transformers' progress bar."""
+    with no_hf_progress_bars():
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return Path(path)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from kava_common import save_pretrained
+
 # Real shapes for benchmarks: the published Qwen2.5 hyperparameters (weights stay random).
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
@@ -71,10 +73,7 @@ def build_model(config, seed: int = 0):
 
 def save_model(model, tok, path: Path) -> Path:
     """Save weights and tokenizer in one folder, loadable by from_pretrained."""
-    path = Path(path)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_pretrained(model, tok, path)
 
 
 def corpus(n: int = 2000, seed: int = 0) -> list[str]:

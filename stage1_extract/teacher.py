@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kava_common import KavaError
+from kava_common import KavaError, no_hf_progress_bars
 from kava_common.geometry import DTYPES
 
 
@@ -71,7 +71,8 @@ def load_teacher(name: str, quant: dict, device: torch.device, revision: str | N
         kwargs["dtype"] = cdt
     else:
         kwargs["dtype"] = DTYPES[quant["dtype"]]
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
+    with no_hf_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
     if quant["method"] == "bitsandbytes":
         import bitsandbytes as bnb
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

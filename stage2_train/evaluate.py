@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kava_common import KavaError
+from kava_common import KavaError, no_hf_progress_bars
 from kava_common.data import load_rows
 from kava_common.device import resolve_device
 from kava_common.prompt import extract_final_answer, format_prompt
@@ -77,7 +77,8 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dev = resolve_device(device)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_path).to(dev)
+        with no_hf_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(model_path).to(dev)
         tok = AutoTokenizer.from_pretrained(model_path)
     model.eval()
     rows = load_rows(dataset, split, max_samples, seed=seed)

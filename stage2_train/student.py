@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 
+from kava_common import no_hf_progress_bars
 from kava_common.geometry import KVGeometry
 
 
@@ -112,7 +113,8 @@ def load_student(name: str, device: torch.device, dtype: torch.dtype, lora_r: in
     tok = AutoTokenizer.from_pretrained(name)
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"student {name!r}: a fast tokenizer is needed (character offsets)")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+    with no_hf_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
     model.to(device)
     if gradient_checkpointing:
         enable_checkpointing(model)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kava_common import KavaError
+from kava_common import KavaError, save_pretrained
 from kava_common.cache import open_cache
 from kava_common.device import resolve_device
 from kava_common.geometry import KVGeometry
@@ -284,8 +284,7 @@ def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched
     tmp = run / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "student")
-    tok.save_pretrained(tmp / "student")
+    save_pretrained(model, tok, tmp / "student")
     save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -514,8 +513,7 @@ def save_final(run: Path, model, tok, distiller, teachers, s_geo, cfg) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     student = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    student.save_pretrained(tmp / "student")
-    tok.save_pretrained(tmp / "student")
+    save_pretrained(student, tok, tmp / "student")
     save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
     (tmp / "projector.json").write_text(json.dumps({
         "kind": cfg.projector, "shared": cfg.projector_shared, "direction": cfg.direction,

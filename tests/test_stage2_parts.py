@@ -299,3 +299,23 @@ def test_memory_estimate_by_hand():
     assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, ce_chunk=64)["logits"] == 64 * 10 * 10
     assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, ce_chunk=64,
                     answer_tokens=8)["logits"] == 16 * 10 * 10          # fewer targets than a chunk
+
+
+def test_save_pretrained_prints_no_unicode_progress_bar(tok, tmp_path, capfd):
+    """transformers draws a Unicode progress bar on every save and load; kava's print nothing,
+    leave transformers' setting as it was, and the folder loads back."""
+    from transformers.utils import logging as hf_logging
+    from kava_common import save_pretrained
+    from stage2_train.student import load_student
+    model = tiny.build_model(tiny.tiny_config("qwen2", len(tok), hidden=32, layers=1, heads=4, kv_heads=2,
+                                              tok=tok), seed=1)
+    assert hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    save_pretrained(model, tok, tmp_path / "m")
+    out, err = capfd.readouterr()
+    assert "Writing" not in out + err and (out + err).isascii(), out + err
+    assert hf_logging.is_progress_bar_enabled()
+    back, _ = load_student(str(tmp_path / "m"), torch.device("cpu"), torch.float32)   # loads quietly too
+    out, err = capfd.readouterr()
+    assert "Loading" not in out + err and (out + err).isascii(), out + err
+    assert torch.equal(back.get_input_embeddings().weight, model.get_input_embeddings().weight)
