@@ -118,9 +118,15 @@ def test_4bit_nf4_cache_close_to_unquantized(teacher_dir, tmp_path):
 
 
 def test_hdf5_and_safetensors_give_the_same_samples(teacher_dir, tmp_path):
+    """... and a bfloat16 cache holds exactly the float32 cache's K/V rounded to bfloat16 (the
+    capture converts while it copies)."""
     (s,) = extract_main(cfg_for(teacher_dir, tmp_path, kv_dtype="bfloat16", max_samples=5))
     (h,) = extract_main(cfg_for(teacher_dir, tmp_path, kv_dtype="bfloat16", max_samples=5, format="hdf5"))
-    cs, ch = open_cache(s), open_cache(h)
+    (f,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=5))
+    cs, ch, cf = open_cache(s), open_cache(h), open_cache(f)
+    for i in range(5):
+        assert torch.equal(cs[i]["k"], cf[i]["k"].to(torch.bfloat16))
+        assert torch.equal(cs[i]["v"], cf[i]["v"].to(torch.bfloat16))
     assert ch.manifest["shards"][0]["file"].endswith(".h5")
     assert len(cs) == len(ch) == 5
     for i in range(5):
