@@ -35,6 +35,7 @@ from kava_common.tiny import QWEN25_15B   # real shape, random weights
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import (collate, extract_teacher, length_sorted_batches, plan_shards,
                                     prepare_samples, teacher_forward)
+from stage1_extract.teacher import load_teacher, quantization_settings
 
 
 def forward_only(cfg, model, tok, rows) -> float:
@@ -74,7 +75,7 @@ def _sync(model):
 
 def build_case(name: str, tok, device: str, root: Path, tiny_samples: int = 2048):
     """Returns (model, samples, batch size, load seconds)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config
     t0 = time.perf_counter()
     if name.startswith("tiny"):
         cfg = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2,
@@ -82,10 +83,8 @@ def build_case(name: str, tok, device: str, root: Path, tiny_samples: int = 2048
         model = tiny.build_model(cfg, seed=1)
         if name == "tiny-nf4":
             path = tiny.save_model(model, tok, root / "tiny-teacher")
-            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.bfloat16)
-            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch.bfloat16,
-                                                         device_map=device if device != "cpu" else "cpu")
+            dev = torch.device(device)          # loaded as stage 1 loads a 4-bit teacher
+            model = load_teacher(str(path), quantization_settings(True, "nf4", False, dev, "auto"), dev)
         n, bs = tiny_samples, 16
     else:
         cfg = Qwen2Config(**QWEN25_15B)

@@ -31,6 +31,7 @@ from kava_common import tiny
 from kava_common.data import load_rows
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
+from stage1_extract.teacher import load_teacher, quantization_settings
 from stage2_train.config import TrainConfig
 from stage2_train.data import DistillData, collate
 from stage2_train.memory import GB, Shape, describe, estimate
@@ -125,7 +126,7 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
     """Offline (cache) step vs online step (teacher forward in the loop) at real shapes.
     `teacher_kind` nf4: the online loop runs the teacher in 4-bit as the seed did (the cache
     still comes from the fp32 teacher: what the K/V hold does not change the step's time)."""
-    from transformers import BitsAndBytesConfig, Qwen2Config, AutoModelForCausalLM
+    from transformers import Qwen2Config, AutoModelForCausalLM
     from stage1_extract.extract import collate as s1_collate, teacher_forward
     tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
     torch.manual_seed(0)
@@ -145,10 +146,8 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
         tdir = root / "teacher-15b"
         kava_common.save_pretrained(teacher.to(torch.bfloat16), tok, tdir)
         del teacher
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_compute_dtype=torch.bfloat16)
-        teacher = AutoModelForCausalLM.from_pretrained(tdir, quantization_config=qc, dtype=torch.bfloat16,
-                                                       device_map="cpu").eval()
+        cpu = torch.device("cpu")                # loaded as stage 1 loads a 4-bit teacher
+        teacher = load_teacher(str(tdir), quantization_settings(True, "nf4", False, cpu, "auto"), cpu)
         print(f"online: teacher saved and reloaded in NF4 (compute bf16) in {time.perf_counter() - t0:.0f} s")
     cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=batch, max_length=seq,
                       eval_samples=1, device="cpu", progress=False, freeze_embeddings=freeze_embeddings)
