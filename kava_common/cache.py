@@ -123,8 +123,18 @@ def write_shard(cache_dir: Path, index: int, fmt: str, tensors: dict[str, torch.
 
 
 def _finish_shard(cache_dir: Path, index: int, name: str, tmp: Path, entry: dict, checksum: str) -> dict:
-    # No fsync per shard: the rename is atomic against a killed process, and after an OS
-    # crash a short or corrupt shard fails the size check (then it is redone) or `--verify`.
+    """fsync the finished shard, rename it into place, then write its sidecar.
+
+    The rename alone is atomic against a killed process; the fsync makes a shard that its
+    sidecar calls complete survive an OS crash or power loss too. It runs on stage 1's writer
+    thread, where waiting on the disk costs the teacher nothing, and it leaves the manifest's
+    own fsync at the end of a run almost nothing to flush (on this project's test machine the
+    shards' writes sat in the disk's cache and one fsync at the end took 0.2-0.5 s)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     entry = dict(entry, file=name, bytes=tmp.stat().st_size, checksum=checksum)
     os.replace(tmp, cache_dir / name)
     atomic_write_text(cache_dir / f"shard-{index:05d}.json", json.dumps(entry, indent=1))

@@ -107,3 +107,28 @@ def test_mapped_reader_equals_safe_open(tmp_path, how):
     assert torch.equal(kc._Shard(path, "safetensors").read("k.0", 1, 3), tensors["k.0"][1:3])
     with pytest.raises(KeyError, match="no tensor 'k.9'"):
         shard.read("k.9")
+
+
+@pytest.mark.parametrize("how", ["laid_out-direct", "laid_out-buffered", "safetensors", "hdf5"])
+def test_each_shard_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch, how):
+    """A shard whose sidecar says complete must be on disk, not only in a cache: the shard's
+    own file is fsynced under its temporary name, then renamed, then the sidecar written."""
+    import os
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))),
+                                                     real_replace(a, b))[1])
+    tensors = _tensors()
+    if how.startswith("laid_out"):
+        layout, flat = _laid_out(tensors)
+        entry = kc.write_laid_out_shard(tmp_path, 2, layout, flat, {"index": 2}, direct=how.endswith("direct"))
+    else:
+        entry = kc.write_shard(tmp_path, 2, how, tensors, {"index": 2})
+    final = tmp_path / entry["file"]
+    tmp = str(final) + ".tmp"
+    sidecar = tmp_path / "shard-00002.json"
+    assert events == [("fsync", tmp), ("replace", tmp, str(final)),
+                      ("replace", str(sidecar) + ".tmp", str(sidecar))]
+    assert final.stat().st_size == entry["bytes"] and json.loads(sidecar.read_text()) == entry
