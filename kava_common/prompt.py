@@ -84,6 +84,46 @@ def token_spans(char_spans, offsets) -> list[tuple[int, int]]:
     return out
 
 
+def token_spans_batch(char_spans: list, offsets: list) -> np.ndarray:
+    """`token_spans` for many samples at once: (n, S, 2) int64, row j equal to
+    `token_spans(char_spans[j], offsets[j])`. `char_spans[j]` holds S (start, end) pairs and
+    `offsets[j]` is sample j's (T_j, 2) offset mapping. One set of numpy operations over all
+    tokens instead of a Python loop per sample (2,048 GSM8K-sized samples: ~0.07 s -> ~0.01 s).
+    """
+    n = len(offsets)
+    if n == 0:
+        return np.zeros((0, 0, 2), dtype=np.int64)
+    spans = np.asarray(char_spans, dtype=np.int64).reshape(n, -1, 2)            # (n, S, 2)
+    lens = np.array([len(o) for o in offsets], dtype=np.int64)
+    off = np.concatenate([np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in offsets])
+    a, b = off[:, 0], off[:, 1]
+    sid = np.repeat(np.arange(n), lens)                # sample of each token
+    first_tok = np.cumsum(lens) - lens                 # its first token in `off`
+    real = b > a
+    out = np.empty((n, spans.shape[1], 2), dtype=np.int64)
+    samples = np.arange(n)
+
+    def first_last(mask):
+        """Per sample: local index of its first and last token in `mask`, and whether any."""
+        idx = np.flatnonzero(mask)
+        owner = sid[idx]
+        lo = np.searchsorted(owner, samples, side="left")
+        hi = np.searchsorted(owner, samples, side="right")
+        found = hi > lo
+        safe_lo, safe_hi = np.minimum(lo, max(len(idx) - 1, 0)), np.maximum(hi - 1, 0)
+        pick = idx if len(idx) else np.zeros(1, np.int64)
+        return pick[safe_lo] - first_tok, pick[safe_hi] - first_tok, found
+
+    for k in range(spans.shape[1]):
+        s, e = spans[:, k, 0][sid], spans[:, k, 1][sid]
+        first, last, found = first_last(real & (a < e) & (b > s))
+        after, _, any_after = first_last(real & (b > s))
+        at = np.where(any_after, after, lens)          # empty: at the first token after it
+        out[:, k, 0] = np.where(found, first, at)
+        out[:, k, 1] = np.where(found, last + 1, at)
+    return out
+
+
 def encode_with_offsets(tok, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per text: token ids (T,) int64 and character offsets (T, 2) int32, with the tokenizer's
     special tokens and no truncation or padding -- what `tok(texts, return_offsets_mapping=True)`

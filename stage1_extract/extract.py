@@ -28,7 +28,7 @@ from kava_common import cache as kcache
 from kava_common.data import Rows, load_rows, tokenizer_identity
 from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
-from kava_common.prompt import SEGMENTS, TEMPLATE_ID, encode_with_offsets, format_sample, token_spans
+from kava_common.prompt import SEGMENTS, TEMPLATE_ID, encode_with_offsets, format_sample, token_spans_batch
 
 from . import teacher as T
 from .config import ExtractConfig
@@ -61,10 +61,11 @@ def prepare_samples(rows: Rows, tok, max_length: int) -> tuple[list[Sample], lis
         no_final += not f.has_final
         texts.append(f.text)
         kept.append((i, f))
-    for (i, f), (ids, offs) in zip(kept, encode_with_offsets(tok, texts)):
-        cut = len(ids) > max_length
-        ids, offs = ids[:max_length], offs[:max_length]
-        samples.append(Sample(i, f.text, ids, offs, token_spans(f.char_spans, offs), f.char_spans, cut))
+    encoded = [(ids[:max_length], offs[:max_length], len(ids) > max_length)
+               for ids, offs in encode_with_offsets(tok, texts)]
+    spans = token_spans_batch([f.char_spans for _, f in kept], [offs for _, offs, _ in encoded]).tolist()
+    for (i, f), (ids, offs, cut), tspans in zip(kept, encoded, spans):
+        samples.append(Sample(i, f.text, ids, offs, [tuple(t) for t in tspans], f.char_spans, cut))
     stats = {"rows_without_final_answer": no_final,
              "truncated_samples": sum(s.truncated for s in samples)}
     return samples, skipped, stats

@@ -3,7 +3,7 @@ import pytest
 
 from kava_common import tiny
 from kava_common.prompt import (SEGMENTS, encode_with_offsets, extract_final_answer, format_prompt,
-                                format_sample, token_spans)
+                                format_sample, token_spans, token_spans_batch)
 
 Q = "Natalia sold clips to 48 friends. How many?"
 A = "She sold 48/2 = <<48/2=24>>24 in May.\n#### 72"
@@ -53,6 +53,35 @@ def test_token_spans_overlap_rule():
     assert token_spans(spans, offsets) == [(2, 3), (4, 5), (6, 7)]
     assert token_spans([(18, 18)], offsets) == [(7, 7)]      # empty span at the end
     assert token_spans([(5, 5)], offsets) == [(3, 3)]        # empty span in the middle
+
+
+def test_token_spans_batch_equals_token_spans_per_sample():
+    """The batched version against the per-sample rule, on hand offsets and on random ones
+    with special tokens (empty offsets), repeated and out-of-order offsets, samples without
+    tokens, and empty spans anywhere."""
+    hand = [(0, 0), (0, 2), (3, 5), (5, 9), (9, 11), (11, 16), (16, 18)]
+    rng = np.random.default_rng(0)
+    offsets, char_spans = [hand, [], [(0, 0)]], [[(3, 5), (9, 11), (17, 18)], [(0, 4), (5, 5), (6, 9)],
+                                                 [(0, 0), (0, 3), (3, 3)]]
+    for _ in range(300):
+        t = int(rng.integers(0, 12))
+        starts = np.sort(rng.integers(0, 30, t))
+        ends = starts + rng.integers(0, 4, t)                    # some empty (special tokens)
+        o = np.stack([starts, ends], 1)
+        if t > 2 and rng.random() < 0.3:                          # byte pieces sharing a span
+            o[1] = o[2]
+        if t > 2 and rng.random() < 0.2:                          # out of order
+            o[[0, -1]] = o[[-1, 0]]
+        offsets.append(o.astype(np.int32))
+        cuts = np.sort(rng.integers(0, 34, 6)).reshape(3, 2)
+        char_spans.append([tuple(map(int, c)) for c in cuts])
+    got = token_spans_batch(char_spans, offsets)
+    assert got.shape == (len(offsets), 3, 2) and got.dtype == np.int64
+    for j, (cs, o) in enumerate(zip(char_spans, offsets)):
+        assert [tuple(x) for x in got[j].tolist()] == token_spans(cs, o), j
+    assert got[0].tolist() == [[2, 3], [4, 5], [6, 7]]
+    assert got[1].tolist() == [[0, 0], [0, 0], [0, 0]]           # no tokens: empty at 0
+    assert token_spans_batch([], []).shape == (0, 0, 2)
 
 
 def test_extract_final_answer():
