@@ -366,3 +366,29 @@ def test_token_segments_of_all_samples_and_longest_answer(teacher_dir, tmp_path)
     longest = max(c[i]["token_segments"]["answer"][1] - c[i]["token_segments"]["reasoning"][0] for i in range(7))
     assert longest_answer([{"cache": c}], 10_000) == longest + 1            # + EOS
     assert longest_answer([{"cache": c}], 5) == 5                           # capped at max_length
+
+
+def test_tokenizing_and_forward_loop_run_with_the_heap_frozen(teacher_dir, tmp_path, tok, monkeypatch):
+    """Python's full garbage collections skip what was alive before tokenizing and before the
+    forward loop (gc.freeze), and the heap is given back to the collector afterwards."""
+    import gc
+    import stage1_extract.extract as E
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    seen = {}
+    model.register_forward_pre_hook(lambda mod, args: seen.setdefault("forward", gc.get_freeze_count()) and None)
+    real_prepare = E.prepare_samples
+    monkeypatch.setattr(E, "prepare_samples",
+                        lambda *a: (seen.setdefault("tokenize", gc.get_freeze_count()), real_prepare(*a))[1])
+    assert gc.get_freeze_count() == 0
+    extract_teacher(cfg_for(teacher_dir, tmp_path, max_samples=4), str(teacher_dir),
+                    load_rows("synthetic", "train", max_samples=4), model=model, tok=tok)
+    assert seen["tokenize"] > 10_000 and seen["forward"] > 10_000    # model, tokenizer, transformers
+    assert gc.get_freeze_count() == 0
+    gc.freeze()                                   # a caller's own freeze is left as it is
+    try:
+        n = gc.get_freeze_count()
+        extract_teacher(cfg_for(teacher_dir, tmp_path / "b", max_samples=4), str(teacher_dir),
+                        load_rows("synthetic", "train", max_samples=4), model=model, tok=tok)
+        assert gc.get_freeze_count() > n // 2      # not unfrozen (a few frozen objects may die)
+    finally:
+        gc.unfreeze()
