@@ -410,9 +410,10 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
         quant = T.quantization_settings(cfg.quantize, cfg.quant_type, cfg.double_quant, device, cfg.dtype)
     teacher_info = dict(T.model_summary(name, config), revision=cfg.revision,
                         weights=T.weights_identity(name, config))
+    tok_id, data_id = tokenizer_identity(tok), rows.identity()    # each hashes everything once
     identity = {"schema_version": kcache.SCHEMA_VERSION, "teacher": {
         k: teacher_info[k] for k in ("name", "revision", "weights")}, "quantization": dict(quant),
-        "tokenizer_sha256": tokenizer_identity(tok)["sha256"], "dataset": rows.identity(),
+        "tokenizer_sha256": tok_id["sha256"], "dataset": data_id,
         "prompt_template": TEMPLATE_ID, "max_length": cfg.max_length, "layers": layers,
         "kv_dtype": cfg.kv_dtype, "format": cfg.format, "shard_mb": cfg.shard_mb}
     fp = kcache.fingerprint(identity)
@@ -482,8 +483,8 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
         "schema_version": kcache.SCHEMA_VERSION, "fingerprint": fp,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher": dict(teacher_info, quantization=quant),
-        "tokenizer": tokenizer_identity(tok),
-        "dataset": dict(rows.identity(), seed=cfg.seed if rows.name.startswith("synthetic") else None),
+        "tokenizer": tok_id,
+        "dataset": dict(data_id, seed=cfg.seed if rows.name.startswith("synthetic") else None),
         "prompt_template": TEMPLATE_ID, "segments": list(SEGMENTS), "max_length": cfg.max_length,
         "format": cfg.format,
         "num_layers": geometry.num_layers, "layers": layers, "num_kv_heads": geometry.num_kv_heads,
