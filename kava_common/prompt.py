@@ -88,7 +88,7 @@ def token_spans_batch(char_spans: list, offsets: list) -> np.ndarray:
     """`token_spans` for many samples at once: (n, S, 2) int64, row j equal to
     `token_spans(char_spans[j], offsets[j])`. `char_spans[j]` holds S (start, end) pairs and
     `offsets[j]` is sample j's (T_j, 2) offset mapping. One set of numpy operations over all
-    tokens instead of a Python loop per sample (2,048 GSM8K-sized samples: ~0.07 s -> ~0.01 s).
+    tokens instead of a Python loop per sample (2,048 GSM8K-sized samples: 0.038 -> 0.022 s).
     """
     n = len(offsets)
     if n == 0:
