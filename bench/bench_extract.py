@@ -17,7 +17,8 @@ printed beside it. Goal: ratio <= 1.10.
 `--write-load` adds a third side: forward-only while a thread writes the cache's bytes through
 stage 1's own write path at the pace of a run. What it adds to forward-only is what writing
 the cache costs the teacher on this machine (on a virtual disk the host's I/O work competes
-with the guest's cores), a part of the ratio no change to stage 1's code can remove.
+with the guest's cores): a part of the ratio that only writing fewer bytes (fewer --layers, a
+smaller --kv-dtype) reduces.
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ def main(argv=None):
     p.add_argument("--root", default="data_cache/bench")
     p.add_argument("--shard-mb", type=float, default=128.0)
     p.add_argument("--tiny-samples", type=int, default=2048,
-                   help="rows for the tiny cases (GSM8K's train split has 7,473); the end of a run "
-                        "(last shard's write, manifest fsync) costs the same at any size")
+                   help="rows for the tiny cases (GSM8K's train split has 7,473); the first touch of "
+                        "the two shard buffers and the last shard's write and fsync cost the same at any size")
     p.add_argument("--write-load", action="store_true",
                    help="also time forward-only while a thread writes the cache's bytes the way stage 1 "
                         "does: the share of the ratio that is the disk's cost to the forward")
