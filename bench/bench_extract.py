@@ -171,9 +171,12 @@ def main(argv=None):
                             shard_mb=args.shard_mb)
         reps = 2 if case.startswith("qwen") and args.device == "cpu" else args.repeats
         forward_only(cfg, model, tok, load_rows("synthetic", "train", max_samples=bs))  # warm-up
-        fw, ex, wcpu, wl = [], [], [], []
+        fw, ex, wcpu, wl, tk = [], [], [], [], []
         sizes = shard_sizes(cfg, model, tok, rows) if args.write_load else []
         for _ in range(reps):
+            t0 = time.perf_counter()
+            prepare_samples(rows, tok, cfg.max_length)     # what stage 1 does before the forward
+            tk.append(time.perf_counter() - t0)
             fw.append(forward_only(cfg, model, tok, rows))
             dt, cpu = extract_once(cfg, model, tok, rows, root)
             ex.append(dt)
@@ -189,6 +192,8 @@ def main(argv=None):
               f"ratio {ratio:.3f}, median of paired runs {paired:.3f} (runs: fwd {', '.join(f'{x:.2f}' for x in fw)}; "
               f"extract {', '.join(f'{x:.2f}' for x in ex)}); writer thread CPU "
               f"{', '.join(f'{x:.2f}' for x in wcpu)} s")
+        print(f"{'':>20}  tokenizing alone (format, tokenize, segment spans): {min(tk):.2f} s, "
+              f"{min(tk) / min(fw):.3f} of forward-only")
         if wl:
             print(f"{'':>20}  forward-only while stage 1's writer writes the same {sum(sizes) / 1e9:.2f} GB "
                   f"({len(sizes)} shards) in the background: {min(wl):.2f} s, {min(wl) / min(fw):.3f} x "
