@@ -24,6 +24,7 @@ smaller --kv-dtype) reduces.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -39,17 +40,17 @@ import torch
 from kava_common import cache as kcache
 from kava_common import tiny
 from kava_common.data import load_rows
-from kava_common.geometry import DTYPES, KVGeometry
+from kava_common.geometry import KVGeometry
 from kava_common.tiny import QWEN25_15B   # real shape, random weights
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import (collate, extract_teacher, length_sorted_batches, plan_shards,
-                                    prepare_samples, shard_layout, shard_meta, teacher_forward)
+                                    prepare_samples, teacher_forward)
 from stage1_extract.teacher import load_teacher, quantization_settings
 
 
-def forward_only(cfg, model, tok, rows) -> float:
-    """Time the teacher's forward passes alone over the batches stage 1 would run."""
-    samples, _, _ = prepare_samples(rows, tok, cfg.max_length)
+def forward_only(cfg, model, tok, samples) -> float:
+    """Time the teacher's forward passes alone over the batches stage 1 would run for
+    `samples` (from prepare_samples)."""
     bpt = KVGeometry.from_config(model.config).bytes_per_token(cfg.kv_dtype, cfg.layers)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     t0 = time.perf_counter()
@@ -62,32 +63,24 @@ def forward_only(cfg, model, tok, rows) -> float:
     return time.perf_counter() - t0
 
 
-def extract_once(cfg, model, tok, rows, root: Path) -> float:
+def extract_once(cfg, model, tok, rows, root: Path) -> tuple[float, float, list[int]]:
+    """Stage 1's wall time, its writer thread's CPU seconds, and the byte size of each shard."""
     out = Path(tempfile.mkdtemp(dir=root))
     c = ExtractConfig(**{**cfg.__dict__, "out": str(out)})
     lines = []
     t0 = time.perf_counter()
-    extract_teacher(c, "bench-teacher", rows, model=model, tok=tok, log=lines.append)
+    cache_dir = extract_teacher(c, "bench-teacher", rows, model=model, tok=tok, log=lines.append)
     _sync(model)
     dt = time.perf_counter() - t0
+    sizes = [e["bytes"] for e in json.loads((cache_dir / kcache.MANIFEST).read_text())["shards"]]
     shutil.rmtree(out)
     os.sync()   # the deletion's journal commit (and, on a disk mounted with `discard`, the trims
                 # of the freed blocks) must not land in the next timed run
     cpu = [float(m.group(1)) for l in lines if (m := re.search(r"writer thread used ([0-9.]+) s", l))]
-    return dt, (cpu[0] if cpu else float("nan"))
+    return dt, (cpu[0] if cpu else float("nan")), sizes
 
 
-def shard_sizes(cfg, model, tok, rows) -> list[int]:
-    """The byte size of each shard file stage 1 writes for `rows`."""
-    samples, _, _ = prepare_samples(rows, tok, cfg.max_length)
-    geometry = KVGeometry.from_config(model.config)
-    layers = list(range(geometry.num_layers)) if cfg.layers is None else list(cfg.layers)
-    plan = plan_shards(samples, geometry.bytes_per_token(cfg.kv_dtype, cfg.layers), cfg.shard_mb * 1e6)
-    return [shard_layout(shard_meta([samples[j] for j in m]), layers, geometry, DTYPES[cfg.kv_dtype]).nbytes
-            for m in plan]
-
-
-def forward_under_write_load(cfg, model, tok, rows, root: Path, sizes: list[int], pace: float) -> float:
+def forward_under_write_load(cfg, model, tok, samples, root: Path, sizes: list[int], pace: float) -> float:
     """forward_only while a thread writes shards of `sizes` bytes through stage 1's own write
     path (checksum, O_DIRECT write, fsync, rename, sidecar), one every `pace` seconds, as a
     run does: what writing the cache costs the teacher's forward on this machine."""
@@ -106,7 +99,7 @@ def forward_under_write_load(cfg, model, tok, rows, root: Path, sizes: list[int]
     th = threading.Thread(target=load)
     th.start()
     try:
-        dt = forward_only(cfg, model, tok, rows)
+        dt = forward_only(cfg, model, tok, samples)
     finally:
         stop.set()
         th.join()
@@ -170,23 +163,23 @@ def main(argv=None):
                             batch_size=bs, max_length=256, device=args.device, progress=False,
                             shard_mb=args.shard_mb)
         reps = 2 if case.startswith("qwen") and args.device == "cpu" else args.repeats
-        forward_only(cfg, model, tok, load_rows("synthetic", "train", max_samples=bs))  # warm-up
+        warm = prepare_samples(load_rows("synthetic", "train", max_samples=bs), tok, cfg.max_length)[0]
+        forward_only(cfg, model, tok, warm)
         fw, ex, wcpu, wl, tk = [], [], [], [], []
-        sizes = shard_sizes(cfg, model, tok, rows) if args.write_load else []
         for _ in range(reps):
             t0 = time.perf_counter()
-            prepare_samples(rows, tok, cfg.max_length)     # what stage 1 does before the forward
+            samples = prepare_samples(rows, tok, cfg.max_length)[0]   # stage 1 does this too
             tk.append(time.perf_counter() - t0)
-            fw.append(forward_only(cfg, model, tok, rows))
-            dt, cpu = extract_once(cfg, model, tok, rows, root)
+            fw.append(forward_only(cfg, model, tok, samples))
+            dt, cpu, sizes = extract_once(cfg, model, tok, rows, root)
             ex.append(dt)
             wcpu.append(cpu)
             if args.write_load:
-                wl.append(forward_under_write_load(cfg, model, tok, rows, root, sizes, fw[-1] / len(sizes)))
+                wl.append(forward_under_write_load(cfg, model, tok, samples, root, sizes, fw[-1] / len(sizes)))
         ratio = min(ex) / min(fw)
         paired = statistics.median(e / f for e, f in zip(ex, fw))   # each run over its neighbour
         results.append((case, ratio))
-        tokens = sum(len(s.ids) for s in prepare_samples(rows, tok, cfg.max_length)[0])
+        tokens = sum(len(s.ids) for s in samples)
         print(f"{case:>20}: {n} samples, {tokens} tokens, batch {bs}; load {load_s:.1f} s; "
               f"forward-only {min(fw):.2f} s ({tokens / min(fw):.0f} tok/s), stage 1 {min(ex):.2f} s; "
               f"ratio {ratio:.3f}, median of paired runs {paired:.3f} (runs: fwd {', '.join(f'{x:.2f}' for x in fw)}; "
