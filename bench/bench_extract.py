@@ -38,7 +38,7 @@ import kava_common  # before torch: kava_common sets its allocator options
 import torch
 
 from kava_common import cache as kcache
-from kava_common import tiny
+from kava_common import save_pretrained, tiny
 from kava_common.data import load_rows
 from kava_common.geometry import KVGeometry
 from kava_common.tiny import QWEN25_15B   # real shape, random weights
@@ -122,7 +122,7 @@ def build_case(name: str, tok, device: str, root: Path, tiny_samples: int = 2048
                                head_dim=64, intermediate=256, tok=tok)
         model = tiny.build_model(cfg, seed=1)
         if name == "tiny-nf4":
-            path = tiny.save_model(model, tok, root / "tiny-teacher")
+            path = save_pretrained(model, tok, root / "tiny-teacher")
             dev = torch.device(device)          # loaded as stage 1 loads a 4-bit teacher
             model = load_teacher(str(path), quantization_settings(True, "nf4", False, dev, "auto"), dev)
         n, bs = tiny_samples, 16

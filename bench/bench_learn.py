@@ -36,7 +36,7 @@ import kava_common  # before torch: kava_common sets its allocator options
 import torch
 import yaml
 
-from kava_common import tiny
+from kava_common import save_pretrained, tiny
 from kava_common.data import load_rows
 from kava_common.prompt import format_sample
 from stage1_extract.config import ExtractConfig
@@ -94,7 +94,7 @@ def build_teacher(root: Path, name: str, arch: str, tok, log) -> Path:
         f"{arch}) for {TEACHER_STEPS} steps on {N_TEACHER} problems")
     train_lm(model, tok, texts, TEACHER_STEPS, 32, 2e-3, 0, log)
     tmp = root / (name + ".tmp")
-    tiny.save_model(model, tok, tmp)
+    save_pretrained(model, tok, tmp)
     tmp.rename(path)
     return path
 
@@ -176,7 +176,7 @@ def main(argv=None):
     if not (student / "config.json").is_file():
         cfg = tiny.tiny_config("qwen2", len(tok_a), hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16,
                                intermediate=128, tok=tok_a)
-        tiny.save_model(tiny.build_model(cfg, seed=21), tok_a, student)
+        save_pretrained(tiny.build_model(cfg, seed=21), tok_a, student)
     settings = dict(student=str(student), max_steps=STUDENT_STEPS, batch_size=16, lr_student=2e-3,
                     lr_projector=2e-3, warmup_steps=30, min_lr_ratio=0.1, eval_samples=16, log_every=50,
                     save_every=0, device="cpu", max_length=256, projector="head",

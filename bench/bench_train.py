@@ -27,7 +27,7 @@ import psutil
 import kava_common  # before torch: kava_common sets its allocator options
 import torch
 
-from kava_common import tiny
+from kava_common import save_pretrained, tiny
 from kava_common.data import load_rows
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
@@ -78,7 +78,7 @@ def build_tiny(root: Path, n: int):
                                           head_dim=64, intermediate=256, tok=tok), seed=1)
     s = tiny.build_model(tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1,
                                           head_dim=16, intermediate=128, tok=tok), seed=2)
-    sdir = tiny.save_model(s, tok, root / "student")
+    sdir = save_pretrained(s, tok, root / "student")
     ecfg = ExtractConfig(teachers=["tiny"], max_samples=n, batch_size=16, max_length=256, device="cpu",
                          progress=False, out=str(root / "caches"))
     cache = extract_teacher(ecfg, "tiny", load_rows("synthetic", max_samples=n), model=t, tok=tok,

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import tiny
+from . import save_pretrained, tiny
 from .info import summary
 from .cache import verify_cache
 
@@ -27,8 +27,8 @@ def build_models(root: Path) -> tuple[Path, Path]:
                                 head_dim=64, intermediate=256, tok=tok)
         scfg = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1,
                                 head_dim=16, intermediate=128, tok=tok)
-        tiny.save_model(tiny.build_model(tcfg, seed=1), tok, teacher)
-        tiny.save_model(tiny.build_model(scfg, seed=2), tok, student)
+        save_pretrained(tiny.build_model(tcfg, seed=1), tok, teacher)
+        save_pretrained(tiny.build_model(scfg, seed=2), tok, student)
     return teacher, student
 
 

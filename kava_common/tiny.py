@@ -6,11 +6,7 @@ models are built from configs with random weights.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-
-from kava_common import save_pretrained
 
 # Real shapes for benchmarks: the published Qwen2.5 hyperparameters (weights stay random).
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -69,11 +65,6 @@ def build_model(config, seed: int = 0):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-
-def save_model(model, tok, path: Path) -> Path:
-    """Save weights and tokenizer in one folder, loadable by from_pretrained."""
-    return save_pretrained(model, tok, path)
 
 
 def corpus(n: int = 2000, seed: int = 0) -> list[str]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kava_common import tiny
+from kava_common import save_pretrained, tiny
 
 torch.set_num_threads(2)
 
@@ -24,7 +24,7 @@ def teacher_dir(tmp_path_factory, tok):
     Every linear's output width is a multiple of 32, as bitsandbytes' 4-bit CPU kernel needs."""
     cfg = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=3, heads=4, kv_heads=2,
                            head_dim=32, intermediate=128, tok=tok)
-    return tiny.save_model(tiny.build_model(cfg, seed=0), tok, tmp_path_factory.mktemp("teacher"))
+    return save_pretrained(tiny.build_model(cfg, seed=0), tok, tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def llama_dir(tmp_path_factory):
     """A Llama teacher with its own tokenizer (adds BOS) and plain MHA geometry."""
     ltok = tiny.train_tokenizer(tiny.corpus(300, seed=5), vocab_size=280, add_bos=True)
     cfg = tiny.tiny_config("llama", len(ltok), hidden=64, layers=2, heads=2, kv_heads=2, tok=ltok)
-    return tiny.save_model(tiny.build_model(cfg, seed=3), ltok, tmp_path_factory.mktemp("llama"))
+    return save_pretrained(tiny.build_model(cfg, seed=3), ltok, tmp_path_factory.mktemp("llama"))
 
 
 def write_jsonl(path, rows):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from kava_common import tiny
+from kava_common import save_pretrained, tiny
 from kava_common.data import load_rows
 from stage2_train.evaluate import evaluate, extract_answer, gold_answer, main
 
@@ -69,7 +69,7 @@ def test_accuracy_arithmetic_and_limits(tok, tmp_path):
 
 def test_cli_on_a_real_tiny_model(tok, tmp_path, capsys):
     cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=1, heads=2, kv_heads=1, tok=tok)
-    d = tiny.save_model(tiny.build_model(cfg), tok, tmp_path / "m")
+    d = save_pretrained(tiny.build_model(cfg), tok, tmp_path / "m")
     assert main(["--model", str(d), "--max-samples", "5", "--max-new-tokens", "8", "--no-progress"]) == 0
     assert "exact match 0/5 = 0.0000 on synthetic test" in capsys.readouterr().out
     lines = (d / "eval-test.jsonl").read_text().splitlines()

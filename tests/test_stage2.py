@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kava_common import KavaError, tiny
+from kava_common import KavaError, save_pretrained, tiny
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import main as extract
 from stage2_train.__main__ import cli
@@ -31,7 +31,7 @@ def caches(tmp_path_factory, teacher_dir, llama_dir):
 @pytest.fixture(scope="session")
 def student_dir(tmp_path_factory, tok):
     cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=2, heads=4, kv_heads=1, head_dim=16, tok=tok)
-    return tiny.save_model(tiny.build_model(cfg, seed=7), tok, tmp_path_factory.mktemp("student"))
+    return save_pretrained(tiny.build_model(cfg, seed=7), tok, tmp_path_factory.mktemp("student"))
 
 
 def run(student, caches, out, **kw):
