@@ -7,13 +7,16 @@ BIN := $(VENV)/bin
 # pip's default wheel is the CUDA build on Linux with a GPU driver, the CPU build elsewhere;
 # override with e.g. `make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
 TORCH_SPEC ?= torch==2.13.0
+# Every other package at the version the tests pass with (constraints.txt); CONSTRAINTS= drops the pins.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: setup demo test bench clean-demo
 
-$(BIN)/.kava-installed: pyproject.toml
+$(BIN)/.kava-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q $(PIN) -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/.kava-installed

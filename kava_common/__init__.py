@@ -35,6 +35,62 @@ def no_hf_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+SOFTWARE = ("torch", "transformers", "bitsandbytes", "safetensors", "h5py", "numpy", "tokenizers", "peft")
+
+
+def software_versions() -> dict:
+    """Versions of Python, kava and the packages whose behaviour shapes a cache or a run
+    (None where one is not installed); read from package metadata, nothing is imported."""
+    import platform
+    from importlib import metadata
+    out = {"python": platform.python_version(), "kava": __version__}
+    for name in SOFTWARE:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_description() -> str:
+    """One line naming this machine for benchmark output: the CPU model, whether it has
+    AVX512-BF16 (bitsandbytes' packed 4-bit kernel), cores, and the GPU when there is one."""
+    import platform
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = info.get("model name") or platform.processor() or platform.machine()
+    bf16 = "AVX512-BF16" if "avx512_bf16" in info.get("flags", "").split() else "no AVX512-BF16"
+    desc = f"{model} ({bf16}), {os.cpu_count()} cores"
+    import torch
+    if torch.cuda.is_available():
+        desc += f"; GPU {torch.cuda.get_device_name()}"
+    return desc
+
+
+def import_bitsandbytes():
+    """`import bitsandbytes`, without its "Failed to load CPU gemm_4bit_forward from
+    kernels-community" warning. On a CPU with AVX512-BF16, bitsandbytes tries to fetch an
+    optional 4-bit kernel from the Hugging Face hub through the `kernels` package; when that
+    package is absent (kava does not install it: it downloads code at run time) bitsandbytes
+    uses the same kernel compiled into its own library, which is what runs here, offline.
+    Only that one message is dropped; every other bitsandbytes warning still shows."""
+    import logging
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(getattr(f, "_kava", False) for f in logger.filters):
+        def drop_kernels_hub_line(record) -> bool:
+            return "kernels-community" not in record.getMessage()
+        drop_kernels_hub_line._kava = True
+        logger.addFilter(drop_kernels_hub_line)
+    import bitsandbytes
+    return bitsandbytes
+
+
 def save_pretrained(model, tok, path) -> Path:
     """`model.save_pretrained` and `tok.save_pretrained` into one folder (loadable with
     `from_pretrained`), without transformers' progress bar."""

@@ -19,6 +19,9 @@ def summary(path: str) -> str:
     t, q = m["teacher"], m["teacher"]["quantization"]
     quant = (f"{q['bits']}-bit {q['quant_type']}{' double-quant' if q.get('double_quant') else ''}"
              if q["method"] != "none" else f"unquantized {q['dtype']}")
+    if q.get("cpu_kernel"):
+        plain = len(q.get("cpu_plain_modules", []))
+        quant += f", bitsandbytes CPU kernel {q['cpu_kernel']}" + (f" ({plain} linears plain)" if plain else "")
     return "\n".join([
         f"cache        {Path(path)}",
         f"fingerprint  {m['fingerprint']}",

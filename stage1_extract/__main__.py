@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the teacher unquantized (default: 4-bit bitsandbytes)")
     p.add_argument("--quant-type", default=d.quant_type, help="nf4 | fp4")
     p.add_argument("--double-quant", action="store_true", help="4-bit double quantization")
+    p.add_argument("--cpu-4bit-kernel", default=d.cpu_4bit_kernel,
+                   help="bitsandbytes CPU path: auto | packed (needs AVX512-BF16) | plain")
     p.add_argument("--dtype", default=d.dtype, help="unquantized teacher dtype (auto: fp32 on "
                    "CPU, bf16 on GPU)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")

@@ -23,6 +23,7 @@ class ExtractConfig:
     quantize: bool = True                # 4-bit bitsandbytes teacher; False: unquantized
     quant_type: str = "nf4"              # nf4 | fp4
     double_quant: bool = False           # bitsandbytes nested quantization of the scales
+    cpu_4bit_kernel: str = "auto"        # 4-bit on a CPU: auto | packed (AVX512-BF16) | plain
     dtype: str = "auto"                  # unquantized teacher dtype (auto: float32 on CPU, bf16 on GPU)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     revision: str | None = None          # hub revision of every teacher
@@ -52,6 +53,8 @@ class ExtractConfig:
             problems.append(f"--format {self.format!r}: choose one of {sorted(FORMATS)}")
         if self.quant_type not in ("nf4", "fp4"):
             problems.append(f"--quant-type {self.quant_type!r}: choose nf4 or fp4")
+        if self.cpu_4bit_kernel not in ("auto", "packed", "plain"):
+            problems.append(f"--cpu-4bit-kernel {self.cpu_4bit_kernel!r}: choose auto, packed or plain")
         if self.dtype not in ("auto", *DTYPES):
             problems.append(f"--dtype {self.dtype!r}: choose auto or one of {sorted(DTYPES)}")
         if not self.quantize and self.double_quant:

@@ -14,7 +14,6 @@ import gc
 import json
 import re
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kava_common import KavaError
+from kava_common import KavaError, software_versions
 from kava_common import cache as kcache
 from kava_common.data import Rows, load_rows, tokenizer_identity
 from kava_common.device import resolve_device
@@ -112,7 +111,7 @@ def teacher_forward(model, ids, mask, pos, cache=None):
     `cache` None uses the model's own DynamicCache; stage 1 passes a `KVCapture.cache`."""
     dev = model.device
     return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                 use_cache=True, past_key_values=cache, logits_to_keep=1)
+                 use_cache=True, cache=cache, logits_to_keep=1)
 
 
 class KVCapture:
@@ -451,7 +450,7 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
         if own_model:
             log(f"[{name}] loading teacher ({quant['method']}"
                 f"{' ' + quant.get('quant_type', '') if quant['method'] != 'none' else ''}) on {device}")
-            model = T.load_teacher(name, quant, device, cfg.revision)
+            model = T.load_teacher(name, quant, device, cfg.revision, cfg.cpu_4bit_kernel)
         try:
             with gc_frozen():   # the loop's collections skip the model and the samples
                 written = _run(cfg, name, model, tok, geometry, layers, samples, plan, mine, todo, cache_dir, fp)
@@ -478,7 +477,6 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
         e = dict(entries[i], first_sample=first)
         first += e["num_samples"]
         shards.append(e)
-    import transformers
     manifest = {
         "schema_version": kcache.SCHEMA_VERSION, "fingerprint": fp,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -496,8 +494,7 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
         "skipped_rows": skipped, "bad_samples": [b for s in shards for b in s["bad_samples"]],
         **stats,
         "shards": shards,
-        "software": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": sys.version.split()[0]},
+        "software": software_versions(),
     }
     kcache.write_manifest(cache_dir, manifest)
     nbad = len(manifest["bad_samples"])

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 
-from kava_common import KavaError, no_hf_progress_bars
+from kava_common import KavaError, import_bitsandbytes, no_hf_progress_bars
 from kava_common.geometry import DTYPES
+
+CPU_4BIT_KERNELS = ("auto", "packed", "plain")
+PACK_BLOCK_N = 32   # bitsandbytes' packed CPU kernel takes output features in blocks of 32
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -58,12 +61,55 @@ def quantization_settings(quantize: bool, quant_type: str, double_quant: bool,
     return {"method": "none", "dtype": dtype}
 
 
-def load_teacher(name: str, quant: dict, device: torch.device, revision: str | None = None):
-    """Load the teacher's weights for inference as `quant` describes, in eval mode."""
+def packable(module) -> bool:
+    """Whether bitsandbytes' packed CPU kernel can take this 4-bit linear. Its repacking
+    asserts out_features % 32 == 0 (a 48-wide k_proj fails) and reshapes the scales to one
+    per quantization block of each row, so in_features must be a multiple of the block size
+    (64 by default: a 48-wide hidden size fails)."""
+    state = getattr(module.weight, "quant_state", None)
+    block = getattr(state, "blocksize", None) or 64
+    return module.out_features % PACK_BLOCK_N == 0 and module.in_features % block == 0
+
+
+def choose_cpu_4bit_kernel(model, kernel: str = "auto") -> dict:
+    """Set which bitsandbytes CPU path each 4-bit linear of `model` takes; returns what the
+    manifest records.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight on its first eval
+    forward for a fast bf16 kernel ("packed"); elsewhere it dequantizes on every call
+    ("plain"). Both compute with the same NF4/FP4 weights. `auto` takes the packed path where
+    the CPU has it, and keeps the linears that it cannot pack (see `packable`) on the plain
+    path instead of crashing; `plain` forces the plain path everywhere; `packed` asks for the
+    packed path and fails on a CPU without it. The choice is bitsandbytes' per-module flag
+    `support_avx512bf16_for_cpu`, read at each forward."""
+    bnb = import_bitsandbytes()
+    from bitsandbytes.functional import has_avx512bf16
+    if kernel not in CPU_4BIT_KERNELS:
+        raise ValueError(f"cpu 4-bit kernel {kernel!r}: choose one of {CPU_4BIT_KERNELS}")
+    cpu_has = bool(has_avx512bf16())
+    if kernel == "packed" and not cpu_has:
+        raise KavaError("--cpu-4bit-kernel packed: this CPU has no AVX512-BF16, which bitsandbytes' "
+                        "packed 4-bit kernel needs; use auto or plain")
+    use_packed = cpu_has and kernel != "plain"
+    plain = []
+    for mname, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = use_packed and packable(m)
+            if use_packed and not m.support_avx512bf16_for_cpu:
+                plain.append(mname)
+    return {"cpu_kernel": "packed" if use_packed else "plain", "cpu_plain_modules": plain}
+
+
+def load_teacher(name: str, quant: dict, device: torch.device, revision: str | None = None,
+                 cpu_4bit_kernel: str = "auto"):
+    """Load the teacher's weights for inference as `quant` describes, in eval mode. A 4-bit
+    teacher on the CPU gets its bitsandbytes kernel chosen (`choose_cpu_4bit_kernel`) and
+    `quant` records the choice."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
     kwargs = {"revision": revision, "device_map": device_map, "attn_implementation": "sdpa"}
     if quant["method"] == "bitsandbytes":
+        import_bitsandbytes()
         cdt = DTYPES[quant["compute_dtype"]]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
@@ -74,11 +120,13 @@ def load_teacher(name: str, quant: dict, device: torch.device, revision: str | N
     with no_hf_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
     if quant["method"] == "bitsandbytes":
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         if n4 == 0:
             raise KavaError(f"teacher {name!r} was asked for 4-bit but holds no 4-bit layers")
         quant["linear4bit_modules"] = n4
+        if device.type == "cpu":
+            quant.update(choose_cpu_4bit_kernel(model, cpu_4bit_kernel))
     return model
 
 

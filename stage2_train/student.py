@@ -90,8 +90,8 @@ class StudentKV:
         worst = 0.0
         for l in self.layers:
             k, v = self.kv(l)
-            worst = max(worst, (k - out.past_key_values.layers[l].keys).abs().max().item(),
-                        (v - out.past_key_values.layers[l].values).abs().max().item())
+            worst = max(worst, (k - out.cache.layers[l].keys).abs().max().item(),
+                        (v - out.cache.layers[l].values).abs().max().item())
         return worst
 
     def remove(self):
@@ -120,8 +120,13 @@ def load_student(name: str, device: torch.device, dtype: torch.dtype, lora_r: in
         enable_checkpointing(model)
         model.config.use_cache = False
     if lora_r:
+        import warnings
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias on every
+            # get_peft_model; the warning is about peft's code, not about this call
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(
+                r=lora_r, lora_alpha=lora_alpha, task_type="CAUSAL_LM",
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     return model, tok

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kava_common import KavaError, save_pretrained
+from kava_common import KavaError, save_pretrained, software_versions
 from kava_common.cache import open_cache
 from kava_common.device import resolve_device
 from kava_common.geometry import KVGeometry
@@ -262,8 +262,8 @@ def make_optimizer(cfg, model, distiller):
         groups.append({"params": s_params, "lr": cfg.lr_student, "name": "student"})
     groups.append({"params": list(distiller.parameters()), "lr": cfg.lr_projector, "name": "projector"})
     if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+        from kava_common import import_bitsandbytes
+        return import_bitsandbytes().optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
     # The fused kernel updates each tensor in one pass: on the CPU the AdamW step of a 0.5B
     # student took 0.5 s instead of 3.4 s (bench/bench_train.py --parts online).
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
@@ -432,7 +432,7 @@ def main(cfg: TrainConfig, echo=print) -> Path:
         echo(f"resumed from {resume_from} at step {prog.step}")
     run.mkdir(parents=True, exist_ok=True)
     import yaml
-    (run / "config.yaml").write_text(yaml.safe_dump(dict(cfg.to_dict(), cache_fingerprints=fps), sort_keys=False))
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(cfg.to_dict(), cache_fingerprints=fps, software=software_versions()), sort_keys=False))
     log = MetricsLog(run / "metrics.jsonl", prog.step if resume_from else None, echo)
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == torch.bfloat16 \

@@ -28,6 +28,17 @@ def teacher_dir(tmp_path_factory, tok):
 
 
 @pytest.fixture(scope="session")
+def narrow_teacher_dir(tmp_path_factory, tok):
+    """A Qwen2 teacher with linears that bitsandbytes' packed 4-bit CPU kernel cannot take:
+    k_proj and v_proj are 48 wide (2 KV heads x head_dim 24; not a multiple of 32) and o_proj
+    reads 96 inputs (not a multiple of the 64-value quantization block). q_proj, gate_proj,
+    up_proj and down_proj fit it."""
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=2,
+                           head_dim=24, intermediate=128, tok=tok)
+    return save_pretrained(tiny.build_model(cfg, seed=4), tok, tmp_path_factory.mktemp("narrow"))
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     """A Llama teacher with its own tokenizer (adds BOS) and plain MHA geometry."""
     ltok = tiny.train_tokenizer(tiny.corpus(300, seed=5), vocab_size=280, add_bos=True)

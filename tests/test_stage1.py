@@ -38,7 +38,7 @@ def cfg_for(teacher, out, **kw):
 def reference_kv(model, ids):
     """K/V of one sample from its own unbatched forward pass: (L, H, T, D) each."""
     with torch.no_grad():
-        c = model(input_ids=ids[None], use_cache=True).past_key_values
+        c = model(input_ids=ids[None], use_cache=True).cache
     return (torch.stack([l.keys[0] for l in c.layers]), torch.stack([l.values[0] for l in c.layers]))
 
 
@@ -109,12 +109,67 @@ def test_4bit_nf4_cache_close_to_unquantized(teacher_dir, tmp_path):
     quant = cq.manifest["teacher"]["quantization"]
     assert quant["method"] == "bitsandbytes" and quant["bits"] == 4 and quant["quant_type"] == "nf4"
     assert quant["linear4bit_modules"] == 3 * 7                   # q,k,v,o,gate,up,down per layer
+    assert quant["cpu_kernel"] == ("packed" if has_packed_4bit_cpu_kernel() else "plain")
+    assert quant["cpu_plain_modules"] == []                       # every width fits the packed kernel
     for key in ("k", "v"):
         a = torch.cat([cq[i][key].float().flatten() for i in range(len(cq))])
         b = torch.cat([cf[i][key].flatten() for i in range(len(cf))])
         cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
         # measured 0.9939 (K) and 0.9936 (V) on this tiny random teacher (fp32 reference)
         assert cos > 0.98, (key, cos)
+
+
+def has_packed_4bit_cpu_kernel() -> bool:
+    from kava_common import import_bitsandbytes
+    return bool(import_bitsandbytes().functional.has_avx512bf16())
+
+
+NO_PACKED = "this CPU has no AVX512-BF16, so bitsandbytes' packed 4-bit kernel cannot run here"
+
+
+@pytest.mark.parametrize("kernel", ["plain", "packed"])
+def test_4bit_on_both_bitsandbytes_cpu_paths(narrow_teacher_dir, tmp_path, kernel):
+    """Stage 1 in 4-bit on each CPU path of bitsandbytes. On the packed path the linears it
+    cannot pack (48-wide k/v_proj, o_proj with 96 inputs) stay on the plain path, still 4-bit,
+    and the manifest lists them; the cache is close to the unquantized teacher's either way."""
+    if kernel == "packed" and not has_packed_4bit_cpu_kernel():
+        pytest.skip(NO_PACKED)
+    (q,) = extract_main(cfg_for(narrow_teacher_dir, tmp_path, quantize=True, cpu_4bit_kernel=kernel,
+                                kv_dtype="float16", max_samples=6))
+    (f,) = extract_main(cfg_for(narrow_teacher_dir, tmp_path, max_samples=6))
+    cq, cf = open_cache(q), open_cache(f)
+    quant = cq.manifest["teacher"]["quantization"]
+    plain = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "v_proj", "o_proj")]
+    assert quant["cpu_kernel"] == kernel and quant["linear4bit_modules"] == 2 * 7
+    assert quant["cpu_plain_modules"] == (plain if kernel == "packed" else [])
+    for key in ("k", "v"):
+        a = torch.cat([cq[i][key].float().flatten() for i in range(len(cq))])
+        b = torch.cat([cf[i][key].flatten() for i in range(len(cf))])
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() > 0.98, key
+
+
+def test_packed_and_plain_4bit_paths_take_the_same_weights(narrow_teacher_dir):
+    """The modules each path runs through are the ones chosen (bitsandbytes marks a repacked
+    weight), and both paths give nearly the same K/V from the same NF4 weights."""
+    if not has_packed_4bit_cpu_kernel():
+        pytest.skip(NO_PACKED)
+    from stage1_extract.teacher import load_teacher, packable, quantization_settings
+    cpu = torch.device("cpu")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    out, packed_flags = {}, {}
+    for kernel in ("plain", "packed"):
+        quant = quantization_settings(True, "nf4", False, cpu, "auto")
+        model = load_teacher(str(narrow_teacher_dir), quant, cpu, cpu_4bit_kernel=kernel)
+        with torch.inference_mode():
+            c = model(input_ids=ids, use_cache=True).cache
+        out[kernel] = torch.stack([l.keys for l in c.layers] + [l.values for l in c.layers]).float()
+        packed_flags[kernel] = {n: bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
+                                for n, m in model.named_modules() if hasattr(m, "support_avx512bf16_for_cpu")}
+        fits = {n: packable(m) for n, m in model.named_modules() if hasattr(m, "support_avx512bf16_for_cpu")}
+    assert not any(packed_flags["plain"].values())
+    assert packed_flags["packed"] == fits and 0 < sum(fits.values()) < len(fits)
+    cos = torch.nn.functional.cosine_similarity(out["plain"].flatten(), out["packed"].flatten(), dim=0)
+    assert cos > 0.999, cos.item()
 
 
 def test_hdf5_and_safetensors_give_the_same_samples(teacher_dir, tmp_path):
