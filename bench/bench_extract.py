@@ -47,6 +47,8 @@ from stage1_extract.extract import (collate, extract_teacher, length_sorted_batc
                                     prepare_samples, teacher_forward)
 from stage1_extract.teacher import load_teacher, quantization_settings
 
+from header import header
+
 
 def forward_only(cfg, model, tok, samples) -> float:
     """Time the teacher's forward passes alone over the batches stage 1 would run for
@@ -153,8 +155,7 @@ def main(argv=None):
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
-    print(f"kava {kava_common.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {args.device}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
+    print(header(device=args.device))
     results = []
     for case in args.cases.split(","):
         model, n, bs, load_s = build_case(case, tok, args.device, root, args.tiny_samples)

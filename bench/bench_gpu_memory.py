@@ -31,6 +31,8 @@ from stage1_extract.extract import extract_teacher
 from stage2_train.config import TrainConfig
 from stage2_train.train import main as train_main
 
+from header import header
+
 OPTIONS = [("bf16, AdamW", {}),
            ("bf16, 8-bit AdamW", dict(optimizer="adamw8bit")),
            ("bf16, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit", gradient_checkpointing=True)),
@@ -75,8 +77,7 @@ def main(argv=None):
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
-    print(f"kava {kava_common.__version__}, torch {torch.__version__}, device {dev}"
-          + (f" ({torch.cuda.get_device_name(dev)})" if cuda else ""))
+    print(header(device=dev))
     tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
     t_cfg, s_cfg = configs(a.shape, tok)
     torch.manual_seed(0)

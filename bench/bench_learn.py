@@ -44,6 +44,8 @@ from stage1_extract.extract import main as extract
 from stage2_train.evaluate import evaluate
 from stage2_train.sweep import run_sweep
 
+from header import header
+
 DATA = "synthetic"
 N_TEACHER = 20000          # problems the teachers learn from
 N_STUDENT = 256            # problems in the caches; all the student ever sees
@@ -148,7 +150,7 @@ def main(argv=None):
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     log = lambda *x: print(*x, flush=True)
-    log(f"kava {kava_common.__version__}, torch {torch.__version__}")
+    log(header())
     t0 = time.perf_counter()
     torch.manual_seed(0)
 

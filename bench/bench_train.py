@@ -39,6 +39,8 @@ from stage2_train.student import StudentKV
 from stage2_train.train import Distiller, epoch_batches, make_optimizer, set_trainable, setup, train_step
 from kava_common.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
 
+from header import header
+
 
 def rss_gb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / GB
@@ -222,8 +224,7 @@ def main(argv=None):
                         "kernel is ~6x slower than fp32 here, so fp32 is the strict comparison)")
     a = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
-    print(f"kava {kava_common.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
+    print(header(device="cpu"))
     parts = a.parts.split(",")
     if "cache" in parts:
         bench_cache(root / "tiny", a.steps, a.workers)

@@ -1,0 +1,34 @@
+"""The lines every benchmark prints first: when, which commit, which machine, which versions.
+A figure copied into docs/ carries them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kava_common import machine_description, software_versions
+
+
+def commit() -> str:
+    """The checked-out commit, with -dirty when tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return rev + ("-dirty" if dirty else "")
+
+
+def header(**extra) -> str:
+    import torch
+    soft = ", ".join(f"{k} {v}" for k, v in software_versions().items() if v)
+    more = "".join(f", {k} {v}" for k, v in extra.items())
+    return (f"date {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}\n"
+            f"machine {machine_description()}, torch threads {torch.get_num_threads()}, "
+            f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}{more}\n"
+            f"software {soft}")
