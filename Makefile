@@ -22,7 +22,7 @@ $(BIN)/.kava-installed: pyproject.toml $(CONSTRAINTS)
 setup: $(BIN)/.kava-installed
 
 demo: setup
-	$(BIN)/python -m kava_common.demo
+	$(BIN)/python -m kava_demo
 
 test: setup
 	$(BIN)/python -m pytest

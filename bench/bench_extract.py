@@ -43,8 +43,9 @@ from kava_common.data import load_rows
 from kava_common.geometry import KVGeometry
 from kava_common.tiny import QWEN25_15B   # real shape, random weights
 from stage1_extract.config import ExtractConfig
-from stage1_extract.extract import (collate, extract_teacher, length_sorted_batches, plan_shards,
-                                    prepare_samples, teacher_forward)
+from stage1_extract.capture import teacher_forward
+from stage1_extract.extract import extract_teacher
+from stage1_extract.samples import collate, length_sorted_batches, plan_shards, prepare_samples
 from stage1_extract.teacher import load_teacher, quantization_settings
 
 from header import header
@@ -96,7 +97,7 @@ def forward_under_write_load(cfg, model, tok, samples, root: Path, sizes: list[i
         for i, layout in enumerate(layouts):
             if stop.wait(pace):
                 return
-            kcache.write_laid_out_shard(out, i, layout, flat, {"index": i})
+            kcache.write_laid_out_shard(out, layout, flat, kcache.ShardEntry(index=i))
 
     th = threading.Thread(target=load)
     th.start()

@@ -129,7 +129,8 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
     `teacher_kind` nf4: the online loop runs the teacher in 4-bit as the seed did (the cache
     still comes from the fp32 teacher: what the K/V hold does not change the step's time)."""
     from transformers import Qwen2Config, AutoModelForCausalLM
-    from stage1_extract.extract import collate as s1_collate, teacher_forward
+    from stage1_extract.capture import teacher_forward
+    from stage1_extract.samples import collate as s1_collate
     tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -1,8 +1,10 @@
 import numpy as np
 import torch
 
-from stage1_extract.extract import (Sample, collate, length_sorted_batches, nonfinite_samples,
-                                    plan_shards, sample_spans, suspect_layers)
+from kava_common.cache import CacheSample as Sample
+from stage1_extract.capture import sample_spans
+from stage1_extract.samples import collate, length_sorted_batches, plan_shards
+from stage1_extract.writer import nonfinite_samples, suspect_layers
 
 
 def test_collate_right_and_left_padding():

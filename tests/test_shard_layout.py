@@ -2,7 +2,6 @@
 safetensors itself reads back, tensor for tensor, whether or not the page cache is bypassed."""
 
 import hashlib
-import json
 
 import pytest
 import xxhash
@@ -11,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kava_common import cache as kc
+from kava_common.cache.read import _Shard
 
 
 def _tensors():
@@ -41,13 +41,13 @@ def test_laid_out_shard_reads_back_with_safetensors(tmp_path, direct):
     tensors = _tensors()
     layout, flat = _laid_out(tensors)
     assert flat.data_ptr() % kc.ALIGN == 0
-    entry = kc.write_laid_out_shard(tmp_path, 4, layout, flat, {"index": 4}, direct=direct)
+    entry = kc.write_laid_out_shard(tmp_path, layout, flat, kc.ShardEntry(index=4), direct=direct)
     path = tmp_path / "shard-00004.safetensors"
-    assert entry["file"] == path.name and entry["bytes"] == path.stat().st_size == layout.nbytes
-    assert entry["checksum"] == "xxh3_128:" + xxhash.xxh3_128(path.read_bytes()).hexdigest()
-    assert kc.checksum_file(path) == entry["checksum"]
+    assert entry.file == path.name and entry.bytes == path.stat().st_size == layout.nbytes
+    assert entry.checksum == "xxh3_128:" + xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    assert kc.checksum_file(path) == entry.checksum
     assert kc.checksum_file(path, "sha256") == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    assert json.loads((tmp_path / "shard-00004.json").read_text()) == entry
+    assert kc.ShardEntry.from_json((tmp_path / "shard-00004.json").read_text()) == entry
     got = load_file(str(path))
     assert got.keys() == tensors.keys()
     for k, t in tensors.items():
@@ -89,12 +89,12 @@ def test_mapped_reader_equals_safe_open(tmp_path, how):
     """The reader's memory-mapped slices equal safetensors' own, for shards written either way."""
     tensors = _tensors()
     if how == "save_file":
-        kc.write_shard(tmp_path, 0, "safetensors", tensors, {"index": 0})
+        kc.write_shard(tmp_path, "safetensors", tensors, kc.ShardEntry(index=0))
     else:
         layout, flat = _laid_out(tensors)
-        kc.write_laid_out_shard(tmp_path, 0, layout, flat, {"index": 0})
+        kc.write_laid_out_shard(tmp_path, layout, flat, kc.ShardEntry(index=0))
     path = tmp_path / "shard-00000.safetensors"
-    shard = kc._Shard(path, "safetensors")
+    shard = _Shard(path, "safetensors")
     with safe_open(str(path), framework="pt") as f:
         for name, t in tensors.items():
             whole = shard.read(name)
@@ -104,7 +104,7 @@ def test_mapped_reader_equals_safe_open(tmp_path, how):
                 assert got.shape == t[a:b].shape and torch.equal(got, t[a:b]), (name, a, b)
     got = shard.read("k.0", 1, 3)
     got.mul_(0)                                  # a private mapping: the file stays as written
-    assert torch.equal(kc._Shard(path, "safetensors").read("k.0", 1, 3), tensors["k.0"][1:3])
+    assert torch.equal(_Shard(path, "safetensors").read("k.0", 1, 3), tensors["k.0"][1:3])
     with pytest.raises(KeyError, match="no tensor 'k.9'"):
         shard.read("k.9")
 
@@ -123,12 +123,12 @@ def test_each_shard_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeyp
     tensors = _tensors()
     if how.startswith("laid_out"):
         layout, flat = _laid_out(tensors)
-        entry = kc.write_laid_out_shard(tmp_path, 2, layout, flat, {"index": 2}, direct=how.endswith("direct"))
+        entry = kc.write_laid_out_shard(tmp_path, layout, flat, kc.ShardEntry(index=2), direct=how.endswith("direct"))
     else:
-        entry = kc.write_shard(tmp_path, 2, how, tensors, {"index": 2})
-    final = tmp_path / entry["file"]
+        entry = kc.write_shard(tmp_path, how, tensors, kc.ShardEntry(index=2))
+    final = tmp_path / entry.file
     tmp = str(final) + ".tmp"
     sidecar = tmp_path / "shard-00002.json"
     assert events == [("fsync", tmp), ("replace", tmp, str(final)),
                       ("replace", str(sidecar) + ".tmp", str(sidecar))]
-    assert final.stat().st_size == entry["bytes"] and json.loads(sidecar.read_text()) == entry
+    assert final.stat().st_size == entry.bytes and kc.ShardEntry.from_json(sidecar.read_text()) == entry

@@ -19,8 +19,9 @@ from kava_common.info import main as info_main
 from stage1_extract.__main__ import cli
 from stage1_extract.config import ExtractConfig
 from kava_common.geometry import KVGeometry
-from stage1_extract.extract import (KVCapture, collate, extract_teacher, main as extract_main,
-                                    sample_spans, teacher_forward)
+from stage1_extract.capture import KVCapture, sample_spans, teacher_forward
+from stage1_extract.extract import extract_teacher, main as extract_main
+from stage1_extract.samples import collate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""python -m kava_common.demo: the built-in demo, end to end on this machine, offline.
+"""python -m kava_demo: the built-in demo, end to end on this machine, offline.
 
 Builds once under data_cache/demo/ a tokenizer trained locally and a tiny Qwen2-architecture
 teacher and student, runs stage 1 (4-bit NF4 teacher) over synthetic GSM8K-format problems,
@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import save_pretrained, tiny
-from .info import summary
-from .cache import verify_cache
+from kava_common import save_pretrained, tiny
+from kava_common.cache import verify_cache
+from kava_common.info import summary
 
 
 def build_models(root: Path) -> tuple[Path, Path]:
@@ -33,7 +33,7 @@ def build_models(root: Path) -> tuple[Path, Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kava_common.demo", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m kava_demo", description=__doc__.split("\n\n")[1])
     p.add_argument("--root", default="data_cache/demo", help="where models and caches go")
     p.add_argument("--samples", type=int, default=512, help="synthetic training problems")
     p.add_argument("--steps", type=int, default=60, help="stage-2 optimizer steps")

@@ -1,0 +1,110 @@
+"""A cache's identity, its fingerprint and its manifest.
+
+`CacheIdentity` holds every field that decides what a cache contains; its fingerprint names the
+cache folder, so other settings give another folder and never a mix. `ShardEntry` is one
+shard's record (in its sidecar while stage 1 runs, in the manifest's `shards` at the end).
+`build_manifest` assembles manifest.json, written last: a cache is complete exactly when a
+manifest with its fingerprint exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..geometry import KVGeometry
+from .format import MANIFEST, SCHEMA_VERSION
+
+
+def fingerprint(identity: dict) -> str:
+    """A short hash of the fields that decide a cache's contents."""
+    blob = json.dumps(identity, sort_keys=True, ensure_ascii=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """Everything that decides a cache's tensors; equal identities give equal caches."""
+    teacher: dict                 # name, revision, weights (a hash of local weight files or the hub commit)
+    quantization: dict            # how the teacher ran (bitsandbytes settings or an unquantized dtype)
+    tokenizer_sha256: str
+    dataset: dict                 # name, split, rows, content hash
+    prompt_template: str
+    max_length: int
+    layers: list[int]             # stored teacher layers
+    kv_dtype: str
+    format: str                   # safetensors | hdf5
+    shard_mb: float
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.to_dict())
+
+
+@dataclass
+class ShardEntry:
+    """One shard's record: what it holds, and (once written) its file, size and checksum."""
+    index: int
+    fingerprint: str = ""
+    rows: list[int] = field(default_factory=list)          # first and last data-set row
+    bad_samples: list[dict] = field(default_factory=list)  # {"row", "reason"}: left out of the shard
+    num_samples: int = 0
+    tokens: int = 0
+    file: str = ""
+    bytes: int = 0
+    checksum: str = ""                                     # "ALGORITHM:hex" of the whole file
+    first_sample: int | None = None                        # set in the manifest
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardEntry":
+        return cls(**json.loads(text))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, dataset: dict,
+                   geometry: KVGeometry, entries: list[ShardEntry], skipped: list[dict],
+                   stats: dict, software: dict) -> dict:
+    """manifest.json of a finished cache. `teacher` is the model summary with its quantization,
+    `entries` every shard in order; sample numbers run on across shards."""
+    from ..prompt import SEGMENTS
+    shards, first = [], 0
+    for e in entries:
+        shards.append(dict(asdict(e), first_sample=first))
+        first += e.num_samples
+    fp = identity.fingerprint
+    return {
+        "schema_version": identity.schema_version, "fingerprint": fp,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "teacher": teacher, "tokenizer": tokenizer, "dataset": dataset,
+        "prompt_template": identity.prompt_template, "segments": list(SEGMENTS),
+        "max_length": identity.max_length, "format": identity.format,
+        "num_layers": geometry.num_layers, "layers": list(identity.layers),
+        "num_kv_heads": geometry.num_kv_heads, "num_attention_heads": geometry.num_attention_heads,
+        "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype,
+        "kv_bytes_per_token": geometry.bytes_per_token(identity.kv_dtype, identity.layers),
+        "rope": geometry.rope, "keys_post_rope": True,
+        "positions": "0..T-1 per sample, no padding stored",
+        "num_samples": first, "num_tokens": sum(e.tokens for e in entries),
+        "total_bytes": sum(e.bytes for e in entries),
+        "skipped_rows": skipped, "bad_samples": [b for e in entries for b in e.bad_samples],
+        **stats,
+        "shards": shards,
+        "software": software,
+    }
+
+
+def is_complete(cache_dir: Path, fp: str) -> bool:
+    """A readable manifest with this fingerprint means the cache is complete."""
+    try:
+        return json.loads((Path(cache_dir) / MANIFEST).read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,185 @@
+"""Reading a cache: `open_cache(path)` gives samples as torch tensors, files opened lazily."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS
+
+
+class _Shard:
+    """Lazy handle on one shard file; safe to use after fork (reopened per process).
+
+    A safetensors shard is memory-mapped and read through its header: a slice of a tensor is
+    a view of the mapped bytes (nothing is read until used), which costs a few microseconds
+    where `safe_open(...).get_slice` costs tens, and stage 2 reads L x 2 slices per sample.
+    The mapping is private (copy-on-write), so a caller writing into a view never changes the
+    file.
+    """
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        self._pid = None
+        self._f = None
+        self._index: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        self.meta: dict[str, np.ndarray] = {}
+
+    def _open(self):
+        if self._pid != os.getpid():
+            if self.fmt == "safetensors":
+                self._f, self._index = _map_safetensors(self.path)
+            else:
+                import h5py
+                self._f = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+            self.meta = {}
+        return self._f
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        f = self._open()
+        if self.fmt == "safetensors":
+            if name not in self._index:
+                raise KeyError(f"{self.path}: no tensor {name!r}")
+            dtype, shape, pos, per_row = self._index[name]
+            a, b = slice(start, stop).indices(shape[0] if shape else 1)[:2]
+            b = max(a, b)
+            count = (b - a) * per_row
+            if count == 0:
+                return torch.empty((b - a, *shape[1:]), dtype=dtype)
+            t = torch.frombuffer(f, dtype=dtype, count=count, offset=pos + a * per_row * dtype.itemsize)
+            return t.view(b - a, *shape[1:]) if shape else t.view(())
+        ds = f[name]
+        arr = ds[()] if start is None else ds[start:stop]
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if ds.attrs.get("torch_dtype") == "bfloat16":
+            t = t.view(torch.bfloat16)
+        return t
+
+    def small(self, name: str) -> np.ndarray:
+        """A per-sample metadata tensor, read once per process and kept."""
+        self._open()
+        if name not in self.meta:
+            self.meta[name] = self.read(name).numpy()
+        return self.meta[name]
+
+
+_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _map_safetensors(path: Path):
+    """A private memory map of a safetensors file and {name: (dtype, shape, byte offset,
+    elements per row)}."""
+    import mmap
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        n = int.from_bytes(mm[:8], "little")
+        header = json.loads(mm[8:8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    index = {}
+    for name, h in header.items():
+        if h["dtype"] not in _FROM_ST:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {h['dtype']}, which a kava cache never holds")
+        shape = list(h["shape"])
+        index[name] = (_FROM_ST[h["dtype"]], shape, 8 + n + h["data_offsets"][0],
+                       int(np.prod(shape[1:], dtype=np.int64)))
+    return mm, index
+
+
+class KVCache:
+    """Read a cache directory written by stage 1.
+
+    `len(cache)` samples; `cache.manifest` the manifest dict; `cache[i]` a dict with
+    `input_ids` (LongTensor [T]) and `k`, `v` ([len(layers), kv_heads, T, head_dim], stored
+    dtype), plus `row`, `text`, `char_offsets` [T, 2], `token_segments` and `char_segments`
+    {name: (start, end)}, `truncated`. Files open on first use in each process, so DataLoader workers can share it.
+    """
+
+    def __init__(self, path: str | os.PathLike, layers: list[int] | None = None):
+        self.path = Path(path)
+        mf = self.path / MANIFEST
+        if not mf.is_file():
+            raise FileNotFoundError(f"{self.path}: no {MANIFEST}; not a kava cache, or stage 1 has "
+                                    "not finished (re-run the same stage-1 command to complete it)")
+        self.manifest: dict[str, Any] = json.loads(mf.read_text())
+        if self.manifest.get("schema_version") not in READABLE_SCHEMAS:
+            raise ValueError(f"{mf}: schema version {self.manifest.get('schema_version')}, "
+                             f"this kava reads {', '.join(map(str, READABLE_SCHEMAS))}")
+        stored = self.manifest["layers"]
+        self.layers = list(stored) if layers is None else list(layers)
+        missing = [l for l in self.layers if l not in stored]
+        if missing:
+            raise ValueError(f"{self.path}: layers {missing} are not stored; it holds {stored}")
+        fmt = self.manifest["format"]
+        self._shards = [_Shard(self.path / s["file"], fmt) for s in self.manifest["shards"]]
+        self._starts = [s["first_sample"] for s in self.manifest["shards"]]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def __len__(self) -> int:
+        return self.manifest["num_samples"]
+
+    def locate(self, i: int) -> tuple[_Shard, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for cache of {len(self)} samples")
+        i %= len(self)
+        s = bisect.bisect_right(self._starts, i) - 1
+        return self._shards[s], i - self._starts[s]
+
+    def token_segments(self) -> np.ndarray:
+        """(n, 3, 2) [start, end) token spans of question, reasoning and answer, every sample."""
+        return np.concatenate([sh.small("token_segments") for sh in self._shards]
+                              or [np.zeros((0, 3, 2), np.int32)])
+
+    def tokens(self, i: int) -> torch.Tensor:
+        """Token ids of sample i, without reading any K/V."""
+        shard, j = self.locate(i)
+        off = shard.small("sample_offsets")
+        return shard.read("input_ids", int(off[j]), int(off[j + 1]))
+
+    def kv(self, i: int) -> dict:
+        """Only `input_ids`, `k` and `v` of sample i (what a training step needs)."""
+        shard, j = self.locate(i)
+        off = shard.small("sample_offsets")
+        a, b = int(off[j]), int(off[j + 1])
+        return {
+            "input_ids": shard.read("input_ids", a, b).long(),
+            "k": torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers]),  # (L, H, T, D)
+            "v": torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers]),  # (L, H, T, D)
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        shard, j = self.locate(i)
+        off = shard.small("sample_offsets")
+        a, b = int(off[j]), int(off[j + 1])
+        toff = shard.small("text_offsets")
+        text = bytes(shard.small("text_bytes")[toff[j]:toff[j + 1]]).decode("utf-8")
+        segs = shard.small("token_segments")[j]
+        csegs = shard.small("char_segments")[j]
+        names = self.manifest["segments"]
+        return {
+            **self.kv(i),
+            "row": int(shard.small("rows")[j]),
+            "text": text,
+            "char_offsets": shard.read("char_offsets", a, b),
+            "token_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, segs)},
+            "char_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, csegs)},
+            "truncated": bool(shard.small("truncated")[j]),
+        }
+
+
+def open_cache(path: str | os.PathLike, layers: list[int] | None = None) -> KVCache:
+    """Open a finished cache directory; `layers` selects a subset of the stored teacher layers."""
+    return KVCache(path, layers)
+
