@@ -20,7 +20,6 @@ import os
 import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import psutil
@@ -33,10 +32,8 @@ from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
 from stage1_extract.teacher import load_teacher, quantization_settings
 from stage2_train.config import TrainConfig
-from stage2_train.data import DistillData, collate
 from stage2_train.memory import GB, Shape, describe, estimate
-from stage2_train.student import StudentKV
-from stage2_train.train import Distiller, epoch_batches, make_optimizer, set_trainable, setup, train_step
+from stage2_train.trainer import Trainer, epoch_batches
 from kava_common.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
 
 from header import header
@@ -46,32 +43,15 @@ def rss_gb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / GB
 
 
-class Trainer:
-    """The pieces of stage2_train.train.main needed to time steps."""
-
-    def __init__(self, cfg: TrainConfig, model, tok):
-        self.cfg = cfg
-        self.teachers, self.s_geo = setup(cfg)
-        set_trainable(model, cfg)
-        self.model, self.tok = model.train(), tok
-        self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers)
-        self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t["distilled"]}), self.s_geo)
-        self.opt = make_optimizer(cfg, model, self.distiller)
-        self.data = DistillData([t["cache"] for t in self.teachers], tok, cfg.max_length, cfg.align)
-        self.collate = partial(collate, pad_id=tok.pad_token_id or 0)
+class BenchTrainer(Trainer):
+    """stage 2's own Trainer, fed fixed batches: `step(batch)` is exactly a run's step."""
 
     def step(self, batch):
-        loss, _, _ = train_step(self.model, self.cap, self.distiller, batch, self.cfg,
-                                torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return super().step([batch])["loss"]
 
-    def loader(self, n_batches: int, workers: int):
-        batches = epoch_batches(len(self.data), self.cfg.batch_size, 0, 0)[:n_batches]
-        return torch.utils.data.DataLoader(self.data, batch_sampler=batches, collate_fn=self.collate,
-                                           num_workers=workers, prefetch_factor=2 if workers else None)
+    def bench_loader(self, n_batches: int, workers: int):
+        self.cfg.num_workers = workers
+        return self.loader(epoch_batches(len(self.data), self.cfg.batch_size, 0, 0)[:n_batches], self.data)
 
 
 def build_tiny(root: Path, n: int):
@@ -92,8 +72,10 @@ def bench_cache(root: Path, steps: int, workers: int):
     from transformers import AutoModelForCausalLM
     sdir, cache, tok = build_tiny(root, 512)
     cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device="cpu", progress=False)
-    tr = Trainer(cfg, AutoModelForCausalLM.from_pretrained(sdir), tok)
-    in_memory = list(tr.loader(steps, 0))
+    with kava_common.no_hf_progress_bars():
+        student = AutoModelForCausalLM.from_pretrained(sdir)
+    tr = BenchTrainer(cfg, student, tok)
+    in_memory = list(tr.bench_loader(steps, 0))
     for b in in_memory[:3]:
         tr.step(b)                                          # warm-up
     times = {"memory": [], "cache": []}
@@ -103,7 +85,7 @@ def bench_cache(root: Path, steps: int, workers: int):
             tr.step(b)
         times["memory"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        for b in tr.loader(steps, workers):
+        for b in tr.bench_loader(steps, workers):
             tr.step(b)
         times["cache"].append(time.perf_counter() - t0)
     ratio = min(times["cache"]) / min(times["memory"])
@@ -115,7 +97,7 @@ def bench_cache(root: Path, steps: int, workers: int):
     # host memory over one whole epoch read from the cache
     n_batches = len(tr.data) // cfg.batch_size
     start = rss_gb()
-    for b in tr.loader(n_batches, workers):
+    for b in tr.bench_loader(n_batches, workers):
         tr.step(b)
     end = rss_gb()
     print(f"host memory: epoch of {n_batches} batches ({len(tr.data)} samples): RSS {start:.3f} GB at "
@@ -154,8 +136,8 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
         print(f"online: teacher saved and reloaded in NF4 (compute bf16) in {time.perf_counter() - t0:.0f} s")
     cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=batch, max_length=seq,
                       eval_samples=1, device="cpu", progress=False, freeze_embeddings=freeze_embeddings)
-    tr = Trainer(cfg, student, tok)
-    batches = list(tr.loader(steps, 0))
+    tr = BenchTrainer(cfg, student, tok)
+    batches = list(tr.bench_loader(steps, 0))
     tr.step(batches[0])                                     # warm-up
     times = {"offline": [], "online": []}
     for _ in range(reps):                                   # alternate; keep each side's best

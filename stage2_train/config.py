@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     precision: str = "auto"              # auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16
     num_workers: int = 0                 # DataLoader workers
+    report_to: str = "none"              # none | tensorboard (scalars in RUN/tensorboard/, beside metrics.jsonl)
     progress: bool = True
 
     def __post_init__(self):
@@ -104,6 +105,8 @@ class TrainConfig:
             p.append("freeze_student and lora_r contradict each other")
         if self.freeze_embeddings and (self.freeze_student or self.lora_r):
             p.append("freeze_embeddings is implied by freeze_student and by lora_r (embeddings stay fixed)")
+        if self.report_to not in ("none", "tensorboard"):
+            p.append(f"report_to {self.report_to!r}: none or tensorboard")
         if self.eval_samples < 1:
             p.append(f"eval_samples must be >= 1, got {self.eval_samples}")
         if p:

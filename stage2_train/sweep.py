@@ -63,7 +63,8 @@ def combos(grid: dict) -> list[dict]:
 
 def run_sweep(path: str | Path, echo=print, progress: bool = True) -> list[dict]:
     from .evaluate import evaluate
-    from .train import latest_checkpoint, main as train
+    from .checkpoint import latest_checkpoint
+    from .train import main as train
     spec = load_sweep(path)
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)

@@ -412,7 +412,7 @@ def test_two_processes_write_one_cache(teacher_dir, tmp_path, capsys):
 
 
 def test_token_segments_of_all_samples_and_longest_answer(teacher_dir, tmp_path):
-    from stage2_train.train import longest_answer
+    from stage2_train.build import longest_answer
     (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=7, shard_mb=0.05))
     c = open_cache(d)
     seg = c.token_segments()

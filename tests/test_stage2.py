@@ -122,6 +122,48 @@ def test_stop_and_resume_gives_the_same_losses(student_dir, caches, tmp_path):
         assert a["cos_k"] == pytest.approx(b["cos_k"], rel=1e-5, abs=1e-6)
 
 
+def test_tensorboard_scalars_equal_metrics_across_a_resume(student_dir, caches, tmp_path):
+    """--report-to tensorboard writes the metrics.jsonl numbers as scalars. Resumed from the
+    step-4 checkpoint of a finished 6-step run, each step is there once: what the first run
+    logged after step 4 is purged from both."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "b"),
+                      device="cpu", progress=False, eval_samples=8, max_steps=6, log_every=1,
+                      save_every=2, batch_size=4, report_to="tensorboard")
+    train(cfg, echo=lambda *a: None)
+    first = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    train(TrainConfig(**{**cfg.__dict__, "resume": str(tmp_path / "b" / "step-000004")}), echo=lambda *a: None)
+    metrics = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and metrics[:4] == first[:4]
+    ea = EventAccumulator(str(tmp_path / "b" / "tensorboard"))         # as TensorBoard reads it
+    ea.Reload()
+    for key in ("loss", "cos_k", "cos_v_shuffled", "lr_student", "grad_norm"):
+        events = sorted((e.step, e.value) for e in ea.Scalars(key))
+        assert [s for s, _ in events] == [1, 2, 3, 4, 5, 6], key
+        assert [v for _, v in events] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
+
+
+def test_resume_never_unpickles_a_checkpoint(student_dir, caches, tmp_path):
+    """A checkpoint whose optimizer file holds a pickled object is refused on --resume, and
+    the object's code never runs."""
+    cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "r"),
+                      device="cpu", progress=False, eval_samples=8, max_steps=2, batch_size=4, save_every=0)
+    train(cfg, echo=lambda *a: None)
+    marker = tmp_path / "ran"
+    torch.save({"optimizer": Evil(str(marker)), "scheduler": {}}, tmp_path / "r" / "step-000002" / "optimizer.pt")
+    with pytest.raises(KavaError, match=r"optimizer\.pt: holds Python objects besides tensors"):
+        train(TrainConfig(**{**cfg.__dict__, "resume": "auto", "max_steps": 3}), echo=lambda *a: None)
+    assert not marker.exists()
+
+
+class Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
 def test_refuses_caches_from_another_data_set_or_template(student_dir, caches, tmp_path):
     with pytest.raises(ValueError, match=r"was made from synthetic-seed1 / train \(40 rows.*but .* from "
                                          r"synthetic-seed0 / train \(72 rows"):

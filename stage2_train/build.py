@@ -1,0 +1,133 @@
+"""What a stage-2 run is made of: teachers from the caches with their layer maps, the
+student's trainable parameters, the optimizer and learning-rate schedule, the memory estimate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kava_common import KavaError
+from kava_common.cache import open_cache
+from kava_common.geometry import KVGeometry
+
+from .align import parse_layer_map
+from .config import TrainConfig
+from .data import check_caches
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at max_steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+
+def longest_answer(teachers, max_length: int) -> int:
+    """The most cross-entropy targets of any sample (reasoning and final answer, plus EOS), in
+    the caches' teacher tokens; the student's tokenizer may count somewhat differently."""
+    seg = np.concatenate([t["cache"].token_segments() for t in teachers])
+    if not len(seg):
+        return 1
+    return int(min(max_length, (seg[:, 2, 1] - seg[:, 1, 0]).max() + 1))
+
+
+def memory_estimate(cfg, teachers, dtype, device) -> str:
+    """The estimate of memory.py for this run (all teachers' distilled layers together)."""
+    from transformers import AutoConfig
+    from .memory import Shape, describe, estimate
+    kv_width = sum(len(t["distilled"]) * t["heads"] * t["head_dim"] for t in teachers)
+    return describe(estimate(Shape.from_config(AutoConfig.from_pretrained(cfg.student)),
+                             (1, 1, kv_width), cfg.batch_size, cfg.max_length,
+                             answer_tokens=longest_answer(teachers, cfg.max_length),
+                             precision="bf16" if dtype == torch.bfloat16 else "fp32",
+                             optimizer=cfg.optimizer, lora_r=cfg.lora_r,
+                             gradient_checkpointing=cfg.gradient_checkpointing,
+                             cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0,
+                             freeze="all" if cfg.freeze_student else
+                             "embeddings" if cfg.freeze_embeddings else "none", ce_chunk=cfg.ce_chunk))
+
+
+def open_teachers(cfg: TrainConfig):
+    """Open and check the caches, load the student, build the layer maps and projectors."""
+    from transformers import AutoConfig
+    caches = [open_cache(p) for p in cfg.caches]
+    check_caches(caches, cfg.dataset, cfg.split)
+    try:
+        s_geo = KVGeometry.from_config(AutoConfig.from_pretrained(cfg.student))
+    except OSError as e:
+        raise KavaError(f"student {cfg.student!r}: no model config found (a local folder or a hub "
+                        f"id reachable from here is needed): {e}") from e
+    teachers = []
+    for c in caches:
+        m = c.manifest
+        lmap = parse_layer_map(cfg.layer_map, s_geo.num_layers, m["num_layers"], m["layers"])
+        used = sorted({ci for row in lmap for ci, _ in row})
+        # re-open with only the layers the map uses; the map then indexes that subset
+        remap = {ci: i for i, ci in enumerate(used)}
+        teachers.append({"cache": open_cache(c.path, layers=[m["layers"][ci] for ci in used]),
+                         "distilled": [(s, [(remap[ci], w) for ci, w in row]) for s, row in enumerate(lmap) if row],
+                         "heads": m["num_kv_heads"], "head_dim": m["head_dim"],
+                         "fingerprint": m["fingerprint"], "path": str(c.path)})
+    if cfg.layer_weights is not None and len(cfg.layer_weights) != s_geo.num_layers:
+        raise ValueError(f"layer_weights has {len(cfg.layer_weights)} entries; the student has "
+                         f"{s_geo.num_layers} layers")
+    return teachers, s_geo
+
+
+def precision_dtype(cfg, device) -> torch.dtype:
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def set_trainable(model, cfg) -> None:
+    """Fix what the config keeps out of training (before the optimizer is made), and let a
+    trainable embedding tied to the output head take sparse gradients (`sparse_tied_embedding`)."""
+    if cfg.freeze_student:
+        model.requires_grad_(False)
+    if cfg.freeze_embeddings:       # a tied output head shares the weight, so it stays fixed too
+        model.get_input_embeddings().requires_grad_(False)
+    sparse_tied_embedding(model)
+
+
+def sparse_tied_embedding(model) -> bool:
+    """Make a trainable input embedding that shares its weight with the output head pass a
+    sparse gradient (the rows of the batch's tokens only); returns whether it did.
+
+    Dense, the embedding's gradient is a zero-filled vocab x hidden tensor that autograd then
+    adds to the head's, out of place: for Qwen2.5-0.5B (151,936 x 896, 545 MB in fp32) that
+    is 0.39 s of filling and 0.48 s of adding in a ~9 s CPU step, and two such transient
+    tensors at the peak of a GPU step. Sparse, its rows are added into the head's dense
+    gradient. The head is in every step's graph (the answer's cross-entropy, or a zero-weight
+    term when there is none), so the parameter's gradient is dense as before: the optimizer,
+    clipping and checkpoints see no difference. An untied embedding keeps dense gradients
+    (a sparse one would reach the optimizer)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if (isinstance(emb, torch.nn.Embedding) and head is not None and head.weight is emb.weight
+            and emb.weight.requires_grad):
+        emb.sparse = True
+        return True
+    return False
+
+
+def make_optimizer(cfg, model, distiller):
+    groups = []
+    s_params = [p for p in model.parameters() if p.requires_grad]
+    if s_params:
+        groups.append({"params": s_params, "lr": cfg.lr_student, "name": "student"})
+    groups.append({"params": list(distiller.parameters()), "lr": cfg.lr_projector, "name": "projector"})
+    if cfg.optimizer == "adamw8bit":
+        from kava_common import import_bitsandbytes
+        return import_bitsandbytes().optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+    # The fused kernel updates each tensor in one pass: on the CPU the AdamW step of a 0.5B
+    # student took 0.5 s instead of 3.4 s (bench/bench_train.py --parts online).
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
+
+

@@ -1,0 +1,129 @@
+"""Checkpoints: each a self-contained `step-NNNNNN/` folder written atomically, and `final/`.
+
+Nothing in a checkpoint is unpickled on resume: weights are safetensors, optimizer and
+scheduler state are loaded with `torch.load(weights_only=True)` (tensors and plain Python
+values only), and the RNG states are stored as tensors and numbers."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kava_common import KavaError, save_pretrained
+
+
+@dataclass
+class Progress:
+    step: int = 0        # optimizer steps done
+    epoch: int = 0
+    micro: int = 0       # micro-batches of this epoch already used
+    seed: int = 0
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    steps = sorted(p for p in run.glob("step-[0-9]*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched, cfg, fps) -> Path:
+    from safetensors.torch import save_file
+    final = run / f"step-{prog.step:06d}"
+    tmp = run / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_pretrained(model, tok, tmp / "student")
+    save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"progress": asdict(prog), "fingerprints": fps,
+                                                "config": cfg.to_dict()}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def load_checkpoint(path: Path, model, distiller, opt, sched) -> Progress:
+    from safetensors.torch import load_file
+    state = json.loads((path / "state.json").read_text())
+    sdir = path / "student"
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(str(sdir / "adapter_model.safetensors")))
+    else:
+        weights = {}
+        for f in sorted(sdir.glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise KavaError(f"{sdir}: checkpoint does not fit the student (missing {missing}, "
+                            f"unexpected {unexpected})")
+    distiller.load_state_dict(load_file(str(path / "projector.safetensors")))
+    o = load_state(path / "optimizer.pt")
+    opt.load_state_dict(o["optimizer"])
+    sched.load_state_dict(o["scheduler"])
+    set_rng_state(load_state(path / "rng.pt"))
+    return Progress(**state["progress"])
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint's state file, read without unpickling Python objects: a checkpoint
+    someone sent cannot run code on --resume."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise KavaError(f"{path}: holds Python objects besides tensors and plain values; kava does "
+                        "not unpickle them (loading such a file can run any code)") from e
+
+
+def rng_state() -> dict:
+    """Every RNG's state as tensors and plain numbers, which `torch.load(weights_only=True)`
+    reads back without unpickling any object."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(r: dict) -> None:
+    torch.set_rng_state(r["torch"])
+    n = r["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = r["python"]
+    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss_next"]))
+    if r["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(r["cuda"])
+
+
+def save_final(run: Path, model, tok, distiller, teachers, s_geo, cfg) -> None:
+    from safetensors.torch import save_file
+    final = run / "final"
+    tmp = run / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    student = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    save_pretrained(student, tok, tmp / "student")
+    save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
+    (tmp / "projector.json").write_text(json.dumps({
+        "kind": cfg.projector, "shared": cfg.projector_shared, "direction": cfg.direction,
+        "fusion": cfg.fusion, "gate": cfg.gate,
+        "student": {"num_kv_heads": s_geo.num_kv_heads, "head_dim": s_geo.head_dim},
+        "teachers": [{"cache": t["path"], "fingerprint": t["fingerprint"], "num_kv_heads": t["heads"],
+                      "head_dim": t["head_dim"], "layers": t["cache"].layers,
+                      "distilled": t["distilled"]} for t in teachers]}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+

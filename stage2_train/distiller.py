@@ -1,0 +1,138 @@
+"""The distiller: projectors and fusion over the teachers' K/V, the loss of one micro-batch,
+and the held-out cosines beside their shuffled baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kava_common.geometry import KVGeometry
+
+from .config import TrainConfig
+from .losses import (answer_cross_entropy, answer_positions, chunked_answer_cross_entropy, kv_loss,
+                     mean_cosine)
+from .projector import KVProjector
+from .student import StudentKV
+
+
+class Distiller(torch.nn.Module):
+    """Projectors (one KVProjector per teacher) and the optional learned fusion gate."""
+
+    def __init__(self, cfg: TrainConfig, teachers: list[dict], s_geo: KVGeometry, n_student: int):
+        super().__init__()
+        self.cfg, self.teachers, self.s_geo = cfg, teachers, s_geo
+        projs = []
+        for t in teachers:
+            n = len(t["distilled"])
+            if cfg.direction == "teacher_to_student":
+                dims = (t["heads"], t["head_dim"], s_geo.num_kv_heads, s_geo.head_dim)
+            else:
+                dims = (s_geo.num_kv_heads, s_geo.head_dim, t["heads"], t["head_dim"])
+            projs.append(KVProjector(cfg.projector, n, *dims, shared=cfg.projector_shared))
+        self.proj = torch.nn.ModuleList(projs)
+        w = cfg.teacher_weights or [1.0] * len(teachers)
+        self.register_buffer("fixed_w", torch.tensor(w, dtype=torch.float32))
+        self.gate = torch.nn.Parameter(torch.zeros(len(teachers), n_student)) if cfg.gate == "learned" else None
+
+    def weights(self, layer: int, present: list[int]) -> torch.Tensor:
+        """Fusion weights of the teachers `present` at a student layer, summing to 1."""
+        if self.gate is not None:
+            return torch.softmax(self.gate[present, layer], dim=0)
+        w = self.fixed_w[present]
+        return w / w.sum()
+
+    def forward(self, batch: dict, cap: StudentKV, device) -> tuple[torch.Tensor, list[dict]]:
+        """K/V loss of a batch, and per (teacher, layer) the pairs compared (for metrics)."""
+        cfg, pairs = self.cfg, []
+        attn = batch["attention_mask"].to(device).bool()
+        per_layer: dict[int, list] = {}
+        for ti, (t, tb) in enumerate(zip(self.teachers, batch["teachers"])):
+            k, v = tb["k"].to(device, torch.float32), tb["v"].to(device, torch.float32)  # (B, L, H, Tt, D)
+            if tb["A"] is not None:
+                A = tb["A"].to(device)                                               # (B, Ts, Tt)
+                k = torch.einsum("bst,blhtd->blhsd", A, k)                           # (B, L, H, Ts, D)
+                v = torch.einsum("bst,blhtd->blhsd", A, v)
+            mask = tb["valid"].to(device) & attn                                     # (B, Ts)
+            for pi, (s, row) in enumerate(t["distilled"]):
+                tk = sum(w * k[:, ci] for ci, w in row)                              # (B, Ht, Ts, Dt)
+                tv = sum(w * v[:, ci] for ci, w in row)
+                sk, sv = cap.kv(s)                                                   # (B, Hs, Ts, Ds)
+                sk, sv = sk.float(), sv.float()
+                if cfg.direction == "teacher_to_student":
+                    pk, pv = self.proj[ti](pi, tk, tv)
+                    pair = {"teacher": ti, "layer": s, "k": (pk, sk), "v": (pv, sv), "mask": mask}
+                else:
+                    pk, pv = self.proj[ti](pi, sk, sv)
+                    pair = {"teacher": ti, "layer": s, "k": (pk, tk), "v": (pv, tv), "mask": mask}
+                pairs.append(pair)
+                per_layer.setdefault(s, []).append(pair)
+        lw = cfg.layer_weights
+        total, norm = 0.0, 0.0
+        for s, items in per_layer.items():
+            w_layer = 1.0 if lw is None else float(lw[s])
+            if w_layer == 0:
+                continue
+            tw = self.weights(s, [p["teacher"] for p in items])
+            if cfg.fusion == "target" and len(items) > 1:
+                mask = torch.stack([p["mask"] for p in items]).all(0)
+                fk = sum(w * p["k"][0] for w, p in zip(tw, items))
+                fv = sum(w * p["v"][0] for w, p in zip(tw, items))
+                loss = self._kv(fk, items[0]["k"][1], fv, items[0]["v"][1], mask)
+            else:
+                loss = sum(w * self._kv(*p["k"], *p["v"], p["mask"]) for w, p in zip(tw, items))
+            total = total + w_layer * loss
+            norm += w_layer
+        return total / max(norm, 1e-12), pairs
+
+    def _kv(self, pk, tk, pv, tv, mask):
+        c = self.cfg
+        return (c.k_weight * kv_loss(c.loss, pk, tk, mask, c.alpha, c.beta)
+                + c.v_weight * kv_loss(c.loss, pv, tv, mask, c.alpha, c.beta))
+
+
+def train_step(model, cap, distiller, batch, cfg, device, autocast):
+    """Forward of one micro-batch: (total loss with its graph, K/V part, CE part as floats)."""
+    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    ce_mask = batch["ce_mask"].to(device)
+    pos = answer_positions(ce_mask) if cfg.ce_weight else ids.new_zeros(0)
+    if cfg.ce_chunk and len(pos):   # final hidden states; the head runs chunk by chunk below
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        with cap, autocast():
+            hidden = base.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+            ce = chunked_answer_cross_entropy(base.get_output_embeddings(), hidden[:, pos], ids,
+                                              ce_mask, pos, cfg.ce_chunk)
+    else:
+        with cap, autocast():       # logits only where the answer's cross-entropy needs them
+            out = model(input_ids=ids, attention_mask=attn, use_cache=False,
+                        logits_to_keep=pos if len(pos) else 1)
+        ce = answer_cross_entropy(out.logits, ids, ce_mask, pos) if len(pos) \
+            else out.logits.sum() * 0.0
+    with autocast():
+        kv, _ = distiller(batch, cap, device)
+    loss = cfg.kv_weight * kv + cfg.ce_weight * ce
+    return loss, float(kv.detach()) if torch.is_tensor(kv) else float(kv), float(ce.detach())
+
+
+@torch.no_grad()
+def evaluate(model, cap, distiller, loader, device, autocast) -> dict:
+    """Held-out cosine of K and V (pred vs target of the loss) and the shuffled baseline."""
+    was = model.training
+    model.eval()
+    distiller.eval()
+    g = torch.Generator().manual_seed(1234)
+    sums = {"cos_k": [], "cos_v": [], "cos_k_shuffled": [], "cos_v_shuffled": []}
+    for batch in loader:
+        with cap, autocast():
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  use_cache=False, logits_to_keep=1)
+        _, pairs = distiller(batch, cap, device)
+        for p in pairs:
+            for key in ("k", "v"):
+                pred, tgt = p[key]
+                sums[f"cos_{key}"].append(mean_cosine(pred, tgt, p["mask"]))
+                sums[f"cos_{key}_shuffled"].append(mean_cosine(pred, tgt, p["mask"], shuffle=g))
+    model.train(was)
+    distiller.train(was)
+    return {k: float(np.nanmean(v)) if v else float("nan") for k, v in sums.items()}
+
+

@@ -1,0 +1,176 @@
+"""The stage-2 trainer: built once from a config (caches, student, distiller, data, optimizer),
+then `step` by `step`. `stage2_train.train.main` runs it with checkpoints and metrics; the
+benchmarks time the very same step."""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kava_common import KavaError
+from kava_common.device import resolve_device
+
+from .build import (lr_factor, make_optimizer, memory_estimate, open_teachers, precision_dtype,
+                    set_trainable)
+from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .config import TrainConfig
+from .data import DistillData, collate
+from .distiller import Distiller, evaluate, train_step
+from .student import StudentKV, load_student
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled micro-batches of one epoch; a function of (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
+
+
+def pad_id(tok) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS, else 0."""
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+class Trainer:
+    """Everything a stage-2 run holds. `model`/`tok` may be passed in already loaded
+    (benchmarks); otherwise the student is loaded as `cfg` says. The caches are opened and
+    checked before the student is loaded."""
+
+    def __init__(self, cfg: TrainConfig, model=None, tok=None, echo=print):
+        self.cfg, self.echo = cfg, echo
+        self.device = resolve_device(cfg.device) if model is None else next(model.parameters()).device
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.teachers, self.s_geo = open_teachers(cfg)
+        self.dtype = precision_dtype(cfg, self.device)
+        if model is None:
+            echo(f"{memory_estimate(cfg, self.teachers, self.dtype, self.device)} "
+                 f"at batch {cfg.batch_size} x {cfg.max_length} tokens")
+            model, tok = load_student(cfg.student, self.device, self.dtype, cfg.lora_r, cfg.lora_alpha,
+                                      cfg.gradient_checkpointing)
+        set_trainable(model, cfg)
+        self.model, self.tok = model.train(), tok
+        self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers).to(self.device)
+        self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t["distilled"]}), self.s_geo)
+        self._build_data()
+        self.opt = make_optimizer(cfg, model, self.distiller)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.fingerprints = [t["fingerprint"] for t in self.teachers]
+        self.prog = Progress(seed=cfg.seed)
+        self._it = None                      # the current epoch's loader
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.data = DistillData([t["cache"] for t in self.teachers], self.tok, cfg.max_length, cfg.align)
+        if len(self.data) <= cfg.eval_samples:
+            raise ValueError(f"the caches share {len(self.data)} samples; need more than eval_samples "
+                             f"({cfg.eval_samples}) so some are left to train on")
+        n_train = len(self.data) - cfg.eval_samples
+        self.train_set = torch.utils.data.Subset(self.data, range(n_train))
+        self.collate = partial(collate, pad_id=pad_id(self.tok))
+        self.eval_loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.data, range(n_train, len(self.data))),
+            batch_size=cfg.batch_size, collate_fn=self.collate)
+
+    def autocast(self):
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def check_student_kv(self) -> None:
+        """The K/V the hooks capture must equal the student's own cache on one sample."""
+        probe = self.collate([self.data[0]])
+        worst = self.cap.check(self.model, probe["input_ids"].to(self.device),
+                               probe["attention_mask"].to(self.device))
+        if worst > (1e-3 if self.dtype == torch.float32 else 5e-2):
+            raise KavaError(f"student {self.cfg.student!r}: K/V captured by hooks differ from the model's "
+                            f"cache by {worst:.2e}; this architecture's attention is not supported")
+
+    def loader(self, batches: list[list[int]] | None = None, dataset=None):
+        """Micro-batches read by `num_workers` DataLoader workers ahead of the step; by default
+        the rest of the current epoch (from prog.micro on)."""
+        cfg = self.cfg
+        if batches is None:
+            batches = epoch_batches(len(self.train_set), cfg.batch_size, cfg.seed, self.prog.epoch)[self.prog.micro:]
+        return iter(torch.utils.data.DataLoader(
+            self.train_set if dataset is None else dataset, batch_sampler=batches, collate_fn=self.collate,
+            num_workers=cfg.num_workers, prefetch_factor=2 if cfg.num_workers else None,
+            persistent_workers=False))
+
+    def micro_batches(self):
+        """The run's next `grad_accum` micro-batches, on into the next epoch when one ends;
+        `prog` counts them, so a checkpoint knows where the data stands."""
+        for _ in range(self.cfg.grad_accum):
+            if self._it is None:
+                self._it = self.loader()
+            batch = next(self._it, None)
+            if batch is None:                       # epoch done: the next one's order
+                self.prog.epoch, self.prog.micro = self.prog.epoch + 1, 0
+                self._it = self.loader()
+                batch = next(self._it)
+            self.prog.micro += 1
+            yield batch
+
+    def step(self, batches=None) -> dict:
+        """One optimizer step over `grad_accum` micro-batches (default: the run's next ones),
+        gradients averaged over them; returns the loss parts, the gradient norm and the
+        number of tokens."""
+        parts = {"loss": 0.0, "loss_kv": 0.0, "loss_ce": 0.0}
+        n, tokens = self.cfg.grad_accum, 0
+        batches = self.micro_batches() if batches is None else batches
+        for batch in batches:
+            loss, kv, ce = train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device,
+                                      self.autocast)
+            (loss / n).backward()
+            parts["loss"] += loss.item() / n
+            parts["loss_kv"] += kv / n
+            parts["loss_ce"] += ce / n
+            tokens += int(batch["attention_mask"].sum())
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.prog.step += 1
+        return dict(parts, grad_norm=float(gn), tokens=tokens)
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.cap, self.distiller, self.eval_loader, self.device, self.autocast)
+
+    def learning_rates(self) -> dict:
+        groups = self.opt.param_groups
+        return {"lr_student": groups[0]["lr"] if len(groups) > 1 else 0.0, "lr_projector": groups[-1]["lr"]}
+
+    def resume(self, run: Path) -> bool:
+        """Load the checkpoint `cfg.resume` names (auto: the newest in `run`); returns whether
+        one was loaded."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return False
+        path = latest_checkpoint(run) if cfg.resume == "auto" else Path(cfg.resume)
+        if cfg.resume != "auto" and not (path / "state.json").is_file():
+            raise KavaError(f"--resume {cfg.resume}: no checkpoint there (expected state.json)")
+        if path is None:
+            return False
+        saved = json.loads((path / "state.json").read_text())
+        if saved["fingerprints"] != self.fingerprints:
+            raise KavaError(f"{path} was trained on caches {saved['fingerprints']}, this run "
+                            f"uses {self.fingerprints}")
+        self.prog = load_checkpoint(path, self.model, self.distiller, self.opt, self.sched)
+        self.echo(f"resumed from {path} at step {self.prog.step}")
+        return True
+
+    def save(self, run: Path) -> Path:
+        return save_checkpoint(run, self.prog, self.model, self.tok, self.distiller, self.opt, self.sched,
+                               self.cfg, self.fingerprints)
+
+    def save_final(self, run: Path) -> None:
+        save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)
