@@ -6,11 +6,12 @@ re-hashes every shard and exits 1 naming each file that does not match the manif
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import open_cache, verify_cache
+from .cli import parse_settings, setting
 
 
 def summary(path: str) -> str:
@@ -44,11 +45,16 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(map(str, xs))
 
 
+@dataclass
+class InfoArgs:
+    """Settings of `python -m kava_common.info` (kava_common.cli)."""
+    caches: list[str] = setting(list, "cache folder(s) holding manifest.json", positional=True, metavar="CACHE")
+    verify: bool = setting(False, "re-hash every shard against the manifest")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kava_common.info", description=__doc__.split("\n\n")[1])
-    p.add_argument("caches", nargs="+", help="cache folder(s) holding manifest.json")
-    p.add_argument("--verify", action="store_true", help="re-hash every shard against the manifest")
-    args = p.parse_args(argv)
+    args = InfoArgs(**parse_settings(InfoArgs, argv, prog="python -m kava_common.info",
+                                     description=__doc__.split("\n\n")[1]))
     status = 0
     for path in args.caches:
         try:

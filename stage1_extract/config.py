@@ -5,37 +5,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kava_common.cache import FORMATS
+from kava_common.cli import setting
 from kava_common.geometry import DTYPES
+
+CPU_4BIT_KERNELS = ("auto", "packed", "plain")
 
 
 @dataclass
 class ExtractConfig:
-    teachers: list[str]                  # hub ids or local paths, one cache each
-    dataset: str = "synthetic"           # gsm8k | synthetic | PATH (.jsonl/.json/.parquet/folder)
-    split: str = "train"
-    out: str = "data_cache"              # root; each cache is a folder under it named by fingerprint
-    max_samples: int | None = None       # first N rows of the split (None: all)
-    batch_size: int = 8                  # samples per forward pass
-    max_length: int = 512                # tokens; longer samples are cut and flagged `truncated`
-    layers: list[int] | None = None      # teacher layer indices to keep (None: all)
-    kv_dtype: str = "float16"            # stored dtype of K and V
-    format: str = "safetensors"          # safetensors | hdf5
-    quantize: bool = True                # 4-bit bitsandbytes teacher; False: unquantized
-    quant_type: str = "nf4"              # nf4 | fp4
-    double_quant: bool = False           # bitsandbytes nested quantization of the scales
-    cpu_4bit_kernel: str = "auto"        # 4-bit on a CPU: auto | packed (AVX512-BF16) | plain
-    dtype: str = "auto"                  # unquantized teacher dtype (auto: float32 on CPU, bf16 on GPU)
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    revision: str | None = None          # hub revision of every teacher
-    shard_mb: float = 128.0              # target shard size in MB (shards hold whole samples)
-    disk_check: bool = True              # refuse to start when the estimate exceeds free space
-    seed: int = 0                        # seed of the synthetic data set
-    num_shards: int = 1                  # processes splitting the work (one per GPU, SLURM array, ...)
-    shard_index: int = 0                 # this process: takes shards i with i % num_shards == index
-    padding_side: str = "right"          # padding inside a batch; results do not depend on it
-    progress: bool = True                # show a progress bar
-    writer_queue: int = 2                # shards waiting for the background writer
-    direct_io: bool = True               # O_DIRECT shard writes where the file system allows
+    """Stage-1 settings; each field is a flag of `python -m stage1_extract` (kava_common.cli)."""
+    teachers: list[str] = setting(list, "hub id or local folder; repeat for several teachers, one cache each",
+                                  flag="--teacher", repeat=True, metavar="NAME")
+    dataset: str = setting("synthetic", "gsm8k (hub) | synthetic | synthetic-hard | PATH to .jsonl/.json/"
+                           ".parquet or a saved datasets folder with `question` and `answer`")
+    split: str = setting("train", "data set split")
+    out: str = setting("data_cache", "root folder; each cache is a folder under it named by fingerprint")
+    max_samples: int | None = setting(None, "first N rows of the split only")
+    batch_size: int = setting(8, "samples per forward pass")
+    max_length: int = setting(512, "tokens per sample; longer samples are cut and flagged `truncated`")
+    layers: list[int] | None = setting(None, "teacher layers to keep, e.g. 0,2,5 (default: all)")
+    kv_dtype: str = setting("float16", "stored dtype of K and V", choices=tuple(DTYPES))
+    format: str = setting("safetensors", "shard format; one reader for both", choices=tuple(FORMATS))
+    quantize: bool = setting(True, "run the teacher in 4-bit (bitsandbytes); --no-quantize: unquantized in --dtype")
+    quant_type: str = setting("nf4", "4-bit data type", choices=("nf4", "fp4"))
+    double_quant: bool = setting(False, "bitsandbytes nested quantization of the 4-bit scales")
+    cpu_4bit_kernel: str = setting("auto", "bitsandbytes 4-bit path on a CPU: packed needs AVX512-BF16; "
+                                   "auto takes it where present", choices=CPU_4BIT_KERNELS)
+    dtype: str = setting("auto", "unquantized teacher dtype (auto: float32 on a CPU, bfloat16 on a GPU)",
+                         choices=("auto", *DTYPES))
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    revision: str | None = setting(None, "hub revision of every teacher")
+    shard_mb: float = setting(128.0, "target shard size in MB (shards hold whole samples)")
+    disk_check: bool = setting(True, "refuse to start when the size estimate exceeds the free space")
+    seed: int = setting(0, "seed of the synthetic data sets")
+    num_shards: int = setting(1, "processes splitting the work into one cache (one per GPU, a SLURM array, ...)")
+    shard_index: int = setting(0, "this process's part, 0..N-1: shards i with i %% num_shards == index; "
+                               "the last to finish writes the manifest")
+    direct_io: bool = setting(True, "write shards with O_DIRECT where the file system allows "
+                              "(--no-direct-io: through the page cache; same files)")
+    progress: bool = setting(True, "show a progress bar")
+    padding_side: str = setting("right", "padding inside a batch; results do not depend on it", cli=False)
+    writer_queue: int = setting(2, "shards waiting for the background writer", cli=False)
 
     def __post_init__(self):
         problems = []
@@ -53,7 +63,7 @@ class ExtractConfig:
             problems.append(f"--format {self.format!r}: choose one of {sorted(FORMATS)}")
         if self.quant_type not in ("nf4", "fp4"):
             problems.append(f"--quant-type {self.quant_type!r}: choose nf4 or fp4")
-        if self.cpu_4bit_kernel not in ("auto", "packed", "plain"):
+        if self.cpu_4bit_kernel not in CPU_4BIT_KERNELS:
             problems.append(f"--cpu-4bit-kernel {self.cpu_4bit_kernel!r}: choose auto, packed or plain")
         if self.dtype not in ("auto", *DTYPES):
             problems.append(f"--dtype {self.dtype!r}: choose auto or one of {sorted(DTYPES)}")

@@ -11,7 +11,8 @@ import torch
 from kava_common import KavaError, import_bitsandbytes, no_hf_progress_bars
 from kava_common.geometry import DTYPES
 
-CPU_4BIT_KERNELS = ("auto", "packed", "plain")
+from .config import CPU_4BIT_KERNELS
+
 PACK_BLOCK_N = 32   # bitsandbytes' packed CPU kernel takes output features in blocks of 32
 
 

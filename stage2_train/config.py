@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from kava_common.cli import setting
 
 from .align import ALIGN_MODES
 from .losses import LOSSES
@@ -14,59 +16,69 @@ from .projector import KINDS
 
 @dataclass
 class TrainConfig:
-    student: str = ""                    # hub id or local folder of the student
-    caches: list = field(default_factory=list)  # stage-1 cache folders, one per teacher
-    out: str = "runs/run"                # run folder: metrics.jsonl, step-NNNNNN/, final/
-    dataset: str | None = None           # if set, each cache's data set name must match
-    split: str | None = None             # if set, each cache's split must match
+    """Stage-2 settings; each field is a flag of `python -m stage2_train` and a key of its YAML
+    config (kava_common.cli). Units: steps are optimizer steps, lengths are tokens."""
+    student: str = setting("", "hub id or local folder of the student")
+    caches: list[str] = setting(list, "stage-1 cache folder; repeat per teacher", flag="--cache",
+                                repeat=True, metavar="DIR")
+    out: str = setting("runs/run", "run folder: metrics.jsonl, config.yaml, step-NNNNNN/, final/")
+    dataset: str | None = setting(None, "if set, each cache's data set name must match")
+    split: str | None = setting(None, "if set, each cache's split must match")
     # schedule
-    max_steps: int = 200                 # optimizer steps
-    batch_size: int = 4                  # samples per micro-batch
-    grad_accum: int = 1                  # micro-batches per optimizer step
-    lr_student: float = 5e-5
-    lr_projector: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10               # linear warmup, then cosine decay to min_lr_ratio
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0               # max global grad norm (0: off)
-    optimizer: str = "adamw"             # adamw | adamw8bit (bitsandbytes)
+    max_steps: int = setting(200, "optimizer steps")
+    batch_size: int = setting(4, "samples per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    lr_student: float = setting(5e-5, "learning rate of the student")
+    lr_projector: float = setting(1e-3, "learning rate of the projectors (and fusion gate)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_steps: int = setting(10, "linear warmup steps, then cosine decay to min_lr_ratio")
+    min_lr_ratio: float = setting(0.1, "final learning rate / peak")
+    grad_clip: float = setting(1.0, "max global gradient norm (0: off)")
+    optimizer: str = setting("adamw", "adamw8bit is bitsandbytes' 8-bit AdamW", choices=("adamw", "adamw8bit"))
     # model
-    freeze_student: bool = False         # train the projector alone
-    freeze_embeddings: bool = False      # keep the input embeddings (and a tied output head) fixed
-    lora_r: int = 0                      # LoRA rank on attention projections (0: full fine-tune)
-    lora_alpha: int = 16
-    gradient_checkpointing: bool = False
-    max_length: int = 512                # student tokens per sample
+    freeze_student: bool = setting(False, "train the projector alone")
+    freeze_embeddings: bool = setting(False, "keep the input embeddings (and a tied output head) fixed")
+    lora_r: int = setting(0, "LoRA rank on the attention projections (0: full fine-tune)")
+    lora_alpha: int = setting(16, "LoRA alpha")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward (less memory)")
+    max_length: int = setting(512, "student tokens per sample")
     # distillation
-    projector: str = "linear"            # linear | head | mlp
-    projector_shared: bool = False       # one K and one V projector for all layers
-    direction: str = "student_to_teacher"  # the teacher target stays fixed; or teacher_to_student
-    # (as the seed did; both sides move, which collapsed in bench/bench_learn.py: see README)
-    layer_map: typing.Any = "proportional"  # or one entry per student layer: int | null | {t: w}
-    align: str = "auto"                  # auto | identity | overlap | linear | segment
-    loss: str = "mercator"               # mercator | mse | l1 | cosine
-    alpha: float = 1.0                   # mercator: weight of (1 - cos)
-    beta: float = 0.01                   # mercator: weight of the log-norm MSE
-    k_weight: float = 1.0
-    v_weight: float = 1.0
-    layer_weights: list | None = None    # one weight per student layer (None: all 1)
-    kv_weight: float = 1.0               # weight of the K/V loss in the total
-    ce_weight: float = 1.0               # weight of cross-entropy on the answer tokens
-    ce_chunk: int = 0                    # answer tokens per cross-entropy chunk, logits recomputed in the backward (0: all at once)
-    fusion: str = "loss"                 # several teachers: loss (weighted sum) | target (fused target)
-    teacher_weights: list | None = None  # fixed weights per teacher (None: equal)
-    gate: str = "fixed"                  # fixed | learned (per-layer softmax; fusion target only)
+    projector: str = setting("linear", "K/V projector per layer", choices=KINDS)
+    projector_shared: bool = setting(False, "one K and one V projector for all layers")
+    direction: str = setting("student_to_teacher", "student_to_teacher keeps the teacher's target fixed; "
+                             "teacher_to_student moves both sides and collapsed in bench/bench_learn.py "
+                             "(docs/results.md)", choices=("student_to_teacher", "teacher_to_student"))
+    layer_map: Any = setting("proportional", "proportional, or one entry per student layer: a teacher "
+                             "layer, null, or {teacher layer: weight} (JSON)", json=True)
+    align: str = setting("auto", "token alignment between tokenizers", choices=ALIGN_MODES)
+    loss: str = setting("mercator", "K/V loss", choices=tuple(sorted(LOSSES)))
+    alpha: float = setting(1.0, "mercator: weight of (1 - cos)")
+    beta: float = setting(0.01, "mercator: weight of the log-norm MSE")
+    k_weight: float = setting(1.0, "weight of the K loss")
+    v_weight: float = setting(1.0, "weight of the V loss")
+    layer_weights: list | None = setting(None, "one loss weight per student layer (JSON; default all 1)", json=True)
+    kv_weight: float = setting(1.0, "weight of the K/V loss in the total")
+    ce_weight: float = setting(1.0, "weight of cross-entropy on the answer tokens")
+    ce_chunk: int = setting(0, "answer tokens per cross-entropy chunk, logits recomputed in the backward "
+                            "(0: all at once)")
+    fusion: str = setting("loss", "several teachers: weighted sum of losses, or one fused target",
+                          choices=("loss", "target"))
+    teacher_weights: list | None = setting(None, "fixed weight per teacher (JSON; default equal)", json=True)
+    gate: str = setting("fixed", "learned: a per-layer softmax over teachers (fusion target only)",
+                        choices=("fixed", "learned"))
     # run
-    eval_samples: int = 16               # held out from training (the last rows) for cosine metrics
-    log_every: int = 10                  # steps between metric lines (with held-out cosines)
-    save_every: int = 100                # steps between checkpoints (0: only at the end)
-    resume: str | None = None            # auto | PATH
-    seed: int = 0
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    precision: str = "auto"              # auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16
-    num_workers: int = 0                 # DataLoader workers
-    report_to: str = "none"              # none | tensorboard (scalars in RUN/tensorboard/, beside metrics.jsonl)
-    progress: bool = True
+    eval_samples: int = setting(16, "samples held out from training (the last rows) for the cosine metrics")
+    log_every: int = setting(10, "steps between metric lines (with held-out cosines)")
+    save_every: int = setting(100, "steps between checkpoints (0: only at the end)")
+    resume: str | None = setting(None, "auto (the newest checkpoint in --out) or a checkpoint folder")
+    seed: int = setting(0, "seed of initialisation and data order")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = setting("auto", "auto: bf16 autocast on a bf16 GPU, else fp32",
+                             choices=("auto", "fp32", "bf16"))
+    num_workers: int = setting(0, "DataLoader workers reading the caches ahead of the step")
+    report_to: str = setting("none", "tensorboard: also write the metrics as TensorBoard scalars in "
+                             "RUN/tensorboard/", choices=("none", "tensorboard"))
+    progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):
         p = []

@@ -8,7 +8,6 @@ line per sample (prompt, output, extracted, gold, correct) and prints the accura
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kava_common import KavaError, no_hf_progress_bars
+from kava_common.cli import parse_settings, setting
 from kava_common.data import load_rows
 from kava_common.device import resolve_device
 from kava_common.prompt import extract_final_answer, format_prompt
@@ -106,19 +106,39 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
     return EvalResult(len(rows), correct)
 
 
+@dataclass
+class EvalConfig:
+    """Settings of `python -m stage2_train.evaluate` (kava_common.cli)."""
+    model: str = setting("", "folder or hub id of a causal LM with its tokenizer")
+    dataset: str = setting("synthetic", "gsm8k | synthetic | synthetic-hard | PATH")
+    split: str = setting("test", "data set split")
+    max_samples: int | None = setting(None, "first N problems only")
+    batch_size: int = setting(16, "prompts per generate call")
+    max_new_tokens: int = setting(256, "tokens generated per answer at most")
+    seed: int = setting(0, "seed of the synthetic data sets")
+    out: str | None = setting(None, "per-sample JSONL (default: MODEL/eval-SPLIT.jsonl for a local model)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    progress: bool = setting(True, "show a progress bar")
+
+    def __post_init__(self):
+        p = []
+        if not self.model:
+            p.append("--model: give a folder or hub id")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if p:
+            raise ValueError("invalid evaluate settings:\n  " + "\n  ".join(p))
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stage2_train.evaluate", description=__doc__.split("\n\n")[1])
-    p.add_argument("--model", required=True, help="folder or hub id of a causal LM with its tokenizer")
-    p.add_argument("--dataset", default="synthetic", help="gsm8k | synthetic | PATH")
-    p.add_argument("--split", default="test")
-    p.add_argument("--max-samples", type=int, default=None, help="first N problems only")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="seed of --dataset synthetic")
-    p.add_argument("--out", default=None, help="per-sample JSONL (default: MODEL/eval-SPLIT.jsonl)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    a = p.parse_args(argv)
+    given = parse_settings(EvalConfig, argv, prog="python -m stage2_train.evaluate",
+                           description=__doc__.split("\n\n")[1])
+    try:
+        a = EvalConfig(**given)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = a.out or (str(Path(a.model) / f"eval-{a.split}.jsonl") if Path(a.model).is_dir() else None)
     try:
         r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,

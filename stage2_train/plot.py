@@ -6,10 +6,12 @@ the shuffled-target cosine, from the metrics file alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from kava_common.cli import parse_settings, setting
 
 
 def plot(metrics: str | Path, out: str | Path | None = None) -> Path:
@@ -39,11 +41,16 @@ def plot(metrics: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+@dataclass
+class PlotArgs:
+    """Settings of `python -m stage2_train.plot` (kava_common.cli)."""
+    metrics: str = setting("", "RUN/metrics.jsonl", positional=True)
+    out: str | None = setting(None, "PNG path (default: curves.png beside the metrics)")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stage2_train.plot", description=__doc__.split("\n\n")[1])
-    p.add_argument("metrics", help="RUN/metrics.jsonl")
-    p.add_argument("--out", default=None, help="PNG path (default: curves.png beside the metrics)")
-    a = p.parse_args(argv)
+    a = PlotArgs(**parse_settings(PlotArgs, argv, prog="python -m stage2_train.plot",
+                                  description=__doc__.split("\n\n")[1]))
     print(plot(a.metrics, a.out))
     return 0
 

@@ -15,15 +15,17 @@ the shuffled baseline, and the accuracy when `eval` is given.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from kava_common.cli import parse_settings, setting
 
 from .config import FIELDS, load_config
 
@@ -137,11 +139,16 @@ def plot_runs(rows: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class SweepArgs:
+    """Settings of `python -m stage2_train.sweep` (kava_common.cli)."""
+    sweep: str = setting("", "sweep YAML file", positional=True)
+    progress: bool = setting(True, "show each run's progress bar")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stage2_train.sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep", help="sweep YAML file")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    a = p.parse_args(argv)
+    a = SweepArgs(**parse_settings(SweepArgs, argv, prog="python -m stage2_train.sweep",
+                                   description=__doc__.split("\n\n")[0]))
     try:
         rows = run_sweep(a.sweep, progress=a.progress)
     except (ValueError, FileNotFoundError) as e:

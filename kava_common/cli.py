@@ -1,0 +1,126 @@
+"""Command lines built from config dataclasses: one flag per field, its help from the field.
+
+Every kava entry point (stage 1, stage 2, evaluate, sweep, info, plot) declares its settings as
+a dataclass whose fields say their own command line:
+
+    max_steps: int = setting(200, "optimizer steps")                  # --max-steps N
+    quantize: bool = setting(True, "4-bit teacher")                     # --quantize / --no-quantize
+    layers: list[int] | None = setting(None, "teacher layers")          # --layers 0,2,5
+    caches: list[str] = setting(list, "cache folders", flag="--cache", repeat=True)
+    layer_map: Any = setting("proportional", "...", json=True)          # --layer-map '[0, null]'
+
+`parse_settings` returns only what the command line gave ({field: value}), so the dataclass
+stays the one place that holds defaults and checks them, and a YAML file can sit between the
+two (stage 2: defaults < YAML < flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Callable
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
+            choices: tuple | None = None, repeat: bool = False, positional: bool = False,
+            json: bool = False, metavar: str | None = None, cli: bool = True):
+    """A dataclass field with its command-line description. A callable `default` (list, dict)
+    is used as the default factory. `repeat`: a list field given by repeating the flag;
+    `positional`: a positional argument (a list field takes one or more); `json`: the value is
+    parsed as JSON; `cli=False`: a setting of the config object only."""
+    meta = {"help": help, "flag": flag, "choices": choices, "repeat": repeat,
+            "positional": positional, "json": json, "metavar": metavar, "cli": cli}
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _unwrap(tp) -> tuple[Any, bool]:
+    """(the type without None, whether None was allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else Any), True
+    return tp, False
+
+
+def comma_list(of: Callable) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [of(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {of.__name__} values, got {text!r}")
+    parse.__name__ = f"list of {of.__name__}"
+    return parse
+
+
+def _json(text: str):
+    """JSON, or a bare word (such as `proportional`) as that string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        if text.isidentifier():
+            return text
+        raise argparse.ArgumentTypeError(f"expected JSON, got {text!r}")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        value = f.default
+    else:
+        return ""
+    return "" if value in (None, [], "", {}) else f" (default: {value})"
+
+
+def add_settings(parser: argparse.ArgumentParser, cls) -> None:
+    """One argument per field of dataclass `cls` (except those marked cli=False); nothing is
+    filled in for arguments the command line leaves out."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        if not m.get("cli", True):
+            continue
+        tp, _ = _unwrap(hints[f.name])
+        kw: dict[str, Any] = {"help": m.get("help", "") + _default_text(f), "default": argparse.SUPPRESS}
+        if m.get("choices"):        # shown, not enforced: the dataclass's check reports every problem at once
+            kw["metavar"] = "{" + ",".join(map(str, m["choices"])) + "}"
+        if m.get("metavar"):
+            kw["metavar"] = m["metavar"]
+        elem = (typing.get_args(tp) or (str,))[0] if typing.get_origin(tp) is list else None
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif m.get("json") or tp is Any:
+            kw["type"] = _json
+        elif elem is not None and m.get("positional"):
+            kw.update(type=elem, nargs="+")
+        elif elem is not None and m.get("repeat"):
+            kw.update(type=elem, action="append")
+        elif elem is not None:
+            kw["type"] = comma_list(elem)
+        else:
+            kw["type"] = tp
+        if m.get("positional"):
+            kw.pop("default")
+            parser.add_argument(f.name, **kw)
+        else:
+            parser.add_argument(m.get("flag") or "--" + f.name.replace("_", "-"), dest=f.name, **kw)
+
+
+def settings_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_settings(p, cls)
+    return p
+
+
+def parse_settings(cls, argv=None, *, prog: str, description: str,
+                   extend: Callable[[argparse.ArgumentParser], None] | None = None) -> dict:
+    """The settings of dataclass `cls` that `argv` gives, as {field: value}; `extend` may add
+    arguments that are not settings (stage 2's --config)."""
+    p = settings_parser(cls, prog, description)
+    if extend is not None:
+        extend(p)
+    return vars(p.parse_args(argv))
