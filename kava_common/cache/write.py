@@ -63,8 +63,8 @@ def _finish_shard(cache_dir: Path, name: str, tmp: Path, entry: ShardEntry, chec
     The rename alone is atomic against a killed process; the fsync makes a shard that its
     sidecar calls complete survive an OS crash or power loss too. It runs on stage 1's writer
     thread, where waiting on the disk costs the teacher nothing, and it leaves the manifest's
-    own fsync at the end of a run almost nothing to flush (on this project's test machine the
-    shards' writes sat in the disk's cache and one fsync at the end took 0.2-0.5 s)."""
+    own fsync at the end of a run almost nothing to flush (otherwise all the shards' writes can
+    sit in the disk's cache until that one fsync)."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
