@@ -65,8 +65,8 @@ def test_cached_kv_equal_unbatched_forward(teacher_dir, tmp_path, padding_side):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("gather", [False, True])
 def test_capture_paths_equal_unbatched_forward(teacher_dir, padding_side, gather):
-    """Both copy paths of KVCapture (gather-then-copy, the default; direct strided copies:
-    `gather=False`) put each sample's real tokens at its destination rows, layers subset."""
+    """Both copy paths of KVCapture (direct strided copies: the CPU default; gather-then-copy:
+    the GPU default) put each sample's real tokens at its destination rows, layers subset."""
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     seqs = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
     lens = [len(q) for q in seqs]
