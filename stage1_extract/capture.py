@@ -34,8 +34,7 @@ class KVCapture:
         model's device, then copy each sample's rows out of it (plain memcpys); None means on
         for a GPU, where copying straight from the padded, strided K/V costs a kernel per
         sample and layer besides the copy. On the CPU the direct copies are as fast or faster
-        (stage 1 end to end, alternating the two in turn, tiny NF4 teacher on the packed path:
-        median 1.191 of forward-only direct against 1.222 gather)."""
+        (docs/benchmarks.md)."""
         self.name, self.geometry, self.gather = name, geometry, gather
         self.dests: dict = {}
         self.spans: list[tuple[int, int, int]] = []

@@ -6,6 +6,7 @@ file or a `.tmp` that the next run deletes (`remove_partial_files`)."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -78,10 +79,20 @@ def _finish_shard(cache_dir: Path, name: str, tmp: Path, entry: ShardEntry, chec
 
 
 def aligned_bytes(n: int, pin: bool = False) -> torch.Tensor:
-    """A uint8 buffer of `n` bytes whose address is a multiple of ALIGN."""
-    raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=pin)
-    shift = (-raw.data_ptr()) % ALIGN
-    return raw[shift: shift + n]
+    """A uint8 buffer of `n` bytes whose address is a multiple of ALIGN.
+
+    Pinned (`pin`, for copies from a GPU) it comes from torch. Otherwise it is an anonymous
+    memory map of ordinary pages: torch's allocator would ask for transparent huge pages
+    (kava sets THP_MEM_ALLOC_ENABLE), and a shard buffer is filled once, front to back, so
+    huge pages save little there while their first touch can wait on the kernel's page
+    compaction, in the middle of the teacher's forward (docs/benchmarks.md)."""
+    if pin:
+        raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=True)
+        shift = (-raw.data_ptr()) % ALIGN
+        return raw[shift: shift + n]
+    buf = torch.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=torch.uint8)[:n]   # page-aligned
+    assert buf.data_ptr() % ALIGN == 0
+    return buf
 
 
 def write_bytes(path: Path, buf: np.ndarray, n: int, direct: bool = True) -> bool:
