@@ -8,13 +8,14 @@ Re-running reuses the models and the cache and trains a fresh run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kava_common import save_pretrained, tiny
 from kava_common.cache import verify_cache
+from kava_common.cli import parse_settings, setting
 from kava_common.info import summary
 
 
@@ -32,12 +33,17 @@ def build_models(root: Path) -> tuple[Path, Path]:
     return teacher, student
 
 
+@dataclass
+class DemoArgs:
+    """Settings of `python -m kava_demo` (kava_common.cli)."""
+    root: str = setting("data_cache/demo", "where models, caches and the run go")
+    samples: int = setting(512, "synthetic training problems")
+    steps: int = setting(60, "stage-2 optimizer steps")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kava_demo", description=__doc__.split("\n\n")[1])
-    p.add_argument("--root", default="data_cache/demo", help="where models and caches go")
-    p.add_argument("--samples", type=int, default=512, help="synthetic training problems")
-    p.add_argument("--steps", type=int, default=60, help="stage-2 optimizer steps")
-    args = p.parse_args(argv)
+    args = DemoArgs(**parse_settings(DemoArgs, argv, prog="python -m kava_demo",
+                                     description=__doc__.split("\n\n")[1]))
     t0 = time.perf_counter()
     root = Path(args.root)
     teacher, student = build_models(root)
