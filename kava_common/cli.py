@@ -110,6 +110,63 @@ def add_settings(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(m.get("flag") or "--" + f.name.replace("_", "-"), dest=f.name, **kw)
 
 
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp) -> tuple[bool, Any]:
+    """(whether `value` is a `tp`, the value as a `tp`), converting only where nothing is
+    guessed: a whole number to int, a number to float, a numeric string to either (PyYAML
+    reads `1e-4` as a string). A bool is never a number and a string never a bool."""
+    if tp is Any or tp is typing.Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp in (int, float):
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if tp is float else int(value.strip())
+            except ValueError:
+                return False, value
+        if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+            return False, value
+        if tp is int:
+            return (float(value).is_integer(), int(value)) if isinstance(value, float) else (True, value)
+        return True, float(value)
+    if tp is str:
+        return isinstance(value, str), value
+    if typing.get_origin(tp) is list or tp is list:
+        if not isinstance(value, list):
+            return False, value
+        elem = (typing.get_args(tp) or (Any,))[0]
+        pairs = [_coerce(v, elem) for v in value]
+        return all(ok for ok, _ in pairs), [v for _, v in pairs]
+    return True, value
+
+
+def coerce_settings(obj) -> list[str]:
+    """Check each field of dataclass instance `obj` against its type, converting in place
+    where `_coerce` allows; returns one line per field that is not of its type, naming it
+    (a float 2.7 for an int, "no" for a bool, NaN for a number, ...)."""
+    hints = typing.get_type_hints(type(obj))
+    problems = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        tp, optional = _unwrap(hints[f.name])
+        if value is None:
+            if not optional and tp is not Any:
+                problems.append(f"{f.name}: expected {_type_name(tp)}, got null")
+            continue
+        ok, converted = _coerce(value, tp)
+        if ok:
+            setattr(obj, f.name, converted)
+        else:
+            problems.append(f"{f.name}: expected {_type_name(tp)}, got {value!r}")
+    return problems
+
+
 def settings_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     add_settings(p, cls)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kava_common.cache import FORMATS
-from kava_common.cli import setting
+from kava_common.cli import coerce_settings, setting
 from kava_common.geometry import DTYPES
 
 CPU_4BIT_KERNELS = ("auto", "packed", "plain")
@@ -48,7 +48,9 @@ class ExtractConfig:
     writer_queue: int = setting(2, "shards waiting for the background writer", cli=False)
 
     def __post_init__(self):
-        problems = []
+        problems = coerce_settings(self)        # every other check needs the types right
+        if problems:
+            raise ValueError("invalid stage-1 settings:\n  " + "\n  ".join(problems))
         if not self.teachers:
             problems.append("--teacher: give at least one teacher (hub id or local path)")
         if self.batch_size < 1:

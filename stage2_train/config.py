@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kava_common.cli import setting
+from kava_common.cli import coerce_settings, setting
 
 from .align import ALIGN_MODES
 from .losses import LOSSES
@@ -81,7 +81,9 @@ class TrainConfig:
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):
-        p = []
+        p = coerce_settings(self)               # every other check needs the types right
+        if p:
+            raise ValueError("invalid stage-2 settings:\n  " + "\n  ".join(p))
         if not self.student:
             p.append("student: give a hub id or local folder")
         if not self.caches:
@@ -89,6 +91,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "max_length"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_student", "lr_projector", "weight_decay", "grad_clip", "kv_weight", "ce_weight"):
+            if getattr(self, name) < 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ce_chunk < 0:
             p.append(f"ce_chunk must be >= 0 (0: no chunking), got {self.ce_chunk}")
         if self.projector not in KINDS:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kava_common import KavaError, no_hf_progress_bars
-from kava_common.cli import parse_settings, setting
+from kava_common.cli import coerce_settings, parse_settings, setting
 from kava_common.data import load_rows
 from kava_common.device import resolve_device
 from kava_common.prompt import extract_final_answer, format_prompt
@@ -121,7 +121,9 @@ class EvalConfig:
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):
-        p = []
+        p = coerce_settings(self)
+        if p:
+            raise ValueError("invalid evaluate settings:\n  " + "\n  ".join(p))
         if not self.model:
             p.append("--model: give a folder or hub id")
         for name in ("batch_size", "max_new_tokens"):

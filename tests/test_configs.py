@@ -28,3 +28,46 @@ def test_seed_config_is_the_original_recipe():
 def test_sweep_example_loads():
     spec = load_sweep(CONFIGS / "sweep_example.yaml")
     assert spec["grid"] == {"loss": ["mercator", "mse"], "projector": ["head", "mlp"]}
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_values_convert_only_when_unambiguous(tmp_path):
+    """PyYAML reads 1e-4 as a string and a quoted "10" is a string: both are plain numbers."""
+    cfg = load_config(write_yaml(tmp_path, 'lr_student: 1e-4\nsave_every: "10"\nmax_steps: 4.0\nalpha: 2\n'),
+                      dict(PLACEHOLDERS))
+    assert (cfg.lr_student, cfg.save_every, cfg.max_steps, cfg.alpha) == (1e-4, 10, 4, 2.0)
+    assert type(cfg.save_every) is int and type(cfg.max_steps) is int and type(cfg.alpha) is float
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_steps: 2.7", "max_steps: expected int, got 2.7"),
+    ('freeze_student: "no"', "freeze_student: expected bool, got 'no'"),
+    ("freeze_student: 1", "freeze_student: expected bool, got 1"),
+    ("lr_student: .nan", "lr_student: expected float, got nan"),
+    ("lr_projector: -1.0e-3", "lr_projector must be >= 0, got -0.001"),
+    ("batch_size: true", "batch_size: expected int, got True"),
+    ("out: 5", "out: expected str, got 5"),
+])
+def test_yaml_values_of_the_wrong_type_are_refused_by_name(tmp_path, text, message):
+    with pytest.raises(ValueError, match="invalid stage-2 settings") as e:
+        load_config(write_yaml(tmp_path, text + "\n"), dict(PLACEHOLDERS))
+    assert message in str(e.value)
+
+
+def test_stage2_cli_reports_a_bad_value_in_one_line_without_a_traceback(tmp_path, capsys):
+    from stage2_train.__main__ import cli
+    rc = cli(["--config", write_yaml(tmp_path, "max_steps: 2.7\n"), "--student", "S", "--cache", "C"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "max_steps: expected int, got 2.7" in err and "Traceback" not in err
+
+
+def test_stage1_settings_are_type_checked():
+    from stage1_extract.config import ExtractConfig
+    with pytest.raises(ValueError, match=r"max_samples: expected int, got 'ten'"):
+        ExtractConfig(teachers=["t"], max_samples="ten")
+    assert ExtractConfig(teachers=["t"], shard_mb="64", layers=["0", 2]).layers == [0, 2]
