@@ -73,6 +73,14 @@ def machine_description() -> str:
     return desc
 
 
+def all_finite(t) -> bool:
+    """Whether every element of tensor `t` is finite. A tensor's minimum and maximum are
+    finite exactly when every element is (NaN propagates through both): one pass, no
+    tensor of flags the size of `t`."""
+    import torch
+    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
 def import_bitsandbytes():
     """`import bitsandbytes`, without its "Failed to load CPU gemm_4bit_forward from
     kernels-community" warning. On a CPU with AVX512-BF16, bitsandbytes tries to fetch an

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from kava_common import all_finite
 from kava_common import cache as kcache
 from kava_common.cache import CacheSample, ShardEntry, ShardLayout
 
@@ -89,13 +90,9 @@ class ShardItem:
 
 
 def suspect_layers(bufs: dict) -> list:
-    """Layers whose K or V buffer may hold NaN or Inf. A buffer's minimum and maximum are
-    finite exactly when every element is (NaN propagates through both), and one aminmax pass
-    costs about 0.1 s per GB in any float dtype (a float32 sum of a float16 buffer took 1 s
-    per GB on the CPU)."""
-    def finite(t):
-        return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
-    return [l for l, (k, v) in bufs.items() if not (finite(k) and finite(v))]
+    """Layers whose K or V buffer holds NaN or Inf somewhere (`all_finite`: one aminmax pass,
+    about 0.1 s per GB in any float dtype, where a float32 sum of a float16 buffer took 1 s)."""
+    return [l for l, (k, v) in bufs.items() if not (all_finite(k) and all_finite(v))]
 
 
 def nonfinite_samples(bufs: dict, offsets: torch.Tensor) -> torch.Tensor:

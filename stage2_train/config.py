@@ -68,6 +68,8 @@ class TrainConfig:
                         choices=("fixed", "learned"))
     # run
     eval_samples: int = setting(16, "samples held out from training (the last rows) for the cosine metrics")
+    max_skipped_steps: int = setting(5, "steps in a row whose loss or gradients are not finite (and so "
+                                     "update nothing) before the run stops")
     log_every: int = setting(10, "steps between metric lines (with held-out cosines)")
     save_every: int = setting(100, "steps between checkpoints (0: only at the end)")
     resume: str | None = setting(None, "auto (the newest checkpoint in --out) or a checkpoint folder")
@@ -88,7 +90,7 @@ class TrainConfig:
             p.append("student: give a hub id or local folder")
         if not self.caches:
             p.append("caches: give at least one stage-1 cache folder (--cache)")
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "max_length"):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "max_length", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_student", "lr_projector", "weight_decay", "grad_clip", "kv_weight", "ce_weight"):

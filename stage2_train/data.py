@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kava_common import all_finite
 from kava_common.cache import KVCache
 from kava_common.data import tokenizer_identity
 from kava_common.prompt import TEMPLATE_ID, token_spans
@@ -127,12 +128,22 @@ def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, 
     return token_spans(list(char_segments.values()), offs.numpy())
 
 
+def finite_teacher_kv(sample: dict) -> bool:
+    return all(all_finite(t["k"]) and all_finite(t["v"]) for t in sample["teachers"])
+
+
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Pad a list of samples into a batch.
 
     input_ids, attention_mask, ce_mask (B, Ts); per teacher: k, v (B, L, H, Tt, D) zero-padded,
-    A (B, Ts, Tt) or None when every sample is identity-aligned, valid (B, Ts).
+    A (B, Ts, Tt) or None when every sample is identity-aligned, valid (B, Ts). A sample whose
+    teacher K/V hold NaN or Inf never reaches the step: it is left out and its row listed in
+    `bad_rows` (a batch of bad samples only has `empty` set).
     """
+    bad_rows = [b["row"] for b in batch if not finite_teacher_kv(b)]
+    batch = [b for b in batch if b["row"] not in bad_rows]
+    if not batch:
+        return {"empty": True, "bad_rows": bad_rows}
     B = len(batch)
     ts = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((B, ts), pad_id, dtype=torch.long)
@@ -164,4 +175,4 @@ def collate(batch: list[dict], pad_id: int) -> dict:
             k, v = k[..., :tt, :], v[..., :tt, :]
         teachers.append({"k": k, "v": v, "A": A, "valid": valid & attn.bool()})
     return {"input_ids": ids, "attention_mask": attn, "ce_mask": ce, "teachers": teachers,
-            "rows": torch.tensor([b["row"] for b in batch])}
+            "rows": torch.tensor([b["row"] for b in batch]), "bad_rows": bad_rows}

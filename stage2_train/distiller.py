@@ -122,6 +122,8 @@ def evaluate(model, cap, distiller, loader, device, autocast) -> dict:
     g = torch.Generator().manual_seed(1234)
     sums = {"cos_k": [], "cos_v": [], "cos_k_shuffled": [], "cos_v_shuffled": []}
     for batch in loader:
+        if batch.get("empty"):                  # every sample left out (non-finite teacher K/V)
+            continue
         with cap, autocast():
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                   use_cache=False, logits_to_keep=1)
@@ -133,6 +135,12 @@ def evaluate(model, cap, distiller, loader, device, autocast) -> dict:
                 sums[f"cos_{key}_shuffled"].append(mean_cosine(pred, tgt, p["mask"], shuffle=g))
     model.train(was)
     distiller.train(was)
-    return {k: float(np.nanmean(v)) if v else float("nan") for k, v in sums.items()}
+    return {k: _nanmean(v) for k, v in sums.items()}
+
+
+def _nanmean(values: list[float]) -> float:
+    """The mean of the finite values (NaN when there are none, without numpy's warning)."""
+    finite = [x for x in values if np.isfinite(x)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 

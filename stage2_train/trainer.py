@@ -5,6 +5,7 @@ benchmarks time the very same step."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from functools import partial
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kava_common import KavaError
+from kava_common import KavaError, all_finite
 from kava_common.device import resolve_device
 
 from .build import (lr_factor, make_optimizer, memory_estimate, open_teachers, precision_dtype,
@@ -66,6 +67,9 @@ class Trainer:
         self.fingerprints = [t["fingerprint"] for t in self.teachers]
         self.prog = Progress(seed=cfg.seed)
         self._it = None                      # the current epoch's loader
+        self.bad_rows: set[int] = set()      # samples left out for non-finite teacher K/V
+        self.skipped_steps = 0               # steps without an update (non-finite loss or gradients)
+        self._skipped_in_a_row = 0
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -87,7 +91,8 @@ class Trainer:
 
     def check_student_kv(self) -> None:
         """The K/V the hooks capture must equal the student's own cache on one sample."""
-        probe = self.collate([self.data[0]])
+        probe = next(b for b in (self.collate([self.data[i]]) for i in range(len(self.data)))
+                     if not b.get("empty"))
         worst = self.cap.check(self.model, probe["input_ids"].to(self.device),
                                probe["attention_mask"].to(self.device))
         if worst > (1e-3 if self.dtype == torch.float32 else 5e-2):
@@ -127,6 +132,9 @@ class Trainer:
         n, tokens = self.cfg.grad_accum, 0
         batches = self.micro_batches() if batches is None else batches
         for batch in batches:
+            self.note_bad_rows(batch["bad_rows"])
+            if batch.get("empty"):
+                continue
             loss, kv, ce = train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device,
                                       self.autocast)
             (loss / n).backward()
@@ -135,12 +143,37 @@ class Trainer:
             parts["loss_ce"] += ce / n
             tokens += int(batch["attention_mask"].sum())
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        gn = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.opt.step()
-        self.sched.step()
+        gn = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if math.isfinite(parts["loss"]) and math.isfinite(gn):
+            self.opt.step()
+            self.sched.step()
+            self._skipped_in_a_row = 0
+        else:
+            self.skip_step(parts["loss"], gn)
         self.opt.zero_grad(set_to_none=True)
         self.prog.step += 1
-        return dict(parts, grad_norm=float(gn), tokens=tokens)
+        return dict(parts, grad_norm=gn, tokens=tokens, skipped_steps=self.skipped_steps,
+                    bad_samples=len(self.bad_rows))
+
+    def note_bad_rows(self, rows: list[int]) -> None:
+        for r in rows:
+            if r not in self.bad_rows:
+                self.bad_rows.add(r)
+                self.echo(f"left out sample row {r}: its teacher K/V hold NaN or Inf "
+                          f"({len(self.bad_rows)} such samples so far)")
+
+    def skip_step(self, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradients are not finite updates nothing; after
+        `max_skipped_steps` such steps in a row the run stops, and nothing is saved."""
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        what = f"loss {loss}, gradient norm {grad_norm}"
+        if self._skipped_in_a_row >= self.cfg.max_skipped_steps:
+            raise KavaError(f"step {self.prog.step + 1}: the loss or gradients were not finite for "
+                            f"{self._skipped_in_a_row} steps in a row ({what}); stopped without saving, "
+                            "the last checkpoint is as it was; lower the learning rates, or check the "
+                            "caches with python -m kava_common.info --verify")
+        self.echo(f"step {self.prog.step + 1}: {what}; no update ({self.skipped_steps} steps skipped so far)")
 
     def evaluate(self) -> dict:
         return evaluate(self.model, self.cap, self.distiller, self.eval_loader, self.device, self.autocast)
@@ -168,9 +201,18 @@ class Trainer:
         self.echo(f"resumed from {path} at step {self.prog.step}")
         return True
 
+    def check_weights_finite(self) -> None:
+        """Nothing non-finite is ever saved: a NaN or Inf in any weight stops the run."""
+        for name, p in list(self.model.named_parameters()) + list(self.distiller.named_parameters()):
+            if not all_finite(p.detach()):
+                raise KavaError(f"step {self.prog.step}: weight {name} holds NaN or Inf; not saved, the "
+                                "last checkpoint is as it was; lower the learning rates")
+
     def save(self, run: Path) -> Path:
+        self.check_weights_finite()
         return save_checkpoint(run, self.prog, self.model, self.tok, self.distiller, self.opt, self.sched,
                                self.cfg, self.fingerprints)
 
     def save_final(self, run: Path) -> None:
+        self.check_weights_finite()
         save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import signal
@@ -280,3 +281,54 @@ def test_unknown_student_is_a_clear_error(caches, tmp_path, capsys):
     assert cli(["--student", str(tmp_path / "nope"), "--cache", str(caches["qwen"]), "--out",
                 str(tmp_path / "r"), "--no-progress"]) == 1
     assert "no model config found" in capsys.readouterr().err
+
+
+def cache_with_inf(src, dst, sample: int):
+    """A copy of cache `src` whose sample `sample` holds +inf in layer 0's K (as float16
+    overflow written by another tool would), with the manifest's size and checksum updated,
+    so that only the values are wrong."""
+    from safetensors.torch import load_file
+    from kava_common import cache as kc
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    entry = m["shards"][0]
+    tensors = load_file(str(dst / entry["file"]))
+    start = int(tensors["sample_offsets"][sample])
+    tensors[f"k.{m['layers'][0]}"][start + 1, 0, 3] = float("inf")
+    written = kc.write_shard(dst, m["format"], tensors, kc.ShardEntry(index=0))
+    entry.update(bytes=written.bytes, checksum=written.checksum)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return m["shards"][0]["rows"][0] + sample
+
+
+def test_a_sample_with_non_finite_teacher_kv_is_left_out_and_counted(student_dir, caches, tmp_path):
+    bad = tmp_path / "bad-cache"
+    row = cache_with_inf(caches["qwen"], bad, sample=3)
+    lines = []
+    cfg = TrainConfig(student=str(student_dir), caches=[str(bad)], out=str(tmp_path / "r"), device="cpu",
+                      progress=False, eval_samples=8, max_steps=12, log_every=4, batch_size=8, save_every=0)
+    train(cfg, echo=lines.append)
+    m = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_samples"] for r in m][-1] == 1 and all(r["skipped_steps"] == 0 for r in m)
+    assert all(math.isfinite(r["loss"]) for r in m)
+    assert sum(f"left out sample row {row}: its teacher K/V hold NaN or Inf" in l for l in lines) == 1
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final" / "student")
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_training_that_diverges_stops_before_saving_a_non_finite_weight(student_dir, caches, tmp_path):
+    """A learning rate far too large: the steps whose loss or gradients are not finite update
+    nothing, the run stops after max_skipped_steps of them with one clear message, every
+    checkpoint written holds finite weights, and no final student is written."""
+    cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "r"),
+                      device="cpu", progress=False, eval_samples=8, max_steps=30, log_every=1,
+                      batch_size=4, save_every=1, lr_student=1e30, lr_projector=1e30, grad_clip=0,
+                      warmup_steps=0, max_skipped_steps=2)
+    with pytest.raises(KavaError, match=r"not finite for 2 steps in a row .* stopped without saving"):
+        train(cfg, echo=lambda *a: None)
+    assert not (tmp_path / "r" / "final").exists()
+    steps = sorted((tmp_path / "r").glob("step-*"))
+    assert steps
+    for s in steps:
+        w = AutoModelForCausalLM.from_pretrained(s / "student").state_dict()
+        assert all(torch.isfinite(t).all() for t in w.values()), s
