@@ -49,7 +49,8 @@ def _ranges(xs: list[int]) -> str:
 class InfoArgs:
     """Settings of `python -m kava_common.info` (kava_common.cli)."""
     caches: list[str] = setting(list, "cache folder(s) holding manifest.json", positional=True, metavar="CACHE")
-    verify: bool = setting(False, "re-hash every shard against the manifest")
+    verify: bool = setting(False, "re-hash every shard against the manifest, and check the manifest's "
+                           "counts and geometry against the shards")
 
 
 def main(argv=None) -> int:
@@ -67,8 +68,9 @@ def main(argv=None) -> int:
             problems = verify_cache(path)
             for line in problems:
                 print(f"CORRUPT {line}")
-            print(f"verify       {'FAILED' if problems else 'ok'}: "
-                  f"{len(problems)} of {len(open_cache(path).manifest['shards'])} shards do not match")
+            n = len(open_cache(path).manifest["shards"])
+            print(f"verify       FAILED: {len(problems)} problem(s) in the manifest or its {n} shards"
+                  if problems else f"verify       ok: {n} shards match the manifest")
             status = status or int(bool(problems))
     return status
 

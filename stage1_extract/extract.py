@@ -165,7 +165,11 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
     job.cache_dir.mkdir(parents=True, exist_ok=True)
     kcache.atomic_write_text(job.cache_dir / "identity.json", json.dumps(job.identity.to_dict(), indent=1))
     kcache.remove_partial_files(job.cache_dir)
-    done = kcache.completed_shards(job.cache_dir)
+    done = kcache.completed_shards(job.cache_dir, verify=range(len(job.shards)))   # re-hashed on resume
+    bad = sorted(int(p.stem[6:]) for p in job.cache_dir.glob("shard-[0-9]*.json") if int(p.stem[6:]) not in done)
+    if bad:
+        log(f"[{name}] {len(bad)} shard(s) left by an earlier run are incomplete or do not match their "
+            f"checksum and are written again: {', '.join(kcache.shard_name(i, cfg.format) for i in bad)}")
     todo = [i for i in job.mine if i not in done]
     estimate_and_check_disk(cfg, job, todo, len(done), log)
     if todo:
@@ -192,7 +196,8 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
 def finish_cache(cfg: ExtractConfig, job: TeacherJob, log) -> Path:
     """Write the manifest once every shard of the plan is on disk (the last of several
     processes does it); returns the cache folder."""
-    entries = kcache.completed_shards(job.cache_dir)
+    # this process's shards were checked at its start or written by it; other processes' are checked here
+    entries = kcache.completed_shards(job.cache_dir, verify=set(range(len(job.shards))) - set(job.mine))
     missing = [i for i in range(len(job.shards)) if i not in entries]
     lost = [i for i in missing if i in job.mine]
     if lost:

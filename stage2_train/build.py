@@ -4,6 +4,7 @@ student's trainable parameters, the optimizer and learning-rate schedule, the me
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -51,10 +52,18 @@ def memory_estimate(cfg, teachers, dtype, device) -> str:
                              "embeddings" if cfg.freeze_embeddings else "none", ce_chunk=cfg.ce_chunk))
 
 
-def open_teachers(cfg: TrainConfig):
+def verify_caches(caches, echo) -> None:
+    """Hash every shard of every cache against its manifest before anything trains on it."""
+    t0, nbytes = time.perf_counter(), sum(c.verify() for c in caches)
+    echo(f"verified {sum(len(c.manifest['shards']) for c in caches)} shards ({nbytes / 1e9:.2f} GB) "
+         f"against their checksums in {time.perf_counter() - t0:.1f} s")
+
+
+def open_teachers(cfg: TrainConfig, echo=print):
     """Open and check the caches, load the student, build the layer maps and projectors."""
     from transformers import AutoConfig
-    caches = [open_cache(p) for p in cfg.caches]
+    caches = [open_cache(p, verify=True) for p in cfg.caches]
+    verify_caches(caches, echo)
     check_caches(caches, cfg.dataset, cfg.split)
     try:
         s_geo = KVGeometry.from_config(AutoConfig.from_pretrained(cfg.student))
@@ -68,7 +77,7 @@ def open_teachers(cfg: TrainConfig):
         used = sorted({ci for row in lmap for ci, _ in row})
         # re-open with only the layers the map uses; the map then indexes that subset
         remap = {ci: i for i, ci in enumerate(used)}
-        teachers.append({"cache": open_cache(c.path, layers=[m["layers"][ci] for ci in used]),
+        teachers.append({"cache": open_cache(c.path, layers=[m["layers"][ci] for ci in used], verify=True),
                          "distilled": [(s, [(remap[ci], w) for ci, w in row]) for s, row in enumerate(lmap) if row],
                          "heads": m["num_kv_heads"], "head_dim": m["head_dim"],
                          "fingerprint": m["fingerprint"], "path": str(c.path)})

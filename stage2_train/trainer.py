@@ -48,7 +48,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.teachers, self.s_geo = open_teachers(cfg)
+        self.teachers, self.s_geo = open_teachers(cfg, echo)
         self.dtype = precision_dtype(cfg, self.device)
         if model is None:
             echo(f"{memory_estimate(cfg, self.teachers, self.dtype, self.device)} "

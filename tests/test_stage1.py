@@ -249,7 +249,7 @@ def test_verify_names_a_corrupted_shard(teacher_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert [l for l in out.splitlines() if l.startswith("CORRUPT")] == [
         f"CORRUPT {shards[1]}: xxh3_128 checksum does not match the manifest"]
-    assert "verify       FAILED: 1 of" in out
+    assert "verify       FAILED: 1 problem(s) in the manifest or its 6 shards" in out
 
 
 def test_schema_1_cache_reads_and_verifies(teacher_dir, tmp_path, capsys):
@@ -448,3 +448,39 @@ def test_tokenizing_and_forward_loop_run_with_the_heap_frozen(teacher_dir, tmp_p
         assert gc.get_freeze_count() > n // 2      # not unfrozen (a few frozen objects may die)
     finally:
         gc.unfreeze()
+
+
+def test_resume_writes_again_a_finished_shard_that_changed(teacher_dir, tmp_path):
+    """With the manifest gone (an interrupted run), a finished shard whose bytes changed but
+    not its size is not taken as done: it is named, written again, and the cache verifies."""
+    cfg = cfg_for(teacher_dir, tmp_path, max_samples=12, shard_mb=0.05)
+    (d,) = extract_main(cfg)
+    shard = sorted(d.glob("shard-*.safetensors"))[1]
+    good = shard.read_bytes()
+    data = bytearray(good)
+    data[len(data) * 2 // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    (d / "manifest.json").unlink()
+    lines = []
+    extract_teacher(cfg, str(teacher_dir), load_rows("synthetic", "train", 12), log=lines.append)
+    assert any(f"do not match their checksum and are written again: {shard.name}" in l for l in lines)
+    assert shard.read_bytes() == good
+    assert info_main([str(d), "--verify"]) == 0
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"num_kv_heads": 4}, ["kv_bytes_per_token 768, but 3 layers x 2 x 4 KV heads x head_dim 32 in float16 is 1536",
+                           "k.0 is shaped [{t}, 2, 32], the manifest implies [{t}, 4, 32]"]),
+    ({"num_samples": 40}, ["num_samples 40, but its shards hold 24"]),
+])
+def test_verify_checks_the_manifest_against_itself_and_its_shards(teacher_dir, tmp_path, capsys, edit, expected):
+    (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=24, kv_dtype="float16"))
+    m = json.loads((d / "manifest.json").read_text())
+    tokens = m["shards"][0]["tokens"]
+    m.update(edit)
+    (d / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert info_main([str(d), "--verify"]) == 1
+    out = capsys.readouterr().out
+    for e in expected:
+        assert e.format(t=tokens) in out, (e, out)

@@ -332,3 +332,43 @@ def test_training_that_diverges_stops_before_saving_a_non_finite_weight(student_
     for s in steps:
         w = AutoModelForCausalLM.from_pretrained(s / "student").state_dict()
         assert all(torch.isfinite(t).all() for t in w.values()), s
+
+
+def flip_a_byte(path: Path, at: float = 0.7) -> None:
+    """Change one byte well inside the file (tensor data, not the header); same size."""
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
+def test_stage2_refuses_a_shard_that_changed_naming_it(student_dir, teacher_dir, tmp_path, fmt):
+    (cache,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=24,
+                                     batch_size=8, quantize=False, device="cpu", progress=False,
+                                     out=str(tmp_path / "c"), format=fmt, shard_mb=0.05))
+    shards = sorted(cache.glob("shard-*.safetensors" if fmt == "safetensors" else "shard-*.h5"))
+    assert len(shards) > 1
+    flip_a_byte(shards[1])
+    cfg = TrainConfig(student=str(student_dir), caches=[str(cache)], out=str(tmp_path / "r"), device="cpu",
+                      progress=False, eval_samples=4, max_steps=2, batch_size=4)
+    with pytest.raises(KavaError, match=rf"{shards[1].name}: xxh3_128 checksum does not match the manifest"):
+        train(cfg, echo=lambda *a: None)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    data = bytearray(shards[1].read_bytes())
+    shards[1].write_bytes(bytes(data[:-10]))                          # truncated
+    with pytest.raises(KavaError, match=rf"{shards[1].name}: {len(data) - 10} bytes, the manifest says {len(data)}"):
+        train(cfg, echo=lambda *a: None)
+
+
+def test_stage2_refuses_a_manifest_that_does_not_fit_its_shards(student_dir, caches, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(caches["qwen"], bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["num_kv_heads"] = 4
+    (bad / "manifest.json").write_text(json.dumps(m))
+    cfg = TrainConfig(student=str(student_dir), caches=[str(bad)], out=str(tmp_path / "r"), device="cpu",
+                      progress=False, eval_samples=8, max_steps=2, batch_size=4)
+    with pytest.raises(KavaError, match=r"manifest.json: kv_bytes_per_token \d+, but 3 layers x 2 x 4 KV heads"):
+        train(cfg, echo=lambda *a: None)
+    assert not (tmp_path / "r").exists()

@@ -11,7 +11,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS
+from .. import KavaError
+from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS, checksum_file, expected_checksum
+
+
+# (path, checksum, size, mtime) of shards already checked; DataLoader workers forked after a
+# check inherit it
+_VERIFIED: set[tuple] = set()
+
+
+def check_shard(path: Path, entry: dict) -> None:
+    """Raise KavaError, naming the file, when a shard's size or checksum is not the manifest's.
+    A shard is hashed once while its file stays as it was."""
+    if not path.is_file():
+        raise KavaError(f"{path}: shard missing (the manifest lists it)")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise KavaError(f"{path}: {size} bytes, the manifest says {entry['bytes']}; the shard is "
+                        "truncated or was replaced, so it is not read")
+    want = expected_checksum(entry)
+    key = (str(path.resolve()), want, size, path.stat().st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    algorithm = want.split(":")[0]
+    if checksum_file(path, algorithm) != want:
+        raise KavaError(f"{path}: {algorithm} checksum does not match the manifest; the shard changed "
+                        "after stage 1 wrote it, so it is not read (python -m kava_common.info CACHE "
+                        "--verify lists every bad shard)")
+    _VERIFIED.add(key)
 
 
 class _Shard:
@@ -24,8 +51,10 @@ class _Shard:
     file.
     """
 
-    def __init__(self, path: Path, fmt: str):
-        self.path, self.fmt = path, fmt
+    def __init__(self, path: Path, fmt: str, entry: dict | None = None):
+        """`entry`: the shard's manifest entry, to check the whole file against its size and
+        checksum when it is first opened in a process; None opens it unchecked."""
+        self.path, self.fmt, self.entry = path, fmt, entry
         self._pid = None
         self._f = None
         self._index: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
@@ -33,6 +62,8 @@ class _Shard:
 
     def _open(self):
         if self._pid != os.getpid():
+            if self.entry is not None:
+                check_shard(self.path, self.entry)
             if self.fmt == "safetensors":
                 self._f, self._index = _map_safetensors(self.path)
             else:
@@ -104,7 +135,7 @@ class KVCache:
     {name: (start, end)}, `truncated`. Files open on first use in each process, so DataLoader workers can share it.
     """
 
-    def __init__(self, path: str | os.PathLike, layers: list[int] | None = None):
+    def __init__(self, path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False):
         self.path = Path(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
@@ -120,7 +151,8 @@ class KVCache:
         if missing:
             raise ValueError(f"{self.path}: layers {missing} are not stored; it holds {stored}")
         fmt = self.manifest["format"]
-        self._shards = [_Shard(self.path / s["file"], fmt) for s in self.manifest["shards"]]
+        self._shards = [_Shard(self.path / s["file"], fmt, s if verify else None)
+                        for s in self.manifest["shards"]]
         self._starts = [s["first_sample"] for s in self.manifest["shards"]]
 
     @property
@@ -129,6 +161,19 @@ class KVCache:
 
     def __len__(self) -> int:
         return self.manifest["num_samples"]
+
+    def verify(self) -> int:
+        """Check the manifest's counts and geometry, and every shard against the manifest's
+        size, checksum and tensor shapes, now (KavaError naming the first problem); returns
+        the bytes checked."""
+        from .verify import manifest_problems, shape_problems
+        problems = manifest_problems(self.path / MANIFEST, self.manifest)
+        for sh, entry in zip(self._shards, self.manifest["shards"]):
+            check_shard(sh.path, entry)
+            problems = problems or shape_problems(sh.path, self.manifest, entry)
+        if problems:
+            raise KavaError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+        return sum(s["bytes"] for s in self.manifest["shards"])
 
     def locate(self, i: int) -> tuple[_Shard, int]:
         if not -len(self) <= i < len(self):
@@ -179,7 +224,9 @@ class KVCache:
         }
 
 
-def open_cache(path: str | os.PathLike, layers: list[int] | None = None) -> KVCache:
-    """Open a finished cache directory; `layers` selects a subset of the stored teacher layers."""
-    return KVCache(path, layers)
+def open_cache(path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False) -> KVCache:
+    """Open a finished cache directory; `layers` selects a subset of the stored teacher layers.
+    With `verify`, each shard is checked against the manifest's size and checksum when a
+    process first reads from it (stage 2 opens its caches this way)."""
+    return KVCache(path, layers, verify)
 

@@ -10,10 +10,11 @@ from .format import MANIFEST, checksum_file, expected_checksum
 
 
 def verify_cache(path: str | os.PathLike) -> list[str]:
-    """Re-hash every shard; returns one line per problem (empty when the cache is intact)."""
+    """Re-hash every shard and check the manifest against itself and against the shards'
+    tensor shapes; returns one line per problem (empty when the cache is intact)."""
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
-    problems = []
+    problems = manifest_problems(path / MANIFEST, manifest)
     for s in manifest["shards"]:
         f = path / s["file"]
         if not f.is_file():
@@ -25,5 +26,64 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
             algorithm = want.split(":")[0]
             if checksum_file(f, algorithm) != want:
                 problems.append(f"{f}: {algorithm} checksum does not match the manifest")
+            else:
+                problems += shape_problems(f, manifest, s)
     return problems
 
+
+def manifest_problems(where: Path, m: dict) -> list[str]:
+    """The manifest's counts and sizes against each other."""
+    out = []
+    shards = m["shards"]
+    if sum(s["num_samples"] for s in shards) != m["num_samples"]:
+        out.append(f"{where}: num_samples {m['num_samples']}, but its shards hold "
+                   f"{sum(s['num_samples'] for s in shards)}")
+    if sum(s["tokens"] for s in shards) != m.get("num_tokens", sum(s["tokens"] for s in shards)):
+        out.append(f"{where}: num_tokens {m['num_tokens']}, but its shards hold {sum(s['tokens'] for s in shards)}")
+    first = 0
+    for s in shards:
+        if s.get("first_sample", first) != first:
+            out.append(f"{where}: {s['file']} starts at sample {s['first_sample']}, expected {first}")
+        first += s["num_samples"]
+    from ..geometry import dtype_bytes
+    bpt = len(m["layers"]) * 2 * m["num_kv_heads"] * m["head_dim"] * dtype_bytes(m["kv_dtype"])
+    if m.get("kv_bytes_per_token", bpt) != bpt:
+        out.append(f"{where}: kv_bytes_per_token {m['kv_bytes_per_token']}, but {len(m['layers'])} layers x 2 "
+                   f"x {m['num_kv_heads']} KV heads x head_dim {m['head_dim']} in {m['kv_dtype']} is {bpt}")
+    if any(not 0 <= l < m["num_layers"] for l in m["layers"]):
+        out.append(f"{where}: layers {m['layers']} outside 0..{m['num_layers'] - 1}")
+    return out
+
+
+def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
+    """The tensors of shard `f` against the geometry and counts the manifest gives."""
+    shapes = _shapes(f, m["format"])
+    want = {"sample_offsets": (entry["num_samples"] + 1,), "input_ids": (entry["tokens"],)}
+    for l in m["layers"]:
+        for kind in ("k", "v"):
+            want[f"{kind}.{l}"] = (entry["tokens"], m["num_kv_heads"], m["head_dim"])
+    out = []
+    for name, shape in want.items():
+        got = shapes.get(name)
+        if got is None:
+            out.append(f"{f}: no tensor {name!r} (the manifest's layers are {m['layers']})")
+        elif tuple(got[0]) != shape:
+            out.append(f"{f}: {name} is shaped {list(got[0])}, the manifest implies {list(shape)} "
+                       f"(num_kv_heads {m['num_kv_heads']}, head_dim {m['head_dim']})")
+        elif name[0] in "kv" and got[1] != m["kv_dtype"]:
+            out.append(f"{f}: {name} is {got[1]}, the manifest says kv_dtype {m['kv_dtype']}")
+    return out
+
+
+def _shapes(f: Path, fmt: str) -> dict[str, tuple[list[int], str]]:
+    """{tensor: (shape, dtype name)} from a shard's header."""
+    if fmt == "safetensors":
+        from .read import _map_safetensors
+        mm, index = _map_safetensors(f)
+        try:
+            return {k: (shape, str(dtype).replace("torch.", "")) for k, (dtype, shape, _, _) in index.items()}
+        finally:
+            mm.close()
+    import h5py
+    with h5py.File(f, "r") as h:
+        return {k: (list(h[k].shape), h[k].attrs.get("torch_dtype") or str(h[k].dtype)) for k in h.keys()}

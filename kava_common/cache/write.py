@@ -139,8 +139,10 @@ def write_laid_out_shard(cache_dir: Path, layout: ShardLayout, flat: torch.Tenso
     return _finish_shard(cache_dir, name, tmp, entry, checksum)
 
 
-def completed_shards(cache_dir: Path) -> dict[int, ShardEntry]:
-    """Sidecar entries of shards that were fully written (file present, size as recorded)."""
+def completed_shards(cache_dir: Path, verify=()) -> dict[int, ShardEntry]:
+    """Sidecar entries of shards that were fully written (file present, size as recorded);
+    the shards whose index is in `verify` must also match their checksum, else they do not
+    count (a resumed run writes them again)."""
     done = {}
     for side in sorted(cache_dir.glob("shard-[0-9][0-9][0-9][0-9][0-9].json")):
         try:
@@ -149,6 +151,8 @@ def completed_shards(cache_dir: Path) -> dict[int, ShardEntry]:
             continue
         f = cache_dir / entry.file
         if entry.file and f.is_file() and f.stat().st_size == entry.bytes:
+            if entry.index in verify and checksum_file(f, entry.checksum.split(":")[0]) != entry.checksum:
+                continue
             done[entry.index] = entry
     return done
 
