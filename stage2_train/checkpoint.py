@@ -27,6 +27,41 @@ class Progress:
     seed: int = 0
 
 
+# What a run writes into its folder; --overwrite removes exactly these.
+RUN_FILES = ("metrics.jsonl", "config.yaml", "tensorboard", "final", "final.tmp")
+
+# Settings that shape the model, the data order or the optimizer state a checkpoint holds: a
+# resume must keep them. Every other setting (learning rates and schedule, loss weights,
+# clipping, max_steps, logging, saving, workers) is taken from the resuming command line.
+FIXED_ON_RESUME = ("student", "caches", "dataset", "split", "batch_size", "grad_accum", "optimizer",
+                   "freeze_student", "freeze_embeddings", "lora_r", "lora_alpha", "max_length",
+                   "projector", "projector_shared", "direction", "layer_map", "align", "fusion",
+                   "gate", "teacher_weights", "eval_samples", "seed", "precision")
+
+
+def run_files(run: Path) -> list[str]:
+    """The files of an earlier run in folder `run`."""
+    if not run.is_dir():
+        return []
+    return sorted(p.name for p in run.iterdir() if p.name in RUN_FILES or p.name.startswith("step-"))
+
+
+def clear_run(run: Path) -> None:
+    for name in run_files(run):
+        p = run / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def resume_changes(saved: dict, cfg) -> tuple[dict, dict]:
+    """Settings that differ between a checkpoint's config and this run's:
+    ({setting: (old, new)} taken from this run, {setting: (old, new)} a resume cannot honour)."""
+    now = cfg.to_dict()
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]
+               and k not in ("resume", "out", "progress")}
+    refused = {k: v for k, v in changed.items() if k in FIXED_ON_RESUME}
+    return {k: v for k, v in changed.items() if k not in refused}, refused
+
+
 def latest_checkpoint(run: Path) -> Path | None:
     steps = sorted(p for p in run.glob("step-[0-9]*") if p.is_dir() and not p.name.endswith(".tmp"))
     return steps[-1] if steps else None

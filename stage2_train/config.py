@@ -73,6 +73,8 @@ class TrainConfig:
     log_every: int = setting(10, "steps between metric lines (with held-out cosines)")
     save_every: int = setting(100, "steps between checkpoints (0: only at the end)")
     resume: str | None = setting(None, "auto (the newest checkpoint in --out) or a checkpoint folder")
+    overwrite: bool = setting(False, "start again in an --out that holds an earlier run, deleting its "
+                              "metrics, checkpoints and final/ (without it such a folder is refused)")
     seed: int = setting(0, "seed of initialisation and data order")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     precision: str = setting("auto", "auto: bf16 autocast on a bf16 GPU, else fp32",
@@ -126,6 +128,8 @@ class TrainConfig:
             p.append("freeze_embeddings is implied by freeze_student and by lora_r (embeddings stay fixed)")
         if self.report_to not in ("none", "tensorboard"):
             p.append(f"report_to {self.report_to!r}: none or tensorboard")
+        if self.overwrite and self.resume:
+            p.append("overwrite and resume contradict each other (resume continues the run, overwrite deletes it)")
         if self.eval_samples < 1:
             p.append(f"eval_samples must be >= 1, got {self.eval_samples}")
         if p:

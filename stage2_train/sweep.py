@@ -34,11 +34,20 @@ COLUMNS = ["train_loss", "loss_kv", "loss_ce", "cos_k", "cos_k_shuffled", "cos_v
 
 
 def run_name(values: dict) -> str:
+    """A folder name for one grid point: readable, and distinct for distinct settings. Where
+    the readable form loses anything (list or dict values, long or unusual text), a hash of
+    the exact settings is appended."""
     parts = []
     for k, v in values.items():
         text = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
         parts.append(f"{k}-{text}")
-    return re.sub(r"[^A-Za-z0-9.=_-]+", "", "_".join(parts))[:120] or "base"
+    raw = "_".join(parts)
+    name = re.sub(r"[^A-Za-z0-9.=_-]+", "", raw)[:100] or "base"
+    if name != raw:
+        import hashlib
+        exact = json.dumps(values, sort_keys=True, separators=(",", ":"))
+        name += "-" + hashlib.sha256(exact.encode()).hexdigest()[:8]
+    return name
 
 
 def load_sweep(path: str | Path) -> dict:
@@ -83,6 +92,8 @@ def run_sweep(path: str | Path, echo=print, progress: bool = True) -> list[dict]
         settings = dict(spec.get("settings") or {}, **values, out=str(run), progress=progress)
         if latest_checkpoint(run) is not None:
             settings["resume"] = "auto"
+        elif run.exists():              # an earlier try that stopped before its first checkpoint
+            settings["overwrite"] = True
         cfg = load_config(spec.get("base"), settings)
         echo(f"[{n}/{len(todo)}] {name}: training")
         train(cfg, echo=lambda *a: None)

@@ -16,8 +16,9 @@ import signal
 import time
 from pathlib import Path
 
-from kava_common import software_versions
+from kava_common import KavaError, software_versions
 
+from .checkpoint import clear_run, latest_checkpoint, run_files
 from .config import TrainConfig
 from .metrics import MetricsLog, gpu_memory
 from .trainer import Trainer
@@ -28,9 +29,12 @@ def main(cfg: TrainConfig, echo=print) -> Path:
     if echo is print:
         echo = tqdm.write                       # log lines above the progress bar, not inside it
     run = Path(cfg.out)
+    check_run_folder(run, cfg)
     tr = Trainer(cfg, echo=echo)               # checks the caches before loading the student
     tr.check_student_kv()
     resumed = tr.resume(run)
+    if cfg.overwrite:
+        clear_run(run)
     run.mkdir(parents=True, exist_ok=True)
     import yaml
     (run / "config.yaml").write_text(yaml.safe_dump(dict(
@@ -54,6 +58,23 @@ def main(cfg: TrainConfig, echo=print) -> Path:
              f"printed at the start also counts about 0.5 GB of CUDA context)")
     echo(f"done: {tr.prog.step} steps; student {run / 'final' / 'student'}; metrics {run / 'metrics.jsonl'}")
     return run
+
+
+def check_run_folder(run: Path, cfg: TrainConfig) -> None:
+    """Refuse, before anything is loaded or written, an --out that is not a folder or that
+    holds an earlier run this one would mix with, unless --resume or --overwrite says what to
+    do with it."""
+    for p in [run, *run.parents]:
+        if p.exists() and not p.is_dir():
+            raise KavaError(f"--out {run}: {p} is a file, not a folder")
+    found = run_files(run)
+    if found and not cfg.resume and not cfg.overwrite:
+        raise KavaError(f"--out {run} holds an earlier run ({', '.join(found[:4])}"
+                        f"{', ...' if len(found) > 4 else ''}); pass --resume auto to continue it, "
+                        "--overwrite to start again (deletes it), or choose another --out")
+    if cfg.resume == "auto" and found and latest_checkpoint(run) is None:
+        raise KavaError(f"--resume auto: {run} holds an earlier run ({', '.join(found[:4])}) but no "
+                        "checkpoint to continue from; pass --overwrite to start again")
 
 
 def fit(tr: Trainer, run: Path, log: MetricsLog) -> int | None:

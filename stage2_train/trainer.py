@@ -18,7 +18,8 @@ from kava_common.device import resolve_device
 
 from .build import (lr_factor, make_optimizer, memory_estimate, open_teachers, precision_dtype,
                     set_trainable)
-from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .checkpoint import (Progress, latest_checkpoint, load_checkpoint, resume_changes, save_checkpoint,
+                         save_final)
 from .config import TrainConfig
 from .data import DistillData, collate
 from .distiller import Distiller, evaluate, train_step
@@ -197,9 +198,26 @@ class Trainer:
         if saved["fingerprints"] != self.fingerprints:
             raise KavaError(f"{path} was trained on caches {saved['fingerprints']}, this run "
                             f"uses {self.fingerprints}")
+        taken, refused = resume_changes(saved["config"], cfg)
+        if refused:
+            raise KavaError(f"--resume {path}: " + "; ".join(f"{k} was {old!r}, this run asks for {new!r}"
+                                                            for k, (old, new) in refused.items())
+                            + ". A resume keeps these; give the checkpoint's values or start a new run folder")
         self.prog = load_checkpoint(path, self.model, self.distiller, self.opt, self.sched)
-        self.echo(f"resumed from {path} at step {self.prog.step}")
+        self.apply_optimizer_settings()
+        self.echo(f"resumed from {path} at step {self.prog.step}" + (
+            "; taken from this run: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in taken.items())
+            if taken else ""))
         return True
+
+    def apply_optimizer_settings(self) -> None:
+        """After a checkpoint's optimizer and scheduler state are loaded, this run's learning
+        rates and weight decay apply (the state holds the checkpoint's)."""
+        base = {"student": self.cfg.lr_student, "projector": self.cfg.lr_projector}
+        self.sched.base_lrs = [base[g["name"]] for g in self.opt.param_groups]
+        factor = lr_factor(self.sched.last_epoch, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
+        for g, lr in zip(self.opt.param_groups, self.sched.base_lrs):
+            g["lr"], g["weight_decay"] = lr * factor, self.cfg.weight_decay
 
     def check_weights_finite(self) -> None:
         """Nothing non-finite is ever saved: a NaN or Inf in any weight stops the run."""

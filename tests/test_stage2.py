@@ -372,3 +372,55 @@ def test_stage2_refuses_a_manifest_that_does_not_fit_its_shards(student_dir, cac
     with pytest.raises(KavaError, match=r"manifest.json: kv_bytes_per_token \d+, but 3 layers x 2 x 4 KV heads"):
         train(cfg, echo=lambda *a: None)
     assert not (tmp_path / "r").exists()
+
+
+def run_cfg(student_dir, cache, out, **kw):
+    base = dict(device="cpu", progress=False, eval_samples=8, max_steps=4, log_every=1, batch_size=4, save_every=2)
+    return TrainConfig(student=str(student_dir), caches=[str(cache)], out=str(out), **{**base, **kw})
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_existing_run_folder_is_refused_unless_resumed_or_overwritten(student_dir, caches, tmp_path):
+    run = tmp_path / "r"
+    train(run_cfg(student_dir, caches["qwen"], run), echo=lambda *a: None)
+    before = snapshot(run)
+    with pytest.raises(KavaError, match=r"holds an earlier run \(config.yaml, final, metrics.jsonl, step-000002, "
+                                        r"\.\.\.\); pass --resume auto to continue it, --overwrite"):
+        train(run_cfg(student_dir, caches["qwen"], run, max_steps=3), echo=lambda *a: None)
+    assert snapshot(run) == before
+    # --overwrite starts again: nothing of the old run is left to resume from or to mix with
+    train(run_cfg(student_dir, caches["qwen"], run, max_steps=3, save_every=0, overwrite=True), echo=lambda *a: None)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000003"]
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(KavaError, match=r"--out .*file/sub: .*file is a file, not a folder"):
+        train(run_cfg(student_dir, caches["qwen"], tmp_path / "file" / "sub"), echo=lambda *a: None)
+
+
+def test_a_resume_takes_new_learning_rates_and_refuses_what_it_cannot_honour(student_dir, caches, tmp_path):
+    run = tmp_path / "r"
+    train(run_cfg(student_dir, caches["qwen"], run, max_steps=4, save_every=2), echo=lambda *a: None)
+    shutil.rmtree(run / "step-000004")
+    with pytest.raises(KavaError, match=r"batch_size was 4, this run asks for 8\. A resume keeps these"):
+        train(run_cfg(student_dir, caches["qwen"], run, batch_size=8, resume="auto"), echo=lambda *a: None)
+    lines = []
+    train(run_cfg(student_dir, caches["qwen"], run, resume="auto", lr_student=1e-4, lr_projector=2e-3,
+                  warmup_steps=0, min_lr_ratio=1.0), echo=lines.append)
+    assert any("resumed from" in l and "step-000002 at step 2; taken from this run:" in l
+               and "lr_student 5e-05 -> 0.0001" in l and "lr_projector 0.001 -> 0.002" in l for l in lines), lines
+    m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    assert (m[2]["lr_student"], m[2]["lr_projector"]) == pytest.approx((1e-4, 2e-3))
+    saved = json.loads((run / "step-000004" / "state.json").read_text())["config"]
+    assert saved["lr_student"] == 1e-4
+
+
+def test_resume_auto_with_nothing_to_resume_is_refused(student_dir, caches, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(KavaError, match=r"holds an earlier run \(metrics.jsonl\) but no checkpoint"):
+        train(run_cfg(student_dir, caches["qwen"], run, resume="auto"), echo=lambda *a: None)
