@@ -9,6 +9,7 @@ line per sample (prompt, output, extracted, gold, correct) and prints the accura
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -82,8 +83,9 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
         tok = AutoTokenizer.from_pretrained(model_path)
     model.eval()
     rows = load_rows(dataset, split, max_samples, seed=seed)
-    out_f = open(out, "w", encoding="ascii") if out else None
-    correct = 0
+    tmp = Path(str(out) + ".tmp") if out else None
+    out_f = open(tmp, "w", encoding="ascii") if out else None    # renamed into place when complete
+    correct, done = 0, False
     bar = tqdm(total=len(rows), desc="evaluate", unit="sample", disable=not progress, ascii=True)
     try:
         for i in range(0, len(rows), batch_size):
@@ -99,10 +101,15 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
                                             "gold": gold, "correct": ok}) + "\n")
             bar.update(len(qs))
             bar.set_postfix_str(f"acc {correct / min(i + batch_size, len(rows)):.3f}")
+        done = True
     finally:
         bar.close()
         if out_f:
             out_f.close()
+            if done:
+                os.replace(tmp, out)
+            else:
+                tmp.unlink(missing_ok=True)
     return EvalResult(len(rows), correct)
 
 

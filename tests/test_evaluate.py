@@ -5,6 +5,7 @@ import torch
 
 from kava_common import save_pretrained, tiny
 from kava_common.data import load_rows
+from kava_common.prompt import format_prompt
 from stage2_train.evaluate import evaluate, extract_answer, gold_answer, main
 
 
@@ -74,3 +75,37 @@ def test_cli_on_a_real_tiny_model(tok, tmp_path, capsys):
     assert "exact match 0/5 = 0.0000 on synthetic test" in capsys.readouterr().out
     lines = (d / "eval-test.jsonl").read_text().splitlines()
     assert len(lines) == 5 and all(json.loads(l)["gold"] for l in lines)
+
+
+def test_earlier_results_survive_a_bad_argument_or_a_failed_run(tok, tmp_path, capsys):
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=1, heads=2, kv_heads=1, tok=tok)
+    d = save_pretrained(tiny.build_model(cfg), tok, tmp_path / "m")
+    out = tmp_path / "results.jsonl"
+    out.write_text("earlier results\n")
+    assert main(["--model", str(d), "--max-new-tokens", "0", "--out", str(out), "--no-progress"]) == 2
+    assert "--max-new-tokens must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["--model", str(d), "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(out),
+                 "--no-progress"]) == 1
+    assert out.read_text() == "earlier results\n" and not list(tmp_path.glob("*.tmp"))
+    assert main(["--model", str(d), "--max-samples", "2", "--max-new-tokens", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_a_run_that_fails_midway_leaves_the_earlier_file(tok, tmp_path):
+    class FailsOnSecondBatch(KnownLM):
+        calls = 0
+
+        def generate(self, *a, **kw):
+            FailsOnSecondBatch.calls += 1
+            if FailsOnSecondBatch.calls == 2:
+                raise RuntimeError("out of memory")
+            return super().generate(*a, **kw)
+    rows = load_rows("synthetic", "test", 4)
+    answers = {format_prompt(q).strip(): "#### 1" for q in rows.questions}
+    out = tmp_path / "results.jsonl"
+    out.write_text("earlier results\n")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate("m", "synthetic", "test", max_samples=4, batch_size=2, out=out, device="cpu", progress=False,
+                 model=FailsOnSecondBatch(tok, answers), tok=tok)
+    assert out.read_text() == "earlier results\n" and not list(tmp_path.glob("*.tmp"))

@@ -484,3 +484,23 @@ def test_verify_checks_the_manifest_against_itself_and_its_shards(teacher_dir, t
     out = capsys.readouterr().out
     for e in expected:
         assert e.format(t=tokens) in out, (e, out)
+
+
+def test_changed_local_weights_give_a_new_cache(tok, tmp_path):
+    """Bytes changed in the middle of a weight file (same size, same first and last MiB) make
+    another fingerprint: the old cache is not reused."""
+    from kava_common import save_pretrained, tiny
+    from stage1_extract.teacher import weights_identity
+    config = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=1, heads=4, kv_heads=2, intermediate=4096, tok=tok)
+    t = save_pretrained(tiny.build_model(config), tok, tmp_path / "teacher")
+    cfg = cfg_for(t, tmp_path / "c", max_samples=4)
+    (a,) = extract_main(cfg)
+    w = t / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    assert len(data) > 3 * (1 << 20)
+    before = weights_identity(str(t), None)
+    data[len(data) // 2] ^= 0x01
+    w.write_bytes(bytes(data))
+    assert weights_identity(str(t), None) != before
+    (b,) = extract_main(cfg)
+    assert b != a and (b / "manifest.json").is_file()
