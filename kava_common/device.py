@@ -11,7 +11,10 @@ def resolve_device(device: str) -> torch.device:
     """`auto` picks CUDA when present, else the CPU; asking for CUDA without it is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise KavaError(f"--device {device}: choose auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KavaError(f"--device {device}: CUDA is not available on this machine")
     return dev

@@ -117,6 +117,10 @@ def load_state(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         raise KavaError(f"{path}: holds Python objects besides tensors and plain values; kava does "
                         "not unpickle them (loading such a file can run any code)") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise KavaError(f"{path}: cannot be read ({str(e).splitlines()[0]}); the checkpoint is "
+                        f"incomplete or damaged: resume from an earlier one with --resume "
+                        f"{path.parent.parent}/step-NNNNNN") from e
 
 
 def rng_state() -> dict:

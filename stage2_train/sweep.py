@@ -81,6 +81,11 @@ def run_sweep(path: str | Path, echo=print, progress: bool = True) -> list[dict]
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     todo = combos(spec.get("grid") or {})
+    for values in todo:                 # every grid point is checked before the first one trains
+        try:
+            load_config(spec.get("base"), dict(spec.get("settings") or {}, **values, out=str(out / run_name(values))))
+        except ValueError as e:
+            raise ValueError(f"{path}: grid point {values}: {e}") from None
     for n, values in enumerate(todo, 1):
         name = run_name(values)
         run = out / name

@@ -424,3 +424,31 @@ def test_resume_auto_with_nothing_to_resume_is_refused(student_dir, caches, tmp_
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(KavaError, match=r"holds an earlier run \(metrics.jsonl\) but no checkpoint"):
         train(run_cfg(student_dir, caches["qwen"], run, resume="auto"), echo=lambda *a: None)
+
+
+def test_a_truncated_optimizer_file_is_named_on_resume(student_dir, caches, tmp_path):
+    cfg = run_cfg(student_dir, caches["qwen"], tmp_path / "r", max_steps=2, save_every=0)
+    train(cfg, echo=lambda *a: None)
+    opt = tmp_path / "r" / "step-000002" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    with pytest.raises(KavaError, match=r"optimizer\.pt: cannot be read .*incomplete or damaged: resume from an "
+                                        r"earlier one with --resume"):
+        train(run_cfg(student_dir, caches["qwen"], tmp_path / "r", max_steps=3, resume="auto"), echo=lambda *a: None)
+
+
+def test_device_gpu_is_one_line(student_dir, caches, tmp_path, capsys):
+    rc = cli(["--student", str(student_dir), "--cache", str(caches["qwen"]), "--out", str(tmp_path / "r"),
+              "--device", "gpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--device gpu: choose auto, cpu, cuda or cuda:N" in err and "Traceback" not in err
+
+
+def test_sweep_checks_every_grid_point_before_training(student_dir, caches, tmp_path):
+    from stage2_train.sweep import run_sweep
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"out: {tmp_path / 'sw'}\n"
+                    f"settings: {{student: {student_dir}, caches: [{caches['qwen']}], max_steps: 2, device: cpu}}\n"
+                    "grid:\n  projector: [linear, banana]\n")
+    with pytest.raises(ValueError, match=r"(?s)grid point \{'projector': 'banana'\}: .*projector 'banana': choose one of"):
+        run_sweep(spec, echo=lambda *a: None, progress=False)
+    assert not list((tmp_path / "sw").glob("*/metrics.jsonl"))
