@@ -72,7 +72,14 @@ def load_rows(spec: str, split: str = "train", max_samples: int | None = None,
         if not isinstance(q, str) or not isinstance(a, (str, type(None))):
             raise ValueError(f"data set {spec!r} row {i}: `question` and `answer` must be text, "
                              f"got {type(q).__name__} and {type(a).__name__}")
-    return Rows(name, split, list(qs), [a or "" for a in ans])
+    no_answer = [i for i, a in enumerate(ans) if a is None]
+    if no_answer:
+        raise ValueError(f"data set {spec!r} (split {split!r}): {len(no_answer)} row(s) have no `answer` "
+                         f"(rows {', '.join(map(str, no_answer[:5]))}{', ...' if len(no_answer) > 5 else ''}); "
+                         "kava trains and evaluates on question and answer")
+    if not qs:
+        raise ValueError(f"data set {spec!r} (split {split!r}) has no rows")
+    return Rows(name, split, list(qs), list(ans))
 
 
 def _load_local(path: Path, split: str):
@@ -87,7 +94,9 @@ def _load_local(path: Path, split: str):
                 raise ValueError(f"{path}: no split {split!r}; it has {list(ds)}")
             ds = ds[split]
         return ds
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    kind = {".json": "json", ".parquet": "parquet"}.get(path.suffix)
     if kind is None:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r} "
                          "(use .jsonl, .json, .parquet or a saved datasets folder)")
@@ -95,6 +104,33 @@ def _load_local(path: Path, split: str):
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parse errors in several types
         raise ValueError(f"{path}: could not be read as {kind}: {e}") from e
+
+
+def _read_jsonl(path: Path):
+    """A .jsonl file as a `datasets.Dataset`, every problem reported with its line number."""
+    import datasets
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {n} is a {type(row).__name__}, expected an object with "
+                             "`question` and `answer`")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows (the file is empty)")
+    keys = {k for r in rows for k in r}
+    return datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
 
 
 # --- synthetic GSM8K-format problems --------------------------------------------------------

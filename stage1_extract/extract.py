@@ -60,7 +60,11 @@ def _slug(name: str) -> str:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """A byte count with a unit that shows it (0.00 GB says nothing about 3 MB)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 @dataclass
@@ -108,6 +112,9 @@ def plan_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None
     if not samples:
         raise ValueError(f"data set {rows.name!r} split {rows.split!r}: no usable rows "
                          f"({len(skipped)} skipped)")
+    if stats["truncated_samples"] == len(samples):
+        raise KavaError(f"--max-length {cfg.max_length} cuts every one of the {len(samples)} samples; "
+                        "raise it (GSM8K rows are about 220 tokens with the prompt)")
     quant = _describe_loaded(model) if model is not None else \
         T.quantization_settings(cfg.quantize, cfg.quant_type, cfg.double_quant, device, cfg.dtype)
     summary = dict(T.model_summary(name, config), revision=cfg.revision,
@@ -144,7 +151,10 @@ def estimate_and_check_disk(cfg: ExtractConfig, job: TeacherJob, todo: list[int]
         f"{kv_bpt} B/token as {cfg.kv_dtype}: estimated cache {_gb(total_est)}, still to write "
         f"{_gb(left_est)}, free {_gb(free)}; {done}/{len(job.shards)} shards already done"
         + (f"; this process takes {len(job.mine)} (part {cfg.shard_index} of {cfg.num_shards})"
-           if cfg.num_shards > 1 else ""))
+           if cfg.num_shards > 1 else "")
+        + (f"; {job.stats['truncated_samples']} samples cut at --max-length {cfg.max_length}"
+           if job.stats["truncated_samples"] else "")
+        + (f"; {len(job.skipped)} rows skipped (listed in the manifest)" if job.skipped else ""))
     if cfg.disk_check and left_est > free:
         raise KavaError(f"{job.cache_dir}: the cache needs about {_gb(left_est)} more but only {_gb(free)} "
                         "is free; free space, keep fewer --layers, use a smaller --kv-dtype, or pass "

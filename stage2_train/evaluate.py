@@ -51,8 +51,9 @@ def gold_answer(answer: str) -> str | None:
 
 @dataclass
 class EvalResult:
-    n: int
+    n: int                 # rows scored (those with a gold `####` answer)
     correct: int
+    unscored: int = 0      # rows without a gold `####` answer: generated and written, not scored
 
     @property
     def accuracy(self) -> float:
@@ -85,7 +86,7 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
     rows = load_rows(dataset, split, max_samples, seed=seed)
     tmp = Path(str(out) + ".tmp") if out else None
     out_f = open(tmp, "w", encoding="ascii") if out else None    # renamed into place when complete
-    correct, done = 0, False
+    correct, unscored, done = 0, 0, False
     bar = tqdm(total=len(rows), desc="evaluate", unit="sample", disable=not progress, ascii=True)
     try:
         for i in range(0, len(rows), batch_size):
@@ -94,13 +95,14 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
             outs = generate(model, tok, prompts, max_new_tokens, dev)
             for j, (p, o, g) in enumerate(zip(prompts, outs, golds)):
                 pred, gold = extract_answer(o), gold_answer(g)
-                ok = pred is not None and pred == gold
-                correct += ok
+                ok = pred is not None and pred == gold if gold is not None else None
+                correct += bool(ok)
+                unscored += gold is None
                 if out_f:
                     out_f.write(json.dumps({"index": i + j, "prompt": p, "output": o, "extracted": pred,
                                             "gold": gold, "correct": ok}) + "\n")
             bar.update(len(qs))
-            bar.set_postfix_str(f"acc {correct / min(i + batch_size, len(rows)):.3f}")
+            bar.set_postfix_str(f"acc {correct / max(1, min(i + batch_size, len(rows)) - unscored):.3f}")
         done = True
     finally:
         bar.close()
@@ -110,7 +112,7 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
                 os.replace(tmp, out)
             else:
                 tmp.unlink(missing_ok=True)
-    return EvalResult(len(rows), correct)
+    return EvalResult(len(rows) - unscored, correct, unscored)
 
 
 @dataclass
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exact match {r.correct}/{r.n} = {r.accuracy:.4f} on {a.dataset} {a.split}"
+          + (f"; {r.unscored} rows without a gold #### answer were not scored" if r.unscored else "")
           + (f"; per-sample results in {out}" if out else ""))
     return 0
 

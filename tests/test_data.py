@@ -34,10 +34,14 @@ def test_synthetic_is_seeded_and_splits_differ():
 
 def test_local_jsonl_and_errors(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"question": "q1", "answer": "a #### 1"},
-                                          {"question": "q2", "answer": None}])
+                                          {"question": "q2", "answer": "b"}])
     rows = load_rows(str(p), "train")
-    assert rows.questions == ["q1", "q2"] and rows.answers == ["a #### 1", ""]
+    assert rows.questions == ["q1", "q2"] and rows.answers == ["a #### 1", "b"]
     assert load_rows(str(p), max_samples=1).questions == ["q1"]
+    none = write_jsonl(tmp_path / "none.jsonl", [{"question": "q1", "answer": "1"}, {"question": "q2", "answer": None},
+                                                {"question": "q3"}])
+    with pytest.raises(ValueError, match=r"2 row\(s\) have no `answer` \(rows 1, 2\); kava trains and evaluates"):
+        load_rows(str(none))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "answer": "y"}])
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['question'\]"):
         load_rows(str(bad))
@@ -86,3 +90,17 @@ def test_synthetic_hard_has_more_steps():
     assert hard.name == "synthetic-hard-seed0"
     n_steps = lambda rows: [a.count("<<") - a.count("buys") for a in rows.answers]  # bags = 2 notes
     assert min(n_steps(hard)) >= 3 and max(n_steps(easy)) <= 3
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": 2\n', r"line 2 is not valid JSON"),
+    (b'{"question": "a", "answer": "1"}\n\n{"question": "caf\xe9", "answer": "1"}\n', r"line 3 is not UTF-8 \(byte \d+: b'\\xe9'\)"),
+    (b"", r"no rows \(the file is empty\)"),
+    (b"\n  \n", r"no rows \(the file is empty\)"),
+    (b'["question", "answer"]\n', r"line 1 is a list, expected an object"),
+])
+def test_a_bad_jsonl_file_is_named_with_the_line_and_the_reason(tmp_path, content, message):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{p}: {message}"):
+        load_rows(str(p))

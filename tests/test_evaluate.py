@@ -109,3 +109,16 @@ def test_a_run_that_fails_midway_leaves_the_earlier_file(tok, tmp_path):
         evaluate("m", "synthetic", "test", max_samples=4, batch_size=2, out=out, device="cpu", progress=False,
                  model=FailsOnSecondBatch(tok, answers), tok=tok)
     assert out.read_text() == "earlier results\n" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_rows_without_a_gold_answer_are_not_scored_and_are_reported(tok, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "a?", "answer": "so #### 4"}, {"question": "b?", "answer": "no final answer"},
+        {"question": "c?", "answer": "#### 6"}]))
+    answers = {format_prompt("a?").strip(): "#### 4", format_prompt("b?").strip(): "#### 5",
+               format_prompt("c?").strip(): "#### 7"}
+    out = tmp_path / "r.jsonl"
+    r = evaluate("m", str(data), "train", out=out, device="cpu", progress=False, model=KnownLM(tok, answers), tok=tok)
+    assert (r.n, r.correct, r.unscored, r.accuracy) == (2, 1, 1, 0.5)
+    assert [json.loads(l)["correct"] for l in out.read_text().splitlines()] == [True, None, False]

@@ -504,3 +504,24 @@ def test_changed_local_weights_give_a_new_cache(tok, tmp_path):
     assert weights_identity(str(t), None) != before
     (b,) = extract_main(cfg)
     assert b != a and (b / "manifest.json").is_file()
+
+
+def test_max_length_that_cuts_every_sample_is_refused_and_cuts_are_reported(teacher_dir, tok, tmp_path):
+    from kava_common.prompt import format_sample
+    with pytest.raises(KavaError, match=r"--max-length 1 cuts every one of the 4 samples"):
+        extract_main(cfg_for(teacher_dir, tmp_path, max_samples=4, max_length=1))
+    assert not list(tmp_path.glob("*/shard-*"))
+    rows = load_rows("synthetic", "train", 6)
+    lengths = sorted(len(tok(format_sample(q, a).text)["input_ids"]) for q, a in zip(rows.questions, rows.answers))
+    limit = lengths[3]                                   # cuts the two longest (or more, with ties)
+    lines = []
+    d = extract_teacher(cfg_for(teacher_dir, tmp_path, max_samples=6, max_length=limit), str(teacher_dir), rows,
+                        log=lines.append)
+    cut = open_cache(d).manifest["truncated_samples"]
+    assert cut == sum(n > limit for n in lengths) and cut > 0
+    assert any(f"{cut} samples cut at --max-length {limit}" in l for l in lines), lines
+
+
+def test_disk_message_names_sizes_in_a_unit_that_shows_them():
+    from stage1_extract.extract import _gb
+    assert [_gb(n) for n in (3.2e9, 4.5e6, 1234, 12)] == ["3.20 GB", "4.50 MB", "1.23 kB", "12 B"]
