@@ -322,7 +322,7 @@ def test_disk_check_refuses_before_loading(teacher_dir, tmp_path, monkeypatch):
     import stage1_extract.extract as ex
     monkeypatch.setattr(ex.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000))
     monkeypatch.setattr(ex.T, "load_teacher", lambda *a, **k: pytest.fail("teacher was loaded"))
-    with pytest.raises(KavaError, match=r"needs about .* GB more but only 0.00 GB is free.*--no-disk-check"):
+    with pytest.raises(KavaError, match=r"needs about \d+\.\d\d MB more but only 1\.00 kB is free.*--no-disk-check"):
         extract_main(cfg_for(teacher_dir, tmp_path))
 
 
