@@ -99,6 +99,14 @@ def import_bitsandbytes():
     return bitsandbytes
 
 
+def check_output_folder(path, flag: str) -> None:
+    """Refuse, naming it, an output folder that is, or lies under, a file."""
+    path = Path(path)
+    for p in [path, *path.parents]:
+        if p.exists() and not p.is_dir():
+            raise KavaError(f"{flag} {path}: {p} is a file, not a folder")
+
+
 def save_pretrained(model, tok, path) -> Path:
     """`model.save_pretrained` and `tok.save_pretrained` into one folder (loadable with
     `from_pretrained`), without transformers' progress bar."""

@@ -39,6 +39,26 @@ class Rows:
                 "content_sha256": self.content_hash()}
 
 
+def load_fast_tokenizer(name: str, role: str, revision: str | None = None):
+    """A model's fast tokenizer (character offsets need one), checked to encode text: a folder
+    without its tokenizer files loads as an empty tokenizer that turns every text into nothing.
+    `role` (teacher, student) names it in errors."""
+    from transformers import AutoTokenizer
+    from . import KavaError
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as e:
+        raise KavaError(f"{role} {name!r}: no tokenizer could be loaded ({str(e).splitlines()[0]})") from e
+    if not getattr(tok, "is_fast", False):
+        raise KavaError(f"{role} {name!r}: a fast tokenizer is needed (character offsets); "
+                        "this one is a slow Python tokenizer")
+    probe = "Question: Tom has 3 apples."
+    if len(tok) < 2 or not tok(probe, add_special_tokens=False)["input_ids"]:
+        raise KavaError(f"{role} {name!r}: its tokenizer has {len(tok)} tokens and encodes {probe!r} into "
+                        "none; the tokenizer files (tokenizer.json, tokenizer_config.json) are missing or empty")
+    return tok
+
+
 def tokenizer_identity(tok) -> dict:
     """Name, vocabulary size and a hash of a fast tokenizer's full definition."""
     blob = tok.backend_tokenizer.to_str().encode()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kava_common import KavaError, software_versions
+from kava_common import KavaError, check_output_folder, software_versions
 from kava_common import cache as kcache
 from kava_common.cache import CacheIdentity, CacheSample, ShardEntry
 from kava_common.data import Rows, load_rows, tokenizer_identity
@@ -307,5 +307,6 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
 
 def main(cfg: ExtractConfig) -> list[Path]:
     """Extract one cache per teacher; returns their folders."""
+    check_output_folder(cfg.out, "--out")
     rows = load_rows(cfg.dataset, cfg.split, cfg.max_samples, seed=cfg.seed)
     return [extract_teacher(cfg, name, rows) for name in cfg.teachers]

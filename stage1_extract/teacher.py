@@ -24,12 +24,8 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(name: str, revision: str | None = None):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(name, revision=revision)
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"teacher {name!r}: a fast tokenizer is needed (character offsets); "
-                         "this one is a slow Python tokenizer")
-    return tok
+    from kava_common.data import load_fast_tokenizer
+    return load_fast_tokenizer(name, "teacher", revision)
 
 
 def weights_identity(name: str, config) -> str:

@@ -13,6 +13,7 @@ from functools import partial
 import torch
 
 from kava_common import no_hf_progress_bars
+from kava_common.data import load_fast_tokenizer
 from kava_common.geometry import KVGeometry
 
 
@@ -109,10 +110,8 @@ def enable_checkpointing(model) -> None:
 
 def load_student(name: str, device: torch.device, dtype: torch.dtype, lora_r: int = 0,
                  lora_alpha: int = 16, gradient_checkpointing: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(name)
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"student {name!r}: a fast tokenizer is needed (character offsets)")
+    from transformers import AutoModelForCausalLM
+    tok = load_fast_tokenizer(name, "student")
     with no_hf_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
     model.to(device)

@@ -16,7 +16,7 @@ import signal
 import time
 from pathlib import Path
 
-from kava_common import KavaError, software_versions
+from kava_common import KavaError, check_output_folder, software_versions
 
 from .checkpoint import clear_run, latest_checkpoint, run_files
 from .config import TrainConfig
@@ -64,9 +64,7 @@ def check_run_folder(run: Path, cfg: TrainConfig) -> None:
     """Refuse, before anything is loaded or written, an --out that is not a folder or that
     holds an earlier run this one would mix with, unless --resume or --overwrite says what to
     do with it."""
-    for p in [run, *run.parents]:
-        if p.exists() and not p.is_dir():
-            raise KavaError(f"--out {run}: {p} is a file, not a folder")
+    check_output_folder(run, "--out")
     found = run_files(run)
     if found and not cfg.resume and not cfg.overwrite:
         raise KavaError(f"--out {run} holds an earlier run ({', '.join(found[:4])}"

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -525,3 +526,18 @@ def test_max_length_that_cuts_every_sample_is_refused_and_cuts_are_reported(teac
 def test_disk_message_names_sizes_in_a_unit_that_shows_them():
     from stage1_extract.extract import _gb
     assert [_gb(n) for n in (3.2e9, 4.5e6, 1234, 12)] == ["3.20 GB", "4.50 MB", "1.23 kB", "12 B"]
+
+
+def test_a_teacher_without_tokenizer_files_and_an_out_that_is_a_file_are_one_line(teacher_dir, tmp_path, capsys):
+    t = tmp_path / "t"
+    shutil.copytree(teacher_dir, t)
+    for f in t.glob("tokenizer*.json"):
+        f.unlink()
+    rc = cli(["--teacher", str(t), "--max-samples", "4", "--out", str(tmp_path / "c"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert f"teacher '{t}': its tokenizer has 1 tokens and encodes 'Question: Tom has 3 apples.' into none" in err
+    (tmp_path / "f").write_text("x")
+    rc = cli(["--teacher", str(teacher_dir), "--max-samples", "4", "--out", str(tmp_path / "f"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"--out {tmp_path / 'f'}: {tmp_path / 'f'} is a file, not a folder" in err
