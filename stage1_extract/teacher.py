@@ -112,8 +112,13 @@ def load_teacher(name: str, quant: dict, device: torch.device, revision: str | N
         kwargs["dtype"] = cdt
     else:
         kwargs["dtype"] = DTYPES[quant["dtype"]]
-    with no_hf_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
+    from safetensors import SafetensorError
+    try:
+        with no_hf_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
+    except (OSError, SafetensorError) as e:      # missing, truncated or unreadable weight files
+        raise KavaError(f"teacher {name!r}: its weights could not be loaded "
+                        f"({str(e).strip().splitlines()[0]})") from e
     if quant["method"] == "bitsandbytes":
         bnb = import_bitsandbytes()
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

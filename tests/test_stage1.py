@@ -541,3 +541,19 @@ def test_a_teacher_without_tokenizer_files_and_an_out_that_is_a_file_are_one_lin
     rc = cli(["--teacher", str(teacher_dir), "--max-samples", "4", "--out", str(tmp_path / "f"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and f"--out {tmp_path / 'f'}: {tmp_path / 'f'} is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_weights_file_is_one_line(teacher_dir, tmp_path, capsys, damage):
+    t = tmp_path / "t"
+    shutil.copytree(teacher_dir, t)
+    w = t / "model.safetensors"
+    if damage == "truncated":
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    else:
+        w.unlink()
+    rc = cli(["--teacher", str(t), "--max-samples", "4", "--out", str(tmp_path / "c"), "--no-progress",
+              "--no-quantize"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and f"teacher '{t}': its weights could not be loaded (" in err
+    assert ("incomplete metadata" if damage == "truncated" else "no file named model.safetensors") in err
