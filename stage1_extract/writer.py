@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from kava_common import all_finite
+from kava_common import KavaError, all_finite
 from kava_common import cache as kcache
 from kava_common.cache import CacheSample, ShardEntry, ShardLayout
 
@@ -40,8 +40,12 @@ class BackgroundWriter:
                     self._error = e
 
     def _raise(self):
-        if self._error is not None:
-            raise RuntimeError(f"the shard writer failed: {self._error}") from self._error
+        e = self._error
+        if isinstance(e, OSError):        # a full or read-only disk, a vanished folder, ...
+            raise KavaError(f"writing {e.filename or 'a shard'} failed: {e.strerror or e}; the shards "
+                            "finished before it are kept, run the same command again to resume") from e
+        if e is not None:
+            raise RuntimeError(f"the shard writer failed: {e}") from e
 
     def submit(self, item) -> None:
         self._raise()
@@ -153,6 +157,7 @@ class WriteStats:
         """Writer thread: write the shard (its laid-out bytes, or serialised) and its sidecar,
         then hand the buffer back."""
         t = time.thread_time()
+        tmp = item.cache_dir / (kcache.shard_name(item.entry.index, item.format) + ".tmp")
         try:
             if item.layout is not None and item.format == "safetensors":
                 entry = kcache.write_laid_out_shard(item.cache_dir, item.layout, item.flat, item.entry,
@@ -161,5 +166,8 @@ class WriteStats:
                 entry = kcache.write_shard(item.cache_dir, item.format, item.tensors, item.entry)
             self.bytes += entry.bytes
             item.release()
+        except OSError:
+            tmp.unlink(missing_ok=True)       # nothing half-written stays behind
+            raise
         finally:
             self.cpu += time.thread_time() - t

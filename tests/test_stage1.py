@@ -557,3 +557,30 @@ def test_a_damaged_weights_file_is_one_line(teacher_dir, tmp_path, capsys, damag
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and f"teacher '{t}': its weights could not be loaded (" in err
     assert ("incomplete metadata" if damage == "truncated" else "no file named model.safetensors") in err
+
+
+def test_a_failed_shard_write_is_one_line_and_leaves_no_temporary_file(teacher_dir, tmp_path, monkeypatch, capsys):
+    """A full disk (ENOSPC) while a shard is written, with --no-disk-check: one line naming the
+    file, no .tmp left behind, and the shards finished before it stay for a resume."""
+    import errno
+    import kava_common.cache.write as w
+    real, calls = w.write_bytes, []
+
+    def full_disk(path, buf, n, direct=True):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, buf, n, direct)
+    monkeypatch.setattr(w, "write_bytes", full_disk)
+    rc = cli(["--teacher", str(teacher_dir), "--max-samples", "12", "--out", str(tmp_path), "--no-progress",
+              "--no-quantize", "--shard-mb", "0.05", "--no-disk-check"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert f"writing {calls[1]} failed: No space left on device; the shards finished before it are kept" in err
+    (cache,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert not list(cache.glob("*.tmp")) and (cache / "shard-00000.safetensors").is_file()
+    monkeypatch.setattr(w, "write_bytes", real)
+    assert cli(["--teacher", str(teacher_dir), "--max-samples", "12", "--out", str(tmp_path), "--no-progress",
+                "--no-quantize", "--shard-mb", "0.05"]) == 0
+    assert info_main([str(cache), "--verify"]) == 0
