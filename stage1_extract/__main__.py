@@ -26,7 +26,7 @@ def cli(argv=None) -> int:
         print("\ninterrupted: finished shards are kept; run the same command again to resume",
               file=sys.stderr)
         return 130
-    except (KavaError, ValueError, FileNotFoundError) as e:
+    except (KavaError, ValueError, OSError) as e:     # OSError: a read-only or missing path, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     for d in dirs:

@@ -173,8 +173,35 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
         log(f"[{name}] cache complete, nothing to do: {job.cache_dir}")
         return job.cache_dir
     job.cache_dir.mkdir(parents=True, exist_ok=True)
+    with part_lock(job.cache_dir, cfg):
+        return _extract_locked(cfg, job, model, log)
+
+
+@contextlib.contextmanager
+def part_lock(cache_dir: Path, cfg: ExtractConfig):
+    """Hold an exclusive lock on this process's part of the cache: a second process started on
+    the same part (the same command twice, or a repeated --shard-index) is refused instead of
+    racing the first one's writes and renames."""
+    try:
+        import fcntl
+    except ImportError:                                    # no advisory locks on this platform
+        yield
+        return
+    path = cache_dir / f".lock-part-{cfg.shard_index}-of-{cfg.num_shards}"
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KavaError(f"{cache_dir}: another stage-1 process is writing part {cfg.shard_index} of "
+                            f"{cfg.num_shards} of this cache; wait for it, or give each process its own "
+                            "--shard-index") from None
+        yield
+
+
+def _extract_locked(cfg: ExtractConfig, job: TeacherJob, model, log) -> Path:
+    name = job.name
     kcache.atomic_write_text(job.cache_dir / "identity.json", json.dumps(job.identity.to_dict(), indent=1))
-    kcache.remove_partial_files(job.cache_dir)
+    kcache.remove_partial_files(job.cache_dir, set(job.mine))
     done = kcache.completed_shards(job.cache_dir, verify=range(len(job.shards)))   # re-hashed on resume
     bad = sorted(int(p.stem[6:]) for p in job.cache_dir.glob("shard-[0-9]*.json") if int(p.stem[6:]) not in done)
     if bad:

@@ -28,7 +28,7 @@ def cli(argv=None) -> int:
     from .train import main
     try:
         main(cfg)
-    except (KavaError, ValueError, FileNotFoundError) as e:
+    except (KavaError, ValueError, OSError) as e:     # OSError: a read-only or missing path, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from kava_common import KavaError
 from kava_common.cli import parse_settings, setting
 
 from .config import FIELDS, load_config
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
                                    description=__doc__.split("\n\n")[0]))
     try:
         rows = run_sweep(a.sweep, progress=a.progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (KavaError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = Path(load_sweep(a.sweep)["out"])

@@ -130,5 +130,5 @@ def test_each_shard_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeyp
     tmp = str(final) + ".tmp"
     sidecar = tmp_path / "shard-00002.json"
     assert events == [("fsync", tmp), ("replace", tmp, str(final)),
-                      ("replace", str(sidecar) + ".tmp", str(sidecar))]
+                      ("replace", f"{sidecar}.{os.getpid()}.tmp", str(sidecar))]
     assert final.stat().st_size == entry.bytes and kc.ShardEntry.from_json(sidecar.read_text()) == entry

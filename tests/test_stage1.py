@@ -1,6 +1,7 @@
 import hashlib
 import json
 import shutil
+import os
 import signal
 import subprocess
 import sys
@@ -584,3 +585,31 @@ def test_a_failed_shard_write_is_one_line_and_leaves_no_temporary_file(teacher_d
     assert cli(["--teacher", str(teacher_dir), "--max-samples", "12", "--out", str(tmp_path), "--no-progress",
                 "--no-quantize", "--shard-mb", "0.05"]) == 0
     assert info_main([str(cache), "--verify"]) == 0
+
+
+def test_a_second_process_on_the_same_part_of_a_cache_is_refused(teacher_dir, tmp_path):
+    """While one process holds a part of a cache, another started on it (a second terminal,
+    a repeated --shard-index) is refused in one line; once the first is done, it completes."""
+    import fcntl
+    from stage1_extract.extract import plan_teacher
+    cfg = cfg_for(teacher_dir, tmp_path, max_samples=6)
+    job = plan_teacher(cfg, str(teacher_dir), load_rows("synthetic", "train", 6))
+    job.cache_dir.mkdir(parents=True)
+    with open(job.cache_dir / ".lock-part-0-of-1", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (job.cache_dir / "shard-00000.json.999999999.tmp").write_text("{}")   # a dead process's
+        with pytest.raises(KavaError, match=r"another stage-1 process is writing part 0 of 1 of this cache"):
+            extract_main(cfg)
+        assert (job.cache_dir / "shard-00000.json.999999999.tmp").exists()     # nothing touched
+    (d,) = extract_main(cfg)
+    assert d == job.cache_dir and not list(d.glob("*.tmp")) and info_main([str(d), "--verify"]) == 0
+
+
+def test_a_live_process_keeps_its_temporary_files(tmp_path):
+    from kava_common.cache import remove_partial_files
+    names = ["shard-00001.safetensors.tmp", "shard-00002.safetensors.tmp", f"identity.json.{os.getpid()}.tmp",
+             "manifest.json.999999999.tmp"]
+    for n in names:
+        (tmp_path / n).write_text("x")
+    assert sorted(remove_partial_files(tmp_path, {1})) == ["manifest.json.999999999.tmp", "shard-00001.safetensors.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"identity.json.{os.getpid()}.tmp", "shard-00002.safetensors.tmp"]

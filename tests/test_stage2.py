@@ -452,3 +452,21 @@ def test_sweep_checks_every_grid_point_before_training(student_dir, caches, tmp_
     with pytest.raises(ValueError, match=r"(?s)grid point \{'projector': 'banana'\}: .*projector 'banana': choose one of"):
         run_sweep(spec, echo=lambda *a: None, progress=False)
     assert not list((tmp_path / "sw").glob("*/metrics.jsonl"))
+
+
+def test_a_read_only_out_is_one_line(student_dir, caches, tmp_path, capsys, monkeypatch):
+    """--out on a read-only file system (simulated: this test may run as root, which writes
+    through permissions) fails in one line naming the folder, before anything trains."""
+    import errno
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if self.name == "run":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    rc = cli(["--student", str(student_dir), "--cache", str(caches["qwen"]), "--out", str(tmp_path / "run"),
+              "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert f"error: [Errno 30] Read-only file system: '{tmp_path / 'run'}'" in err

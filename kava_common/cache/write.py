@@ -20,8 +20,9 @@ from .manifest import ShardEntry
 
 
 def atomic_write_text(path: Path, text: str, sync: bool = False) -> None:
-    """Write `text` to `path` through a temporary file and a rename (fsync'd when `sync`)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write `text` to `path` through a temporary file and a rename (fsync'd when `sync`). The
+    temporary name carries the process id, so processes writing one cache never share one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="ascii") as f:
         f.write(text)
         if sync:
@@ -157,13 +158,29 @@ def completed_shards(cache_dir: Path, verify=()) -> dict[int, ShardEntry]:
     return done
 
 
-def remove_partial_files(cache_dir: Path) -> list[str]:
-    """Delete leftovers of an interrupted run (temporary files); returns their names."""
+def remove_partial_files(cache_dir: Path, shards) -> list[str]:
+    """Delete what an interrupted run left half-written: the temporary files of the shards in
+    `shards` (the part of the cache this process writes) and those of processes no longer
+    running. Another live process's files are left alone. Returns the names removed."""
     gone = []
     for p in cache_dir.glob("*.tmp"):
-        p.unlink()
-        gone.append(p.name)
+        owner = p.name.split(".")[-2]                      # NAME.PID.tmp: written by process PID
+        mine = p.name.startswith("shard-") and p.name[6:11].isdigit() and int(p.name[6:11]) in shards \
+            and not owner.isdigit()
+        if mine or (owner.isdigit() and not _alive(int(owner))):
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
     return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
