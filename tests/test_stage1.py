@@ -613,3 +613,10 @@ def test_a_live_process_keeps_its_temporary_files(tmp_path):
         (tmp_path / n).write_text("x")
     assert sorted(remove_partial_files(tmp_path, {1})) == ["manifest.json.999999999.tmp", "shard-00001.safetensors.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"identity.json.{os.getpid()}.tmp", "shard-00002.safetensors.tmp"]
+
+
+def test_device_gpu_is_one_line(teacher_dir, tmp_path, capsys):
+    rc = cli(["--teacher", str(teacher_dir), "--max-samples", "4", "--out", str(tmp_path), "--device", "gpu",
+              "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--device gpu: choose auto, cpu, cuda or cuda:N" in err and "Traceback" not in err

@@ -470,3 +470,14 @@ def test_a_read_only_out_is_one_line(student_dir, caches, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert f"error: [Errno 30] Read-only file system: '{tmp_path / 'run'}'" in err
+
+
+def test_sweep_with_a_missing_student_is_one_line(caches, tmp_path, capsys):
+    from stage2_train.sweep import main as sweep_main
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"out: {tmp_path / 'sw'}\n"
+                    f"settings: {{student: {tmp_path / 'nobody'}, caches: [{caches['qwen']}], max_steps: 2, device: cpu}}\n"
+                    "grid:\n  loss: [mse]\n")
+    assert sweep_main([str(spec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"student '{tmp_path / 'nobody'}': no model config found" in err and "Traceback" not in err
