@@ -211,8 +211,11 @@ def test_resume_after_kill_9_equals_uninterrupted(teacher_dir, tmp_path):
             "--batch-size", "2", "--no-quantize", "--dtype", "float32", "--shard-mb", "0.01",
             "--device", "cpu", "--no-progress"]
     killed = tmp_path / "killed"
+    # one thread for the child, so that on a 2-core machine its spinning OpenMP threads cannot
+    # starve this process's polling and the kill lands after the last shard
     proc = subprocess.Popen([sys.executable, "-m", "stage1_extract", *args, "--out", str(killed)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not list(killed.glob("*/shard-00002.json")):
         time.sleep(0.005)
