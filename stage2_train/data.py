@@ -138,12 +138,20 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     input_ids, attention_mask, ce_mask (B, Ts); per teacher: k, v (B, L, H, Tt, D) zero-padded,
     A (B, Ts, Tt) or None when every sample is identity-aligned, valid (B, Ts). A sample whose
     teacher K/V hold NaN or Inf never reaches the step: it is left out and its row listed in
-    `bad_rows` (a batch of bad samples only has `empty` set).
+    `bad_rows` (a batch of bad samples only has `empty` set). The padded batch is checked as a
+    whole (padding is zeros); only a batch that fails is checked sample by sample.
     """
+    out = _pad(batch, pad_id)
+    if all(all_finite(t["k"]) and all_finite(t["v"]) for t in out["teachers"]):
+        return dict(out, bad_rows=[])
     bad_rows = [b["row"] for b in batch if not finite_teacher_kv(b)]
     batch = [b for b in batch if b["row"] not in bad_rows]
     if not batch:
         return {"empty": True, "bad_rows": bad_rows}
+    return dict(_pad(batch, pad_id), bad_rows=bad_rows)
+
+
+def _pad(batch: list[dict], pad_id: int) -> dict:
     B = len(batch)
     ts = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((B, ts), pad_id, dtype=torch.long)
@@ -175,4 +183,4 @@ def collate(batch: list[dict], pad_id: int) -> dict:
             k, v = k[..., :tt, :], v[..., :tt, :]
         teachers.append({"k": k, "v": v, "A": A, "valid": valid & attn.bool()})
     return {"input_ids": ids, "attention_mask": attn, "ce_mask": ce, "teachers": teachers,
-            "rows": torch.tensor([b["row"] for b in batch]), "bad_rows": bad_rows}
+            "rows": torch.tensor([b["row"] for b in batch])}
