@@ -202,8 +202,10 @@ def _extract_locked(cfg: ExtractConfig, job: TeacherJob, model, log) -> Path:
     name = job.name
     kcache.atomic_write_text(job.cache_dir / "identity.json", json.dumps(job.identity.to_dict(), indent=1))
     kcache.remove_partial_files(job.cache_dir, set(job.mine))
-    done = kcache.completed_shards(job.cache_dir, verify=range(len(job.shards)))   # re-hashed on resume
-    bad = sorted(int(p.stem[6:]) for p in job.cache_dir.glob("shard-[0-9]*.json") if int(p.stem[6:]) not in done)
+    mine = set(job.mine)          # this part's finished shards are re-hashed here, the others' at the end
+    done = kcache.completed_shards(job.cache_dir, verify=mine)
+    bad = sorted(i for i in (int(p.stem[6:]) for p in job.cache_dir.glob("shard-[0-9]*.json"))
+                 if i in mine and i not in done)
     if bad:
         log(f"[{name}] {len(bad)} shard(s) left by an earlier run are incomplete or do not match their "
             f"checksum and are written again: {', '.join(kcache.shard_name(i, cfg.format) for i in bad)}")
