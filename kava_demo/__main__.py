@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     run = root / "run"
     train(TrainConfig(student=str(student), caches=[str(cache_dir)], out=str(run), max_steps=args.steps,
                       batch_size=8, log_every=10, save_every=args.steps // 2, lr_projector=1e-2,
-                      device="cpu"))
+                      device="cpu", overwrite=True))    # each demo run trains afresh
     png = plot(run / "metrics.jsonl")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s\n"
           f"  cache    {cache_dir} (verified)\n"
