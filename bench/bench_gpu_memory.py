@@ -109,7 +109,7 @@ def main(argv=None):
         cfg = TrainConfig(student=str(sdir), caches=[str(cache)], out=str(root / f"run-{i}"), batch_size=2,
                           max_length=a.max_length, max_steps=a.steps, log_every=a.steps, save_every=0,
                           eval_samples=2, warmup_steps=1, device=a.device, progress=False,
-                          precision="bf16" if cuda else "fp32", **kw)
+                          precision="bf16" if cuda else "fp32", overwrite=True, **kw)
         train_main(cfg, echo=lines.append)
         est = next((float(m.group(1)) for l in lines if (m := re.search(r"estimated peak memory ([0-9.]+) GB", l))),
                    float("nan"))
