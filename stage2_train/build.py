@@ -84,6 +84,14 @@ def open_teachers(cfg: TrainConfig, echo=print):
     if cfg.layer_weights is not None and len(cfg.layer_weights) != s_geo.num_layers:
         raise ValueError(f"layer_weights has {len(cfg.layer_weights)} entries; the student has "
                          f"{s_geo.num_layers} layers")
+    if cfg.loss == "relation" or cfg.relation_weight:
+        for t in teachers:
+            r = cfg.relation_heads or min(t["heads"], s_geo.num_kv_heads)
+            widths = {"teacher": t["heads"] * t["head_dim"], "student": s_geo.num_kv_heads * s_geo.head_dim}
+            bad = [f"{side} {w}" for side, w in widths.items() if w % r]
+            if bad:
+                raise ValueError(f"relation_heads {r}: the K/V widths per position ({', '.join(bad)} for "
+                                 f"{t['path']}) must divide by it")
     return teachers, s_geo
 
 

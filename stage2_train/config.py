@@ -51,7 +51,11 @@ class TrainConfig:
     layer_map: Any = setting("proportional", "proportional, or one entry per student layer: a teacher "
                              "layer, null, or {teacher layer: weight} (JSON)", json=True)
     align: str = setting("auto", "token alignment between tokenizers", choices=ALIGN_MODES)
-    loss: str = setting("mercator", "K/V loss", choices=tuple(sorted(LOSSES)))
+    loss: str = setting("mercator", "K/V loss; relation compares K/V relations with no projector "
+                        "(docs/stage2.md)", choices=tuple(sorted(LOSSES)))
+    relation_weight: float = setting(0.0, "weight of the relation loss (MiniLMv2: KL between softmax(X X^T) of "
+                                     "teacher and student K, and V, no projector) added to --loss")
+    relation_heads: int = setting(0, "relation heads of the relation loss (0: the smaller KV head count)")
     alpha: float = setting(1.0, "mercator: weight of (1 - cos)")
     beta: float = setting(0.01, "mercator: weight of the log-norm MSE")
     k_weight: float = setting(1.0, "weight of the K loss")
@@ -98,6 +102,10 @@ class TrainConfig:
         for name in ("lr_student", "lr_projector", "weight_decay", "grad_clip", "kv_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.relation_weight < 0 or self.relation_heads < 0:
+            p.append("relation_weight and relation_heads must be >= 0")
+        if self.fusion == "target" and (self.loss == "relation" or self.relation_weight):
+            p.append("the relation loss compares each teacher with the student on its own; use fusion loss")
         if self.ce_chunk < 0:
             p.append(f"ce_chunk must be >= 0 (0: no chunking), got {self.ce_chunk}")
         if self.projector not in KINDS:

@@ -10,7 +10,7 @@ from kava_common.geometry import KVGeometry
 
 from .config import TrainConfig
 from .losses import (answer_cross_entropy, answer_positions, chunked_answer_cross_entropy, kv_loss,
-                     mean_cosine)
+                     mean_cosine, relation_loss)
 from .projector import KVProjector
 from .student import StudentKV
 
@@ -64,6 +64,7 @@ class Distiller(torch.nn.Module):
                 else:
                     pk, pv = self.proj[ti](pi, sk, sv)
                     pair = {"teacher": ti, "layer": s, "k": (pk, tk), "v": (pv, tv), "mask": mask}
+                pair["raw"] = (tk, tv, sk, sv)      # unprojected, for the relation loss
                 pairs.append(pair)
                 per_layer.setdefault(s, []).append(pair)
         lw = cfg.layer_weights
@@ -79,15 +80,34 @@ class Distiller(torch.nn.Module):
                 fv = sum(w * p["v"][0] for w, p in zip(tw, items))
                 loss = self._kv(fk, items[0]["k"][1], fv, items[0]["v"][1], mask)
             else:
-                loss = sum(w * self._kv(*p["k"], *p["v"], p["mask"]) for w, p in zip(tw, items))
+                loss = sum(w * (self._kv(*p["k"], *p["v"], p["mask"]) + self._relation(p))
+                           for w, p in zip(tw, items))
             total = total + w_layer * loss
             norm += w_layer
         return total / max(norm, 1e-12), pairs
 
     def _kv(self, pk, tk, pv, tv, mask):
         c = self.cfg
+        if c.loss == "relation":          # compares the K/V themselves: see _relation
+            return 0.0
         return (c.k_weight * kv_loss(c.loss, pk, tk, mask, c.alpha, c.beta)
                 + c.v_weight * kv_loss(c.loss, pv, tv, mask, c.alpha, c.beta))
+
+    def relation_heads(self, ti: int) -> int:
+        """Relation heads of teacher `ti`'s pairs: the setting, or the smaller KV head count."""
+        return self.cfg.relation_heads or min(self.teachers[ti]["heads"], self.s_geo.num_kv_heads)
+
+    def _relation(self, pair: dict):
+        """The relation loss of a pair (teacher and student K/V, no projector): all of the K/V
+        loss with `loss relation`, `relation_weight` times it beside another loss."""
+        c = self.cfg
+        w = 1.0 if c.loss == "relation" else c.relation_weight
+        if not w:
+            return 0.0
+        tk, tv, sk, sv = pair["raw"]
+        r = self.relation_heads(pair["teacher"])
+        return w * (c.k_weight * relation_loss(tk, sk, pair["mask"], r)
+                    + c.v_weight * relation_loss(tv, sv, pair["mask"], r))
 
 
 def train_step(model, cap, distiller, batch, cfg, device, autocast):

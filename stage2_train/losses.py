@@ -7,6 +7,8 @@ a scalar; 0 (with a gradient path) when every position is masked.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -54,10 +56,50 @@ def l1_loss(pred, target, mask):
     return _masked_mean((pred.float() - target.float()).abs().mean(-1), mask)
 
 
-LOSSES = {"mercator": mercator_loss, "cosine": cosine_loss, "mse": mse_loss, "l1": l1_loss}
+def _relation_logp(x: torch.Tensor, heads: int, allowed: torch.Tensor) -> torch.Tensor:
+    """log softmax(X X^T / sqrt(d)) per relation head: x (B, H, T, D) with its heads
+    concatenated per position (B, T, H*D) and split into `heads` relation heads of width
+    d = H*D / heads; `allowed` (B, 1, T, T) the keys each query may see. -> (B, heads, T, T),
+    0 where not allowed."""
+    b, h, t, d = x.shape
+    if (h * d) % heads:
+        raise ValueError(f"{h} heads x head_dim {d} = {h * d} values per position do not split into "
+                         f"{heads} relation heads")
+    x = x.float().transpose(1, 2).reshape(b, t, heads, h * d // heads).transpose(1, 2)   # (B, R, T, dr)
+    scores = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])                           # (B, R, T, T)
+    logp = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return logp.masked_fill(~allowed, 0.0)
+
+
+def relation_loss(teacher, student, mask, heads: int = 1):
+    """MiniLMv2-style self-relation distillation of one layer's K (or V), with no projector.
+
+    teacher (B, Ht, T, Dt) and student (B, Hs, T, Ds) on the same positions (aligned), mask
+    (B, T). On each side the heads' vectors are concatenated per position and split into the
+    same number of relation heads (any head count and head_dim, as long as both widths divide
+    by `heads`); relations are softmax(X X^T / sqrt(d)) over the causal, unmasked keys; the
+    loss is KL(teacher || student) summed over keys, averaged over unmasked queries and
+    relation heads, in float32. 0 when every position is masked. The teacher side carries no
+    gradient."""
+    m = mask.bool()
+    t = m.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=m.device).tril()
+    # every query keeps itself as a key, so that no row is empty (masked rows do not count)
+    allowed = (causal & (m[:, None, :] | torch.eye(t, dtype=torch.bool, device=m.device)))[:, None]  # (B,1,T,T)
+    with torch.no_grad():
+        lt = _relation_logp(teacher.detach(), heads, allowed)
+    ls = _relation_logp(student, heads, allowed)
+    kl = (lt.exp().masked_fill(~allowed, 0.0) * (lt - ls)).sum(-1)                     # (B, R, T)
+    rows = m[:, None, :].expand_as(kl)
+    return torch.where(rows, kl, kl.new_zeros(())).sum() / (rows.sum().clamp(min=1))
+
+
+LOSSES = {"mercator": mercator_loss, "cosine": cosine_loss, "mse": mse_loss, "l1": l1_loss,
+          "relation": relation_loss}
 
 
 def kv_loss(name: str, pred, target, mask, alpha: float = 1.0, beta: float = 0.01):
+    """One of the projected losses (`relation` compares unprojected K/V: see Distiller)."""
     if name == "mercator":
         return mercator_loss(pred, target, mask, alpha, beta)
     return LOSSES[name](pred, target, mask)

@@ -481,3 +481,20 @@ def test_sweep_with_a_missing_student_is_one_line(caches, tmp_path, capsys):
     assert sweep_main([str(spec), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"student '{tmp_path / 'nobody'}': no model config found" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("teacher", ["qwen", "llama"])
+def test_relation_loss_trains_without_a_projector(student_dir, caches, tmp_path, teacher):
+    """--loss relation on a same-tokenizer and an other-tokenizer (aligned) cache: the relation
+    KL the student is trained on falls."""
+    m = run(student_dir, [caches[teacher]], tmp_path / "r", loss="relation", ce_weight=0.0, max_steps=30,
+            log_every=10, lr_student=3e-3)
+    assert m[-1]["loss_kv"] < 0.9 * m[0]["loss_kv"], [r["loss_kv"] for r in m]
+
+
+def test_relation_weight_adds_to_another_loss_and_bad_relation_heads_are_refused(student_dir, caches, tmp_path):
+    base = run(student_dir, [caches["qwen"]], tmp_path / "a", max_steps=2, log_every=1)
+    both = run(student_dir, [caches["qwen"]], tmp_path / "b", max_steps=2, log_every=1, relation_weight=0.5)
+    assert both[0]["loss_kv"] > base[0]["loss_kv"]          # same first batch, one more term
+    with pytest.raises(ValueError, match=r"relation_heads 3: the K/V widths per position \(teacher 64, student 16"):
+        run(student_dir, [caches["qwen"]], tmp_path / "c", loss="relation", relation_heads=3)

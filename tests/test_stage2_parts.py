@@ -320,3 +320,48 @@ def test_save_pretrained_prints_no_unicode_progress_bar(tok, tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "Loading" not in out + err and (out + err).isascii(), out + err
     assert torch.equal(back.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+# --- the relation loss -------------------------------------------------------------------------
+
+def test_relation_loss_by_hand():
+    """One head, head_dim 1, two positions: the first query sees only itself (KL 0); the second
+    sees both keys: teacher scores [1*2, 2*2] = [2, 4], student [1, 1]."""
+    from stage2_train.losses import relation_loss
+    t = torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)
+    s = torch.tensor([1.0, 1.0]).view(1, 1, 2, 1)
+    p = torch.softmax(torch.tensor([2.0, 4.0]), 0)
+    want = float((p * (p.log() - math.log(0.5))).sum()) / 2            # mean over the two queries
+    assert relation_loss(t, s, torch.ones(1, 2, dtype=torch.bool)).item() == pytest.approx(want, rel=1e-6)
+    # a masked key is not seen and a masked query does not count: only query 0 is left
+    assert relation_loss(t, s, torch.tensor([[True, False]])).item() == pytest.approx(0.0, abs=1e-7)
+    assert relation_loss(t, s, torch.zeros(1, 2, dtype=torch.bool)).item() == 0.0
+
+
+def test_relation_loss_is_zero_for_equal_relations_of_any_geometry():
+    from stage2_train.losses import relation_loss
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 2, 5, 4, generator=g)                                # (B, 2 heads, T, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert relation_loss(t, t.clone(), mask, heads=2).item() == pytest.approx(0.0, abs=1e-6)
+    # the same 8 values per position as one head of 8: same concatenation, same relations
+    one_head = t.transpose(1, 2).reshape(2, 5, 1, 8).transpose(1, 2)
+    assert relation_loss(t, one_head, mask, heads=2).item() == pytest.approx(0.0, abs=1e-6)
+    assert relation_loss(t, one_head, mask, heads=1).item() == pytest.approx(0.0, abs=1e-6)
+    # twice the width, every value repeated and scaled so that X X^T / sqrt(d) is unchanged
+    x = t.transpose(1, 2).reshape(2, 5, 8)
+    c = (8 ** 0.5 / (2 * 4 ** 0.5)) ** 0.5                                 # 2 c^2 / sqrt(16) = 1 / sqrt(8)
+    wide = torch.cat([x, x], -1).mul(c).view(2, 5, 4, 4).transpose(1, 2)   # (B, 4 heads, T, 4)
+    assert relation_loss(t, wide, mask, heads=1).item() == pytest.approx(0.0, abs=1e-5)
+    assert relation_loss(t, torch.randn(2, 4, 5, 4, generator=g), mask, heads=1).item() > 0.01
+
+
+def test_relation_loss_gives_gradients_to_the_student_only():
+    from stage2_train.losses import relation_loss
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(1, 2, 4, 3, generator=g, requires_grad=True)
+    s = torch.randn(1, 1, 4, 6, generator=g, requires_grad=True)
+    relation_loss(t, s, torch.ones(1, 4, dtype=torch.bool), heads=2).backward()
+    assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="do not split into 4 relation heads"):
+        relation_loss(t, torch.randn(1, 1, 4, 6), torch.ones(1, 4, dtype=torch.bool), heads=4)
