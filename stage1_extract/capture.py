@@ -10,12 +10,27 @@ from kava_common import KavaError
 from kava_common.geometry import KVGeometry
 
 
-def teacher_forward(model, ids, mask, pos, cache=None):
-    """The teacher's forward with the K/V cache on; logits only for the last position.
-    `cache` None uses the model's own DynamicCache; stage 1 passes a `KVCapture.cache`."""
+def teacher_forward(model, ids, mask, pos, cache=None, all_logits: bool = False):
+    """The teacher's forward with the K/V cache on; logits only for the last position unless
+    `all_logits` (stage 1 with --logits-topk). `cache` None uses the model's own
+    DynamicCache; stage 1 passes a `KVCapture.cache`."""
     dev = model.device
     return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                 use_cache=True, cache=cache, logits_to_keep=1)
+                 use_cache=True, cache=cache, logits_to_keep=0 if all_logits else 1)
+
+
+def capture_topk(logits: torch.Tensor, spans: list[tuple[int, int, int]], k: int, ids_dst: list,
+                 lp_dst: list) -> None:
+    """The top-`k` next-token log-probabilities (float32 log_softmax of the logits) and their
+    token ids at each real position of each sample: logits (B, T, V); `spans` per sample
+    (batch row, start, length); destinations (n, k) per sample, int32 ids and float32
+    log-probs. Position t holds the distribution of token t+1. One sample at a time, so at most
+    one sample's float32 log-probabilities exist at once."""
+    for (b, s, n), ids, lps in zip(spans, ids_dst, lp_dst):
+        lp = logits[b, s:s + n].float().log_softmax(-1)                     # (n, V)
+        vals, idx = lp.topk(k, dim=-1)                                      # (n, k), sorted
+        lps.copy_(vals)
+        ids.copy_(idx)
 
 
 class KVCapture:

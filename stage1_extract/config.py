@@ -26,6 +26,8 @@ class ExtractConfig:
     layers: list[int] | None = setting(None, "teacher layers to keep, e.g. 0,2,5 (default: all)")
     kv_dtype: str = setting("float16", "stored dtype of K and V", choices=tuple(DTYPES))
     format: str = setting("safetensors", "shard format; one reader for both", choices=tuple(FORMATS))
+    logits_topk: int = setting(0, "also store the teacher's top-K next-token log-probabilities and ids at "
+                               "every position (for logit distillation; 0: none)")
     quantize: bool = setting(True, "run the teacher in 4-bit (bitsandbytes); --no-quantize: unquantized in --dtype")
     quant_type: str = setting("nf4", "4-bit data type", choices=("nf4", "fp4"))
     double_quant: bool = setting(False, "bitsandbytes nested quantization of the 4-bit scales")
@@ -73,6 +75,8 @@ class ExtractConfig:
             problems.append("--double-quant needs a quantized teacher (drop --no-quantize)")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             problems.append(f"--layers must list distinct layer indices, got {self.layers}")
+        if self.logits_topk < 0:
+            problems.append(f"--logits-topk must be >= 0, got {self.logits_topk}")
         if self.shard_mb <= 0:
             problems.append(f"--shard-mb must be > 0, got {self.shard_mb}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:

@@ -29,7 +29,7 @@ from kava_common.geometry import DTYPES, KVGeometry
 from kava_common.prompt import TEMPLATE_ID
 
 from . import teacher as T
-from .capture import KVCapture, sample_spans, teacher_forward
+from .capture import KVCapture, capture_topk, sample_spans, teacher_forward
 from .config import ExtractConfig
 from .samples import collate, length_sorted_batches, plan_shards, prepare_samples
 from .writer import BackgroundWriter, BufferPool, ShardItem, WriteStats, finish_shard
@@ -124,7 +124,7 @@ def plan_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None
         teacher={k: summary[k] for k in ("name", "revision", "weights")}, quantization=dict(quant),
         tokenizer_sha256=tok_id["sha256"], dataset=data_id, prompt_template=TEMPLATE_ID,
         max_length=cfg.max_length, layers=layers, kv_dtype=cfg.kv_dtype, format=cfg.format,
-        shard_mb=cfg.shard_mb)
+        shard_mb=cfg.shard_mb, logits_topk=cfg.logits_topk)
     shards = plan_shards(samples, geometry.bytes_per_token(cfg.kv_dtype, layers), cfg.shard_mb * 1e6)
     return TeacherJob(
         name=name, geometry=geometry, layers=layers, tok=tok, samples=samples, skipped=skipped,
@@ -285,7 +285,7 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
     grab = KVCapture(job.name, job.geometry)
     pin = torch.device(model.device).type == "cuda"
     metas = {i: kcache.shard_tensors([samples[j] for j in job.shards[i]]) for i in todo}
-    layouts = {i: kcache.shard_layout(metas[i], job.layers, job.geometry, kv_dtype) for i in todo}
+    layouts = {i: kcache.shard_layout(metas[i], job.layers, job.geometry, kv_dtype, cfg.logits_topk) for i in todo}
     pool = BufferPool(max(l.nbytes for l in layouts.values()), pin)
     t0, tokens = time.perf_counter(), 0
     try:
@@ -294,7 +294,8 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
             flat = pool.take()
             views = layouts[index].views(flat)
             bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in job.layers}
-            for n_samples, n_tokens in run_batches(cfg, job, model, grab, members, bufs):
+            topk = (views["topk_ids"], views["topk_logprobs"]) if cfg.logits_topk else None
+            for n_samples, n_tokens in run_batches(cfg, job, model, grab, members, bufs, topk):
                 tokens += n_tokens
                 bar.update(n_samples)
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -305,7 +306,8 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
                              cache_dir=job.cache_dir, format=cfg.format, direct_io=cfg.direct_io,
                              layout=layouts[index], flat=flat,
                              release=lambda flat=flat: pool.give_back(flat))
-            writer.submit(finish_shard(item, [samples[j] for j in members], metas.pop(index), views, bufs))
+            writer.submit(finish_shard(item, [samples[j] for j in members], metas.pop(index), views, bufs,
+                                       {"topk_ids": topk[0], "topk_logprobs": topk[1]} if topk else {}))
     finally:
         try:
             writer.close()
@@ -315,22 +317,27 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
 
 
 def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, members: list[int],
-                bufs: dict):
+                bufs: dict, topk: tuple | None = None):
     """One shard's samples through the teacher in length-sorted batches, each sample's K/V
     captured into its rows of `bufs` ({layer: (K, V)}, (N, H, D) each, samples in data-set
-    order); yields (samples, tokens) per batch."""
+    order) and, with `topk` ((N, K) ids, (N, K) log-probs), its top-K next-token
+    log-probabilities; yields (samples, tokens) per batch."""
     samples, tok = job.samples, job.tok
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     lens = [len(samples[j].ids) for j in members]
     per_sample = {l: (k.split(lens), v.split(lens)) for l, (k, v) in bufs.items()}  # (n, H, D) each
+    topk_rows = (topk[0].split(lens), topk[1].split(lens)) if topk else None         # (n, K) each
     with torch.inference_mode():
         for batch in length_sorted_batches(samples, members, cfg.batch_size):
             ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id, cfg.padding_side)
             starts = sample_spans([lens[p] for p in batch], ids.shape[1], cfg.padding_side)
             dests = {l: ([ks[p] for p in batch], [vs[p] for p in batch]) for l, (ks, vs) in per_sample.items()}
             spans = [(b, s, lens[p]) for b, (p, s) in enumerate(zip(batch, starts))]
-            teacher_forward(model, ids, mask, pos, grab.cache(dests, spans, *ids.shape))
+            out = teacher_forward(model, ids, mask, pos, grab.cache(dests, spans, *ids.shape), topk is not None)
             grab.check_complete()
+            if topk_rows:
+                capture_topk(out.logits, spans, cfg.logits_topk, [topk_rows[0][p] for p in batch],
+                             [topk_rows[1][p] for p in batch])
             yield len(batch), int(mask.sum())
 
 

@@ -111,7 +111,7 @@ def nonfinite_samples(bufs: dict, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def finish_shard(item: ShardItem, samples: list[CacheSample], meta: dict, views: dict,
-                 bufs: dict) -> ShardItem:
+                 bufs: dict, per_token: dict | None = None) -> ShardItem:
     """Main thread, after a shard's last forward: screen for NaN/Inf and finish the shard's
     tensors, so the writer thread only hashes and writes bytes.
 
@@ -140,6 +140,8 @@ def finish_shard(item: ShardItem, samples: list[CacheSample], meta: dict, views:
     tensors = kcache.shard_tensors([samples[j] for j in keep])
     for l, (k, v) in bufs.items():
         tensors[f"k.{l}"], tensors[f"v.{l}"] = k.index_select(0, index), v.index_select(0, index)
+    for name, t in (per_token or {}).items():     # other (N, ...) tensors: the top-K logits
+        tensors[name] = t.index_select(0, index)
     e.num_samples, e.tokens = len(keep), int(tensors["sample_offsets"][-1])
     item.layout, item.tensors = None, tensors
     return item

@@ -623,3 +623,42 @@ def test_device_gpu_is_one_line(teacher_dir, tmp_path, capsys):
               "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "--device gpu: choose auto, cpu, cuda or cuda:N" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
+def test_topk_logprobs_equal_an_unbatched_forward(teacher_dir, tmp_path, fmt):
+    """--logits-topk 5 with a layer subset, batches of 4 over mixed lengths: at every position
+    of every sample the cached top-5 log-probs are the log_softmax of an unbatched fp32 forward
+    at the cached ids, sorted, and the ids are its top 5."""
+    (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=9, batch_size=4, logits_topk=5,
+                                layers=[0, 2], format=fmt))
+    c = open_cache(d)
+    assert c.manifest["logits_topk"] == 5 and c.manifest["layers"] == [0, 2]
+    ref = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    assert len({len(c.tokens(i)) for i in range(len(c))}) > 3
+    for i in range(len(c)):
+        s = c[i]
+        with torch.no_grad():
+            lp = ref(input_ids=s["input_ids"][None]).logits[0].float().log_softmax(-1)
+        vals, ids = lp.topk(5)
+        assert s["topk_ids"].dtype == torch.long and s["topk_logprobs"].dtype == torch.float32
+        assert s["topk_logprobs"].shape == (len(s["input_ids"]), 5)
+        assert torch.allclose(s["topk_logprobs"], vals, atol=1e-4, rtol=0), i
+        assert torch.allclose(lp.gather(1, s["topk_ids"]), s["topk_logprobs"], atol=1e-4, rtol=0), i
+        assert (s["topk_ids"] == ids).float().mean() > 0.99
+    assert info_main([str(d), "--verify"]) == 0
+
+
+def test_topk_cache_resumes_to_the_same_files_and_keeps_old_fingerprints(teacher_dir, tmp_path):
+    cfg = cfg_for(teacher_dir, tmp_path / "a", max_samples=12, logits_topk=3, shard_mb=0.05)
+    (a,) = extract_main(cfg)
+    shards = sorted(a.glob("shard-*.safetensors"))
+    assert len(shards) > 2
+    (a / "manifest.json").unlink()
+    shards[1].unlink()                                    # as a kill would leave it
+    (b,) = extract_main(cfg)
+    (clean,) = extract_main(cfg_for(teacher_dir, tmp_path / "c", max_samples=12, logits_topk=3, shard_mb=0.05))
+    ma, mc = (json.loads((x / "manifest.json").read_text()) for x in (b, clean))
+    assert [s["checksum"] for s in ma["shards"]] == [s["checksum"] for s in mc["shards"]]
+    (plain,) = extract_main(cfg_for(teacher_dir, tmp_path / "a", max_samples=12, shard_mb=0.05))
+    assert plain.name != a.name and "logits_topk" not in json.loads((plain / "identity.json").read_text())

@@ -39,9 +39,13 @@ class CacheIdentity:
     format: str                   # safetensors | hdf5
     shard_mb: float
     schema_version: int = SCHEMA_VERSION
+    logits_topk: int = 0          # top-K next-token log-probs stored beside the K/V (0: none)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["logits_topk"]:      # caches without logits keep the fingerprint they always had
+            del d["logits_topk"]
+        return d
 
     @property
     def fingerprint(self) -> str:
@@ -90,6 +94,10 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         "num_layers": geometry.num_layers, "layers": list(identity.layers),
         "num_kv_heads": geometry.num_kv_heads, "num_attention_heads": geometry.num_attention_heads,
         "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype,
+        "logits_topk": identity.logits_topk,
+        "logits_layout": ({"topk_ids": "int32 (tokens, K)", "topk_logprobs": "float32 (tokens, K), "
+                           "log_softmax of the teacher's logits at position t, for token t+1"}
+                          if identity.logits_topk else None),
         "kv_bytes_per_token": geometry.bytes_per_token(identity.kv_dtype, identity.layers),
         "rope": geometry.rope, "keys_post_rope": True,
         "positions": "0..T-1 per sample, no padding stored",

@@ -194,15 +194,21 @@ class KVCache:
         return shard.read("input_ids", int(off[j]), int(off[j + 1]))
 
     def kv(self, i: int) -> dict:
-        """Only `input_ids`, `k` and `v` of sample i (what a training step needs)."""
+        """Only what a training step needs of sample i: `input_ids`, `k` and `v`, and in a cache
+        made with --logits-topk `topk_ids` (LongTensor [T, K]) and `topk_logprobs` ([T, K]
+        float32, for the token after each position)."""
         shard, j = self.locate(i)
         off = shard.small("sample_offsets")
         a, b = int(off[j]), int(off[j + 1])
-        return {
+        out = {
             "input_ids": shard.read("input_ids", a, b).long(),
             "k": torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers]),  # (L, H, T, D)
             "v": torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers]),  # (L, H, T, D)
         }
+        if self.manifest.get("logits_topk"):
+            out["topk_ids"] = shard.read("topk_ids", a, b).long()                              # (T, K)
+            out["topk_logprobs"] = shard.read("topk_logprobs", a, b)                           # (T, K)
+        return out
 
     def __getitem__(self, i: int) -> dict:
         shard, j = self.locate(i)

@@ -62,6 +62,8 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
     for l in m["layers"]:
         for kind in ("k", "v"):
             want[f"{kind}.{l}"] = (entry["tokens"], m["num_kv_heads"], m["head_dim"])
+    if m.get("logits_topk"):
+        want["topk_ids"] = want["topk_logprobs"] = (entry["tokens"], m["logits_topk"])
     out = []
     for name, shape in want.items():
         got = shapes.get(name)
