@@ -84,6 +84,8 @@ def open_teachers(cfg: TrainConfig, echo=print):
     if cfg.layer_weights is not None and len(cfg.layer_weights) != s_geo.num_layers:
         raise ValueError(f"layer_weights has {len(cfg.layer_weights)} entries; the student has "
                          f"{s_geo.num_layers} layers")
+    if cfg.kd_weight:
+        check_logit_caches(cfg, teachers)
     if cfg.loss == "relation" or cfg.relation_weight:
         for t in teachers:
             r = cfg.relation_heads or min(t["heads"], s_geo.num_kv_heads)
@@ -93,6 +95,22 @@ def open_teachers(cfg: TrainConfig, echo=print):
                 raise ValueError(f"relation_heads {r}: the K/V widths per position ({', '.join(bad)} for "
                                  f"{t['path']}) must divide by it")
     return teachers, s_geo
+
+
+def check_logit_caches(cfg: TrainConfig, teachers: list[dict]) -> None:
+    """Logit distillation needs each cache's top-K logits and the student's own tokenizer (the
+    teacher's token ids must be the student's)."""
+    from kava_common.data import load_fast_tokenizer, tokenizer_identity
+    sha = tokenizer_identity(load_fast_tokenizer(cfg.student, "student"))["sha256"]
+    for t in teachers:
+        m = t["cache"].manifest
+        if not m.get("logits_topk"):
+            raise ValueError(f"--kd-weight: {t['path']} was made without --logits-topk; run stage 1 "
+                             "with --logits-topk K to distil the teacher's logits")
+        if m["tokenizer"]["sha256"] != sha:
+            raise ValueError(f"--kd-weight: {t['path']} comes from a teacher with another tokenizer "
+                             f"({m['tokenizer']['name']}) than the student's; logit distillation compares "
+                             "token ids, so it needs the same tokenizer (K/V distillation does not)")
 
 
 def precision_dtype(cfg, device) -> torch.dtype:

@@ -63,6 +63,9 @@ class TrainConfig:
     layer_weights: list | None = setting(None, "one loss weight per student layer (JSON; default all 1)", json=True)
     kv_weight: float = setting(1.0, "weight of the K/V loss in the total")
     ce_weight: float = setting(1.0, "weight of cross-entropy on the answer tokens")
+    kd_weight: float = setting(0.0, "weight of logit distillation: KL from the teacher's cached top-K "
+                               "next-token distribution (stage 1 --logits-topk) on the answer tokens")
+    kd_temperature: float = setting(1.0, "temperature of logit distillation (the loss is scaled by T^2)")
     ce_chunk: int = setting(0, "answer tokens per cross-entropy chunk, logits recomputed in the backward "
                             "(0: all at once)")
     fusion: str = setting("loss", "several teachers: weighted sum of losses, or one fused target",
@@ -102,6 +105,10 @@ class TrainConfig:
         for name in ("lr_student", "lr_projector", "weight_decay", "grad_clip", "kv_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kd_weight < 0 or self.kd_temperature <= 0:
+            p.append(f"kd_weight must be >= 0 and kd_temperature > 0, got {self.kd_weight}, {self.kd_temperature}")
+        if self.kd_weight and self.ce_chunk:
+            p.append("kd_weight needs the answer's logits whole; drop ce_chunk")
         if self.relation_weight < 0 or self.relation_heads < 0:
             p.append("relation_weight and relation_heads must be >= 0")
         if self.fusion == "target" and (self.loss == "relation" or self.relation_weight):

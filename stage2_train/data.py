@@ -96,7 +96,10 @@ class DistillData(torch.utils.data.Dataset):
         ids, ce_mask, aligns = self._plan[i]
         teachers = []
         for s, (A, valid) in zip(full, aligns):
-            teachers.append({"k": s["k"], "v": s["v"], "A": None if A is None else A.to_dense(), "valid": valid})
+            t = {"k": s["k"], "v": s["v"], "A": None if A is None else A.to_dense(), "valid": valid}
+            if "topk_ids" in s:
+                t["topk_ids"], t["topk_logprobs"] = s["topk_ids"], s["topk_logprobs"]
+            teachers.append(t)
         return {"input_ids": ids, "ce_mask": ce_mask, "teachers": teachers, "row": self.rows[i]}
 
     def _prepare(self, i: int, samples: list[dict]):
@@ -122,6 +125,20 @@ class DistillData(torch.utils.data.Dataset):
                                              [s["token_segments"][n] for n in s["token_segments"]])
             aligns.append((None if A is None else A.to_sparse(), valid))
         return ids, ce_mask, aligns
+
+
+def _pad_topk(items: list[dict], ts: int) -> dict:
+    """The teachers' top-K next-token ids and log-probs on the student's positions (same
+    tokenizer: position for position), (B, Ts, K), zero past each teacher sample's end."""
+    if "topk_ids" not in items[0]:
+        return {}
+    k = items[0]["topk_ids"].shape[1]
+    ids = torch.zeros((len(items), ts, k), dtype=torch.long)
+    lps = torch.zeros((len(items), ts, k), dtype=torch.float32)
+    for i, it in enumerate(items):
+        n = min(ts, len(it["topk_ids"]))
+        ids[i, :n], lps[i, :n] = it["topk_ids"][:n], it["topk_logprobs"][:n]
+    return {"topk_ids": ids, "topk_logprobs": lps}
 
 
 def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, int]]:
@@ -181,6 +198,6 @@ def _pad(batch: list[dict], pad_id: int) -> dict:
             k, v = k[..., :ts, :], v[..., :ts, :]
         else:
             k, v = k[..., :tt, :], v[..., :tt, :]
-        teachers.append({"k": k, "v": v, "A": A, "valid": valid & attn.bool()})
+        teachers.append({"k": k, "v": v, "A": A, "valid": valid & attn.bool(), **_pad_topk(items, ts)})
     return {"input_ids": ids, "attention_mask": attn, "ce_mask": ce, "teachers": teachers,
             "rows": torch.tensor([b["row"] for b in batch])}

@@ -10,7 +10,7 @@ from kava_common.geometry import KVGeometry
 
 from .config import TrainConfig
 from .losses import (answer_cross_entropy, answer_positions, chunked_answer_cross_entropy, kv_loss,
-                     mean_cosine, relation_loss)
+                     mean_cosine, relation_loss, topk_kd_loss)
 from .projector import KVProjector
 from .student import StudentKV
 
@@ -110,11 +110,27 @@ class Distiller(torch.nn.Module):
                     + c.v_weight * relation_loss(tv, sv, pair["mask"], r))
 
 
+def logit_kd(logits, batch, pos, distiller, cfg, device):
+    """KL from each teacher's cached top-K next-token distribution to the student's, at the
+    answer positions `pos` (where `logits` (B, P, V) were computed), averaged over teachers
+    with their fixed weights."""
+    target = batch["ce_mask"].to(device)[:, pos + 1]                              # (B, P)
+    total = 0.0
+    w = distiller.fixed_w / distiller.fixed_w.sum()
+    for wi, tb in zip(w, batch["teachers"]):
+        mask = target & tb["valid"].to(device)[:, pos]
+        total = total + wi * topk_kd_loss(logits, tb["topk_ids"].to(device)[:, pos],
+                                          tb["topk_logprobs"].to(device)[:, pos], mask, cfg.kd_temperature)
+    return total
+
+
 def train_step(model, cap, distiller, batch, cfg, device, autocast):
-    """Forward of one micro-batch: (total loss with its graph, K/V part, CE part as floats)."""
+    """Forward of one micro-batch: (total loss with its graph, then its K/V, cross-entropy and
+    logit-distillation parts as floats)."""
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     ce_mask = batch["ce_mask"].to(device)
-    pos = answer_positions(ce_mask) if cfg.ce_weight else ids.new_zeros(0)
+    pos = answer_positions(ce_mask) if cfg.ce_weight or cfg.kd_weight else ids.new_zeros(0)
+    kd = 0.0                        # logit distillation needs whole logits: not with ce_chunk (config)
     if cfg.ce_chunk and len(pos):   # final hidden states; the head runs chunk by chunk below
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         with cap, autocast():
@@ -127,10 +143,15 @@ def train_step(model, cap, distiller, batch, cfg, device, autocast):
                         logits_to_keep=pos if len(pos) else 1)
         ce = answer_cross_entropy(out.logits, ids, ce_mask, pos) if len(pos) \
             else out.logits.sum() * 0.0
+        kd = logit_kd(out.logits, batch, pos, distiller, cfg, device) if cfg.kd_weight and len(pos) else 0.0
     with autocast():
         kv, _ = distiller(batch, cap, device)
-    loss = cfg.kv_weight * kv + cfg.ce_weight * ce
-    return loss, float(kv.detach()) if torch.is_tensor(kv) else float(kv), float(ce.detach())
+    loss = cfg.kv_weight * kv + cfg.ce_weight * ce + cfg.kd_weight * kd
+    return loss, _float(kv), float(ce.detach()), _float(kd)
+
+
+def _float(x) -> float:
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
 
 
 @torch.no_grad()

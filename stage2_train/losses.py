@@ -164,3 +164,30 @@ def chunked_answer_cross_entropy(head, hidden, input_ids, loss_mask, positions, 
     total = sum(checkpoint(ce_sum, h[i:i + chunk], tgt[i:i + chunk], use_reentrant=False)
                 for i in range(0, len(h), chunk))
     return total / len(h)
+
+
+def topk_kd_loss(student_logits, topk_ids, topk_logprobs, mask, temperature: float = 1.0):
+    """KL(teacher || student) of the next-token distribution, the teacher known by its top-K.
+
+    student_logits (B, P, V); topk_ids (B, P, K) and topk_logprobs (B, P, K) the teacher's K
+    most likely next tokens and their log-probabilities (temperature 1, as stage 1 stores
+    them); mask (B, P). The distributions are compared over K + 1 outcomes: the K tokens and
+    one tail bucket holding the rest of the mass on each side. With a temperature T the
+    student's logits are divided by T and the teacher's top-K log-probs too, renormalised over
+    the K so that the K keep their untempered total mass (the tail's own tempering is unknown);
+    the loss is then multiplied by T^2, as in Hinton et al. Mean over unmasked positions, in
+    float32; 0 when every position is masked."""
+    t_lp = topk_logprobs.float()
+    p_top = t_lp.exp()                                                        # (B, P, K)
+    top_mass = p_top.sum(-1, keepdim=True).clamp(max=1.0)
+    if temperature != 1.0:
+        p_top = torch.softmax(t_lp / temperature, dim=-1) * top_mass
+    p_tail = (1.0 - top_mass).clamp(min=0.0)                                  # (B, P, 1)
+    s_lp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    q_lp = s_lp.gather(-1, topk_ids.long())                                   # (B, P, K)
+    q_tail = (1.0 - q_lp.exp().sum(-1, keepdim=True)).clamp(min=EPS)
+    kl = (p_top * (torch.log(p_top.clamp(min=EPS)) - q_lp)).sum(-1) \
+        + (p_tail * (torch.log(p_tail.clamp(min=EPS)) - torch.log(q_tail))).squeeze(-1)     # (B, P)
+    m = mask.bool()
+    n = m.sum().clamp(min=1)
+    return torch.where(m, kl, kl.new_zeros(())).sum() / n * temperature ** 2

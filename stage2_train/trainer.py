@@ -129,19 +129,20 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches (default: the run's next ones),
         gradients averaged over them; returns the loss parts, the gradient norm and the
         number of tokens."""
-        parts = {"loss": 0.0, "loss_kv": 0.0, "loss_ce": 0.0}
+        parts = {"loss": 0.0, "loss_kv": 0.0, "loss_ce": 0.0, "loss_kd": 0.0}
         n, tokens = self.cfg.grad_accum, 0
         batches = self.micro_batches() if batches is None else batches
         for batch in batches:
             self.note_bad_rows(batch["bad_rows"])
             if batch.get("empty"):
                 continue
-            loss, kv, ce = train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device,
-                                      self.autocast)
+            loss, kv, ce, kd = train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device,
+                                          self.autocast)
             (loss / n).backward()
             parts["loss"] += loss.item() / n
             parts["loss_kv"] += kv / n
             parts["loss_ce"] += ce / n
+            parts["loss_kd"] += kd / n
             tokens += int(batch["attention_mask"].sum())
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         gn = float(torch.nn.utils.clip_grad_norm_(self.params, clip))

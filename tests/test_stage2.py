@@ -498,3 +498,28 @@ def test_relation_weight_adds_to_another_loss_and_bad_relation_heads_are_refused
     assert both[0]["loss_kv"] > base[0]["loss_kv"]          # same first batch, one more term
     with pytest.raises(ValueError, match=r"relation_heads 3: the K/V widths per position \(teacher 64, student 16"):
         run(student_dir, [caches["qwen"]], tmp_path / "c", loss="relation", relation_heads=3)
+
+
+@pytest.fixture(scope="session")
+def logit_caches(tmp_path_factory, teacher_dir, llama_dir):
+    root = tmp_path_factory.mktemp("logit-caches")
+    cfg = ExtractConfig(teachers=[str(teacher_dir), str(llama_dir)], dataset="synthetic", max_samples=72,
+                        batch_size=8, quantize=False, device="cpu", progress=False, out=str(root), logits_topk=8)
+    qwen, llama = extract(cfg)
+    return {"qwen": qwen, "llama": llama}
+
+
+def test_logit_distillation_from_the_cache_lowers_the_kl(student_dir, logit_caches, tmp_path):
+    m = run(student_dir, [logit_caches["qwen"]], tmp_path / "r", kd_weight=1.0, kv_weight=0.0, ce_weight=0.0,
+            max_steps=30, log_every=10, lr_student=3e-3)
+    assert m[-1]["loss_kd"] < 0.8 * m[0]["loss_kd"], [r["loss_kd"] for r in m]
+
+
+def test_logit_distillation_refuses_another_tokenizer_or_a_cache_without_logits(student_dir, caches, logit_caches,
+                                                                                tmp_path):
+    with pytest.raises(ValueError, match=r"--kd-weight: .* comes from a teacher with another tokenizer"):
+        run(student_dir, [logit_caches["llama"]], tmp_path / "a", kd_weight=1.0)
+    with pytest.raises(ValueError, match=r"--kd-weight: .* was made without --logits-topk"):
+        run(student_dir, [caches["qwen"]], tmp_path / "b", kd_weight=1.0)
+    with pytest.raises(ValueError, match="kd_weight needs the answer's logits whole; drop ce_chunk"):
+        run(student_dir, [logit_caches["qwen"]], tmp_path / "c", kd_weight=1.0, ce_chunk=8)

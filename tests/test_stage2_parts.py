@@ -365,3 +365,25 @@ def test_relation_loss_gives_gradients_to_the_student_only():
     assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="do not split into 4 relation heads"):
         relation_loss(t, torch.randn(1, 1, 4, 6), torch.ones(1, 4, dtype=torch.bool), heads=4)
+
+
+# --- logit distillation from cached top-K ------------------------------------------------------
+
+def test_topk_kd_loss_by_hand():
+    """Vocabulary of 4, teacher [0.5, 0.3, 0.15, 0.05] known by its top 2 (tail 0.2), student
+    uniform: KL = 0.5 ln(0.5/0.25) + 0.3 ln(0.3/0.25) + 0.2 ln(0.2/0.5)."""
+    from stage2_train.losses import topk_kd_loss
+    ids = torch.tensor([[[0, 1]]])
+    lps = torch.tensor([[[math.log(0.5), math.log(0.3)]]])
+    uniform = torch.zeros(1, 1, 4)
+    want = 0.5 * math.log(2) + 0.3 * math.log(0.3 / 0.25) + 0.2 * math.log(0.2 / 0.5)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    assert topk_kd_loss(uniform, ids, lps, one).item() == pytest.approx(want, rel=1e-6)
+    # zero when the student matches the teacher on the top-K and in the tail's total
+    same = torch.log(torch.tensor([[[0.5, 0.3, 0.1, 0.1]]]))
+    assert topk_kd_loss(same, ids, lps, one).item() == pytest.approx(0.0, abs=1e-6)
+    assert topk_kd_loss(uniform, ids, lps, torch.zeros(1, 1, dtype=torch.bool)).item() == 0.0
+    # temperature 2: student logits / 2; teacher top-2 tempered and renormalised to their mass 0.8
+    p = torch.softmax(torch.tensor([math.log(0.5), math.log(0.3)]) / 2, 0) * 0.8
+    want2 = 4 * (float((p * (p.log() - math.log(0.25))).sum()) + 0.2 * math.log(0.2 / 0.5))
+    assert topk_kd_loss(uniform, ids, lps, one, temperature=2.0).item() == pytest.approx(want2, rel=1e-6)
