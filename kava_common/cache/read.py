@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .. import KavaError
-from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS, checksum_file, expected_checksum
+from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS, expected_checksum
+from .verify import shard_problem
 
 
 # (path, checksum, size, mtime) of shards already checked; DataLoader workers forked after a
@@ -21,23 +22,19 @@ _VERIFIED: set[tuple] = set()
 
 
 def check_shard(path: Path, entry: dict) -> None:
-    """Raise KavaError, naming the file, when a shard's size or checksum is not the manifest's.
-    A shard is hashed once while its file stays as it was."""
-    if not path.is_file():
-        raise KavaError(f"{path}: shard missing (the manifest lists it)")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise KavaError(f"{path}: {size} bytes, the manifest says {entry['bytes']}; the shard is "
-                        "truncated or was replaced, so it is not read")
-    want = expected_checksum(entry)
-    key = (str(path.resolve()), want, size, path.stat().st_mtime_ns)
-    if key in _VERIFIED:
-        return
-    algorithm = want.split(":")[0]
-    if checksum_file(path, algorithm) != want:
-        raise KavaError(f"{path}: {algorithm} checksum does not match the manifest; the shard changed "
-                        "after stage 1 wrote it, so it is not read (python -m kava_common.info CACHE "
-                        "--verify lists every bad shard)")
+    """Raise KavaError, naming the file, when a shard is missing or its size or checksum is not
+    the manifest's (`shard_problem`). A shard is hashed once while its file stays as it was."""
+    key = None
+    if path.is_file():
+        st = path.stat()
+        key = (str(path.resolve()), expected_checksum(entry), st.st_size, st.st_mtime_ns)
+        if key in _VERIFIED:
+            return
+    problem = shard_problem(path, entry)
+    if problem:
+        raise KavaError(f"{path}: {problem}; the shard is not read (it changed, was cut short or "
+                        "removed after stage 1 wrote it; python -m kava_common.info CACHE --verify "
+                        "lists every bad shard)")
     _VERIFIED.add(key)
 
 

@@ -17,18 +17,27 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
     problems = manifest_problems(path / MANIFEST, manifest)
     for s in manifest["shards"]:
         f = path / s["file"]
-        if not f.is_file():
-            problems.append(f"{f}: missing")
-        elif f.stat().st_size != s["bytes"]:
-            problems.append(f"{f}: size {f.stat().st_size} bytes, manifest says {s['bytes']}")
+        problem = shard_problem(f, s)
+        if problem:
+            problems.append(f"{f}: {problem}")
         else:
-            want = expected_checksum(s)
-            algorithm = want.split(":")[0]
-            if checksum_file(f, algorithm) != want:
-                problems.append(f"{f}: {algorithm} checksum does not match the manifest")
-            else:
-                problems += shape_problems(f, manifest, s)
+            problems += shape_problems(f, manifest, s)
     return problems
+
+
+def shard_problem(f: Path, entry: dict) -> str | None:
+    """What is wrong with shard file `f` against its manifest entry (presence, size, checksum;
+    the whole file is hashed), or None."""
+    if not f.is_file():
+        return "missing (the manifest lists it)"
+    size = f.stat().st_size
+    if size != entry["bytes"]:
+        return f"{size} bytes, the manifest says {entry['bytes']}"
+    want = expected_checksum(entry)
+    algorithm = want.split(":")[0]
+    if checksum_file(f, algorithm) != want:
+        return f"{algorithm} checksum does not match the manifest"
+    return None
 
 
 def manifest_problems(where: Path, m: dict) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from .format import (ALIGN, MANIFEST, SCHEMA_VERSION, _STORED_AS_INT16, ShardLayout, checksum_bytes,
                      checksum_file, round_up, shard_name, sidecar_name)
 from .manifest import ShardEntry
+from .verify import shard_problem
 
 
 def atomic_write_text(path: Path, text: str, sync: bool = False) -> None:
@@ -152,7 +153,7 @@ def completed_shards(cache_dir: Path, verify=()) -> dict[int, ShardEntry]:
             continue
         f = cache_dir / entry.file
         if entry.file and f.is_file() and f.stat().st_size == entry.bytes:
-            if entry.index in verify and checksum_file(f, entry.checksum.split(":")[0]) != entry.checksum:
+            if entry.index in verify and shard_problem(f, {"bytes": entry.bytes, "checksum": entry.checksum}):
                 continue
             done[entry.index] = entry
     return done
