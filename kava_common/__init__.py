@@ -81,6 +81,10 @@ def all_finite(t) -> bool:
     return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
+def _drop_kernels_hub_line(record) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
 def import_bitsandbytes():
     """`import bitsandbytes`, without its "Failed to load CPU gemm_4bit_forward from
     kernels-community" warning. On a CPU with AVX512-BF16, bitsandbytes tries to fetch an
@@ -89,12 +93,7 @@ def import_bitsandbytes():
     uses the same kernel compiled into its own library, which is what runs here, offline.
     Only that one message is dropped; every other bitsandbytes warning still shows."""
     import logging
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(getattr(f, "_kava", False) for f in logger.filters):
-        def drop_kernels_hub_line(record) -> bool:
-            return "kernels-community" not in record.getMessage()
-        drop_kernels_hub_line._kava = True
-        logger.addFilter(drop_kernels_hub_line)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_hub_line)  # addFilter skips a repeat
     import bitsandbytes
     return bitsandbytes
 

@@ -118,7 +118,7 @@ def _coerce(value, tp) -> tuple[bool, Any]:
     """(whether `value` is a `tp`, the value as a `tp`), converting only where nothing is
     guessed: a whole number to int, a number to float, a numeric string to either (PyYAML
     reads `1e-4` as a string). A bool is never a number and a string never a bool."""
-    if tp is Any or tp is typing.Any:
+    if tp is Any:
         return True, value
     if tp is bool:
         return isinstance(value, bool), value

@@ -95,7 +95,7 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
             outs = generate(model, tok, prompts, max_new_tokens, dev)
             for j, (p, o, g) in enumerate(zip(prompts, outs, golds)):
                 pred, gold = extract_answer(o), gold_answer(g)
-                ok = pred is not None and pred == gold if gold is not None else None
+                ok = (pred is not None and pred == gold) if gold is not None else None
                 correct += bool(ok)
                 unscored += gold is None
                 if out_f:
