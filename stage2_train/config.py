@@ -56,6 +56,8 @@ class TrainConfig:
     relation_weight: float = setting(0.0, "weight of the relation loss (MiniLMv2: KL between softmax(X X^T) of "
                                      "teacher and student K, and V, no projector) added to --loss")
     relation_heads: int = setting(0, "relation heads of the relation loss (0: the smaller KV head count)")
+    kv_tokens: str = setting("all", "positions of the K/V loss: all tokens, or the reasoning only (the "
+                             "answer's working, before ####)", choices=("all", "reasoning"))
     alpha: float = setting(1.0, "mercator: weight of (1 - cos)")
     beta: float = setting(0.01, "mercator: weight of the log-norm MSE")
     k_weight: float = setting(1.0, "weight of the K loss")
@@ -113,6 +115,8 @@ class TrainConfig:
             p.append("relation_weight and relation_heads must be >= 0")
         if self.fusion == "target" and (self.loss == "relation" or self.relation_weight):
             p.append("the relation loss compares each teacher with the student on its own; use fusion loss")
+        if self.kv_tokens not in ("all", "reasoning"):
+            p.append(f"kv_tokens {self.kv_tokens!r}: all or reasoning")
         if self.ce_chunk < 0:
             p.append(f"ce_chunk must be >= 0 (0: no chunking), got {self.ce_chunk}")
         if self.projector not in KINDS:
@@ -157,10 +161,11 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def load_config(path: str | None, overrides: dict) -> TrainConfig:
-    """Defaults, then the YAML file, then `overrides`; unknown keys are an error naming them."""
+def load_config(path: str | None, overrides: dict, defaults: dict | None = None) -> TrainConfig:
+    """Defaults (the dataclass's, then `defaults`), then the YAML file, then `overrides`;
+    unknown keys are an error naming them."""
     import yaml
-    values = {}
+    values = dict(defaults or {})
     if path:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):

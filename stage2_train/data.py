@@ -52,8 +52,10 @@ class DistillData(torch.utils.data.Dataset):
     """Sample i: the student's input ids and answer mask, and per teacher its K/V of the
     selected layers with an alignment onto the student's positions."""
 
-    def __init__(self, caches: list[KVCache], student_tok, max_length: int, align: str = "auto"):
+    def __init__(self, caches: list[KVCache], student_tok, max_length: int, align: str = "auto",
+                 kv_tokens: str = "all"):
         self.caches, self.tok, self.max_length, self.align = caches, student_tok, max_length, align
+        self.kv_tokens = kv_tokens
         per_cache = [dict(zip(cache_rows(c).tolist(), range(len(c)))) for c in caches]
         common = sorted(set(per_cache[0]).intersection(*per_cache[1:]))
         self.rows = common
@@ -71,7 +73,7 @@ class DistillData(torch.utils.data.Dataset):
 
     def _encode(self, sample: dict):
         """Student tokens of the sample text plus EOS: ids (Ts,), offsets (Ts, 2), answer mask
-        (Ts,), segment token spans."""
+        (Ts,), K/V mask (Ts,), segment token spans."""
         enc = self.tok(sample["text"], return_offsets_mapping=True, add_special_tokens=True)
         ids, offs = enc["input_ids"], enc["offset_mapping"]
         eos = self.tok.eos_token_id
@@ -84,7 +86,12 @@ class DistillData(torch.utils.data.Dataset):
         ce_mask = (offs[:, 1] > offs[:, 0]) & (offs[:, 1] > ans_start)
         if eos is not None and len(ids) and ids[-1] == eos and len(sample["text"]) > ans_start:
             ce_mask[-1] = True
-        return ids, offs, ce_mask, _token_segments(sample["char_segments"], offs)
+        if self.kv_tokens == "reasoning":   # tokens with a character inside the reasoning span
+            r0, r1 = sample["char_segments"]["reasoning"]
+            kv_mask = (offs[:, 1] > r0) & (offs[:, 0] < r1) & (offs[:, 1] > offs[:, 0])
+        else:
+            kv_mask = torch.ones(len(ids), dtype=torch.bool)
+        return ids, offs, ce_mask, kv_mask, _token_segments(sample["char_segments"], offs)
 
     def __getitem__(self, i: int) -> dict:
         idx = self.index[i]
@@ -93,19 +100,20 @@ class DistillData(torch.utils.data.Dataset):
             self._plan[i] = self._prepare(i, full)
         else:
             full = [c.kv(j) for c, j in zip(self.caches, idx)]
-        ids, ce_mask, aligns = self._plan[i]
+        ids, ce_mask, kv_mask, aligns = self._plan[i]
         teachers = []
         for s, (A, valid) in zip(full, aligns):
             t = {"k": s["k"], "v": s["v"], "A": None if A is None else A.to_dense(), "valid": valid}
             if "topk_ids" in s:
                 t["topk_ids"], t["topk_logprobs"] = s["topk_ids"], s["topk_logprobs"]
             teachers.append(t)
-        return {"input_ids": ids, "ce_mask": ce_mask, "teachers": teachers, "row": self.rows[i]}
+        return {"input_ids": ids, "ce_mask": ce_mask, "kv_mask": kv_mask, "teachers": teachers,
+                "row": self.rows[i]}
 
     def _prepare(self, i: int, samples: list[dict]):
         """The student's tokens and answer mask, and per teacher its alignment (sparse) and mask;
         none of it changes between epochs, so it is computed once per sample."""
-        ids, offs, ce_mask, s_tok_segments = self._encode(samples[0])
+        ids, offs, ce_mask, kv_mask, s_tok_segments = self._encode(samples[0])
         aligns = []
         for t, (s, same) in enumerate(zip(samples, self.same_tokenizer)):
             ts, tt = len(ids), len(s["input_ids"])
@@ -124,7 +132,7 @@ class DistillData(torch.utils.data.Dataset):
                 A, valid = segment_alignment(ts, tt, s_tok_segments,
                                              [s["token_segments"][n] for n in s["token_segments"]])
             aligns.append((None if A is None else A.to_sparse(), valid))
-        return ids, ce_mask, aligns
+        return ids, ce_mask, kv_mask, aligns
 
 
 def _pad_topk(items: list[dict], ts: int) -> dict:
@@ -152,7 +160,7 @@ def finite_teacher_kv(sample: dict) -> bool:
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Pad a list of samples into a batch.
 
-    input_ids, attention_mask, ce_mask (B, Ts); per teacher: k, v (B, L, H, Tt, D) zero-padded,
+    input_ids, attention_mask, ce_mask, kv_mask (B, Ts); per teacher: k, v (B, L, H, Tt, D) zero-padded,
     A (B, Ts, Tt) or None when every sample is identity-aligned, valid (B, Ts). A sample whose
     teacher K/V hold NaN or Inf never reaches the step: it is left out and its row listed in
     `bad_rows` (a batch of bad samples only has `empty` set). The padded batch is checked as a
@@ -174,9 +182,10 @@ def _pad(batch: list[dict], pad_id: int) -> dict:
     ids = torch.full((B, ts), pad_id, dtype=torch.long)
     attn = torch.zeros((B, ts), dtype=torch.long)
     ce = torch.zeros((B, ts), dtype=torch.bool)
+    kvm = torch.zeros((B, ts), dtype=torch.bool)
     for i, b in enumerate(batch):
         n = len(b["input_ids"])
-        ids[i, :n], attn[i, :n], ce[i, :n] = b["input_ids"], 1, b["ce_mask"]
+        ids[i, :n], attn[i, :n], ce[i, :n], kvm[i, :n] = b["input_ids"], 1, b["ce_mask"], b["kv_mask"]
     teachers = []
     for t in range(len(batch[0]["teachers"])):
         items = [b["teachers"][t] for b in batch]
@@ -199,5 +208,5 @@ def _pad(batch: list[dict], pad_id: int) -> dict:
         else:
             k, v = k[..., :tt, :], v[..., :tt, :]
         teachers.append({"k": k, "v": v, "A": A, "valid": valid & attn.bool(), **_pad_topk(items, ts)})
-    return {"input_ids": ids, "attention_mask": attn, "ce_mask": ce, "teachers": teachers,
+    return {"input_ids": ids, "attention_mask": attn, "ce_mask": ce, "kv_mask": kvm, "teachers": teachers,
             "rows": torch.tensor([b["row"] for b in batch])}

@@ -44,7 +44,7 @@ class Distiller(torch.nn.Module):
     def forward(self, batch: dict, cap: StudentKV, device) -> tuple[torch.Tensor, list[dict]]:
         """K/V loss of a batch, and per (teacher, layer) the pairs compared (for metrics)."""
         cfg, pairs = self.cfg, []
-        attn = batch["attention_mask"].to(device).bool()
+        attn = batch["attention_mask"].to(device).bool() & batch["kv_mask"].to(device)
         per_layer: dict[int, list] = {}
         for ti, (t, tb) in enumerate(zip(self.teachers, batch["teachers"])):
             k, v = tb["k"].to(device, torch.float32), tb["v"].to(device, torch.float32)  # (B, L, H, Tt, D)

@@ -74,7 +74,8 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.data = DistillData([t["cache"] for t in self.teachers], self.tok, cfg.max_length, cfg.align)
+        self.data = DistillData([t["cache"] for t in self.teachers], self.tok, cfg.max_length, cfg.align,
+                                cfg.kv_tokens)
         if len(self.data) <= cfg.eval_samples:
             raise ValueError(f"the caches share {len(self.data)} samples; need more than eval_samples "
                              f"({cfg.eval_samples}) so some are left to train on")

@@ -523,3 +523,28 @@ def test_logit_distillation_refuses_another_tokenizer_or_a_cache_without_logits(
         run(student_dir, [caches["qwen"]], tmp_path / "b", kd_weight=1.0)
     with pytest.raises(ValueError, match="kd_weight needs the answer's logits whole; drop ce_chunk"):
         run(student_dir, [logit_caches["qwen"]], tmp_path / "c", kd_weight=1.0, ce_chunk=8)
+
+
+def test_kv_tokens_reasoning_masks_all_but_the_reasoning(caches, tok, student_dir, tmp_path):
+    from kava_common.cache import open_cache
+    from stage2_train.data import DistillData, collate
+    cache = open_cache(caches["qwen"])
+    every = DistillData([cache], tok, 1024)
+    reasoning = DistillData([cache], tok, 1024, kv_tokens="reasoning")   # none cut
+    for i in range(4):
+        a, r = every[i], reasoning[i]
+        assert a["kv_mask"].all() and torch.equal(a["input_ids"], r["input_ids"])
+        sample = cache[reasoning.index[i][0]]
+        text = sample["text"]
+        r0, r1 = sample["char_segments"]["reasoning"]
+        kept = tok.decode(r["input_ids"][r["kv_mask"]].tolist())
+        assert kept.strip() == text[r0:r1].strip() and 0 < r["kv_mask"].sum() < len(r["kv_mask"])
+        assert r["kv_mask"].long().diff().abs().sum() <= 2       # one contiguous run
+    batch = collate([reasoning[0], reasoning[1]], pad_id=tok.pad_token_id)
+    assert torch.equal(batch["kv_mask"][0, :len(reasoning[0]["kv_mask"])], reasoning[0]["kv_mask"])
+    assert not batch["kv_mask"][0, len(reasoning[0]["kv_mask"]):].any()
+    # in training, only the reasoning positions enter the K/V loss: a lower first loss_kv than over all tokens
+    m_all = run(student_dir, [caches["qwen"]], tmp_path / "a", max_steps=1, log_every=1, loss="mse")
+    m_r = run(student_dir, [caches["qwen"]], tmp_path / "b", max_steps=1, log_every=1, loss="mse",
+              kv_tokens="reasoning")
+    assert m_r[0]["loss_kv"] != m_all[0]["loss_kv"] and m_r[0]["loss_ce"] == m_all[0]["loss_ce"]
