@@ -1,7 +1,7 @@
 """python -m stage2_train --student S --cache DIR [--cache DIR2 ...] --out RUN [--config YAML] ...
 
 Every setting of stage2_train.config.TrainConfig is a flag (`max_steps` -> `--max-steps`);
-precedence: defaults < --config YAML < flags.
+precedence: defaults < environment ($KAVA_RUNS_DIR/run for --out) < --config YAML < flags.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 
 from kava_common import KavaError
 from kava_common.cli import parse_settings
+from kava_common.launch import stage2_out_default
 
 from .config import TrainConfig, load_config
 
@@ -21,7 +22,8 @@ def cli(argv=None) -> int:
                                         help="YAML file of settings, between the defaults and the flags"))
     path = given.pop("config", None)
     try:
-        cfg = load_config(path, given)
+        env_out = stage2_out_default()      # $KAVA_RUNS_DIR: below the YAML and the flags
+        cfg = load_config(path, given, defaults={"out": env_out} if env_out else None)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

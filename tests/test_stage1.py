@@ -662,3 +662,39 @@ def test_topk_cache_resumes_to_the_same_files_and_keeps_old_fingerprints(teacher
     assert [s["checksum"] for s in ma["shards"]] == [s["checksum"] for s in mc["shards"]]
     (plain,) = extract_main(cfg_for(teacher_dir, tmp_path / "a", max_samples=12, shard_mb=0.05))
     assert plain.name != a.name and "logits_topk" not in json.loads((plain / "identity.json").read_text())
+
+
+def test_launcher_environment_gives_the_part_and_flags_win():
+    from kava_common.launch import launcher_part, stage1_defaults
+    assert launcher_part({}) is None
+    assert launcher_part({"WORLD_SIZE": "4", "RANK": "3"}) == (4, 3, "torchrun")
+    slurm = {"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5"}
+    assert launcher_part(slurm) == (3, 2, "SLURM array")
+    with pytest.raises(ValueError, match="launcher environment: .*must be integers"):
+        launcher_part({"WORLD_SIZE": "two", "RANK": "0"})
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "KAVA_CACHE_DIR": "/scratch/caches"}
+    got, said = stage1_defaults({"device": "cpu"}, env)
+    assert got == {"num_shards": 2, "shard_index": 1, "out": "/scratch/caches"}
+    assert said == ["--num-shards 2 --shard-index 1 from torchrun", "--out /scratch/caches from KAVA_CACHE_DIR"]
+    got, _ = stage1_defaults({"device": "auto"}, env)
+    assert got["device"] == ("cuda:1" if torch.cuda.is_available() else "cpu")
+    assert stage1_defaults({"num_shards": 1, "out": "x"}, env) == ({}, [])      # flags win
+
+
+def test_torchrun_with_two_ranks_writes_one_cache_equal_to_one_process(teacher_dir, tmp_path):
+    args = ["--teacher", str(teacher_dir), "--max-samples", "12", "--no-quantize", "--dtype", "float32",
+            "--shard-mb", "0.05", "--device", "cpu", "--no-progress"]
+    assert cli([*args, "--out", str(tmp_path / "one")]) == 0
+    (single,) = (tmp_path / "one").iterdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["KAVA_CACHE_DIR"] = str(tmp_path / "two")          # --out from the environment
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", "0", "-m", "stage1_extract", *args], env=env, cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--num-shards 2 --shard-index 0 from torchrun" in r.stderr
+    assert "--num-shards 2 --shard-index 1 from torchrun" in r.stderr
+    (d,) = (tmp_path / "two").iterdir()
+    a, b = open_cache(single), open_cache(d)
+    assert d.name == single.name and len(b) == 12
+    assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
