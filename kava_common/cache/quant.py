@@ -1,0 +1,145 @@
+"""Quantized K/V for the cache: int8 or int4 codes in groups, as KIVI does (Liu et al. 2024,
+"KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache").
+
+Keys have a few outlier channels, large at every token; values do not. So keys are quantized
+per channel (a group is `group` consecutive tokens of one channel of one head, within one
+sample) and values per token (a group is `group` consecutive channels of one token of one
+head). Each group stores float16 `scale` and `low`; a value x becomes the code
+round((x - low) / scale) in [0, 2^bits - 1], and reads back as code * scale + low. `low` is
+rounded down and `scale` up to float16, so every value of the group stays on the code range
+and the error of each value is at most scale / 2 (plus float32 rounding): the bound the tests
+check. int4 codes are packed two per byte along head_dim (even channel in the low nibble).
+
+Shapes for one sample of T tokens (H heads, D = head_dim, G = group):
+    K: codes (T, H, D * bits / 8) uint8; scale, low (ceil(T / G), H, D) float16
+    V: codes (T, H, D * bits / 8) uint8; scale, low (T, H, D / G) float16  (G divides D)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KV_QUANT = ("none", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    bits: int           # 8 or 4
+    group: int          # tokens per K group, channels per V group
+
+    @classmethod
+    def parse(cls, name: str, group: int) -> "KVQuant | None":
+        if name == "none":
+            return None
+        if name not in KV_QUANT:
+            raise ValueError(f"kv quantization {name!r}: choose one of {KV_QUANT}")
+        return cls(int(name[3:]), group)
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def v_group(self, head_dim: int) -> int:
+        """Channels per V group: `group`, or all of head_dim when that is smaller."""
+        return min(self.group, head_dim)
+
+    def describe(self) -> dict:
+        return {"scheme": "kivi", "bits": self.bits, "group": self.group,
+                "k": "per channel, groups of `group` tokens within a sample",
+                "v": "per token, groups of `group` channels (all of head_dim when smaller)",
+                "scale_dtype": "float16"}
+
+
+def _down(x: torch.Tensor) -> torch.Tensor:
+    """float16 of x rounded towards minus infinity."""
+    h = x.to(torch.float16)
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -torch.inf)), h)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """float16 of x rounded towards plus infinity."""
+    h = x.to(torch.float16)
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, torch.inf)), h)
+
+
+def _grouped(x: torch.Tensor, q: KVQuant):
+    """Codes (same shape as x, uint8), scale and low (x.shape[:-1] + (groups,)) of x grouped
+    along its last dimension in groups of q.group; a short last group takes what is left."""
+    n = x.shape[-1]
+    g = q.group
+    pad = -n % g
+    xp = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1) if pad else x   # edge copies: same min/max
+    xg = xp.reshape(*x.shape[:-1], -1, g)
+    low = _down(xg.amin(-1))
+    span = xg.amax(-1) - low.float()
+    scale = _up(span / q.levels)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))     # a constant group: any scale is exact
+    codes = torch.round((xg - low.float()[..., None]) / scale.float()[..., None]).clamp_(0, q.levels)
+    return codes.to(torch.uint8).reshape(*x.shape[:-1], -1)[..., :n], scale, low
+
+
+def _expand(t: torch.Tensor, g: int, n: int) -> torch.Tensor:
+    """A per-group value repeated over its group's `g` entries of the last dimension, cut to n."""
+    return t.float().repeat_interleave(g, dim=-1)[..., :n]
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes
+    lo, hi = codes[..., 0::2], codes[..., 1::2]
+    return lo | (hi << 4)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return packed
+    out = torch.stack([packed & 0x0F, packed >> 4], dim=-1)
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def quantize_k(k: torch.Tensor, q: KVQuant) -> dict[str, torch.Tensor]:
+    """Keys (T, H, D) of one sample, per channel in groups of q.group tokens."""
+    x = k.float().permute(1, 2, 0)                                     # (H, D, T): tokens last
+    codes, scale, low = _grouped(x, q)
+    return {"codes": pack(codes.permute(2, 0, 1).contiguous(), q.bits),
+            "scale": scale.permute(2, 0, 1).contiguous(), "low": low.permute(2, 0, 1).contiguous()}
+
+
+def dequantize_k(codes, scale, low, q: KVQuant, dtype=torch.float32) -> torch.Tensor:
+    """Keys (T, H, D) back from quantize_k's tensors (scale, low: (groups, H, D))."""
+    c = unpack(codes, q.bits).float()                                  # (T, H, D)
+    t = c.shape[0]
+    s = _expand(scale.permute(1, 2, 0), q.group, t).permute(2, 0, 1)
+    lo = _expand(low.permute(1, 2, 0), q.group, t).permute(2, 0, 1)
+    return (c * s + lo).to(dtype)
+
+
+def quantize_v(v: torch.Tensor, q: KVQuant) -> dict[str, torch.Tensor]:
+    """Values (T, H, D) of one sample, per token in groups of q.v_group(D) channels."""
+    d = v.shape[-1]
+    g = q.v_group(d)
+    if d % g:
+        raise ValueError(f"head_dim {d} is not a multiple of the V quantization group {g}")
+    codes, scale, low = _grouped(v.float(), KVQuant(q.bits, g))
+    return {"codes": pack(codes, q.bits), "scale": scale, "low": low}
+
+
+def dequantize_v(codes, scale, low, q: KVQuant, dtype=torch.float32) -> torch.Tensor:
+    """Values (T, H, D) back from quantize_v's tensors (scale, low: (T, H, D / group))."""
+    c = unpack(codes, q.bits).float()
+    g = q.v_group(c.shape[-1])
+    return (c * _expand(scale, g, c.shape[-1]) + _expand(low, g, c.shape[-1])).to(dtype)
+
+
+def stored_bytes_per_token(q: KVQuant | None, heads: int, head_dim: int, layers: int,
+                           fp_bytes: int = 2, tokens_per_sample: float = 256.0) -> float:
+    """Bytes per token of K and V over all layers: codes plus the groups' scale and low
+    (K's token groups amortised over `tokens_per_sample`: a sample's last group is short)."""
+    if q is None:
+        return 2 * layers * heads * head_dim * fp_bytes
+    codes = 2 * heads * head_dim * q.bits / 8
+    k_groups = heads * head_dim * (-(-tokens_per_sample // q.group)) / tokens_per_sample
+    v_groups = heads * head_dim / q.v_group(head_dim)
+    return layers * (codes + 4 * (k_groups + v_groups))

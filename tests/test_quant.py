@@ -1,0 +1,88 @@
+"""kava_common.cache.quant: KIVI-style int8/int4 K/V, checked by hand and against its bound."""
+
+import pytest
+import torch
+
+from kava_common.cache.quant import (KVQuant, dequantize_k, dequantize_v, pack, quantize_k, quantize_v,
+                                     stored_bytes_per_token, unpack)
+
+
+def with_outlier_channel(t=37, h=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, d, generator=g)
+    x[:, 1, 3] = 40 + torch.randn(t, generator=g)          # one channel large at every token, as keys have
+    return x
+
+
+def test_int4_by_hand():
+    q = KVQuant(4, 4)
+    v = torch.tensor([[[0.0, 1.0, 2.0, 3.0]], [[-1.5, -1.5, -1.5, -1.5]]])      # (T 2, H 1, D 4)
+    got = quantize_v(v, q)
+    # token 0: low 0, scale 3/15 = 0.2 (float16 rounded up: 0.2000732421875), codes round(x / scale)
+    scale0 = torch.tensor(0.2, dtype=torch.float16)
+    scale0 = scale0 if scale0.float() >= 0.2 else torch.nextafter(scale0, torch.tensor(1.0, dtype=torch.float16))
+    assert got["low"][0, 0, 0] == 0 and got["scale"][0, 0, 0] == scale0
+    codes = torch.round(torch.tensor([0.0, 1.0, 2.0, 3.0]) / scale0.float())
+    assert codes.tolist() == [0, 5, 10, 15]
+    assert got["codes"][0, 0].tolist() == [0 | 5 << 4, 10 | 15 << 4]       # two codes a byte, even in the low nibble
+    # token 1 is constant: code 0 and low -1.5 give it back exactly
+    assert got["codes"][1, 0].tolist() == [0, 0] and got["low"][1, 0, 0] == -1.5
+    back = dequantize_v(got["codes"], got["scale"], got["low"], q)
+    assert torch.equal(back[1], v[1]) and (back[0] - v[0]).abs().max() <= scale0.float() / 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [4, 16])
+def test_error_within_half_a_step_per_group_with_an_outlier_channel(bits, group):
+    q = KVQuant(bits, group)
+    x = with_outlier_channel()
+    k = quantize_k(x, q)
+    assert k["codes"].dtype == torch.uint8 and k["codes"].shape == (37, 2, 8 * bits // 8)
+    assert k["scale"].shape == (-(-37 // group), 2, 8) and k["scale"].dtype == torch.float16
+    back = dequantize_k(k["codes"], k["scale"], k["low"], q)
+    step = k["scale"].float().repeat_interleave(group, 0)[:37]          # each value's own group scale
+    assert ((back - x).abs() <= step / 2 + 1e-5 * x.abs().clamp(min=1)).all()
+    # per channel, the outlier's offset of 40 costs the other channels nothing: their steps stay
+    # those of a unit normal (range ~6), not of a range of ~45
+    normal = torch.ones(2, 8, dtype=torch.bool)
+    normal[1, 3] = False
+    assert k["scale"][:, normal].float().max() < 8 / q.levels
+    v = quantize_v(x, q)
+    g = min(group, 8)
+    assert v["scale"].shape == (37, 2, 8 // g)
+    back = dequantize_v(v["codes"], v["scale"], v["low"], q)
+    step = v["scale"].float().repeat_interleave(g, -1)
+    assert ((back - x).abs() <= step / 2 + 1e-5 * x.abs().clamp(min=1)).all()
+
+
+def test_k_groups_stay_inside_the_sample_and_a_short_last_group_works():
+    q = KVQuant(8, 16)
+    x = with_outlier_channel(t=20)
+    k = quantize_k(x, q)
+    assert k["scale"].shape[0] == 2                                       # tokens 0-15, then 16-19
+    lo = x[16:].amin(0)
+    assert (k["low"][1].float() <= lo).all() and (lo - k["low"][1].float() < 0.05).all()
+
+
+def test_pack_unpack_and_cosines():
+    codes = torch.randint(0, 16, (5, 3, 8), dtype=torch.uint8)
+    assert torch.equal(unpack(pack(codes, 4), 4), codes) and pack(codes, 4).shape == (5, 3, 4)
+    x = torch.randn(300, 2, 128)
+    for bits, want in ((8, 0.9999), (4, 0.99)):
+        q = KVQuant(bits, 128)
+        for quant, deq in ((quantize_k, dequantize_k), (quantize_v, dequantize_v)):
+            t = quant(x, q)
+            cos = torch.nn.functional.cosine_similarity(deq(t["codes"], t["scale"], t["low"], q).flatten(1),
+                                                        x.flatten(1)).mean()
+            assert cos > want, (bits, quant.__name__, float(cos))
+
+
+def test_bytes_per_token_by_hand():
+    # Qwen2.5-1.5B: 28 layers x 2 KV heads x head_dim 128; float16 28,672 B/token
+    assert stored_bytes_per_token(None, 2, 128, 28) == 28672
+    # int4, group 128, 256-token samples, per layer: codes 2 x 2 x 128 / 2 = 256 B, K groups
+    # 2 x 128 x 2 / 256 = 2 and V groups 2 x 128 / 128 = 2 per token, 4 B (scale + low) each
+    assert stored_bytes_per_token(KVQuant(4, 128), 2, 128, 28, tokens_per_sample=256) == 28 * (256 + 8 + 8)
+    assert stored_bytes_per_token(KVQuant(8, 128), 2, 128, 28, tokens_per_sample=256) == 28 * (512 + 8 + 8)
+    with pytest.raises(ValueError, match="head_dim 24 is not a multiple of the V quantization group 16"):
+        quantize_v(torch.randn(3, 1, 24), KVQuant(4, 16))
