@@ -36,7 +36,17 @@ def summary(path: str) -> str:
         f"size         {m['total_bytes'] / 1e9:.3f} GB in {len(m['shards'])} {m['format']} shards, "
         f"{m['num_tokens']} tokens, {m['kv_bytes_per_token']} K/V bytes per token "
         f"({m['total_bytes'] / max(m['num_tokens'], 1):.0f} on disk with metadata)",
+        *_quant_lines(m),
     ])
+
+
+def _quant_lines(m: dict) -> list[str]:
+    q = m.get("kv_quant")
+    if not q:
+        return []
+    return [f"kv quant     int{q['bits']} {q['scheme']}, group {q['group']}: {q['bytes_per_token']} K/V bytes per "
+            f"token ({q['bytes_per_token'] / m['kv_bytes_per_token']:.3f}x {m['kv_dtype']}); reconstruction "
+            f"cosine K {q['k_cosine']:.5f}, V {q['v_cosine']:.5f} (first and last sample of each shard)"]
 
 
 def _ranges(xs: list[int]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kava_common.cache import FORMATS
+from kava_common.cache.quant import KV_QUANT, KVQuant
 from kava_common.cli import coerce_settings, setting
 from kava_common.geometry import DTYPES
 
@@ -25,6 +26,9 @@ class ExtractConfig:
     max_length: int = setting(512, "tokens per sample; longer samples are cut and flagged `truncated`")
     layers: list[int] | None = setting(None, "teacher layers to keep, e.g. 0,2,5 (default: all)")
     kv_dtype: str = setting("float16", "stored dtype of K and V", choices=tuple(DTYPES))
+    kv_quant: str = setting("none", "store K/V as int8 or int4 codes in groups (KIVI: keys per channel, values "
+                            "per token; kava_common.cache.quant), read back dequantized", choices=KV_QUANT)
+    kv_quant_group: int = setting(128, "tokens per key group and channels per value group of --kv-quant")
     format: str = setting("safetensors", "shard format; one reader for both", choices=tuple(FORMATS))
     logits_topk: int = setting(0, "also store the teacher's top-K next-token log-probabilities and ids at "
                                "every position (for logit distillation; 0: none)")
@@ -75,6 +79,10 @@ class ExtractConfig:
             problems.append("--double-quant needs a quantized teacher (drop --no-quantize)")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             problems.append(f"--layers must list distinct layer indices, got {self.layers}")
+        if self.kv_quant not in KV_QUANT:
+            problems.append(f"--kv-quant {self.kv_quant!r}: choose one of {', '.join(KV_QUANT)}")
+        if self.kv_quant_group < 1:
+            problems.append(f"--kv-quant-group must be >= 1, got {self.kv_quant_group}")
         if self.logits_topk < 0:
             problems.append(f"--logits-topk must be >= 0, got {self.logits_topk}")
         if self.shard_mb <= 0:
@@ -86,3 +94,8 @@ class ExtractConfig:
             problems.append(f"padding_side must be left or right, got {self.padding_side!r}")
         if problems:
             raise ValueError("invalid stage-1 settings:\n  " + "\n  ".join(problems))
+
+    @property
+    def quant(self) -> KVQuant | None:
+        """The K/V quantization of --kv-quant, or None."""
+        return KVQuant.parse(self.kv_quant, self.kv_quant_group)

@@ -124,7 +124,8 @@ def plan_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None
         teacher={k: summary[k] for k in ("name", "revision", "weights")}, quantization=dict(quant),
         tokenizer_sha256=tok_id["sha256"], dataset=data_id, prompt_template=TEMPLATE_ID,
         max_length=cfg.max_length, layers=layers, kv_dtype=cfg.kv_dtype, format=cfg.format,
-        shard_mb=cfg.shard_mb, logits_topk=cfg.logits_topk)
+        shard_mb=cfg.shard_mb, logits_topk=cfg.logits_topk,
+        kv_quant=cfg.quant.describe() if cfg.quant else None)
     shards = plan_shards(samples, geometry.bytes_per_token(cfg.kv_dtype, layers), cfg.shard_mb * 1e6)
     return TeacherJob(
         name=name, geometry=geometry, layers=layers, tok=tok, samples=samples, skipped=skipped,
@@ -307,7 +308,8 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
                              layout=layouts[index], flat=flat,
                              release=lambda flat=flat: pool.give_back(flat))
             writer.submit(finish_shard(item, [samples[j] for j in members], metas.pop(index), views, bufs,
-                                       {"topk_ids": topk[0], "topk_logprobs": topk[1]} if topk else {}))
+                                       {"topk_ids": topk[0], "topk_logprobs": topk[1]} if topk else {},
+                                       cfg.quant))
     finally:
         try:
             writer.close()

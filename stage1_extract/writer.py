@@ -111,14 +111,28 @@ def nonfinite_samples(bufs: dict, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def finish_shard(item: ShardItem, samples: list[CacheSample], meta: dict, views: dict,
-                 bufs: dict, per_token: dict | None = None) -> ShardItem:
+                 bufs: dict, per_token: dict | None = None, quant=None) -> ShardItem:
     """Main thread, after a shard's last forward: screen for NaN/Inf and finish the shard's
     tensors, so the writer thread only hashes and writes bytes.
 
     The writer must run no torch op: with libgomp, a parallel op on a second thread starts a
     second OpenMP team, and once there are more OpenMP threads than cores every thread of the
     forward's team stops spin-waiting and sleeps between parallel regions (on a 2-core
-    machine, tiny teacher: one core idle for ~3.5 s of a ~11 s extraction, +15-30% wall)."""
+    machine, tiny teacher: one core idle for ~3.5 s of a ~11 s extraction, +15-30% wall).
+    With `quant` (a KVQuant), the K/V are quantized here too, and the shard serialised."""
+    item = _screen(item, samples, meta, views, bufs, per_token)
+    if quant is not None:
+        floats = item.tensors
+        item.tensors = kcache.quantize_shard(floats, list(bufs), quant)
+        item.entry.quant = kcache.shard_report(floats, item.tensors, list(bufs), quant)
+        item.layout = None
+    return item
+
+
+def _screen(item: ShardItem, samples: list[CacheSample], meta: dict, views: dict, bufs: dict,
+            per_token: dict | None) -> ShardItem:
+    """finish_shard's NaN/Inf screen: the shard's tensors as laid out, or rebuilt without the
+    samples whose K/V are not finite."""
     offsets = meta["sample_offsets"]
     suspect = suspect_layers(bufs)
     bad = nonfinite_samples({l: bufs[l] for l in suspect}, offsets).tolist() if suspect \

@@ -698,3 +698,36 @@ def test_torchrun_with_two_ranks_writes_one_cache_equal_to_one_process(teacher_d
     a, b = open_cache(single), open_cache(d)
     assert d.name == single.name and len(b) == 12
     assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
+
+
+@pytest.mark.parametrize("kv_quant,fmt", [("int8", "safetensors"), ("int4", "hdf5")])
+def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_dir, tmp_path, kv_quant, fmt, capsys):
+    from kava_common.cache.quant import KVQuant, dequantize_k, dequantize_v, quantize_k, quantize_v
+    base = dict(max_samples=10, shard_mb=0.2, format=fmt)
+    (plain,) = extract_main(cfg_for(teacher_dir, tmp_path / "f16", **base))
+    (packed,) = extract_main(cfg_for(teacher_dir, tmp_path / "q", kv_quant=kv_quant, kv_quant_group=8, **base))
+    a, b = open_cache(plain), open_cache(packed)
+    assert a.fingerprint != b.fingerprint and len(a) == len(b) == 10
+    assert len(a.manifest["shards"]) == len(b.manifest["shards"]) > 1      # same samples per shard
+    q = KVQuant(int(kv_quant[3:]), 8)
+    for i in range(10):
+        x, y = a[i], b[i]
+        assert torch.equal(x["input_ids"], y["input_ids"]) and y["k"].dtype == torch.float16
+        for l in range(x["k"].shape[0]):
+            k, v = x["k"][l].transpose(0, 1), x["v"][l].transpose(0, 1)          # (T, H, D) as stored
+            kq, vq = quantize_k(k, q), quantize_v(v, q)
+            want_k = dequantize_k(kq["codes"], kq["scale"], kq["low"], q, torch.float16)
+            want_v = dequantize_v(vq["codes"], vq["scale"], vq["low"], q, torch.float16)
+            assert torch.equal(y["k"][l], want_k.transpose(0, 1)) and torch.equal(y["v"][l], want_v.transpose(0, 1))
+    m = b.manifest
+    assert m["kv_quant"]["bits"] == q.bits and m["kv_quant"]["group"] == 8
+    ratio = m["kv_quant"]["bytes_per_token"] / m["kv_bytes_per_token"]
+    # head_dim 16, group 8: codes bits/16 of float16, plus 2 K and 2 V groups of 4 B per 8 values
+    assert ratio < (0.5 if q.bits == 8 else 0.25) + 4 * 2 / (8 * 2 * 2) + 0.02, ratio
+    assert m["kv_quant"]["k_cosine"] > (0.999 if q.bits == 8 else 0.98)
+    assert m["kv_quant"]["v_cosine"] > (0.999 if q.bits == 8 else 0.98)
+    assert info_main([str(packed), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"kv quant     {kv_quant} kivi, group 8: {m['kv_quant']['bytes_per_token']} K/V bytes per token" in out
+    assert "verify       ok" in out
+    assert b.verify() > 0

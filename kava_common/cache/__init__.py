@@ -5,6 +5,7 @@
 - `write`: shards and sidecars written under temporary names and renamed; the manifest last
 - `read`: `open_cache(path)` -> `KVCache`, samples as torch tensors, files opened lazily
 - `verify`: every shard re-hashed against the manifest
+- `quant`: int8/int4 K/V in groups (KIVI), quantized when a shard is written, dequantized on read
 
 docs/cache.md describes the format for readers outside kava.
 """
@@ -14,6 +15,7 @@ from .format import (ALIGN, CHECKSUM, FORMATS, MANIFEST, META_BYTES_PER_TOKEN, R
                      expected_checksum, round_up, shard_layout, shard_name, shard_tensors,
                      sidecar_name)
 from .manifest import CacheIdentity, ShardEntry, build_manifest, fingerprint, is_complete
+from .quant import KV_QUANT, KVQuant, quantize_shard, shard_report
 from .read import KVCache, open_cache
 from .verify import verify_cache
 from .write import (aligned_bytes, atomic_write_text, completed_shards, remove_partial_files,
@@ -24,7 +26,7 @@ __all__ = [
     "SCHEMA_VERSION", "CacheSample", "ShardLayout", "checksum_bytes", "checksum_file",
     "expected_checksum", "round_up", "shard_layout", "shard_name", "shard_tensors", "sidecar_name",
     "CacheIdentity", "ShardEntry", "build_manifest", "fingerprint", "is_complete",
-    "KVCache", "open_cache", "verify_cache",
+    "KVCache", "open_cache", "verify_cache", "KV_QUANT", "KVQuant", "quantize_shard", "shard_report",
     "aligned_bytes", "atomic_write_text", "completed_shards", "remove_partial_files",
     "write_bytes", "write_laid_out_shard", "write_manifest", "write_shard",
 ]

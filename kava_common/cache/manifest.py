@@ -40,11 +40,13 @@ class CacheIdentity:
     shard_mb: float
     schema_version: int = SCHEMA_VERSION
     logits_topk: int = 0          # top-K next-token log-probs stored beside the K/V (0: none)
+    kv_quant: dict | None = None  # KVQuant.describe() of quantized K/V (None: kv_dtype as is)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not d["logits_topk"]:      # caches without logits keep the fingerprint they always had
-            del d["logits_topk"]
+        for key in ("logits_topk", "kv_quant"):   # caches without them keep the fingerprint they always had
+            if not d[key]:
+                del d[key]
         return d
 
     @property
@@ -65,6 +67,7 @@ class ShardEntry:
     bytes: int = 0
     checksum: str = ""                                     # "ALGORITHM:hex" of the whole file
     first_sample: int | None = None                        # set in the manifest
+    quant: dict = field(default_factory=dict)              # --kv-quant: K/V bytes, reconstruction cosines
 
     @classmethod
     def from_json(cls, text: str) -> "ShardEntry":
@@ -93,7 +96,7 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         "max_length": identity.max_length, "format": identity.format,
         "num_layers": geometry.num_layers, "layers": list(identity.layers),
         "num_kv_heads": geometry.num_kv_heads, "num_attention_heads": geometry.num_attention_heads,
-        "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype,
+        "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype, "kv_quant": _quant_summary(identity, entries),
         "logits_topk": identity.logits_topk,
         "logits_layout": ({"topk_ids": "int32 (tokens, K)", "topk_logprobs": "float32 (tokens, K), "
                            "log_softmax of the teacher's logits at position t, for token t+1"}
@@ -108,6 +111,17 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         "shards": shards,
         "software": software,
     }
+
+
+def _quant_summary(identity: CacheIdentity, entries: list[ShardEntry]) -> dict | None:
+    """The quantization scheme with what it gave over all shards: K/V bytes per token (codes
+    and groups) and the token-weighted reconstruction cosines of K and V."""
+    if not identity.kv_quant:
+        return None
+    done = [e for e in entries if e.quant]
+    tokens = max(sum(e.tokens for e in done), 1)
+    return dict(identity.kv_quant, bytes_per_token=round(sum(e.quant["kv_bytes"] for e in done) / tokens, 2),
+                **{c: round(sum(e.quant[c] * e.tokens for e in done) / tokens, 6) for c in ("k_cosine", "v_cosine")})
 
 
 def is_complete(cache_dir: Path, fp: str) -> bool:

@@ -143,3 +143,60 @@ def stored_bytes_per_token(q: KVQuant | None, heads: int, head_dim: int, layers:
     k_groups = heads * head_dim * (-(-tokens_per_sample // q.group)) / tokens_per_sample
     v_groups = heads * head_dim / q.v_group(head_dim)
     return layers * (codes + 4 * (k_groups + v_groups))
+
+
+def quantize_shard(tensors: dict[str, torch.Tensor], layers: list[int], q: KVQuant) -> dict[str, torch.Tensor]:
+    """A shard's tensors with each layer's float K and V (N, H, D) replaced by their codes
+    (`k.{l}`, `v.{l}`) and groups (`k_scale.{l}`, `k_low.{l}`, `v_scale.{l}`, `v_low.{l}`), and
+    `k_group_offsets` (n+1,): sample j's key groups are rows [off[j], off[j+1]) of k_scale."""
+    off = tensors["sample_offsets"].tolist()
+    spans = list(zip(off[:-1], off[1:]))
+    out = {name: t for name, t in tensors.items() if not name.startswith(("k.", "v."))}
+    out["k_group_offsets"] = torch.tensor([0] + [-(-(b - a) // q.group) for a, b in spans]).cumsum(0)
+    for l in layers:
+        k = tensors[f"k.{l}"]
+        n, h, d = k.shape
+        parts = [quantize_k(k[a:b], q) for a, b in spans]
+        empty = {"codes": torch.zeros(0, h, d * q.bits // 8, dtype=torch.uint8),
+                 "scale": torch.zeros(0, h, d, dtype=torch.float16), "low": torch.zeros(0, h, d, dtype=torch.float16)}
+        for part in ("codes", "scale", "low"):
+            name = "k." if part == "codes" else f"k_{part}."
+            out[name + str(l)] = torch.cat([p[part] for p in parts]) if parts else empty[part]
+        v = quantize_v(tensors[f"v.{l}"], q)
+        out[f"v.{l}"], out[f"v_scale.{l}"], out[f"v_low.{l}"] = v["codes"], v["scale"], v["low"]
+    return out
+
+
+def read_layer(read, layer: int, tokens: tuple[int, int], groups: tuple[int, int], q: KVQuant,
+               dtype=torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V (T, H, D) of one sample and layer of a quantized shard, dequantized into `dtype`.
+    `read(name, start, stop)` reads rows of a shard tensor; `tokens` is the sample's token
+    rows, `groups` its rows of the key groups (k_group_offsets)."""
+    a, b = tokens
+    ga, gb = groups
+    k = dequantize_k(read(f"k.{layer}", a, b), read(f"k_scale.{layer}", ga, gb), read(f"k_low.{layer}", ga, gb),
+                     q, dtype)
+    v = dequantize_v(read(f"v.{layer}", a, b), read(f"v_scale.{layer}", a, b), read(f"v_low.{layer}", a, b),
+                     q, dtype)
+    return k, v
+
+
+def shard_report(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], layers: list[int],
+                 q: KVQuant) -> dict:
+    """What quantizing a shard cost and saved: the bytes of its K/V tensors (codes and groups)
+    and the mean cosine of dequantized to original K and V vectors, over every layer of the
+    shard's first and last sample (a sample of its tokens, cheap to take while writing)."""
+    kv_bytes = sum(t.numel() * t.element_size() for name, t in after.items()
+                   if name.split(".")[0] in ("k", "v", "k_scale", "k_low", "v_scale", "v_low"))
+    off, goff = after["sample_offsets"].tolist(), after["k_group_offsets"].tolist()
+    read = lambda name, a, b: after[name][a:b]
+    cos = {"k": [], "v": []}
+    n = len(off) - 1
+    for j in sorted({0, n - 1}) if n else []:
+        for l in layers:
+            k, v = read_layer(read, l, (off[j], off[j + 1]), (goff[j], goff[j + 1]), q, torch.float32)
+            for name, got in (("k", k), ("v", v)):
+                ref = before[f"{name}.{l}"][off[j]:off[j + 1]].float()
+                cos[name].append(torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item())
+    return {"kv_bytes": kv_bytes, "k_cosine": sum(cos["k"]) / max(len(cos["k"]), 1),
+            "v_cosine": sum(cos["v"]) / max(len(cos["v"]), 1)}

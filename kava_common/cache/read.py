@@ -14,6 +14,7 @@ import torch
 from .. import KavaError
 from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS, expected_checksum
 from .verify import shard_problem
+from .quant import KVQuant, read_layer
 
 
 # (path, checksum, size, mtime) of shards already checked; DataLoader workers forked after a
@@ -128,11 +129,12 @@ class KVCache:
 
     `len(cache)` samples; `cache.manifest` the manifest dict; `cache[i]` a dict with
     `input_ids` (LongTensor [T]) and `k`, `v` ([len(layers), kv_heads, T, head_dim], stored
-    dtype), plus `row`, `text`, `char_offsets` [T, 2], `token_segments` and `char_segments`
+    dtype, or float16 dequantized from a --kv-quant cache), plus `row`, `text`, `char_offsets` [T, 2], `token_segments` and `char_segments`
     {name: (start, end)}, `truncated`. Files open on first use in each process, so DataLoader workers can share it.
     """
 
-    def __init__(self, path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False):
+    def __init__(self, path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False,
+                 kv_dtype: torch.dtype | None = None):
         self.path = Path(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
@@ -147,6 +149,9 @@ class KVCache:
         missing = [l for l in self.layers if l not in stored]
         if missing:
             raise ValueError(f"{self.path}: layers {missing} are not stored; it holds {stored}")
+        q = self.manifest.get("kv_quant")
+        self.kv_quant = KVQuant(q["bits"], q["group"]) if q else None
+        self.kv_dtype = kv_dtype or torch.float16
         fmt = self.manifest["format"]
         self._shards = [_Shard(self.path / s["file"], fmt, s if verify else None)
                         for s in self.manifest["shards"]]
@@ -197,11 +202,16 @@ class KVCache:
         shard, j = self.locate(i)
         off = shard.small("sample_offsets")
         a, b = int(off[j]), int(off[j + 1])
-        out = {
-            "input_ids": shard.read("input_ids", a, b).long(),
-            "k": torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers]),  # (L, H, T, D)
-            "v": torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers]),  # (L, H, T, D)
-        }
+        out = {"input_ids": shard.read("input_ids", a, b).long()}
+        if self.kv_quant is None:
+            out["k"] = torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers])  # (L, H, T, D)
+            out["v"] = torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers])
+        else:                      # dequantized here, into kv_dtype (float16 unless the caller asked)
+            g = shard.small("k_group_offsets")
+            kv = [read_layer(shard.read, l, (a, b), (int(g[j]), int(g[j + 1])), self.kv_quant, self.kv_dtype)
+                  for l in self.layers]
+            out["k"] = torch.stack([k.transpose(0, 1) for k, _ in kv])
+            out["v"] = torch.stack([v.transpose(0, 1) for _, v in kv])
         if self.manifest.get("logits_topk"):
             out["topk_ids"] = shard.read("topk_ids", a, b).long()                              # (T, K)
             out["topk_logprobs"] = shard.read("topk_logprobs", a, b)                           # (T, K)
@@ -227,9 +237,11 @@ class KVCache:
         }
 
 
-def open_cache(path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False) -> KVCache:
+def open_cache(path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False,
+               kv_dtype: torch.dtype | None = None) -> KVCache:
     """Open a finished cache directory; `layers` selects a subset of the stored teacher layers.
     With `verify`, each shard is checked against the manifest's size and checksum when a
-    process first reads from it (stage 2 opens its caches this way)."""
-    return KVCache(path, layers, verify)
+    process first reads from it (stage 2 opens its caches this way). A cache with quantized
+    K/V (stage 1 --kv-quant) reads back dequantized into `kv_dtype` (default float16)."""
+    return KVCache(path, layers, verify, kv_dtype)
 

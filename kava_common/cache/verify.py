@@ -68,9 +68,14 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
     """The tensors of shard `f` against the geometry and counts the manifest gives."""
     shapes = _shapes(f, m["format"])
     want = {"sample_offsets": (entry["num_samples"] + 1,), "input_ids": (entry["tokens"],)}
+    q = m.get("kv_quant")
     for l in m["layers"]:
         for kind in ("k", "v"):
-            want[f"{kind}.{l}"] = (entry["tokens"], m["num_kv_heads"], m["head_dim"])
+            want[f"{kind}.{l}"] = (entry["tokens"], m["num_kv_heads"], m["head_dim"] * q["bits"] // 8 if q
+                                   else m["head_dim"])
+        if q:
+            want[f"v_scale.{l}"] = want[f"v_low.{l}"] = (entry["tokens"], m["num_kv_heads"],
+                                                           m["head_dim"] // min(q["group"], m["head_dim"]))
     if m.get("logits_topk"):
         want["topk_ids"] = want["topk_logprobs"] = (entry["tokens"], m["logits_topk"])
     out = []
@@ -81,7 +86,7 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
         elif tuple(got[0]) != shape:
             out.append(f"{f}: {name} is shaped {list(got[0])}, the manifest implies {list(shape)} "
                        f"(num_kv_heads {m['num_kv_heads']}, head_dim {m['head_dim']})")
-        elif name[0] in "kv" and got[1] != m["kv_dtype"]:
+        elif name[:2] in ("k.", "v.") and got[1] != ("uint8" if q else m["kv_dtype"]):
             out.append(f"{f}: {name} is {got[1]}, the manifest says kv_dtype {m['kv_dtype']}")
     return out
 
