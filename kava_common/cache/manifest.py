@@ -93,7 +93,7 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher": teacher, "tokenizer": tokenizer, "dataset": dataset,
         "prompt_template": identity.prompt_template, "segments": list(SEGMENTS),
-        "max_length": identity.max_length, "format": identity.format,
+        "max_length": identity.max_length, "format": identity.format, "shard_mb": identity.shard_mb,
         "num_layers": geometry.num_layers, "layers": list(identity.layers),
         "num_kv_heads": geometry.num_kv_heads, "num_attention_heads": geometry.num_attention_heads,
         "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype, "kv_quant": _quant_summary(identity, entries),

@@ -91,6 +91,11 @@ class _Shard:
             t = t.view(torch.bfloat16)
         return t
 
+    def names(self) -> list[str]:
+        """The names of the shard's tensors."""
+        f = self._open()
+        return list(self._index) if self.fmt == "safetensors" else list(f.keys())
+
     def small(self, name: str) -> np.ndarray:
         """A per-sample metadata tensor, read once per process and kept."""
         self._open()

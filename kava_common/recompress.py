@@ -1,0 +1,155 @@
+"""python -m kava_common.recompress CACHE --kv-quant int4 [--layers 0,5] [--kv-dtype D] [--out ROOT]
+
+Derive a smaller cache from an existing one without the teacher: quantize its K/V (int8/int4),
+keep a subset of its layers, or store them in another dtype. The new cache is what stage 1
+would have written with those settings (same fingerprint, the same shard files where the
+parent's float K/V are the ones stage 1 would quantize), and its manifest names the parent's
+fingerprint. Shard by shard, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import KavaError, software_versions
+from . import cache as kc
+from .cache.quant import KV_QUANT, KVQuant
+from .cli import parse_settings, setting
+from .geometry import DTYPES, KVGeometry
+
+
+@dataclass
+class RecompressArgs:
+    """Settings of `python -m kava_common.recompress` (kava_common.cli)."""
+    cache: str = setting("", "the parent cache folder", positional=True)
+    out: str | None = setting(None, "root folder of the new cache (default: the parent's root)")
+    kv_quant: str = setting("none", "int8 or int4 codes in groups (kava_common.cache.quant)", choices=KV_QUANT)
+    kv_quant_group: int = setting(128, "tokens per key group and channels per value group")
+    layers: list[int] | None = setting(None, "stored layers to keep, e.g. 0,2,5 (default: all)")
+    kv_dtype: str | None = setting(None, "float K/V dtype (default: the parent's)", choices=tuple(DTYPES))
+    progress: bool = setting(True, "show a progress bar")
+
+
+def parent_identity(m: dict) -> kc.CacheIdentity:
+    """The identity stage 1 gave the parent, rebuilt from its manifest and checked against
+    its fingerprint."""
+    t = m["teacher"]
+    ident = kc.CacheIdentity(
+        teacher={k: t.get(k) for k in ("name", "revision", "weights")}, quantization=t["quantization"],
+        tokenizer_sha256=m["tokenizer"]["sha256"], dataset={k: v for k, v in m["dataset"].items() if k != "seed"},
+        prompt_template=m["prompt_template"], max_length=m["max_length"], layers=list(m["layers"]),
+        kv_dtype=m["kv_dtype"], format=m["format"], shard_mb=m.get("shard_mb", 128.0),   # the default, if unrecorded
+        schema_version=m["schema_version"], logits_topk=m.get("logits_topk") or 0, kv_quant=_scheme(m.get("kv_quant")))
+    if ident.fingerprint != m["fingerprint"]:
+        raise KavaError(f"cannot rebuild the identity of the cache with fingerprint {m['fingerprint']} from its "
+                        "manifest (written by another kava?); re-extract it with stage 1 instead")
+    return ident
+
+
+def _scheme(q: dict | None) -> dict | None:
+    """The identity part of a manifest's kv_quant (without what was measured)."""
+    return {k: v for k, v in q.items() if k not in ("bytes_per_token", "k_cosine", "v_cosine")} if q else None
+
+
+def recompress(a: RecompressArgs, log=print) -> Path:
+    src = kc.open_cache(a.cache, verify=True)
+    m = src.manifest
+    if m.get("kv_quant") and a.kv_dtype is None:
+        raise KavaError(f"{a.cache}: its K/V are quantized already; give --kv-dtype for the float values "
+                        "the new cache starts from")
+    q = KVQuant.parse(a.kv_quant, a.kv_quant_group)
+    layers = list(m["layers"]) if a.layers is None else list(a.layers)
+    missing = [l for l in layers if l not in m["layers"]]
+    if missing:
+        raise KavaError(f"--layers {missing}: {a.cache} stores layers {m['layers']}")
+    parent = parent_identity(m)
+    ident = kc.CacheIdentity(**{**asdict(parent), "layers": layers, "kv_dtype": a.kv_dtype or m["kv_dtype"],
+                                "kv_quant": q.describe() if q else None})
+    if ident.fingerprint == parent.fingerprint:
+        raise KavaError("these settings give the parent cache itself; change --kv-quant, --layers or --kv-dtype")
+    name = Path(a.cache).resolve().name
+    stem = name[:-len(parent.fingerprint)] if name.endswith(parent.fingerprint) else name + "-"
+    out = Path(a.out) if a.out else Path(a.cache).resolve().parent
+    dest = out / f"{stem}{ident.fingerprint}"
+    if kc.is_complete(dest, ident.fingerprint):
+        log(f"{dest}: complete already")
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    n = len(m["shards"])
+    done = kc.completed_shards(dest, verify=range(n))
+    kc.remove_partial_files(dest, set(range(n)) - set(done))
+    log(f"{a.cache} -> {dest}: {n} shards, {len(done)} done before; layers {layers}, "
+        f"{ident.kv_dtype}, K/V quantization {a.kv_quant}")
+    entries = _write_shards(src, dest, ident, layers, q, done, a.progress)
+    geometry = KVGeometry(m["num_layers"], m["num_attention_heads"], m["num_kv_heads"], m["head_dim"], m["rope"])
+    stats = {k: m[k] for k in ("rows_without_final_answer", "truncated_samples") if k in m}
+    manifest = kc.build_manifest(ident, teacher=m["teacher"], tokenizer=m["tokenizer"], dataset=m["dataset"],
+                                 geometry=geometry, entries=entries, skipped=m["skipped_rows"], stats=stats,
+                                 software=software_versions())
+    manifest["parent"] = {"fingerprint": parent.fingerprint, "path": str(Path(a.cache).resolve())}
+    kc.write_manifest(dest, manifest)
+    log(f"done: {manifest['total_bytes'] / 1e9:.3f} GB (parent {m['total_bytes'] / 1e9:.3f} GB) -> {dest}")
+    return dest
+
+
+def _write_shards(src, dest: Path, ident, layers: list[int], q, done: dict, progress: bool) -> list:
+    """Every shard of `src` rewritten into `dest` (those in `done` kept): the parent's float K/V
+    of `layers` in the new dtype, quantized when `q` is set."""
+    from tqdm.auto import tqdm
+    dtype = DTYPES[ident.kv_dtype]
+    entries = []
+    for i, (sh, pe) in enumerate(tqdm(list(zip(src._shards, src.manifest["shards"])), desc="recompress",
+                                      unit="shard", disable=not progress, ascii=True)):
+        if i in done:
+            entries.append(done[i])
+            continue
+        tensors = _float_shard(src, sh, layers, dtype)
+        e = kc.ShardEntry(index=i, fingerprint=ident.fingerprint, rows=pe["rows"], bad_samples=pe["bad_samples"],
+                          num_samples=pe["num_samples"], tokens=pe["tokens"])
+        if q is not None:
+            floats = tensors
+            tensors = kc.quantize_shard(floats, layers, q)
+            e.quant = kc.shard_report(floats, tensors, layers, q)
+        entries.append(kc.write_shard(dest, ident.format, tensors, e))
+    return entries
+
+
+def _float_shard(src, sh, layers: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A parent shard's tensors with float K/V (N, H, D) of `layers` in `dtype`."""
+    names = [n for n in sh.names() if n.split(".")[0] not in ("k", "v", "k_scale", "k_low", "v_scale", "v_low")
+             and n != "k_group_offsets"]
+    out = {n: sh.read(n).clone() for n in names}
+    off = out["sample_offsets"].tolist()
+    q = src.kv_quant
+    for l in layers:
+        if q is None:
+            k, v = sh.read(f"k.{l}").to(dtype), sh.read(f"v.{l}").to(dtype)
+        else:
+            g = sh.read("k_group_offsets").tolist()
+            parts = [kc.quant.read_layer(sh.read, l, (off[j], off[j + 1]), (g[j], g[j + 1]), q, dtype)
+                     for j in range(len(off) - 1)]
+            k, v = (torch.cat([p[x] for p in parts]) for x in (0, 1))
+        out[f"k.{l}"], out[f"v.{l}"] = k.contiguous(), v.contiguous()
+    return out
+
+
+def main(argv=None) -> int:
+    a = RecompressArgs(**parse_settings(RecompressArgs, argv, prog="python -m kava_common.recompress",
+                                        description=__doc__.split("\n\n")[1]))
+    try:
+        recompress(a)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (KavaError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
