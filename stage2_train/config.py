@@ -67,6 +67,10 @@ class TrainConfig:
     ce_weight: float = setting(1.0, "weight of cross-entropy on the answer tokens")
     kd_weight: float = setting(0.0, "weight of logit distillation: KL from the teacher's cached top-K "
                                "next-token distribution (stage 1 --logits-topk) on the answer tokens")
+    ce_tokens: str = setting("answer", "targets of cross-entropy: the answer's tokens, or every token",
+                             choices=("answer", "all"))
+    kd_tokens: str = setting("answer", "targets of logit distillation: the answer's tokens, or every token "
+                             "(the question too)", choices=("answer", "all"))
     kd_temperature: float = setting(1.0, "temperature of logit distillation (the loss is scaled by T^2)")
     ce_chunk: int = setting(0, "answer tokens per cross-entropy chunk, logits recomputed in the backward "
                             "(0: all at once)")
@@ -115,6 +119,9 @@ class TrainConfig:
             p.append("relation_weight and relation_heads must be >= 0")
         if self.fusion == "target" and (self.loss == "relation" or self.relation_weight):
             p.append("the relation loss compares each teacher with the student on its own; use fusion loss")
+        for name in ("ce_tokens", "kd_tokens"):
+            if getattr(self, name) not in ("answer", "all"):
+                p.append(f"{name} {getattr(self, name)!r}: answer or all")
         if self.kv_tokens not in ("all", "reasoning"):
             p.append(f"kv_tokens {self.kv_tokens!r}: all or reasoning")
         if self.ce_chunk < 0:

@@ -110,11 +110,11 @@ class Distiller(torch.nn.Module):
                     + c.v_weight * relation_loss(tv, sv, pair["mask"], r))
 
 
-def logit_kd(logits, batch, pos, distiller, cfg, device):
+def logit_kd(logits, batch, pos, kd_mask, distiller, cfg, device):
     """KL from each teacher's cached top-K next-token distribution to the student's, at the
-    answer positions `pos` (where `logits` (B, P, V) were computed), averaged over teachers
-    with their fixed weights."""
-    target = batch["ce_mask"].to(device)[:, pos + 1]                              # (B, P)
+    positions `pos` (where `logits` (B, P, V) were computed) whose next token is marked in
+    `kd_mask` (B, T), averaged over teachers with their fixed weights."""
+    target = kd_mask[:, pos + 1]                                                   # (B, P)
     total = 0.0
     w = distiller.fixed_w / distiller.fixed_w.sum()
     for wi, tb in zip(w, batch["teachers"]):
@@ -128,8 +128,10 @@ def train_step(model, cap, distiller, batch, cfg, device, autocast):
     """Forward of one micro-batch: (total loss with its graph, then its K/V, cross-entropy and
     logit-distillation parts as floats)."""
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    ce_mask = batch["ce_mask"].to(device)
-    pos = answer_positions(ce_mask) if cfg.ce_weight or cfg.kd_weight else ids.new_zeros(0)
+    ce_mask = batch["ce_mask"].to(device) if cfg.ce_tokens == "answer" else attn.bool()
+    kd_mask = batch["ce_mask"].to(device) if cfg.kd_tokens == "answer" else attn.bool()
+    wanted = (ce_mask if cfg.ce_weight else torch.zeros_like(ce_mask)) | (kd_mask if cfg.kd_weight else False)
+    pos = answer_positions(wanted) if cfg.ce_weight or cfg.kd_weight else ids.new_zeros(0)
     kd = 0.0                        # logit distillation needs whole logits: not with ce_chunk (config)
     if cfg.ce_chunk and len(pos):   # final hidden states; the head runs chunk by chunk below
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -143,9 +145,11 @@ def train_step(model, cap, distiller, batch, cfg, device, autocast):
                         logits_to_keep=pos if len(pos) else 1)
         ce = answer_cross_entropy(out.logits, ids, ce_mask, pos) if len(pos) \
             else out.logits.sum() * 0.0
-        kd = logit_kd(out.logits, batch, pos, distiller, cfg, device) if cfg.kd_weight and len(pos) else 0.0
-    with autocast():
-        kv, _ = distiller(batch, cap, device)
+        kd = logit_kd(out.logits, batch, pos, kd_mask, distiller, cfg, device) if cfg.kd_weight and len(pos) else 0.0
+    kv = 0.0                        # kv_weight 0 (a baseline): not computed, logged as 0
+    if cfg.kv_weight:
+        with autocast():
+            kv, _ = distiller(batch, cap, device)
     loss = cfg.kv_weight * kv + cfg.ce_weight * ce + cfg.kd_weight * kd
     return loss, _float(kv), float(ce.detach()), _float(kd)
 

@@ -548,3 +548,32 @@ def test_kv_tokens_reasoning_masks_all_but_the_reasoning(caches, tok, student_di
     m_r = run(student_dir, [caches["qwen"]], tmp_path / "b", max_steps=1, log_every=1, loss="mse",
               kv_tokens="reasoning")
     assert m_r[0]["loss_kv"] != m_all[0]["loss_kv"] and m_r[0]["loss_ce"] == m_all[0]["loss_ce"]
+
+
+def test_ce_and_kd_tokens_all_take_every_next_token_as_target(student_dir, logit_caches, tok, tmp_path):
+    import torch.nn.functional as F
+    from stage2_train.data import collate
+    from stage2_train.trainer import Trainer
+    cfg = TrainConfig(student=str(student_dir), caches=[str(logit_caches["qwen"])], out=str(tmp_path / "r"),
+                      device="cpu", progress=False, kv_weight=0.0, ce_tokens="all", kd_weight=1.0,
+                      kd_tokens="all", eval_samples=8)
+    tr = Trainer(cfg, echo=lambda *a: None)
+    batch = collate([tr.data[0], tr.data[1]], pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tgt = batch["attention_mask"][:, 1:].bool()                           # every real next token
+    ce = F.cross_entropy(logits[:, :-1][tgt], batch["input_ids"][:, 1:][tgt])
+    tb = batch["teachers"][0]
+    p = tb["topk_logprobs"][:, :-1][tgt].exp()                             # teacher top-K, T 1
+    q = torch.log_softmax(logits[:, :-1][tgt], -1).gather(-1, tb["topk_ids"][:, :-1][tgt])
+    tail_p, tail_q = (1 - p.sum(-1)).clamp(min=0), (1 - q.exp().sum(-1)).clamp(min=1e-8)
+    kl = (p * (p.clamp(min=1e-8).log() - q)).sum(-1) + tail_p * (tail_p.clamp(min=1e-8).log() - tail_q.log())
+    parts = tr.step([batch])
+    assert parts["loss_ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert parts["loss_kd"] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert parts["loss_kv"] == 0.0                                         # kv_weight 0: not computed
+    answer = Trainer(TrainConfig(**{**cfg.__dict__, "ce_tokens": "answer", "out": str(tmp_path / "a")}),
+                     echo=lambda *a: None)
+    ans = batch["ce_mask"][:, 1:]                                           # the answer's tokens only
+    want = F.cross_entropy(logits[:, :-1][ans], batch["input_ids"][:, 1:][ans])
+    assert ans.sum() < tgt.sum() and answer.step([batch])["loss_ce"] == pytest.approx(float(want), rel=1e-5)
