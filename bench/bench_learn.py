@@ -1,26 +1,25 @@
-"""What KV distillation buys: a CPU-scale learning benchmark, from one command.
+"""What distillation from a stage-1 cache buys a student, with power: one command, resumable.
 
-    python bench/bench_learn.py               # about 33 min on 2 CPU cores; re-runs skip finished work
+    python bench/bench_learn.py                  # everything: about 90 min on 2 CPU cores
+    python bench/bench_learn.py --phase validation   # teachers, caches and the validation arms only
 
-1. Task: `synthetic` GSM8K-format problems (2-3 operations, each with calculator notes, and a
-   `#### N` line); tokenizers split digits one per token, as Qwen2's does.
-2. Teachers trained from scratch with cross-entropy on 20,000 training problems: a Qwen2
-   (byte-level BPE tokenizer A) and a Llama (its own tokenizer B, with BOS), so their K/V
-   geometry and tokenization differ from each other and from the student's.
-3. Stage 1 extracts their caches over the first N_STUDENT training problems: the Qwen teacher
-   in 4-bit NF4 and unquantized, the Llama teacher unquantized.
-4. A smaller Qwen2 student (tokenizer A) is trained from scratch on those N_STUDENT problems only
-   (the low-data budget that leaves headroom), same steps and data, over 3 seeds, by the sweep
-   runner: (a) cross-entropy only; (b) + K/V distillation from the NF4 cache; (c) from the
-   unquantized cache; (d) from the Llama cache (character-overlap alignment); (e) from both
-   teachers fused.
-5. Each final student is evaluated by exact match on 200 held-out test problems. The table gives
-   mean and spread (min-max) over seeds, the held-out K/V cosine beside the shuffled-target
-   cosine, and is written to data_cache/bench_learn/results.md with a PNG.
-6. Diagnostics (direction, K/V weight) are compared on a separate validation split; only the
-   variant that wins there is then evaluated on test, and reported apart.
+The design is fixed in bench/bench_learn_prereg.yaml (arms, settings, metric, decision rule), which
+must be committed before the run that produces a reported table: the script refuses to start when
+that file differs from the committed one (--allow-uncommitted for trials) and prints its commit.
 
-Settings were fixed before looking at the test split; nothing is tuned on it.
+1. Task: `synthetic` GSM8K-format problems. Two teachers are trained from scratch on 20,000 of
+   them: a Qwen2 (tokenizer A) and a Llama (its own tokenizer B, with BOS).
+2. Stage 1 runs once per teacher over the few training problems the student will see: the Qwen2
+   teacher in 4-bit NF4 with its top-K next-token log-probs (--logits-topk), the Llama unquantized.
+3. A smaller Qwen2 student (tokenizer A) trains on those problems only, through the sweep runner,
+   once per arm and seed; seed s fixes the student's initialisation and data order for every arm, so
+   each arm is paired with cross-entropy alone on the same seed.
+4. Every student is scored by exact match per held-out problem. Per arm: mean exact match, the
+   mean paired difference to cross-entropy alone with a 95% bootstrap interval over seeds and
+   problems (stage2_train.stats.paired_bootstrap), and the held-out and shuffled K/V cosines.
+5. Validation split: the headroom check (logit KD against cross-entropy) and the ablations; the
+   K/V arm with the best paired difference there is the chosen setting. Test split, once: the
+   pre-registered arms and the chosen one. Writes results.md, results.json and results.png.
 """
 
 from __future__ import annotations
@@ -28,35 +27,45 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
+import multiprocessing
+import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import kava_common  # before torch: kava_common sets its allocator options
+from kava_common import save_pretrained, tiny  # before torch: kava_common sets its allocator options
+import numpy as np
 import torch
 import yaml
 
-from kava_common import save_pretrained, tiny
 from kava_common.data import load_rows
 from kava_common.prompt import format_sample
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import main as extract
 from stage2_train.evaluate import evaluate
+from stage2_train.stats import paired_bootstrap
 from stage2_train.sweep import run_sweep
 
 from header import header
 
-DATA = "synthetic"
-N_TEACHER = 20000          # problems the teachers learn from
-N_STUDENT = 256            # problems in the caches; all the student ever sees
-N_TEST = 200
-SEEDS = [0, 1, 2]
-STUDENT_STEPS = 600
-TEACHER_STEPS = 1500
+PREREG = Path(__file__).with_name("bench_learn_prereg.yaml")
+COSINES = ("cos_k", "cos_k_shuffled", "cos_v", "cos_v_shuffled")
+
+
+def check_prereg(path: Path, allow_uncommitted: bool) -> str:
+    """The commit that last changed the pre-registration; refuses an uncommitted one."""
+    root = PREREG.parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+    changed = git("status", "--porcelain", "--", str(path.resolve()))
+    rev = git("log", "-1", "--format=%h %cI", "--", str(path.resolve()))
+    if (changed or not rev) and not allow_uncommitted:
+        raise SystemExit(f"error: {path} is not committed as it is; commit it before the run "
+                         "(or pass --allow-uncommitted for a trial whose table is not reported)")
+    return rev + (" (uncommitted changes)" if changed or not rev else "")
 
 
 def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, seed: int, log) -> None:
-    """Plain next-token training on whole texts (ending in EOS) for the teachers."""
+    """Plain next-token training on whole texts (ending in EOS), for the teachers."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -71,8 +80,7 @@ def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, se
         mask = torch.zeros((batch, width), dtype=torch.long)
         for b, i in enumerate(idx):
             ids[b, :len(enc[i])], mask[b, :len(enc[i])] = torch.tensor(enc[i]), 1
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -83,168 +91,217 @@ def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, se
     model.eval()
 
 
-def build_teacher(root: Path, name: str, arch: str, tok, log) -> Path:
+def build_teacher(root: Path, name: str, spec: dict, task: dict, tok, log) -> Path:
+    """A teacher trained from scratch (kept on disk: a re-run reuses it)."""
     path = root / name
     if (path / "config.json").is_file():
         return path
-    cfg = tiny.tiny_config(arch, len(tok), hidden=128, layers=4, heads=4,
-                           kv_heads=2 if arch == "qwen2" else 4, head_dim=32, intermediate=384, tok=tok)
-    model = tiny.build_model(cfg, seed=11 if arch == "qwen2" else 12)
-    rows = load_rows(DATA, "train", N_TEACHER)
+    arch = spec["arch"]
+    cfg = tiny.tiny_config(arch, len(tok), tok=tok, **spec["model"])
+    model = tiny.build_model(cfg, seed=spec["init_seed"])
+    rows = load_rows(task["dataset"], "train", task["teacher_problems"])
     texts = [format_sample(q, a).text for q, a in zip(rows.questions, rows.answers)]
     log(f"  training teacher {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-        f"{arch}) for {TEACHER_STEPS} steps on {N_TEACHER} problems")
-    train_lm(model, tok, texts, TEACHER_STEPS, 32, 2e-3, 0, log)
+        f"{arch}) for {spec['steps']} steps on {len(texts)} problems")
+    train_lm(model, tok, texts, spec["steps"], 32, 2e-3, 0, log)
     tmp = root / (name + ".tmp")
     save_pretrained(model, tok, tmp)
     tmp.rename(path)
     return path
 
 
-def run_arms(root: Path, arms: dict, settings: dict, split: str, log) -> list[dict]:
-    """Each arm is a sweep over the seeds; finished runs are skipped on a re-run."""
+def prepare(root: Path, reg: dict, log) -> dict:
+    """Tokenizers, teachers, their caches and one student initialisation per seed: the
+    values of the {placeholders} in the arms' settings."""
+    task = reg["task"]
+    rows = load_rows(task["dataset"], "train", 3000)
+    corpus = [format_sample(q, a).text for q, a in zip(rows.questions, rows.answers)]
+    toks = {"a": tiny.train_tokenizer(corpus, vocab_size=512),
+            "b": tiny.train_tokenizer(corpus[::-1][:2000], vocab_size=600, add_bos=True)}
+    paths = {}
+    for name, spec in reg["teachers"].items():
+        tpath = build_teacher(root, f"teacher-{name}", spec, task, toks[spec["tokenizer"]], log)
+        ev = tpath / "eval-validation.jsonl"
+        r = evaluate(str(tpath), task["dataset"], "validation", 200, batch_size=100, max_new_tokens=task["max_new_tokens"],
+                     out=ev, device="cpu", progress=False) if not ev.is_file() else None
+        scores = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
+        log(f"  teacher {name}: exact match {np.mean(scores):.3f} on 200 validation problems"
+            + ("" if r else " (scored before)"))
+        paths[f"teacher_{name}_acc"] = float(np.mean(scores))
+        (cache,) = extract(ExtractConfig(teachers=[str(tpath)], dataset=task["dataset"], max_samples=task["student_problems"],
+                                         batch_size=32, max_length=256, device="cpu", progress=False,
+                                         out=str(root / "caches"), **spec["stage1"]))
+        paths[f"cache_{name}"] = str(cache)
+    for seed in reg["seeds"]:
+        init = root / f"student-init-{seed}"
+        if not (init / "config.json").is_file():
+            cfg = tiny.tiny_config("qwen2", len(toks["a"]), tok=toks["a"], **reg["student"]["model"])
+            save_pretrained(tiny.build_model(cfg, seed=1000 + seed), toks["a"], init)
+        paths[f"student_{seed}"] = str(init)
+    return paths
+
+
+def fill(value, paths: dict):
+    """The arm's settings with {placeholders} (caches, student) replaced by prepared paths."""
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+        return paths[value[1:-1]]
+    if isinstance(value, list):
+        return [fill(v, paths) for v in value]
+    return value
+
+
+def run_one(job: tuple) -> dict:
+    """One seed of one arm: a one-point sweep (the student's initialisation differs by seed),
+    trained and scored on `split`; a finished run is read back, not repeated."""
+    out, sweep, threads = job
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    t0 = time.perf_counter()
+    (row,) = run_sweep(out / "sweep.yaml", echo=lambda m: None, progress=False)
+    per_problem = [json.loads(x)["correct"] for x in (out / row["run"] / "eval.jsonl").read_text().splitlines()]
+    return {"scores": [bool(x) for x in per_problem], "wall": time.perf_counter() - t0,
+            **{c: row.get(c) if row.get(c) is not None else float("nan") for c in COSINES}}
+
+
+def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, pool, threads: int, log) -> list[dict]:
+    """Every seed of every arm in `arms`, `pool` running the runs side by side."""
+    jobs = []
+    for arm in arms:
+        spec = reg["arms"][arm]
+        settings = dict(reg["student"]["settings"], **{k: fill(v, paths) for k, v in spec.items() if k != "what"})
+        for seed in reg["seeds"]:
+            sweep = {"out": str(root / split / arm / f"seed-{seed}"),
+                     "settings": dict(settings, student=paths[f"student_{seed}"]), "grid": {"seed": [seed]},
+                     "eval": {"dataset": reg["task"]["dataset"], "split": split, "max_samples": reg["eval"][split],
+                              "batch_size": reg["eval"]["batch_size"],
+                              "max_new_tokens": reg["task"]["max_new_tokens"], "device": "cpu"}}
+            jobs.append((arm, seed, (root / split / arm / f"seed-{seed}", sweep, threads)))
+    done = {}
+    for (arm, seed, _), r in zip(jobs, pool.map(run_one, [j for *_, j in jobs])):
+        done[arm, seed] = r
+        log(f"    {split} {arm} seed {seed}: exact match {np.mean(r['scores']):.3f}, cos K {r['cos_k']:.3f} "
+            f"(shuffled {r['cos_k_shuffled']:.3f}) [{r['wall']:.0f} s]")
+    results = []
+    for arm in arms:
+        rs = [done[arm, seed] for seed in reg["seeds"]]
+        results.append({"arm": arm, "what": reg["arms"][arm]["what"],
+                        "scores": np.array([r["scores"] for r in rs], dtype=np.float64),
+                        **{c: float(np.nanmean([r[c] for r in rs])) if any(r[c] == r[c] for r in rs)
+                           else float("nan") for c in COSINES}})
+    return results
+
+
+def compare(results: list[dict], base: str) -> list[dict]:
+    """Per arm: mean exact match and the paired difference to `base` with its 95% interval."""
+    ref = next(r for r in results if r["arm"] == base)["scores"]
     rows = []
-    for arm, spec in arms.items():
-        log(f"students: {arm} ({spec['what']}), evaluated on {split}")
-        extra = {k: v for k, v in spec.items() if k != "what"}
-        sweep = {"out": str(root / arm), "settings": dict(settings, **extra), "grid": {"seed": SEEDS},
-                 "eval": {"dataset": DATA, "split": split, "max_samples": N_TEST, "batch_size": 50,
-                          "max_new_tokens": 160, "device": "cpu"}}
-        path = root / f"sweep-{arm}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-        for r in run_sweep(path, echo=lambda m: log("  " + m), progress=False):
-            rows.append(dict(r, arm=arm))
-            log(f"    seed {r['seed']}: exact match {r['accuracy']:.3f}, held-out cos K {r['cos_k']:.3f} "
-                f"(shuffled {r['cos_k_shuffled']:.3f}), V {r['cos_v']:.3f} (shuffled {r['cos_v_shuffled']:.3f})")
+    for r in results:
+        row = {k: v for k, v in r.items() if k != "scores"}
+        per_seed = r["scores"].mean(axis=1)
+        row.update(acc=float(r["scores"].mean()), acc_min=float(per_seed.min()), acc_max=float(per_seed.max()))
+        if r["arm"] != base:
+            row["paired"] = paired_bootstrap(r["scores"], ref)
+        rows.append(row)
     return rows
 
 
-def table_lines(table: list[dict]) -> list[str]:
-    lines = ["| arm | exact match, mean (min-max) | sd | held-out cos K (shuffled) | cos V (shuffled) |",
+def table(rows: list[dict]) -> list[str]:
+    f = lambda x: "-" if x != x else f"{x:.3f}"
+    lines = ["| arm | exact match (seed min-max) | paired diff to CE [95% CI] | cos K (shuffled) | cos V (shuffled) |",
              "|---|---|---|---|---|"]
-    for t in table:
-        lines.append(f"| {t['what']} | {t['acc_mean']:.3f} ({t['acc_min']:.3f}-{t['acc_max']:.3f}) | "
-                     f"{t['acc_sd']:.3f} | {t['cos_k']:.3f} ({t['cos_k_shuffled']:.3f}) | "
-                     f"{t['cos_v']:.3f} ({t['cos_v_shuffled']:.3f}) |")
+    for r in rows:
+        p = r.get("paired")
+        diff = "(baseline)" if p is None else f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]"
+        lines.append(f"| {r['what']} | {r['acc']:.3f} ({r['acc_min']:.3f}-{r['acc_max']:.3f}) | {diff} | "
+                     f"{f(r['cos_k'])} ({f(r['cos_k_shuffled'])}) | {f(r['cos_v'])} ({f(r['cos_v_shuffled'])}) |")
     return lines
 
 
-def summarize(rows: list[dict], arms: dict) -> list[dict]:
-    out = []
-    for arm in arms:
-        rs = [r for r in rows if r["arm"] == arm]
-        acc = [r["accuracy"] for r in rs]
-        out.append({"arm": arm, "what": arms[arm]["what"], "seeds": len(rs),
-                    "acc_mean": statistics.mean(acc), "acc_min": min(acc), "acc_max": max(acc),
-                    "acc_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                    **{k: statistics.mean(r[k] for r in rs) for k in
-                       ("cos_k", "cos_k_shuffled", "cos_v", "cos_v_shuffled")}})
-    return out
+def plot(sections: list[tuple[str, list[dict]]], png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 5), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], sections):
+        rows = [r for r in rows if "paired" in r]
+        y = list(range(len(rows)))[::-1]
+        d = [r["paired"]["diff"] for r in rows]
+        err = [[r["paired"]["diff"] - r["paired"]["low"] for r in rows],
+               [r["paired"]["high"] - r["paired"]["diff"] for r in rows]]
+        colors = ["tab:green" if r["paired"]["low"] > 0 else "tab:red" if r["paired"]["high"] < 0 else "tab:gray"
+                  for r in rows]
+        ax.barh(y, d, xerr=err, capsize=4, color=colors)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [r["what"] for r in rows], fontsize=8)
+        ax.set(xlabel="exact match minus cross-entropy alone (paired, 95% CI)", title=title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def choose(rows: list[dict], candidates: list[str]) -> str:
+    """The decision rule of the pre-registration: the candidate arm with the largest mean
+    paired difference to cross-entropy alone on validation."""
+    return max((r for r in rows if r["arm"] in candidates), key=lambda r: r["paired"]["diff"])["arm"]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="data_cache/bench_learn")
+    p.add_argument("--phase", choices=("prepare", "validation", "all"), default="all",
+                   help="stop after the teachers and caches, after validation, or run all")
+    p.add_argument("--prereg", default=str(PREREG), help="the pre-registration (arms, settings, rule)")
+    p.add_argument("--workers", type=int, default=2, help="student runs side by side (threads split among them)")
+    p.add_argument("--allow-uncommitted", action="store_true",
+                   help="run with a pre-registration that differs from the committed one (trials only)")
     a = p.parse_args(argv)
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     log = lambda *x: print(*x, flush=True)
     log(header())
+    prereg = Path(a.prereg)
+    log(f"pre-registration {prereg}: commit {check_prereg(prereg, a.allow_uncommitted)}")
+    reg = yaml.safe_load(prereg.read_text())
     t0 = time.perf_counter()
-    torch.manual_seed(0)
+    log("teachers and caches")
+    paths = prepare(root, reg, log)
+    if a.phase == "prepare":
+        return
+    base = reg["baseline"]
+    pool = ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn"))
+    threads = max(1, torch.get_num_threads() // a.workers)
+    log(f"validation arms ({a.workers} runs side by side, {threads} thread(s) each)")
+    val = compare(run_arms(root, reg["validation"], "validation", reg, paths, pool, threads, log), base)
+    chosen = choose(val, reg["choose_from"])
+    log(f"chosen on validation: {chosen}")
+    sections = [(f"validation ({reg['eval']['validation']} problems x {len(reg['seeds'])} seeds)", val)]
+    test = []
+    if a.phase == "all":
+        log("test arms")
+        arms = list(dict.fromkeys([*reg["test"], chosen]))
+        test = compare(run_arms(root, arms, "test", reg, paths, pool, threads, log), base)
+        sections.append((f"test ({reg['eval']['test']} problems x {len(reg['seeds'])} seeds)", test))
+    report(root, reg, paths, sections, chosen, time.perf_counter() - t0, log)
 
-    log("teachers")
-    corpus = [format_sample(q, a).text for q, a in zip(*(lambda r: (r.questions, r.answers))(load_rows(DATA, "train", 3000)))]
-    tok_a = tiny.train_tokenizer(corpus, vocab_size=512)
-    tok_b = tiny.train_tokenizer(corpus[::-1][:2000], vocab_size=600, add_bos=True)
-    qwen = build_teacher(root, "teacher-qwen2", "qwen2", tok_a, log)
-    llama = build_teacher(root, "teacher-llama", "llama", tok_b, log)
-    teacher_acc = {}
-    for name, path in (("qwen2", qwen), ("llama", llama)):
-        r = evaluate(str(path), DATA, "test", N_TEST, batch_size=50, max_new_tokens=160,
-                     out=path / "eval-test.jsonl", device="cpu", progress=False)
-        teacher_acc[name] = r.accuracy
-        log(f"  teacher {name}: exact match {r.correct}/{r.n} = {r.accuracy:.3f}")
 
-    log("stage 1 caches")
-    base = dict(dataset=DATA, max_samples=N_STUDENT, batch_size=32, max_length=256, device="cpu",
-                progress=False, out=str(root / "caches"))
-    (c_nf4,) = extract(ExtractConfig(teachers=[str(qwen)], **base))
-    (c_fp,) = extract(ExtractConfig(teachers=[str(qwen)], quantize=False, **base))
-    (c_llama,) = extract(ExtractConfig(teachers=[str(llama)], quantize=False, **base))
-
-    student = root / "student-init"
-    if not (student / "config.json").is_file():
-        cfg = tiny.tiny_config("qwen2", len(tok_a), hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16,
-                               intermediate=128, tok=tok_a)
-        save_pretrained(tiny.build_model(cfg, seed=21), tok_a, student)
-    settings = dict(student=str(student), max_steps=STUDENT_STEPS, batch_size=16, lr_student=2e-3,
-                    lr_projector=2e-3, warmup_steps=30, min_lr_ratio=0.1, eval_samples=16, log_every=50,
-                    save_every=0, device="cpu", max_length=256, projector="head",
-                    direction="teacher_to_student")   # as pre-registered (the default then)
-    arms = {
-        "a_ce_only": {"what": "cross-entropy only", "caches": [str(c_fp)], "kv_weight": 0.0},
-        "b_kv_nf4": {"what": "+ K/V from Qwen2 teacher, NF4 cache", "caches": [str(c_nf4)]},
-        "c_kv_fp32": {"what": "+ K/V from Qwen2 teacher, fp32 cache", "caches": [str(c_fp)]},
-        "d_kv_llama": {"what": "+ K/V from Llama teacher (other tokenizer)", "caches": [str(c_llama)]},
-        "e_kv_fused": {"what": "+ K/V from both, learned gate", "caches": [str(c_fp), str(c_llama)],
-                       "fusion": "target", "gate": "learned"},
-    }
-    rows = run_arms(root / "runs", arms, settings, "test", log)
-    table = summarize(rows, arms)
-    lines = [f"Task {DATA}: students see {N_STUDENT} problems, {STUDENT_STEPS} steps x batch 16, seeds "
-             f"{SEEDS}; exact match on {N_TEST} test problems. Teachers: Qwen2 {teacher_acc['qwen2']:.3f}, "
-             f"Llama {teacher_acc['llama']:.3f}.", "", "Pre-registered arms (test split):", "",
-             *table_lines(table)]
-    # Diagnostics, chosen on a validation split (other problems than test), never on test:
-    # the teacher target fixed (student_to_teacher) and a lighter K/V weight.
-    diag = {
-        "a_ce_only": arms["a_ce_only"],
-        "f_s2t": {"what": "+ K/V (Qwen2 fp32), student_to_teacher", "caches": [str(c_fp)],
-                  "direction": "student_to_teacher"},
-        "g_kv01": {"what": "+ K/V (Qwen2 fp32), kv_weight 0.1", "caches": [str(c_fp)], "kv_weight": 0.1},
-        "h_s2t_kv01": {"what": "+ K/V (Qwen2 fp32), student_to_teacher, kv_weight 0.1",
-                       "caches": [str(c_fp)], "direction": "student_to_teacher", "kv_weight": 0.1},
-    }
-    vrows = run_arms(root / "runs-validation", diag, settings, "validation", log)
-    vtable = summarize(vrows, diag)
-    best = max((t for t in vtable if t["arm"] != "a_ce_only"), key=lambda t: t["acc_mean"])
-    lines += ["", "Diagnostics (validation split, 200 other problems):", "", *table_lines(vtable)]
-    trows = []
-    for r in vrows:                       # the one variant chosen on validation, now on test
-        if r["arm"] == best["arm"]:
-            res = evaluate(str(root / "runs-validation" / best["arm"] / f"seed-{r['seed']}" / "final" / "student"),
-                           DATA, "test", N_TEST, batch_size=50, max_new_tokens=160, device="cpu", progress=False)
-            trows.append(dict(r, accuracy=res.accuracy))
-    chosen = summarize(trows, {best["arm"]: diag[best["arm"]]})
-    lines += ["", f"Chosen on validation ({best['what']}), then evaluated once on test:", "",
-              *table_lines(chosen)]
+def report(root: Path, reg: dict, paths: dict, sections, chosen: str, wall: float, log) -> None:
+    t = reg["task"]
+    lines = [f"Task {t['dataset']}: students see {t['student_problems']} problems, "
+             f"{reg['student']['settings']['max_steps']} steps x batch {reg['student']['settings']['batch_size']}, "
+             f"seeds {reg['seeds']}. Teachers (200 validation problems): "
+             + ", ".join(f"{n} {paths[f'teacher_{n}_acc']:.3f}" for n in reg["teachers"]) + "."]
+    for title, rows in sections:
+        lines += ["", f"{title}:", "", *table(rows)]
+    lines += ["", f"Chosen on validation by the pre-registered rule: {reg['arms'][chosen]['what']} ({chosen})."]
     text = "\n".join(lines)
     (root / "results.md").write_text(text + "\n")
-    (root / "results.json").write_text(json.dumps({"teachers": teacher_acc, "arms": table, "runs": rows,
-                                                   "validation": vtable, "chosen_on_test": chosen}, indent=1))
-    plot(table, root / "results.png")
+    (root / "results.json").write_text(json.dumps({"paths": paths, "chosen": chosen, "sections": [
+        {"title": s, "rows": rows} for s, rows in sections], "wall_s": wall}, indent=1))
+    plot(sections, root / "results.png")
     log("")
     log(text)
-    log(f"\nwall time {time.perf_counter() - t0:.0f} s; table {root / 'results.md'}, plot {root / 'results.png'}")
-
-
-def plot(table, png):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 4))
-    x = range(len(table))
-    means = [t["acc_mean"] for t in table]
-    err = [[m - t["acc_min"] for m, t in zip(means, table)], [t["acc_max"] - m for m, t in zip(means, table)]]
-    ax.bar(list(x), means, yerr=err, capsize=6, color=["gray"] + ["tab:blue"] * (len(table) - 1))
-    ax.set_xticks(list(x), [t["what"] for t in table], rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="held-out exact match (min-max over seeds)", ylim=(0, 1),
-           title="student accuracy: cross-entropy only vs + K/V distillation")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    log(f"\nwall time {wall:.0f} s; table {root / 'results.md'}, plot {root / 'results.png'}")
 
 
 if __name__ == "__main__":
