@@ -40,9 +40,18 @@ def memory_estimate(cfg, teachers, dtype, device) -> str:
     """The estimate of memory.py for this run (all teachers' distilled layers together)."""
     from transformers import AutoConfig
     from .memory import Shape, describe, estimate
-    kv_width = sum(len(t["distilled"]) * t["heads"] * t["head_dim"] for t in teachers)
-    return describe(estimate(Shape.from_config(AutoConfig.from_pretrained(cfg.student)),
-                             (1, 1, kv_width), cfg.batch_size, cfg.max_length,
+    from .projector import bottleneck_params
+    student = Shape.from_config(AutoConfig.from_pretrained(cfg.student))
+    read = [len(t["cache"].layers) if cfg.projector == "bottleneck" else len(t["distilled"]) for t in teachers]
+    kv_width = sum(n * t["heads"] * t["head_dim"] for n, t in zip(read, teachers))
+    proj = None
+    if cfg.projector == "bottleneck":
+        s_width = student.layers * student.kv_heads * student.head_dim
+        proj = sum((1 if cfg.projector_shared else 2) * bottleneck_params(
+            *((n * t["heads"] * t["head_dim"], s_width) if cfg.direction == "teacher_to_student"
+              else (s_width, n * t["heads"] * t["head_dim"])), cfg.bottleneck_hidden)
+            for n, t in zip(read, teachers))
+    return describe(estimate(student, (1, 1, kv_width), cfg.batch_size, cfg.max_length, projector_params=proj,
                              answer_tokens=longest_answer(teachers, cfg.max_length),
                              precision="bf16" if dtype == torch.bfloat16 else "fp32",
                              optimizer=cfg.optimizer, lora_r=cfg.lora_r,
@@ -73,7 +82,10 @@ def open_teachers(cfg: TrainConfig, echo=print):
     teachers = []
     for c in caches:
         m = c.manifest
-        lmap = parse_layer_map(cfg.layer_map, s_geo.num_layers, m["num_layers"], m["layers"])
+        if cfg.projector == "bottleneck":       # every stored teacher layer into every student layer
+            lmap = [[(ci, 1.0) for ci in range(len(m["layers"]))] for _ in range(s_geo.num_layers)]
+        else:
+            lmap = parse_layer_map(cfg.layer_map, s_geo.num_layers, m["num_layers"], m["layers"])
         used = sorted({ci for row in lmap for ci, _ in row})
         # re-open with only the layers the map uses; the map then indexes that subset
         remap = {ci: i for i, ci in enumerate(used)}

@@ -44,12 +44,16 @@ class TrainConfig:
     max_length: int = setting(512, "student tokens per sample")
     # distillation
     projector: str = setting("linear", "K/V projector per layer", choices=KINDS)
-    projector_shared: bool = setting(False, "one K and one V projector for all layers")
+    projector_shared: bool = setting(False, "one K and one V projector for all layers (bottleneck: one "
+                                     "for K and V)")
+    bottleneck_hidden: int = setting(0, "hidden width of the bottleneck projector (0: twice its input width)")
+    bottleneck_dropout: float = setting(0.1, "dropout inside the bottleneck projector")
     direction: str = setting("student_to_teacher", "student_to_teacher keeps the teacher's target fixed; "
                              "teacher_to_student moves both sides and collapsed in bench/bench_learn.py "
                              "(docs/results.md)", choices=("student_to_teacher", "teacher_to_student"))
     layer_map: Any = setting("proportional", "proportional, or one entry per student layer: a teacher "
-                             "layer, null, or {teacher layer: weight} (JSON)", json=True)
+                             "layer, null, or {teacher layer: weight} (JSON); not with projector "
+                             "bottleneck, which maps all layers at once", json=True)
     align: str = setting("auto", "token alignment between tokenizers", choices=ALIGN_MODES)
     loss: str = setting("mercator", "K/V loss; relation compares K/V relations with no projector "
                         "(docs/stage2.md)", choices=tuple(sorted(LOSSES)))
@@ -111,21 +115,7 @@ class TrainConfig:
         for name in ("lr_student", "lr_projector", "weight_decay", "grad_clip", "kv_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.kd_weight < 0 or self.kd_temperature <= 0:
-            p.append(f"kd_weight must be >= 0 and kd_temperature > 0, got {self.kd_weight}, {self.kd_temperature}")
-        if self.kd_weight and self.ce_chunk:
-            p.append("kd_weight needs the answer's logits whole; drop ce_chunk")
-        if self.relation_weight < 0 or self.relation_heads < 0:
-            p.append("relation_weight and relation_heads must be >= 0")
-        if self.fusion == "target" and (self.loss == "relation" or self.relation_weight):
-            p.append("the relation loss compares each teacher with the student on its own; use fusion loss")
-        for name in ("ce_tokens", "kd_tokens"):
-            if getattr(self, name) not in ("answer", "all"):
-                p.append(f"{name} {getattr(self, name)!r}: answer or all")
-        if self.kv_tokens not in ("all", "reasoning"):
-            p.append(f"kv_tokens {self.kv_tokens!r}: all or reasoning")
-        if self.ce_chunk < 0:
-            p.append(f"ce_chunk must be >= 0 (0: no chunking), got {self.ce_chunk}")
+        p += self._loss_problems()
         if self.projector not in KINDS:
             p.append(f"projector {self.projector!r}: choose one of {KINDS}")
         if self.loss not in LOSSES:
@@ -160,6 +150,37 @@ class TrainConfig:
             p.append(f"eval_samples must be >= 1, got {self.eval_samples}")
         if p:
             raise ValueError("invalid stage-2 settings:\n  " + "\n  ".join(p))
+
+    def _loss_problems(self) -> list[str]:
+        """The checks of the loss settings: logit distillation, the relation loss, which tokens,
+        and the bottleneck projector's limits."""
+        p = []
+        if self.kd_weight < 0 or self.kd_temperature <= 0:
+            p.append(f"kd_weight must be >= 0 and kd_temperature > 0, got {self.kd_weight}, {self.kd_temperature}")
+        if self.kd_weight and self.ce_chunk:
+            p.append("kd_weight needs the answer's logits whole; drop ce_chunk")
+        if self.relation_weight < 0 or self.relation_heads < 0:
+            p.append("relation_weight and relation_heads must be >= 0")
+        if self.fusion == "target" and (self.loss == "relation" or self.relation_weight):
+            p.append("the relation loss compares each teacher with the student on its own; use fusion loss")
+        for name in ("ce_tokens", "kd_tokens"):
+            if getattr(self, name) not in ("answer", "all"):
+                p.append(f"{name} {getattr(self, name)!r}: answer or all")
+        if self.kv_tokens not in ("all", "reasoning"):
+            p.append(f"kv_tokens {self.kv_tokens!r}: all or reasoning")
+        if self.ce_chunk < 0:
+            p.append(f"ce_chunk must be >= 0 (0: no chunking), got {self.ce_chunk}")
+        if self.projector == "bottleneck":
+            if self.layer_map not in (None, "proportional"):
+                p.append("projector bottleneck maps every teacher layer into every student layer; drop layer_map")
+            if self.loss == "relation" or self.relation_weight:
+                p.append("the relation loss pairs layers through layer_map; use another projector with it")
+            if self.layer_weights is not None and self.direction == "student_to_teacher":
+                p.append("layer_weights weigh student layers; the bottleneck with direction student_to_teacher "
+                         "compares teacher layers (use teacher_to_student, or drop layer_weights)")
+            if self.bottleneck_hidden < 0 or not 0 <= self.bottleneck_dropout < 1:
+                p.append("bottleneck_hidden must be >= 0 and bottleneck_dropout in [0, 1)")
+        return p
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,7 +11,7 @@ from kava_common.geometry import KVGeometry
 from .config import TrainConfig
 from .losses import (answer_cross_entropy, answer_positions, chunked_answer_cross_entropy, kv_loss,
                      mean_cosine, relation_loss, topk_kd_loss)
-from .projector import KVProjector
+from .projector import BottleneckKV, KVProjector
 from .student import StudentKV
 
 
@@ -24,6 +24,12 @@ class Distiller(torch.nn.Module):
         projs = []
         for t in teachers:
             n = len(t["distilled"])
+            if cfg.projector == "bottleneck":
+                theirs = (len(t["cache"].layers), t["heads"], t["head_dim"])
+                ours = (n, s_geo.num_kv_heads, s_geo.head_dim)
+                dims = (theirs, ours) if cfg.direction == "teacher_to_student" else (ours, theirs)
+                projs.append(BottleneckKV(*dims, cfg.bottleneck_hidden, cfg.bottleneck_dropout, cfg.projector_shared))
+                continue
             if cfg.direction == "teacher_to_student":
                 dims = (t["heads"], t["head_dim"], s_geo.num_kv_heads, s_geo.head_dim)
             else:
@@ -53,20 +59,10 @@ class Distiller(torch.nn.Module):
                 k = torch.einsum("bst,blhtd->blhsd", A, k)                           # (B, L, H, Ts, D)
                 v = torch.einsum("bst,blhtd->blhsd", A, v)
             mask = tb["valid"].to(device) & attn                                     # (B, Ts)
-            for pi, (s, row) in enumerate(t["distilled"]):
-                tk = sum(w * k[:, ci] for ci, w in row)                              # (B, Ht, Ts, Dt)
-                tv = sum(w * v[:, ci] for ci, w in row)
-                sk, sv = cap.kv(s)                                                   # (B, Hs, Ts, Ds)
-                sk, sv = sk.float(), sv.float()
-                if cfg.direction == "teacher_to_student":
-                    pk, pv = self.proj[ti](pi, tk, tv)
-                    pair = {"teacher": ti, "layer": s, "k": (pk, sk), "v": (pv, sv), "mask": mask}
-                else:
-                    pk, pv = self.proj[ti](pi, sk, sv)
-                    pair = {"teacher": ti, "layer": s, "k": (pk, tk), "v": (pv, tv), "mask": mask}
-                pair["raw"] = (tk, tv, sk, sv)      # unprojected, for the relation loss
+            make = self._bottleneck_pairs if cfg.projector == "bottleneck" else self._layer_pairs
+            for pair in make(ti, t, k, v, cap, mask):
                 pairs.append(pair)
-                per_layer.setdefault(s, []).append(pair)
+                per_layer.setdefault(pair["layer"], []).append(pair)
         lw = cfg.layer_weights
         total, norm = 0.0, 0.0
         for s, items in per_layer.items():
@@ -85,6 +81,38 @@ class Distiller(torch.nn.Module):
             total = total + w_layer * loss
             norm += w_layer
         return total / max(norm, 1e-12), pairs
+
+    def _layer_pairs(self, ti: int, t: dict, k, v, cap, mask):
+        """Per distilled student layer s: its K/V against the teacher's mapped layers, one
+        side projected."""
+        for pi, (s, row) in enumerate(t["distilled"]):
+            tk = sum(w * k[:, ci] for ci, w in row)                                  # (B, Ht, Ts, Dt)
+            tv = sum(w * v[:, ci] for ci, w in row)
+            sk, sv = cap.kv(s)                                                       # (B, Hs, Ts, Ds)
+            sk, sv = sk.float(), sv.float()
+            if self.cfg.direction == "teacher_to_student":
+                pk, pv = self.proj[ti](pi, tk, tv)
+                pair = {"teacher": ti, "layer": s, "k": (pk, sk), "v": (pv, sv), "mask": mask}
+            else:
+                pk, pv = self.proj[ti](pi, sk, sv)
+                pair = {"teacher": ti, "layer": s, "k": (pk, tk), "v": (pv, tv), "mask": mask}
+            pair["raw"] = (tk, tv, sk, sv)      # unprojected, for the relation loss
+            yield pair
+
+    def _bottleneck_pairs(self, ti: int, t: dict, k, v, cap, mask):
+        """All layers through one bottleneck: per student layer (teacher_to_student) or per
+        teacher layer (student_to_teacher, `layer` then numbers the teacher's stored layers)."""
+        kvs = [cap.kv(s) for s, _ in t["distilled"]]
+        sk = torch.stack([a.float() for a, _ in kvs], 1)                             # (B, Ls, Hs, Ts, Ds)
+        sv = torch.stack([b.float() for _, b in kvs], 1)
+        if self.cfg.direction == "teacher_to_student":
+            pk, pv = self.proj[ti](k, v)                                             # (B, Ls, Hs, Ts, Ds)
+            for i, (s, _) in enumerate(t["distilled"]):
+                yield {"teacher": ti, "layer": s, "k": (pk[:, i], sk[:, i]), "v": (pv[:, i], sv[:, i]), "mask": mask}
+        else:
+            pk, pv = self.proj[ti](sk, sv)                                           # (B, Lt, Ht, Ts, Dt)
+            for c in range(k.shape[1]):
+                yield {"teacher": ti, "layer": c, "k": (pk[:, c], k[:, c]), "v": (pv[:, c], v[:, c]), "mask": mask}
 
     def _kv(self, pk, tk, pv, tv, mask):
         c = self.cfg

@@ -84,7 +84,7 @@ class Trainer:
         self.collate = partial(collate, pad_id=pad_id(self.tok))
         self.eval_loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.data, range(n_train, len(self.data))),
-            batch_size=cfg.batch_size, collate_fn=self.collate)
+            batch_size=cfg.batch_size, collate_fn=self.collate, generator=torch.Generator().manual_seed(0))
 
     def autocast(self):
         if self.dtype == torch.bfloat16:
@@ -107,10 +107,12 @@ class Trainer:
         cfg = self.cfg
         if batches is None:
             batches = epoch_batches(len(self.train_set), cfg.batch_size, cfg.seed, self.prog.epoch)[self.prog.micro:]
+        # a loader's own generator: creating its iterator then draws nothing from torch's global
+        # RNG, whose state a checkpoint restores (dropout would differ after a resume otherwise)
         return iter(torch.utils.data.DataLoader(
             self.train_set if dataset is None else dataset, batch_sampler=batches, collate_fn=self.collate,
             num_workers=cfg.num_workers, prefetch_factor=2 if cfg.num_workers else None,
-            persistent_workers=False))
+            persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.prog.epoch)))
 
     def micro_batches(self):
         """The run's next `grad_accum` micro-batches, on into the next epoch when one ends;

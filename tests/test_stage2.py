@@ -577,3 +577,34 @@ def test_ce_and_kd_tokens_all_take_every_next_token_as_target(student_dir, logit
     ans = batch["ce_mask"][:, 1:]                                           # the answer's tokens only
     want = F.cross_entropy(logits[:, :-1][ans], batch["input_ids"][:, 1:][ans])
     assert ans.sum() < tgt.sum() and answer.step([batch])["loss_ce"] == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["teacher_to_student", "student_to_teacher"])
+def test_bottleneck_projector_trains_and_resumes_to_the_same_losses(student_dir, caches, tmp_path, direction):
+    kw = dict(max_steps=6, log_every=1, save_every=0, batch_size=4, projector="bottleneck", direction=direction,
+              bottleneck_hidden=64, lr_projector=1e-2)
+    straight = run(student_dir, [caches["qwen"]], tmp_path / "a", **kw)
+    assert straight[-1]["loss_kv"] < straight[0]["loss_kv"]
+    proj = json.loads((tmp_path / "a" / "final" / "projector.json").read_text())
+    assert proj["kind"] == "bottleneck" and [s for s, _ in proj["teachers"][0]["distilled"]] == [0, 1]
+
+    def stop_at_3(line):
+        if line.startswith("step      3 "):
+            os.kill(os.getpid(), signal.SIGINT)
+    cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "b"),
+                      device="cpu", progress=False, eval_samples=8, **kw)
+    train(cfg, echo=stop_at_3)
+    train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lambda *a: None)
+    resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+
+
+def test_bottleneck_refuses_a_layer_map_and_the_relation_loss(student_dir, caches, tmp_path):
+    with pytest.raises(ValueError, match="projector bottleneck maps every teacher layer into every student layer"):
+        TrainConfig(student="s", caches=["c"], projector="bottleneck", layer_map=[0, 1])
+    with pytest.raises(ValueError, match="the relation loss pairs layers through layer_map"):
+        TrainConfig(student="s", caches=["c"], projector="bottleneck", loss="relation")
+    with pytest.raises(ValueError, match="layer_weights weigh student layers"):
+        TrainConfig(student="s", caches=["c"], projector="bottleneck", layer_weights=[1, 0])

@@ -415,3 +415,48 @@ def test_paired_bootstrap_by_hand_and_on_known_differences():
     assert paired_bootstrap(arm, base, n_boot=2000) == r                   # same seed, same interval
     with pytest.raises(ValueError, match="one shape"):
         paired_bootstrap([[1, 0]], [[1, 0, 1]])
+
+
+def test_bottleneck_shapes_and_the_original_parameter_count():
+    from stage2_train.projector import BottleneckKV, BottleneckProjector, bottleneck_params
+    with torch.device("meta"):                           # 147M parameters: shapes only
+        big = BottleneckProjector(28, 2, 128, 24, 2, 64)
+    n = sum(p.numel() for p in big.parameters())
+    # LayerNorm(7168) + Linear(7168, 14336) + Linear(14336, 3072)
+    assert n == 2 * 7168 + 7168 * 14336 + 14336 + 14336 * 3072 + 3072 == 146_832_384
+    assert bottleneck_params(7168, 3072) == n
+    for dims_in, dims_out in (((4, 2, 32), (2, 1, 16)), ((3, 4, 8), (5, 2, 24)), ((2, 1, 16), (4, 2, 32))):
+        kv = BottleneckKV(dims_in, dims_out, hidden=40)
+        x = torch.randn(3, *dims_in[:2], 7, dims_in[2])
+        k, v = kv(x, x)
+        assert k.shape == v.shape == (3, dims_out[0], dims_out[1], 7, dims_out[2])
+    shared = BottleneckKV((2, 1, 16), (2, 1, 16), shared=True)
+    assert shared.k is shared.v and sum(p.numel() for p in shared.parameters()) == bottleneck_params(32, 32)
+
+
+def test_bottleneck_learns_a_cross_layer_mix_that_a_one_to_one_map_cannot():
+    from stage2_train.align import proportional_layer_map
+    from stage2_train.projector import BottleneckProjector, LinearProjector
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, 1, 6, 8, generator=g)              # (B, teacher layers 4, H 1, T 6, D 8)
+    mix = torch.tensor([[0.5, 0.0, 0.0, 0.5], [0.0, 1.0, -1.0, 0.0]])   # student layer j = sum_c mix[j, c] x_c
+    y = torch.einsum("jc,bchtd->bjhtd", mix, x)             # (B, 2, 1, 6, 8)
+    torch.manual_seed(0)
+    bott = BottleneckProjector(4, 1, 8, 2, 1, 8, hidden=64, dropout=0.0)
+    one = [c for ((c, _),) in proportional_layer_map(2, 4, [0, 1, 2, 3])]     # student 0 <- 0, 1 <- 3
+    per_layer = torch.nn.ModuleList(LinearProjector(1, 8, 1, 8) for _ in one)
+
+    def fit(params, predict, steps=600):
+        opt = torch.optim.Adam(params, lr=1e-2)
+        for _ in range(steps):
+            loss = ((predict() - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return float(((predict() - y) ** 2).mean() / (y ** 2).mean())   # relative squared error
+    err_b = fit(bott.parameters(), lambda: bott(x))
+    err_1 = fit(per_layer.parameters(), lambda: torch.stack([p(x[:, c]) for p, c in zip(per_layer, one)], 1))
+    # measured: bottleneck 0.005, one-to-one 0.87 (student layer 0 sees teacher layer 0 only, so
+    # half its mix is out of reach; layer 1 sees teacher layer 3, which its mix does not use)
+    assert err_b < 0.02 and err_1 > 0.3, (err_b, err_1)
