@@ -63,3 +63,24 @@ def stage2_out_default(env=None) -> str | None:
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) of this process. Under torchrun with WORLD_SIZE > 1 the
+    process group is started (NCCL on GPUs, gloo on the CPU) and `auto` becomes this rank's GPU
+    (LOCAL_RANK) or the CPU; a lone process gets (0, 1, device) and starts nothing."""
+    import torch
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    elif device == "auto":
+        device = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device

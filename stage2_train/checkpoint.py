@@ -23,8 +23,9 @@ from kava_common import KavaError, save_pretrained
 class Progress:
     step: int = 0        # optimizer steps done
     epoch: int = 0
-    micro: int = 0       # micro-batches of this epoch already used
+    micro: int = 0       # micro-batches of this epoch already used (by each rank)
     seed: int = 0
+    world_size: int = 1  # processes that trained it (torchrun); a resume needs as many
 
 
 # What a run writes into its folder; --overwrite removes exactly these.

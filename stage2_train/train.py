@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from kava_common import KavaError, check_output_folder, software_versions
+from kava_common.launch import init_distributed
 
 from .checkpoint import clear_run, latest_checkpoint, run_files
 from .config import TrainConfig
@@ -28,22 +30,33 @@ def main(cfg: TrainConfig, echo=print) -> Path:
     from tqdm.auto import tqdm
     if echo is print:
         echo = tqdm.write                       # log lines above the progress bar, not inside it
+    rank, world, device = init_distributed(cfg.device)   # torchrun: one process per rank
+    if world > 1:
+        cfg = replace(cfg, device=device, progress=cfg.progress and rank == 0)
+        echo = echo if rank == 0 else (lambda *a: None)
+        echo(f"{world} processes (torchrun), one data-parallel rank each: global batch "
+             f"{world} x {cfg.grad_accum} x {cfg.batch_size} samples")
     run = Path(cfg.out)
     check_run_folder(run, cfg)
     tr = Trainer(cfg, echo=echo)               # checks the caches before loading the student
     tr.check_student_kv()
     resumed = tr.resume(run)
-    if cfg.overwrite:
-        clear_run(run)
-    run.mkdir(parents=True, exist_ok=True)
-    import yaml
-    (run / "config.yaml").write_text(yaml.safe_dump(dict(
-        cfg.to_dict(), cache_fingerprints=tr.fingerprints, software=software_versions()), sort_keys=False))
-    log = MetricsLog(run / "metrics.jsonl", tr.prog.step if resumed else None, echo, cfg.report_to)
+    if rank == 0:                               # the run folder is rank 0's alone
+        if cfg.overwrite:
+            clear_run(run)
+        run.mkdir(parents=True, exist_ok=True)
+        import yaml
+        (run / "config.yaml").write_text(yaml.safe_dump(dict(
+            cfg.to_dict(), cache_fingerprints=tr.fingerprints, world_size=world,
+            software=software_versions()), sort_keys=False))
+    tr.barrier()
+    log = MetricsLog(run / "metrics.jsonl", tr.prog.step if resumed else None, echo, cfg.report_to) \
+        if rank == 0 else None
     try:
         stopped = fit(tr, run, log)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     if stopped is not None:
         path = tr.save(run)
         echo(f"stopped by signal {stopped} at step {tr.prog.step}; checkpoint {path}; "
@@ -77,7 +90,8 @@ def check_run_folder(run: Path, cfg: TrainConfig) -> None:
 
 def fit(tr: Trainer, run: Path, log: MetricsLog) -> int | None:
     """Train until `max_steps`, logging every `log_every` steps and saving every `save_every`;
-    returns the number of the signal (Ctrl-C, SIGTERM) that stopped it early, else None."""
+    returns the number of the signal (Ctrl-C, SIGTERM) that stopped it early, else None. `log`
+    is None on ranks other than 0, which train and save nothing of their own."""
     from tqdm.auto import tqdm
     cfg = tr.cfg
     stop = {"signal": None}
@@ -87,11 +101,11 @@ def fit(tr: Trainer, run: Path, log: MetricsLog) -> int | None:
                dynamic_ncols=True, ascii=True)
     t_last, tokens = time.perf_counter(), 0
     try:
-        while tr.prog.step < cfg.max_steps and stop["signal"] is None:
+        while tr.prog.step < cfg.max_steps and not tr.any_rank(stop["signal"] is not None):
             out = tr.step()
             tokens += out.pop("tokens")
             bar.update(1)
-            if tr.prog.step % cfg.log_every == 0 or tr.prog.step == cfg.max_steps:
+            if log is not None and (tr.prog.step % cfg.log_every == 0 or tr.prog.step == cfg.max_steps):
                 gn = out.pop("grad_norm")
                 metrics = dict(out, **tr.evaluate(), **tr.learning_rates(), grad_norm=gn,
                                tokens_per_s=tokens / max(time.perf_counter() - t_last, 1e-9),
@@ -105,4 +119,4 @@ def fit(tr: Trainer, run: Path, log: MetricsLog) -> int | None:
         bar.close()
         for s, h in old.items():
             signal.signal(s, h)
-    return stop["signal"]
+    return stop["signal"] or (signal.SIGTERM if tr.prog.step < cfg.max_steps else None)

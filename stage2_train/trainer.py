@@ -45,6 +45,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model=None, tok=None, echo=print):
         self.cfg, self.echo = cfg, echo
+        import torch.distributed as dist
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = resolve_device(cfg.device) if model is None else next(model.parameters()).device
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -66,7 +68,7 @@ class Trainer:
             self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.fingerprints = [t["fingerprint"] for t in self.teachers]
-        self.prog = Progress(seed=cfg.seed)
+        self.prog = Progress(seed=cfg.seed, world_size=self.world)
         self._it = None                      # the current epoch's loader
         self.bad_rows: set[int] = set()      # samples left out for non-finite teacher K/V
         self.skipped_steps = 0               # steps without an update (non-finite loss or gradients)
@@ -106,13 +108,22 @@ class Trainer:
         the rest of the current epoch (from prog.micro on)."""
         cfg = self.cfg
         if batches is None:
-            batches = epoch_batches(len(self.train_set), cfg.batch_size, cfg.seed, self.prog.epoch)[self.prog.micro:]
+            batches = self.rank_batches(self.prog.epoch)[self.prog.micro:]
         # a loader's own generator: creating its iterator then draws nothing from torch's global
         # RNG, whose state a checkpoint restores (dropout would differ after a resume otherwise)
         return iter(torch.utils.data.DataLoader(
             self.train_set if dataset is None else dataset, batch_sampler=batches, collate_fn=self.collate,
             num_workers=cfg.num_workers, prefetch_factor=2 if cfg.num_workers else None,
             persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.prog.epoch)))
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of an epoch: the epoch's micro-batches dealt round-robin
+        to the ranks (all of them for a lone process); the last few that would not give every
+        rank one are left out, so each optimizer step averages world x grad_accum of them."""
+        batches = epoch_batches(len(self.train_set), self.cfg.batch_size, self.cfg.seed, epoch)
+        if self.world == 1:
+            return batches
+        return batches[:len(batches) - len(batches) % self.world][self.rank::self.world]
 
     def micro_batches(self):
         """The run's next `grad_accum` micro-batches, on into the next epoch when one ends;
@@ -147,6 +158,8 @@ class Trainer:
             parts["loss_ce"] += ce / n
             parts["loss_kd"] += kd / n
             tokens += int(batch["attention_mask"].sum())
+        if self.world > 1:
+            tokens = self.all_reduce_grads(parts, tokens)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         gn = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         if math.isfinite(parts["loss"]) and math.isfinite(gn):
@@ -159,6 +172,45 @@ class Trainer:
         self.prog.step += 1
         return dict(parts, grad_norm=gn, tokens=tokens, skipped_steps=self.skipped_steps,
                     bad_samples=len(self.bad_rows))
+
+    def all_reduce_grads(self, parts: dict, tokens: int) -> int:
+        """Average the gradients and loss parts over the ranks (one all_reduce of a flat buffer
+        per optimizer step, as DistributedDataParallel's buckets do, after the whole gradient
+        accumulation); returns the tokens of all ranks. A parameter keeps no gradient only
+        where no rank gave it one, as in a lone process."""
+        import torch.distributed as dist
+        grads = [p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else p.grad for p in self.params]
+        present = torch.tensor([g is not None for g in grads], dtype=torch.float32)
+        names = ("loss", "loss_kv", "loss_ce", "loss_kd")
+        flat = torch.cat([torch.zeros(p.numel(), device=p.device, dtype=p.dtype) if g is None else g.reshape(-1)
+                          for p, g in zip(self.params, grads)]
+                         + [torch.tensor([parts[k] for k in names] + [float(tokens)], device=self.device)])
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flat)
+        flat /= self.world
+        pos = 0
+        for p, there in zip(self.params, present.tolist()):
+            n = p.numel()
+            p.grad = flat[pos:pos + n].view_as(p).clone() if there else None
+            pos += n
+        for k, v in zip(names, flat[pos:pos + 4].tolist()):
+            parts[k] = v
+        return int(round(float(flat[pos + 4]) * self.world))
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a stop asked of one process stops them all at the
+        same step)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
 
     def note_bad_rows(self, rows: list[int]) -> None:
         for r in rows:
@@ -207,6 +259,12 @@ class Trainer:
             raise KavaError(f"--resume {path}: " + "; ".join(f"{k} was {old!r}, this run asks for {new!r}"
                                                             for k, (old, new) in refused.items())
                             + ". A resume keeps these; give the checkpoint's values or start a new run folder")
+        trained_by = saved["progress"].get("world_size", 1)
+        if trained_by != self.world:
+            how = f"torchrun --nproc-per-node {trained_by}" if trained_by > 1 else "no torchrun"
+            raise KavaError(f"--resume {path}: written by {trained_by} process(es) and this run has {self.world}; "
+                            f"each rank's place in the data order depends on that number, so resume with "
+                            f"{trained_by} ({how}), or start a new run folder")
         self.prog = load_checkpoint(path, self.model, self.distiller, self.opt, self.sched)
         self.apply_optimizer_settings()
         self.echo(f"resumed from {path} at step {self.prog.step}" + (
@@ -231,10 +289,18 @@ class Trainer:
                                 "last checkpoint is as it was; lower the learning rates")
 
     def save(self, run: Path) -> Path:
-        self.check_weights_finite()
-        return save_checkpoint(run, self.prog, self.model, self.tok, self.distiller, self.opt, self.sched,
-                               self.cfg, self.fingerprints)
+        """A checkpoint, written by rank 0 alone (the ranks hold equal weights); the others
+        wait until it is complete."""
+        path = run / f"step-{self.prog.step:06d}"
+        if self.rank == 0:
+            self.check_weights_finite()
+            path = save_checkpoint(run, self.prog, self.model, self.tok, self.distiller, self.opt, self.sched,
+                                   self.cfg, self.fingerprints)
+        self.barrier()
+        return path
 
     def save_final(self, run: Path) -> None:
-        self.check_weights_finite()
-        save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)
+        if self.rank == 0:
+            self.check_weights_finite()
+            save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)
+        self.barrier()

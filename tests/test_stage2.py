@@ -608,3 +608,46 @@ def test_bottleneck_refuses_a_layer_map_and_the_relation_loss(student_dir, cache
         TrainConfig(student="s", caches=["c"], projector="bottleneck", loss="relation")
     with pytest.raises(ValueError, match="layer_weights weigh student layers"):
         TrainConfig(student="s", caches=["c"], projector="bottleneck", layer_weights=[1, 0])
+
+
+def torchrun(args, nproc=2, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--standalone", "-m", "stage2_train", *args], env=env,
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+
+
+def test_two_gloo_ranks_under_torchrun_equal_one_process_with_the_same_global_batch(student_dir, caches, tmp_path):
+    """2 ranks x batch 4 x grad_accum 1 against one process x batch 4 x grad_accum 2: the same
+    micro-batches per step (dealt round-robin), gradients averaged by one all_reduce."""
+    common = ["--student", str(student_dir), "--cache", str(caches["qwen"]), "--device", "cpu", "--no-progress",
+              "--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--eval-samples", "8",
+              "--lr-projector", "3e-3"]
+    one = run(student_dir, [caches["qwen"]], tmp_path / "one", batch_size=4, grad_accum=2, max_steps=6,
+              log_every=1)
+    r = torchrun([*common, "--out", str(tmp_path / "two"), "--save-every", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]                 # one metrics file, rank 0's
+    for a, b in zip(one, two):                # measured: equal to ~1e-7 (float sums in another order)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert a["loss_kv"] == pytest.approx(b["loss_kv"], rel=1e-5)
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final" / "student").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final" / "student").state_dict()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert sorted(p.name for p in (tmp_path / "two").glob("step-*")) == ["step-000003", "step-000006"]
+    assert "2 processes (torchrun), one data-parallel rank each: global batch 2 x 1 x 4 samples" in r.stdout + r.stderr
+    # resumed from step 3 by 2 ranks: the same steps 4-6
+    r = torchrun([*common, "--out", str(tmp_path / "two"), "--resume", str(tmp_path / "two" / "step-000003")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(two, again):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
+    # one process cannot take over the data order of two
+    with pytest.raises(KavaError, match=r"written by 2 process\(es\) and this run has 1; .* resume with 2 "
+                                        r"\(torchrun --nproc-per-node 2\)"):
+        run(student_dir, [caches["qwen"]], tmp_path / "two", batch_size=4, max_steps=6, resume="auto")
