@@ -3,6 +3,8 @@
 1. cache: step time when batches are read from the cache (DataLoader) divided by the step time
    with the same batches already collated in memory (goal <= 1.05); tiny models.
 2. host memory (RSS) at the start and at the end of an epoch read from the cache (flat).
+   int4: step time reading from an int4 cache (kava_common.recompress of the same float16 cache,
+   dequantized by the reader) over the float16 one (goal <= 1.05); tiny models.
 3. online: stage-2 step time divided by the online step that runs the teacher's forward in the
    loop to get the same K/V, as the seed did (goal <= 0.5 at real shapes: Qwen2.5-0.5B student,
    Qwen2.5-1.5B teacher, random weights).
@@ -11,6 +13,7 @@
 
     python bench/bench_train.py                      # all (the real-shape part takes a few minutes)
     python bench/bench_train.py --parts cache,memory
+    python bench/bench_train.py --parts int4
 """
 
 from __future__ import annotations
@@ -105,6 +108,41 @@ def bench_cache(root: Path, steps: int, workers: int):
     return ratio
 
 
+def bench_int4(root: Path, steps: int, workers: int):
+    """Step time reading batches from an int4 cache (dequantized by the reader) over the same
+    steps from the float16 cache it was derived from (goal <= 1.05)."""
+    from transformers import AutoModelForCausalLM
+    from kava_common.recompress import RecompressArgs, recompress
+    sdir, f16, tok = build_tiny(root, 512)
+    q4 = recompress(RecompressArgs(cache=str(f16), kv_quant="int4", progress=False), log=lambda *a: None)
+    trs = {}
+    for name, cache in (("float16", f16), ("int4", q4)):
+        cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device="cpu", progress=False)
+        with kava_common.no_hf_progress_bars():
+            student = AutoModelForCausalLM.from_pretrained(sdir)
+        trs[name] = BenchTrainer(cfg, student, tok)
+        for b in trs[name].bench_loader(3, workers):
+            trs[name].step(b)                               # warm-up
+    times = {"float16": [], "int4": []}
+    for r in range(4):                                      # alternate the order each round
+        for name in (("float16", "int4") if r % 2 == 0 else ("int4", "float16")):
+            t0 = time.perf_counter()
+            for b in trs[name].bench_loader(steps, workers):
+                trs[name].step(b)
+            times[name].append(time.perf_counter() - t0)
+    ratio = min(times["int4"]) / min(times["float16"])
+    paired = statistics.median(q / f for q, f in zip(times["int4"], times["float16"]))
+    print(f"int4 cache: {steps} steps of batch 8, workers {workers}: int4 {min(times['int4']):.2f} s, float16 "
+          f"{min(times['float16']):.2f} s; ratio {ratio:.3f} (goal <= 1.05), median of paired runs {paired:.3f}; "
+          f"cache bytes {open_cache_bytes(q4) / 1e6:.1f} MB vs {open_cache_bytes(f16) / 1e6:.1f} MB")
+    return ratio
+
+
+def open_cache_bytes(path) -> int:
+    from kava_common.cache import open_cache
+    return open_cache(path).manifest["total_bytes"]
+
+
 def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings: bool = False,
                  batch: int = 2, teacher_kind: str = "fp32"):
     """Offline (cache) step vs online step (teacher forward in the loop) at real shapes.
@@ -194,7 +232,7 @@ def bench_memory():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="cache,memory,online")
+    p.add_argument("--parts", default="cache,int4,memory,online")
     p.add_argument("--steps", type=int, default=20, help="steps per timing in the cache part")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers in the cache part")
     p.add_argument("--online-steps", type=int, default=3)
@@ -211,6 +249,8 @@ def main(argv=None):
     parts = a.parts.split(",")
     if "cache" in parts:
         bench_cache(root / "tiny", a.steps, a.workers)
+    if "int4" in parts:
+        bench_int4(root / "int4", a.steps, a.workers)
     if "memory" in parts:
         bench_memory()
     if "online" in parts:

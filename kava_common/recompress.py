@@ -35,11 +35,17 @@ class RecompressArgs:
 
 
 def parent_identity(m: dict) -> kc.CacheIdentity:
-    """The identity stage 1 gave the parent, rebuilt from its manifest and checked against
-    its fingerprint."""
+    """The identity stage 1 gave the parent (recorded in its manifest, or rebuilt from the
+    manifest of a cache written before it was recorded), checked against its fingerprint."""
+    if "identity" in m:
+        ident = kc.CacheIdentity(**{**m["identity"], "logits_topk": m["identity"].get("logits_topk", 0),
+                                    "kv_quant": m["identity"].get("kv_quant")})
+        if ident.fingerprint == m["fingerprint"]:
+            return ident
     t = m["teacher"]
+    quant = {k: v for k, v in t["quantization"].items() if k not in ("cpu_kernel", "cpu_plain_modules")}
     ident = kc.CacheIdentity(
-        teacher={k: t.get(k) for k in ("name", "revision", "weights")}, quantization=t["quantization"],
+        teacher={k: t.get(k) for k in ("name", "revision", "weights")}, quantization=quant,
         tokenizer_sha256=m["tokenizer"]["sha256"], dataset={k: v for k, v in m["dataset"].items() if k != "seed"},
         prompt_template=m["prompt_template"], max_length=m["max_length"], layers=list(m["layers"]),
         kv_dtype=m["kv_dtype"], format=m["format"], shard_mb=m.get("shard_mb", 128.0),   # the default, if unrecorded

@@ -89,7 +89,7 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         first += e.num_samples
     fp = identity.fingerprint
     return {
-        "schema_version": identity.schema_version, "fingerprint": fp,
+        "schema_version": identity.schema_version, "fingerprint": fp, "identity": identity.to_dict(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher": teacher, "tokenizer": tokenizer, "dataset": dataset,
         "prompt_template": identity.prompt_template, "segments": list(SEGMENTS),
