@@ -74,3 +74,22 @@ def test_sweep_run_names_are_distinct_for_distinct_settings():
     assert len(set(names)) == len(names) == 8
     assert run_name({"loss": "mse", "kv_weight": 0.1}) == "loss-mse_kv_weight-0.1"   # readable as it was
     assert run_name({"layer_weights": [1, 10]}).startswith("layer_weights-110-")
+
+
+def test_original_bottleneck_config_holds_the_original_projector():
+    cfg = load_config(str(CONFIGS / "original_bottleneck.yaml"), {"caches": ["C"]})
+    assert (cfg.projector, cfg.bottleneck_hidden, cfg.bottleneck_dropout, cfg.direction) == \
+        ("bottleneck", 14336, 0.1, "teacher_to_student")
+    assert (cfg.batch_size, cfg.grad_accum, cfg.lr_student, cfg.lr_projector) == (2, 16, 5e-5, 1e-3)
+
+
+def test_runs_dir_from_the_environment_sits_below_yaml_and_flags(tmp_path, monkeypatch):
+    from stage2_train.__main__ import cli
+    from stage2_train import train as train_mod
+    seen = []
+    monkeypatch.setattr(train_mod, "main", lambda cfg: seen.append(cfg.out))
+    monkeypatch.setenv("KAVA_RUNS_DIR", str(tmp_path / "runs"))
+    assert cli(["--student", "S", "--cache", "C"]) == 0
+    assert cli(["--student", "S", "--cache", "C", "--config", write_yaml(tmp_path, "out: from-yaml\n")]) == 0
+    assert cli(["--student", "S", "--cache", "C", "--out", "from-flag"]) == 0
+    assert seen == [str(tmp_path / "runs" / "run"), "from-yaml", "from-flag"]
