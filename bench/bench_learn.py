@@ -141,6 +141,26 @@ def prepare(root: Path, reg: dict, log) -> dict:
     return paths
 
 
+def teacher_certainty(cache: str, every: int = 8) -> dict:
+    """How much the cached teacher distribution says beyond the label, on the answer tokens of
+    every `every`-th sample: mean top-1 probability, the share of tokens above 0.99, the
+    entropy of the top-K (nats) and how often the teacher's top token is the text's."""
+    from kava_common.cache import open_cache
+    c = open_cache(cache)
+    top1, ent, agree = [], [], []
+    for i in range(0, len(c), every):
+        s = c[i]
+        a = s["token_segments"]["reasoning"][0]
+        p = s["topk_logprobs"][a - 1:-1].exp()                     # predicting the answer's tokens
+        q = p / p.sum(-1, keepdim=True)
+        top1.append(p[:, 0])
+        ent.append(-(q * q.clamp(min=1e-12).log()).sum(-1))
+        agree.append((s["topk_ids"][a - 1:-1, 0] == s["input_ids"][a:]).double())
+    t, e, g = torch.cat(top1), torch.cat(ent), torch.cat(agree)
+    return {"tokens": len(t), "top1": float(t.mean()), "above_099": float((t > 0.99).double().mean()),
+            "entropy": float(e.mean()), "argmax_is_text": float(g.mean())}
+
+
 def fill(value, paths: dict):
     """The arm's settings with {placeholders} (caches, student) replaced by prepared paths."""
     if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
@@ -291,6 +311,12 @@ def report(root: Path, reg: dict, paths: dict, sections, chosen: str, wall: floa
              f"{reg['student']['settings']['max_steps']} steps x batch {reg['student']['settings']['batch_size']}, "
              f"seeds {reg['seeds']}. Teachers (200 validation problems): "
              + ", ".join(f"{n} {paths[f'teacher_{n}_acc']:.3f}" for n in reg["teachers"]) + "."]
+    if "cache_qwen2" in paths:
+        c = teacher_certainty(paths["cache_qwen2"])
+        lines.append(f"The Qwen2 teacher's cached next-token distribution on the answer tokens ({c['tokens']} tokens "
+                     f"of every 8th sample): mean top-1 probability {c['top1']:.4f}, {c['above_099']:.1%} of "
+                     f"tokens above 0.99, top-K entropy {c['entropy']:.4f} nats, top token = the text's "
+                     f"{c['argmax_is_text']:.2%}: what logit distillation can add to the labels.")
     for title, rows in sections:
         lines += ["", f"{title}:", "", *table(rows)]
     lines += ["", f"Chosen on validation by the pre-registered rule: {reg['arms'][chosen]['what']} ({chosen})."]
