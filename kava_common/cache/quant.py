@@ -80,11 +80,6 @@ def _grouped(x: torch.Tensor, q: KVQuant):
     return codes.to(torch.uint8).reshape(*x.shape[:-1], -1)[..., :n], scale, low
 
 
-def _expand(t: torch.Tensor, g: int, n: int) -> torch.Tensor:
-    """A per-group value repeated over its group's `g` entries of the last dimension, cut to n."""
-    return t.float().repeat_interleave(g, dim=-1)[..., :n]
-
-
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes
@@ -110,10 +105,8 @@ def quantize_k(k: torch.Tensor, q: KVQuant) -> dict[str, torch.Tensor]:
 def dequantize_k(codes, scale, low, q: KVQuant, dtype=torch.float32) -> torch.Tensor:
     """Keys (T, H, D) back from quantize_k's tensors (scale, low: (groups, H, D))."""
     c = unpack(codes, q.bits).float()                                  # (T, H, D)
-    t = c.shape[0]
-    s = _expand(scale.permute(1, 2, 0), q.group, t).permute(2, 0, 1)
-    lo = _expand(low.permute(1, 2, 0), q.group, t).permute(2, 0, 1)
-    return (c * s + lo).to(dtype)
+    group = torch.arange(c.shape[0]) // q.group                        # each token's key group
+    return (c * scale[group].float() + low[group].float()).to(dtype)
 
 
 def quantize_v(v: torch.Tensor, q: KVQuant) -> dict[str, torch.Tensor]:
@@ -129,8 +122,9 @@ def quantize_v(v: torch.Tensor, q: KVQuant) -> dict[str, torch.Tensor]:
 def dequantize_v(codes, scale, low, q: KVQuant, dtype=torch.float32) -> torch.Tensor:
     """Values (T, H, D) back from quantize_v's tensors (scale, low: (T, H, D / group))."""
     c = unpack(codes, q.bits).float()
-    g = q.v_group(c.shape[-1])
-    return (c * _expand(scale, g, c.shape[-1]) + _expand(low, g, c.shape[-1])).to(dtype)
+    t, h, d = c.shape
+    c = c.view(t, h, -1, q.v_group(d))                                 # (T, H, groups, G)
+    return (c * scale.float()[..., None] + low.float()[..., None]).view(t, h, d).to(dtype)
 
 
 def stored_bytes_per_token(q: KVQuant | None, heads: int, head_dim: int, layers: int,
