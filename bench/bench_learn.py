@@ -1,6 +1,6 @@
 """What distillation from a stage-1 cache buys a student, with power: one command, resumable.
 
-    python bench/bench_learn.py                  # everything: about 90 min on 2 CPU cores
+    python bench/bench_learn.py                  # everything: about 75 min on 2 CPU cores
     python bench/bench_learn.py --phase validation   # teachers, caches and the validation arms only
 
 The design is fixed in bench/bench_learn_prereg.yaml (arms, settings, metric, decision rule), which
