@@ -120,7 +120,8 @@ def prepare(root: Path, reg: dict, log) -> dict:
             "b": tiny.train_tokenizer(corpus[::-1][:2000], vocab_size=600, add_bos=True)}
     paths = {}
     for name, spec in reg["teachers"].items():
-        tpath = build_teacher(root, f"teacher-{name}", spec, task, toks[spec["tokenizer"]], log)
+        trained = spec.get("same_as", name)         # another stage-1 setting of a teacher already there
+        tpath = build_teacher(root, f"teacher-{trained}", spec, task, toks[spec["tokenizer"]], log)
         ev = tpath / "eval-validation.jsonl"
         r = evaluate(str(tpath), task["dataset"], "validation", 200, batch_size=100, max_new_tokens=task["max_new_tokens"],
                      out=ev, device="cpu", progress=False) if not ev.is_file() else None
@@ -300,8 +301,13 @@ def main(argv=None):
     if a.phase == "all":
         log("test arms")
         arms = list(dict.fromkeys([*reg["test"], chosen]))
-        test = compare(run_arms(root, arms, "test", reg, paths, pool, threads, log), base)
+        raw = run_arms(root, arms, "test", reg, paths, pool, threads, log)
+        test = compare(raw, base)
         sections.append((f"test ({reg['eval']['test']} problems x {len(reg['seeds'])} seeds)", test))
+        for arm, other in reg.get("also_compare", []):      # arm - other, paired as every arm is with ce
+            scores = {r["arm"]: r["scores"] for r in raw}
+            d = paired_bootstrap(scores[arm], scores[other])
+            log(f"test, {arm} - {other}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
     report(root, reg, paths, sections, chosen, time.perf_counter() - t0, log)
 
 
