@@ -61,6 +61,8 @@ class Trainer:
         set_trainable(model, cfg)
         self.model, self.tok = model.train(), tok
         self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers).to(self.device)
+        echo(f"projectors ({cfg.projector}, {cfg.direction}): "
+             f"{sum(p.numel() for p in self.distiller.parameters()):,} trainable parameters")
         self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t["distilled"]}), self.s_geo)
         self._build_data()
         self.opt = make_optimizer(cfg, model, self.distiller)

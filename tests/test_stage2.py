@@ -594,7 +594,12 @@ def test_bottleneck_projector_trains_and_resumes_to_the_same_losses(student_dir,
     cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "b"),
                       device="cpu", progress=False, eval_samples=8, **kw)
     train(cfg, echo=stop_at_3)
-    train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lambda *a: None)
+    lines = []
+    train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lines.append)
+    # teacher 3 layers x 2 heads x 32 = 192 values, student 2 x 1 x 16 = 32, hidden 64: K and V each
+    n_in, n_out = (192, 32) if direction == "teacher_to_student" else (32, 192)
+    each = 2 * n_in + n_in * 64 + 64 + 64 * n_out + n_out
+    assert f"projectors (bottleneck, {direction}): {2 * each:,} trainable parameters" in lines
     resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(straight, resumed):
