@@ -23,6 +23,7 @@ import torch
 from kava_common import KavaError, check_output_folder, software_versions
 from kava_common import cache as kcache
 from kava_common.cache import CacheIdentity, CacheSample, ShardEntry
+from kava_common.cache.quant import stored_bytes_per_token
 from kava_common.data import Rows, load_rows, tokenizer_identity
 from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
@@ -140,16 +141,24 @@ def estimate_and_check_disk(cfg: ExtractConfig, job: TeacherJob, todo: list[int]
     still to write does not fit (unless --no-disk-check)."""
     g, samples = job.geometry, job.samples
     kv_bpt = g.bytes_per_token(cfg.kv_dtype, job.layers)
+    q = cfg.quant
+
+    def kv_bytes(n_tokens: int) -> float:          # one sample's K/V as stored (codes and groups)
+        if q is None:
+            return n_tokens * kv_bpt
+        return n_tokens * stored_bytes_per_token(q, g.num_kv_heads, g.head_dim, len(job.layers),
+                                                 tokens_per_sample=n_tokens)
 
     def est(idx):
-        return sum(len(samples[j].ids) * (kv_bpt + kcache.META_BYTES_PER_TOKEN) + len(samples[j].text.encode())
-                   for i in idx for j in job.shards[i])
+        return sum(kv_bytes(len(samples[j].ids)) + len(samples[j].ids) * (kcache.META_BYTES_PER_TOKEN
+                   + 8 * cfg.logits_topk) + len(samples[j].text.encode()) for i in idx for j in job.shards[i])
     total_est, left_est = est(range(len(job.shards))), est(todo)
     free = shutil.disk_usage(job.cache_dir).free
     n_tokens = sum(len(s.ids) for s in samples)
     log(f"[{job.name}] {len(samples)} samples, {n_tokens} tokens, {g.num_layers} layers "
         f"({len(job.layers)} kept) x {g.num_kv_heads} KV heads x head_dim {g.head_dim}, "
-        f"{kv_bpt} B/token as {cfg.kv_dtype}: estimated cache {_gb(total_est)}, still to write "
+        f"{kv_bpt} B/token as {cfg.kv_dtype}" + (f" (quantized to {cfg.kv_quant})" if q else "")
+        + f": estimated cache {_gb(total_est)}, still to write "
         f"{_gb(left_est)}, free {_gb(free)}; {done}/{len(job.shards)} shards already done"
         + (f"; this process takes {len(job.mine)} (part {cfg.shard_index} of {cfg.num_shards})"
            if cfg.num_shards > 1 else "")
