@@ -656,3 +656,32 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process_with_the_same_global_ba
     with pytest.raises(KavaError, match=r"written by 2 process\(es\) and this run has 1; .* resume with 2 "
                                         r"\(torchrun --nproc-per-node 2\)"):
         run(student_dir, [caches["qwen"]], tmp_path / "two", batch_size=4, max_steps=6, resume="auto")
+
+
+def test_bottleneck_with_another_tokenizer_layer_weights_and_its_memory(student_dir, caches, tmp_path):
+    """The bottleneck over an other-tokenizer (aligned) cache, with per-student-layer loss
+    weights, and the memory estimate counting its parameters (4 bytes x weights, gradients and
+    two AdamW moments)."""
+    from stage2_train.build import memory_estimate
+    from stage2_train.trainer import Trainer
+    m = run(student_dir, [caches["llama"]], tmp_path / "r", projector="bottleneck", direction="teacher_to_student",
+            layer_weights=[0.0, 1.0], bottleneck_hidden=32, max_steps=4, log_every=2, lr_projector=1e-2)
+    assert m[-1]["loss_kv"] < m[0]["loss_kv"]
+    cfg = TrainConfig(student=str(student_dir), caches=[str(caches["llama"])], out=str(tmp_path / "e"),
+                      device="cpu", progress=False, projector="bottleneck", bottleneck_hidden=32,
+                      direction="teacher_to_student", eval_samples=8, layer_weights=[0.0, 1.0])
+    tr = Trainer(cfg, echo=lambda *a: None)
+    n = sum(p.numel() for p in tr.distiller.parameters())
+    line = memory_estimate(cfg, tr.teachers, torch.float32, torch.device("cpu"))
+    assert f"projector {n * 16 / 1024 ** 3:.2f}" in line
+    # layer weights: student layer 0 weighs nothing, so its pairs leave the K/V loss unchanged
+    from stage2_train.data import collate
+    batch = collate([tr.data[0], tr.data[1]], pad_id=0)
+    with torch.no_grad(), tr.cap:
+        tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    tr.distiller.eval()
+    with torch.no_grad():
+        loss, pairs = tr.distiller(batch, tr.cap, torch.device("cpu"))
+    only_last = [p for p in pairs if p["layer"] == 1][0]
+    assert float(loss) == pytest.approx(float(tr.distiller._kv(*only_last["k"], *only_last["v"], only_last["mask"])),
+                                        rel=1e-6)
