@@ -17,7 +17,7 @@ import torch
 
 from . import KavaError, software_versions
 from . import cache as kc
-from .cache.quant import KV_QUANT, KVQuant
+from .cache.quant import KV_QUANT, KV_TENSORS, KVQuant
 from .cli import parse_settings, setting
 from .geometry import DTYPES, KVGeometry
 
@@ -117,25 +117,22 @@ def _write_shards(src, dest: Path, ident, layers: list[int], q, done: dict, prog
         e = kc.ShardEntry(index=i, fingerprint=ident.fingerprint, rows=pe["rows"], bad_samples=pe["bad_samples"],
                           num_samples=pe["num_samples"], tokens=pe["tokens"])
         if q is not None:
-            floats = tensors
-            tensors = kc.quantize_shard(floats, layers, q)
-            e.quant = kc.shard_report(floats, tensors, layers, q)
+            tensors, e.quant = kc.quantize_shard(tensors, layers, q)
         entries.append(kc.write_shard(dest, ident.format, tensors, e))
     return entries
 
 
 def _float_shard(src, sh, layers: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A parent shard's tensors with float K/V (N, H, D) of `layers` in `dtype`."""
-    names = [n for n in sh.names() if n.split(".")[0] not in ("k", "v", "k_scale", "k_low", "v_scale", "v_low")
-             and n != "k_group_offsets"]
+    names = [n for n in sh.names() if n.split(".")[0] not in KV_TENSORS and n != "k_group_offsets"]
     out = {n: sh.read(n).clone() for n in names}
     off = out["sample_offsets"].tolist()
     q = src.kv_quant
+    g = sh.read("k_group_offsets").tolist() if q is not None else None
     for l in layers:
         if q is None:
             k, v = sh.read(f"k.{l}").to(dtype), sh.read(f"v.{l}").to(dtype)
         else:
-            g = sh.read("k_group_offsets").tolist()
             parts = [kc.quant.read_layer(sh.read, l, (off[j], off[j + 1]), (g[j], g[j + 1]), q, dtype)
                      for j in range(len(off) - 1)]
             k, v = (torch.cat([p[x] for p in parts]) for x in (0, 1))

@@ -122,9 +122,7 @@ def finish_shard(item: ShardItem, samples: list[CacheSample], meta: dict, views:
     With `quant` (a KVQuant), the K/V are quantized here too, and the shard serialised."""
     item = _screen(item, samples, meta, views, bufs, per_token)
     if quant is not None:
-        floats = item.tensors
-        item.tensors = kcache.quantize_shard(floats, list(bufs), quant)
-        item.entry.quant = kcache.shard_report(floats, item.tensors, list(bufs), quant)
+        item.tensors, item.entry.quant = kcache.quantize_shard(item.tensors, list(bufs), quant)
         item.layout = None
     return item
 

@@ -76,3 +76,14 @@ def test_a_layer_subset_in_another_dtype_and_bad_settings(parent, tmp_path, caps
                        log=lambda *a: None)
         recompress(RecompressArgs(cache=str(q), out=str(tmp_path), kv_quant="int4", progress=False),
                    log=lambda *a: None)
+
+
+def test_a_quantized_parent_recompresses_from_its_dequantized_values(parent, tmp_path):
+    q8 = recompress(RecompressArgs(cache=str(parent), out=str(tmp_path), kv_quant="int8", kv_quant_group=8,
+                                   progress=False), log=lambda *a: None)
+    back = recompress(RecompressArgs(cache=str(q8), out=str(tmp_path / "f"), kv_dtype="float32", layers=[0],
+                                     progress=False), log=lambda *a: None)
+    a, b = open_cache(q8, layers=[0], kv_dtype=torch.float32), open_cache(back)
+    assert b.manifest["kv_quant"] is None and b.manifest["kv_dtype"] == "float32" and len(b) == len(a)
+    for i in range(len(a)):
+        assert torch.equal(a[i]["k"], b[i]["k"]) and torch.equal(a[i]["v"], b[i]["v"])

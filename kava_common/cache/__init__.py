@@ -15,7 +15,7 @@ from .format import (ALIGN, CHECKSUM, FORMATS, MANIFEST, META_BYTES_PER_TOKEN, R
                      expected_checksum, round_up, shard_layout, shard_name, shard_tensors,
                      sidecar_name)
 from .manifest import CacheIdentity, ShardEntry, build_manifest, fingerprint, is_complete
-from .quant import KV_QUANT, KVQuant, quantize_shard, shard_report
+from .quant import KV_QUANT, KVQuant, quantize_shard
 from .read import KVCache, open_cache
 from .verify import verify_cache
 from .write import (aligned_bytes, atomic_write_text, completed_shards, remove_partial_files,
@@ -26,7 +26,7 @@ __all__ = [
     "SCHEMA_VERSION", "CacheSample", "ShardLayout", "checksum_bytes", "checksum_file",
     "expected_checksum", "round_up", "shard_layout", "shard_name", "shard_tensors", "sidecar_name",
     "CacheIdentity", "ShardEntry", "build_manifest", "fingerprint", "is_complete",
-    "KVCache", "open_cache", "verify_cache", "KV_QUANT", "KVQuant", "quantize_shard", "shard_report",
+    "KVCache", "open_cache", "verify_cache", "KV_QUANT", "KVQuant", "quantize_shard",
     "aligned_bytes", "atomic_write_text", "completed_shards", "remove_partial_files",
     "write_bytes", "write_laid_out_shard", "write_manifest", "write_shard",
 ]

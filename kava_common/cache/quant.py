@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 KV_QUANT = ("none", "int8", "int4")
+# the per-layer tensors of K/V in a shard, `{prefix}.{layer}` (the codes in k./v. when quantized)
+KV_TENSORS = ("k", "v", "k_scale", "k_low", "v_scale", "v_low")
 
 
 @dataclass(frozen=True)
@@ -139,17 +141,18 @@ def stored_bytes_per_token(q: KVQuant | None, heads: int, head_dim: int, layers:
     return layers * (codes + 4 * (k_groups + v_groups))
 
 
-def quantize_shard(tensors: dict[str, torch.Tensor], layers: list[int], q: KVQuant) -> dict[str, torch.Tensor]:
+def quantize_shard(tensors: dict[str, torch.Tensor], layers: list[int], q: KVQuant) -> tuple[dict, dict]:
     """A shard's tensors with each layer's float K and V (N, H, D) replaced by their codes
     (`k.{l}`, `v.{l}`) and groups (`k_scale.{l}`, `k_low.{l}`, `v_scale.{l}`, `v_low.{l}`), and
-    `k_group_offsets` (n+1,): sample j's key groups are rows [off[j], off[j+1]) of k_scale."""
+    `k_group_offsets` (n+1,): sample j's key groups are rows [off[j], off[j+1]) of k_scale;
+    with the shard's report (`shard_report`) for its manifest entry."""
     off = tensors["sample_offsets"].tolist()
     spans = list(zip(off[:-1], off[1:]))
     out = {name: t for name, t in tensors.items() if not name.startswith(("k.", "v."))}
     out["k_group_offsets"] = torch.tensor([0] + [-(-(b - a) // q.group) for a, b in spans]).cumsum(0)
     for l in layers:
         k = tensors[f"k.{l}"]
-        n, h, d = k.shape
+        _, h, d = k.shape
         parts = [quantize_k(k[a:b], q) for a, b in spans]
         empty = {"codes": torch.zeros(0, h, d * q.bits // 8, dtype=torch.uint8),
                  "scale": torch.zeros(0, h, d, dtype=torch.float16), "low": torch.zeros(0, h, d, dtype=torch.float16)}
@@ -158,7 +161,7 @@ def quantize_shard(tensors: dict[str, torch.Tensor], layers: list[int], q: KVQua
             out[name + str(l)] = torch.cat([p[part] for p in parts]) if parts else empty[part]
         v = quantize_v(tensors[f"v.{l}"], q)
         out[f"v.{l}"], out[f"v_scale.{l}"], out[f"v_low.{l}"] = v["codes"], v["scale"], v["low"]
-    return out
+    return out, shard_report(tensors, out, layers, q)
 
 
 def read_layer(read, layer: int, tokens: tuple[int, int], groups: tuple[int, int], q: KVQuant,
@@ -181,7 +184,7 @@ def shard_report(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
     and the mean cosine of dequantized to original K and V vectors, over every layer of the
     shard's first and last sample (a sample of its tokens, cheap to take while writing)."""
     kv_bytes = sum(t.numel() * t.element_size() for name, t in after.items()
-                   if name.split(".")[0] in ("k", "v", "k_scale", "k_low", "v_scale", "v_low"))
+                   if name.split(".")[0] in KV_TENSORS)
     off, goff = after["sample_offsets"].tolist(), after["k_group_offsets"].tolist()
     read = lambda name, a, b: after[name][a:b]
     cos = {"k": [], "v": []}
