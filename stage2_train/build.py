@@ -89,7 +89,9 @@ def open_teachers(cfg: TrainConfig, echo=print):
         used = sorted({ci for row in lmap for ci, _ in row})
         # re-open with only the layers the map uses; the map then indexes that subset
         remap = {ci: i for i, ci in enumerate(used)}
-        teachers.append({"cache": open_cache(c.path, layers=[m["layers"][ci] for ci in used], verify=True),
+        cache = open_cache(c.path, layers=[m["layers"][ci] for ci in used], verify=True,
+                           packed=cfg.kv_dequant == "device")
+        teachers.append({"cache": cache, "kv_quant": cache.kv_quant if cache.packed else None,
                          "distilled": [(s, [(remap[ci], w) for ci, w in row]) for s, row in enumerate(lmap) if row],
                          "heads": m["num_kv_heads"], "head_dim": m["head_dim"],
                          "fingerprint": m["fingerprint"], "path": str(c.path)})

@@ -97,6 +97,9 @@ class TrainConfig:
     precision: str = setting("auto", "auto: bf16 autocast on a bf16 GPU, else fp32",
                              choices=("auto", "fp32", "bf16"))
     num_workers: int = setting(0, "DataLoader workers reading the caches ahead of the step")
+    kv_dequant: str = setting("device", "K/V of a --kv-quant cache: dequantized where the step runs, from "
+                              "the codes (device: a quarter of the bytes to move for int4), or by the data "
+                              "loader into float16 (loader)", choices=("device", "loader"))
     report_to: str = setting("none", "tensorboard: also write the metrics as TensorBoard scalars in "
                              "RUN/tensorboard/", choices=("none", "tensorboard"))
     progress: bool = setting(True, "show a progress bar")
@@ -166,6 +169,8 @@ class TrainConfig:
         for name in ("ce_tokens", "kd_tokens"):
             if getattr(self, name) not in ("answer", "all"):
                 p.append(f"{name} {getattr(self, name)!r}: answer or all")
+        if self.kv_dequant not in ("device", "loader"):
+            p.append(f"kv_dequant {self.kv_dequant!r}: device or loader")
         if self.kv_tokens not in ("all", "reasoning"):
             p.append(f"kv_tokens {self.kv_tokens!r}: all or reasoning")
         if self.ce_chunk < 0:

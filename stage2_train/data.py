@@ -103,7 +103,8 @@ class DistillData(torch.utils.data.Dataset):
         ids, ce_mask, kv_mask, aligns = self._plan[i]
         teachers = []
         for s, (A, valid) in zip(full, aligns):
-            t = {"k": s["k"], "v": s["v"], "A": None if A is None else A.to_dense(), "valid": valid}
+            kv = {"kq": s["kq"]} if "kq" in s else {"k": s["k"], "v": s["v"]}
+            t = {**kv, "A": None if A is None else A.to_dense(), "valid": valid}
             if "topk_ids" in s:
                 t["topk_ids"], t["topk_logprobs"] = s["topk_ids"], s["topk_logprobs"]
             teachers.append(t)
@@ -153,21 +154,29 @@ def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, 
     return token_spans(list(char_segments.values()), offs.numpy())
 
 
+def finite_kv(t: dict) -> bool:
+    """A teacher's K/V are finite: the tensors, or the groups of packed codes."""
+    if "kq" in t:
+        return all(all_finite(t["kq"][n]) for n in ("k_scale", "k_low", "v_scale", "v_low"))
+    return all_finite(t["k"]) and all_finite(t["v"])
+
+
 def finite_teacher_kv(sample: dict) -> bool:
-    return all(all_finite(t["k"]) and all_finite(t["v"]) for t in sample["teachers"])
+    return all(finite_kv(t) for t in sample["teachers"])
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Pad a list of samples into a batch.
 
-    input_ids, attention_mask, ce_mask, kv_mask (B, Ts); per teacher: k, v (B, L, H, Tt, D) zero-padded,
+    input_ids, attention_mask, ce_mask, kv_mask (B, Ts); per teacher: k, v (B, L, H, Tt, D) zero-padded
+    (from a cache opened packed: kq, its codes and groups (B, L, Tt or groups, H, ...) zero-padded),
     A (B, Ts, Tt) or None when every sample is identity-aligned, valid (B, Ts). A sample whose
     teacher K/V hold NaN or Inf never reaches the step: it is left out and its row listed in
     `bad_rows` (a batch of bad samples only has `empty` set). The padded batch is checked as a
     whole (padding is zeros); only a batch that fails is checked sample by sample.
     """
     out = _pad(batch, pad_id)
-    if all(all_finite(t["k"]) and all_finite(t["v"]) for t in out["teachers"]):
+    if all(finite_kv(t) for t in out["teachers"]):
         return dict(out, bad_rows=[])
     bad_rows = [b["row"] for b in batch if not finite_teacher_kv(b)]
     batch = [b for b in batch if b["row"] not in bad_rows]
@@ -189,24 +198,46 @@ def _pad(batch: list[dict], pad_id: int) -> dict:
     teachers = []
     for t in range(len(batch[0]["teachers"])):
         items = [b["teachers"][t] for b in batch]
-        tt = max(it["k"].shape[2] for it in items)
-        L, H, _, D = items[0]["k"].shape
-        k = torch.zeros((B, L, H, max(tt, ts), D), dtype=items[0]["k"].dtype)
-        v = torch.zeros_like(k)
+        lengths = [it["kq"]["k_codes"].shape[1] if "kq" in it else it["k"].shape[2] for it in items]
+        tt = max(lengths)
         valid = torch.zeros((B, ts), dtype=torch.bool)
         identity = all(it["A"] is None for it in items)
         A = None if identity else torch.zeros((B, ts, tt))
-        for i, it in enumerate(items):
-            n = it["k"].shape[2]
-            k[i, :, :, :n], v[i, :, :, :n] = it["k"], it["v"]
+        for i, (it, n) in enumerate(zip(items, lengths)):
             valid[i, :len(it["valid"])] = it["valid"]
             if not identity:
                 a = it["A"] if it["A"] is not None else torch.eye(len(it["valid"]), n)
                 A[i, :a.shape[0], :a.shape[1]] = a
-        if identity:
-            k, v = k[..., :ts, :], v[..., :ts, :]
-        else:
-            k, v = k[..., :tt, :], v[..., :tt, :]
-        teachers.append({"k": k, "v": v, "A": A, "valid": valid & attn.bool(), **_pad_topk(items, ts)})
+        width = ts if identity else tt          # identity: the teacher's positions are the student's
+        kv = _pad_packed(items, width) if "kq" in items[0] else _pad_kv(items, width)
+        teachers.append({**kv, "A": A, "valid": valid & attn.bool(), **_pad_topk(items, ts)})
     return {"input_ids": ids, "attention_mask": attn, "ce_mask": ce, "kv_mask": kvm, "teachers": teachers,
             "rows": torch.tensor([b["row"] for b in batch])}
+
+
+def _pad_kv(items: list[dict], width: int) -> dict:
+    """Teacher K and V (B, L, H, width, D), zero past each sample's end, cut at `width`."""
+    L, H, _, D = items[0]["k"].shape
+    k = torch.zeros((len(items), L, H, width, D), dtype=items[0]["k"].dtype)
+    v = torch.zeros_like(k)
+    for i, it in enumerate(items):
+        n = min(width, it["k"].shape[2])
+        k[i, :, :, :n], v[i, :, :, :n] = it["k"][:, :, :n], it["v"][:, :, :n]
+    return {"k": k, "v": v}
+
+
+def _pad_packed(items: list[dict], width: int) -> dict:
+    """Packed teacher K/V (quant.PACKED names, (B, L, rows, H, ...)): token rows cut or padded
+    to `width`, key groups padded to the most any sample has (a sample's groups start at its
+    first token, as the batch's rows do), and `lengths` (B,), each sample's token rows."""
+    out = {}
+    for name, ref in items[0]["kq"].items():
+        rows = max(it["kq"][name].shape[1] for it in items) if name in ("k_scale", "k_low") else width
+        x = torch.zeros((len(items), ref.shape[0], rows, *ref.shape[2:]), dtype=ref.dtype)
+        for i, it in enumerate(items):
+            n = min(rows, it["kq"][name].shape[1])
+            x[i, :, :n] = it["kq"][name][:, :n]
+        out[name] = x
+    # a short sample's last key group holds real scales: its padding would read back as `low`
+    out["lengths"] = torch.tensor([min(width, it["kq"]["k_codes"].shape[1]) for it in items])
+    return {"kq": out}

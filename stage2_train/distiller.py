@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kava_common.cache.quant import dequantize_batch
 from kava_common.geometry import KVGeometry
 
 from .config import TrainConfig
@@ -53,7 +54,10 @@ class Distiller(torch.nn.Module):
         attn = batch["attention_mask"].to(device).bool() & batch["kv_mask"].to(device)
         per_layer: dict[int, list] = {}
         for ti, (t, tb) in enumerate(zip(self.teachers, batch["teachers"])):
-            k, v = tb["k"].to(device, torch.float32), tb["v"].to(device, torch.float32)  # (B, L, H, Tt, D)
+            if "kq" in tb:       # codes and groups moved, dequantized here (kv_dequant device)
+                k, v = dequantize_batch({n: x.to(device) for n, x in tb["kq"].items()}, t["kv_quant"])
+            else:
+                k, v = tb["k"].to(device, torch.float32), tb["v"].to(device, torch.float32)  # (B, L, H, Tt, D)
             if tb["A"] is not None:
                 A = tb["A"].to(device)                                               # (B, Ts, Tt)
                 k = torch.einsum("bst,blhtd->blhsd", A, k)                           # (B, L, H, Ts, D)

@@ -685,3 +685,43 @@ def test_bottleneck_with_another_tokenizer_layer_weights_and_its_memory(student_
     only_last = [p for p in pairs if p["layer"] == 1][0]
     assert float(loss) == pytest.approx(float(tr.distiller._kv(*only_last["k"], *only_last["v"], only_last["mask"])),
                                         rel=1e-6)
+
+
+@pytest.fixture(scope="session")
+def int4_caches(tmp_path_factory, teacher_dir, llama_dir):
+    cfg = ExtractConfig(teachers=[str(teacher_dir), str(llama_dir)], dataset="synthetic", max_samples=72,
+                        batch_size=8, quantize=False, device="cpu", progress=False, kv_quant="int4",
+                        kv_quant_group=8, out=str(tmp_path_factory.mktemp("int4-caches")))
+    qwen, llama = extract(cfg)
+    return {"qwen": qwen, "llama": llama}
+
+
+@pytest.mark.parametrize("teacher", ["qwen", "llama"])     # same tokenizer; another one (aligned)
+def test_packed_batches_dequantize_on_the_device_to_the_loaders_values(int4_caches, tok, teacher):
+    from kava_common.cache import open_cache
+    from kava_common.cache.quant import dequantize_batch
+    from stage2_train.data import DistillData, collate
+    packed = open_cache(int4_caches[teacher], packed=True)
+    loader = open_cache(int4_caches[teacher], kv_dtype=torch.float32)
+    assert packed.packed and not loader.packed and "k" not in packed.kv(0)
+    rows = [3, 0, 17, 9]                                  # mixed lengths
+    a = collate([DistillData([packed], tok, 256)[i] for i in rows], tok.pad_token_id)["teachers"][0]
+    b = collate([DistillData([loader], tok, 256)[i] for i in rows], tok.pad_token_id)["teachers"][0]
+    k, v = dequantize_batch(a["kq"], packed.kv_quant)
+    assert k.shape == b["k"].shape and torch.equal(k, b["k"]) and torch.equal(v, b["v"])
+    assert (a["A"] is None or torch.equal(a["A"], b["A"])) and torch.equal(a["valid"], b["valid"])
+    moved = sum(x.numel() * x.element_size() for x in a["kq"].values())
+    # int4 codes are 1/4 of float16 and, at group 8, the scales and lows of K and V another 1/4
+    # (float16 K and V: 4 bytes a value for both); group 128 makes the groups' share small
+    assert moved / (b["k"].numel() * 4) == pytest.approx(0.5, abs=0.01)
+
+
+def test_stage2_from_an_int4_cache_dequantizes_on_the_device_or_in_the_loader(student_dir, int4_caches, tmp_path):
+    dev = run(student_dir, [int4_caches["qwen"]], tmp_path / "d", max_steps=20, kv_dequant="device")
+    load = run(student_dir, [int4_caches["qwen"]], tmp_path / "l", max_steps=20, kv_dequant="loader")
+    assert [r["step"] for r in dev] == [10, 20]
+    for x, y in zip(dev, load):       # the loader rounds to float16 first: the only difference
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-3) and x["cos_k"] == pytest.approx(y["cos_k"], abs=1e-3)
+    assert dev[-1]["loss_kv"] < dev[0]["loss_kv"] or dev[-1]["cos_k"] > dev[0]["cos_k"]
+    with pytest.raises(ValueError, match="kv_dequant 'gpu': device or loader"):
+        TrainConfig(student=str(student_dir), caches=[str(int4_caches["qwen"])], kv_dequant="gpu")

@@ -178,6 +178,38 @@ def read_layer(read, layer: int, tokens: tuple[int, int], groups: tuple[int, int
     return k, v
 
 
+# the packed tensors of one sample's layer as `read_packed` returns them, and their batched
+# (padded) forms that `dequantize_batch` turns into K and V on the device
+PACKED = ("k_codes", "k_scale", "k_low", "v_codes", "v_scale", "v_low")
+
+
+def read_packed(read, layer: int, tokens: tuple[int, int], groups: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """One sample's layer of a quantized shard as stored: codes (T, H, D * bits / 8), key
+    groups (ceil(T / G), H, D), value groups (T, H, D / G); see `read_layer` for the arguments."""
+    (a, b), (ga, gb) = tokens, groups
+    return {"k_codes": read(f"k.{layer}", a, b), "k_scale": read(f"k_scale.{layer}", ga, gb),
+            "k_low": read(f"k_low.{layer}", ga, gb), "v_codes": read(f"v.{layer}", a, b),
+            "v_scale": read(f"v_scale.{layer}", a, b), "v_low": read(f"v_low.{layer}", a, b)}
+
+
+def dequantize_batch(packed: dict[str, torch.Tensor], q: KVQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V (B, L, H, T, D) float32 from batched packed tensors (B, L, T or groups, H, ...),
+    wherever they are (on the GPU: only codes and groups crossed from the host), and `lengths`
+    (B,): each sample's tokens, zeros after them. Each value is code * scale + low in float32,
+    as `dequantize_k` / `dequantize_v` compute it."""
+    kc = unpack(packed["k_codes"], q.bits).float()                     # (B, L, T, H, D)
+    t = kc.shape[2]
+    # rows past every sample's end (zeroed below) may lie beyond the last group
+    group = (torch.arange(t, device=kc.device) // q.group).clamp(max=packed["k_scale"].shape[2] - 1)
+    k = kc * packed["k_scale"][:, :, group].float() + packed["k_low"][:, :, group].float()
+    vc = unpack(packed["v_codes"], q.bits).float()
+    b, l, _, h, d = vc.shape
+    vc = vc.view(b, l, t, h, -1, q.v_group(d))
+    v = (vc * packed["v_scale"].float()[..., None] + packed["v_low"].float()[..., None]).view(b, l, t, h, d)
+    inside = (torch.arange(t, device=kc.device) < packed["lengths"].to(kc.device)[:, None])[:, None, :, None, None]
+    return (k * inside).transpose(2, 3), (v * inside).transpose(2, 3)
+
+
 def shard_report(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], layers: list[int],
                  q: KVQuant) -> dict:
     """What quantizing a shard cost and saved: the bytes of its K/V tensors (codes and groups)

@@ -14,7 +14,7 @@ import torch
 from .. import KavaError
 from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS, expected_checksum
 from .verify import shard_problem
-from .quant import KVQuant, read_layer
+from .quant import PACKED, KVQuant, read_layer, read_packed
 
 
 # (path, checksum, size, mtime) of shards already checked; DataLoader workers forked after a
@@ -134,12 +134,13 @@ class KVCache:
 
     `len(cache)` samples; `cache.manifest` the manifest dict; `cache[i]` a dict with
     `input_ids` (LongTensor [T]) and `k`, `v` ([len(layers), kv_heads, T, head_dim], stored
-    dtype, or float16 dequantized from a --kv-quant cache), plus `row`, `text`, `char_offsets` [T, 2], `token_segments` and `char_segments`
+    dtype, or float16 dequantized from a --kv-quant cache; with `packed`, a quantized cache gives
+    `kq` instead: its codes and groups as stored, see `kv`), plus `row`, `text`, `char_offsets` [T, 2], `token_segments` and `char_segments`
     {name: (start, end)}, `truncated`. Files open on first use in each process, so DataLoader workers can share it.
     """
 
     def __init__(self, path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, packed: bool = False):
         self.path = Path(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
@@ -157,6 +158,7 @@ class KVCache:
         q = self.manifest.get("kv_quant")
         self.kv_quant = KVQuant(q["bits"], q["group"]) if q else None
         self.kv_dtype = kv_dtype or torch.float16
+        self.packed = packed and self.kv_quant is not None
         fmt = self.manifest["format"]
         self._shards = [_Shard(self.path / s["file"], fmt, s if verify else None)
                         for s in self.manifest["shards"]]
@@ -203,7 +205,9 @@ class KVCache:
     def kv(self, i: int) -> dict:
         """Only what a training step needs of sample i: `input_ids`, `k` and `v`, and in a cache
         made with --logits-topk `topk_ids` (LongTensor [T, K]) and `topk_logprobs` ([T, K]
-        float32, for the token after each position)."""
+        float32, for the token after each position). A quantized cache opened `packed` gives no
+        `k`, `v` but `kq`: {name: (L, ...)} for the names of quant.PACKED, each layer's tensors as
+        `quant.read_packed` returns them, for `quant.dequantize_batch` on the device."""
         shard, j = self.locate(i)
         off = shard.small("sample_offsets")
         a, b = int(off[j]), int(off[j + 1])
@@ -211,6 +215,10 @@ class KVCache:
         if self.kv_quant is None:
             out["k"] = torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers])  # (L, H, T, D)
             out["v"] = torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers])
+        elif self.packed:
+            g = shard.small("k_group_offsets")
+            per_layer = [read_packed(shard.read, l, (a, b), (int(g[j]), int(g[j + 1]))) for l in self.layers]
+            out["kq"] = {name: torch.stack([t[name] for t in per_layer]) for name in PACKED}
         else:                      # dequantized here, into kv_dtype (float16 unless the caller asked)
             g = shard.small("k_group_offsets")
             kv = [read_layer(shard.read, l, (a, b), (int(g[j]), int(g[j + 1])), self.kv_quant, self.kv_dtype)
@@ -243,10 +251,11 @@ class KVCache:
 
 
 def open_cache(path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False,
-               kv_dtype: torch.dtype | None = None) -> KVCache:
+               kv_dtype: torch.dtype | None = None, packed: bool = False) -> KVCache:
     """Open a finished cache directory; `layers` selects a subset of the stored teacher layers.
     With `verify`, each shard is checked against the manifest's size and checksum when a
     process first reads from it (stage 2 opens its caches this way). A cache with quantized
-    K/V (stage 1 --kv-quant) reads back dequantized into `kv_dtype` (default float16)."""
-    return KVCache(path, layers, verify, kv_dtype)
+    K/V (stage 1 --kv-quant) reads back dequantized into `kv_dtype` (default float16), or with
+    `packed` as stored, to be dequantized where the step runs."""
+    return KVCache(path, layers, verify, kv_dtype, packed)
 
