@@ -23,6 +23,47 @@ def test_synthetic_is_gsm8k_format_and_arithmetic_is_right():
         assert final == f"#### {last_result}"
 
 
+def test_synthetic_varied_wording_keeps_the_arithmetic():
+    varied = synthetic_problems(300, "train", seed=1, varied=True)
+    assert varied == synthetic_problems(300, "train", seed=1, varied=True)
+    assert varied[0][0].split(".")[0] == synthetic_problems(1, "train", seed=1)[0][0].split(".")[0]
+    openings, swapped = set(), 0
+    for q, a in varied:
+        assert q.endswith("have now?")
+        notes = re.findall(r"<<([^=]+)=(\d+)>>", a)
+        for expr, val in notes:
+            assert eval(expr.replace("/", "//")) == int(val), (expr, val)
+        assert a.splitlines()[-1] == "#### " + notes[-1][1]
+        openings |= {line.split()[0] for line in a.splitlines()[:-1]}
+        swapped += any(e.startswith("2*") for e, _ in notes)   # doubling written 2*x
+    assert {"Now", "So", "In", "After", "Giving", "One", "Each", "Split", "Doubled,", "Twice"} <= openings
+    assert swapped > 10
+    assert load_rows("synthetic-varied", "train", 5).answers == [a for _, a in synthetic_problems(5, varied=True)]
+
+
+def test_synthetic_slips_one_step_and_leaves_the_other_problems_alone():
+    clean = synthetic_problems(300, "train", seed=1)
+    assert synthetic_problems(300, "train", seed=1, slip_rate=0.0) == clean
+    noisy = synthetic_problems(300, "train", seed=1, slip_rate=0.3)
+    slipped = 0
+    for (q0, a0), (q, a) in zip(clean, noisy):
+        notes = [(expr, int(val)) for expr, val in re.findall(r"<<([^=]+)=(\d+)>>", a)]
+        wrong = [(expr, val) for expr, val in notes if eval(expr.replace("/", "//")) != val]
+        if (q, a) == (q0, a0):
+            assert not wrong
+            continue
+        slipped += 1
+        assert len(wrong) == 1, a                       # one slip, every later step computed from it
+        expr, val = wrong[0]
+        assert 1 <= abs(eval(expr.replace("/", "//")) - val) <= 9
+        assert a.splitlines()[-1] == "#### " + re.findall(r">>(\d+)", a)[-1]
+        assert q.split(".")[0] == q0.split(".")[0]      # the same problem up to the slip
+    assert 0.2 < slipped / 300 < 0.4
+    assert all(len(re.findall(r"<<", a)) >= 2 for _, a in synthetic_problems(50, "train", 2, slip_rate=1.0))
+    assert sum(p != c for p, c in zip(synthetic_problems(50, "train", 2, slip_rate=1.0),
+                                     synthetic_problems(50, "train", 2))) == 50
+
+
 def test_synthetic_is_seeded_and_splits_differ():
     assert synthetic_problems(20, "train", 0) == synthetic_problems(20, "train", 0)
     assert synthetic_problems(20, "train", 0) != synthetic_problems(20, "train", 1)
