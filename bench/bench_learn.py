@@ -18,8 +18,10 @@ that file differs from the committed one (--allow-uncommitted for trials) and pr
    mean paired difference to cross-entropy alone with a 95% bootstrap interval over seeds and
    problems (stage2_train.stats.paired_bootstrap), and the held-out and shuffled K/V cosines.
 5. Validation split: the headroom check (logit KD against cross-entropy) and the ablations; the
-   K/V arm with the best paired difference there is the chosen setting. Test split, once: the
-   pre-registered arms and the chosen one. Writes results.md, results.json and results.png.
+   K/V arm with the best paired difference there is the chosen setting (of tied arms, the first
+   in `choose_from`). Test split, once: the pre-registered arms and the chosen one, trained
+   again or, with `reuse_validation_students: true`, the students trained for validation scored
+   on test. Writes results.md, results.json and results.png.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 import yaml
 
-from kava_common.data import load_rows
+from kava_common.data import SYNTHETIC, load_rows, synthetic_problems
 from kava_common.prompt import format_sample
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import main as extract
@@ -118,7 +120,7 @@ def prepare(root: Path, reg: dict, log) -> dict:
     corpus = [format_sample(q, a).text for q, a in zip(rows.questions, rows.answers)]
     toks = {"a": tiny.train_tokenizer(corpus, vocab_size=512),
             "b": tiny.train_tokenizer(corpus[::-1][:2000], vocab_size=600, add_bos=True)}
-    paths = {}
+    paths = {"student_data": student_data(root, task)}
     for name, spec in reg["teachers"].items():
         trained = spec.get("same_as", name)         # another stage-1 setting of a teacher already there
         tpath = build_teacher(root, f"teacher-{trained}", spec, task, toks[spec["tokenizer"]], log)
@@ -129,7 +131,8 @@ def prepare(root: Path, reg: dict, log) -> dict:
         log(f"  teacher {name}: exact match {np.mean(scores):.3f} on 200 validation problems"
             + ("" if r else " (scored before)"))
         paths[f"teacher_{name}_acc"] = float(np.mean(scores))
-        (cache,) = extract(ExtractConfig(teachers=[str(tpath)], dataset=task["dataset"], max_samples=task["student_problems"],
+        (cache,) = extract(ExtractConfig(teachers=[str(tpath)], dataset=paths["student_data"],
+                                         max_samples=task["student_problems"],
                                          batch_size=32, max_length=256, device="cpu", progress=False,
                                          out=str(root / "caches"), **spec["stage1"]))
         paths[f"cache_{name}"] = str(cache)
@@ -140,6 +143,23 @@ def prepare(root: Path, reg: dict, log) -> dict:
             save_pretrained(tiny.build_model(cfg, seed=1000 + seed), toks["a"], init)
         paths[f"student_{seed}"] = str(init)
     return paths
+
+
+def student_data(root: Path, task: dict) -> str:
+    """The student's training problems: the data set's first `student_problems`, or with
+    `student_slip_rate` the same draws with that share holding an arithmetic slip (written to a
+    jsonl file in `root`), while the teachers learn from clean problems."""
+    rate = task.get("student_slip_rate", 0.0)
+    if not rate:
+        return task["dataset"]
+    path = root / f"student-{task['dataset']}-{task['student_problems']}-slip{rate}.jsonl"
+    if not path.is_file():
+        steps, max_start, varied = SYNTHETIC[task["dataset"]]
+        rows = synthetic_problems(task["student_problems"], "train", 0, steps, max_start, rate, varied)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+        tmp.rename(path)
+    return str(path)
 
 
 def teacher_certainty(cache: str, every: int = 8) -> dict:
@@ -173,20 +193,44 @@ def fill(value, paths: dict):
 
 def run_one(job: tuple) -> dict:
     """One seed of one arm: a one-point sweep (the student's initialisation differs by seed),
-    trained and scored on `split`; a finished run is read back, not repeated."""
-    out, sweep, threads = job
+    trained and scored on `split`; a finished run is read back, not repeated. With `trained`,
+    the folder of the same arm and seed trained for another split (same settings, checked), its
+    final student is scored on this split instead of training it again."""
+    out, sweep, threads, trained = job
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     t0 = time.perf_counter()
+    if trained is not None and (trained / "results.csv").is_file():
+        return score_trained(out, sweep, trained, t0)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     (row,) = run_sweep(out / "sweep.yaml", echo=lambda m: None, progress=False)
     per_problem = [json.loads(x)["correct"] for x in (out / row["run"] / "eval.jsonl").read_text().splitlines()]
     return {"scores": [bool(x) for x in per_problem], "wall": time.perf_counter() - t0,
             **{c: row.get(c) if row.get(c) is not None else float("nan") for c in COSINES}}
 
 
-def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, pool, threads: int, log) -> list[dict]:
-    """Every seed of every arm in `arms`, `pool` running the runs side by side."""
+def score_trained(out: Path, sweep: dict, trained: Path, t0: float) -> dict:
+    """The final student of `trained` (a finished one-point sweep) scored on `sweep`'s split."""
+    import csv
+    before = yaml.safe_load((trained / "sweep.yaml").read_text())
+    if (before["settings"], before["grid"]) != (sweep["settings"], sweep["grid"]):
+        raise SystemExit(f"error: {trained} was trained with other settings than {out}; remove one of them")
+    (row,) = list(csv.DictReader((trained / "results.csv").open()))
+    ev = out / "eval.jsonl"
+    if not ev.is_file():
+        e = sweep["eval"]
+        evaluate(str(trained / row["run"] / "final" / "student"), e["dataset"], e["split"], e["max_samples"],
+                 batch_size=e["batch_size"], max_new_tokens=e["max_new_tokens"], out=ev, device=e["device"],
+                 progress=False)
+    per_problem = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
+    return {"scores": [bool(x) for x in per_problem], "wall": time.perf_counter() - t0,
+            **{c: float(row[c]) if row.get(c) not in (None, "") else float("nan") for c in COSINES}}
+
+
+def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, pool, threads: int, log,
+             reuse: str | None = None) -> list[dict]:
+    """Every seed of every arm in `arms`, `pool` running the runs side by side; an arm already
+    trained for split `reuse` is scored, not trained again."""
     jobs = []
     for arm in arms:
         spec = reg["arms"][arm]
@@ -197,7 +241,8 @@ def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, po
                      "eval": {"dataset": reg["task"]["dataset"], "split": split, "max_samples": reg["eval"][split],
                               "batch_size": reg["eval"]["batch_size"],
                               "max_new_tokens": reg["task"]["max_new_tokens"], "device": "cpu"}}
-            jobs.append((arm, seed, (root / split / arm / f"seed-{seed}", sweep, threads)))
+            trained = root / reuse / arm / f"seed-{seed}" if reuse else None
+            jobs.append((arm, seed, (root / split / arm / f"seed-{seed}", sweep, threads, trained)))
     done = {}
     for (arm, seed, _), r in zip(jobs, pool.map(run_one, [j for *_, j in jobs])):
         done[arm, seed] = r
@@ -263,8 +308,9 @@ def plot(sections: list[tuple[str, list[dict]]], png: Path) -> None:
 
 def choose(rows: list[dict], candidates: list[str]) -> str:
     """The decision rule of the pre-registration: the candidate arm with the largest mean
-    paired difference to cross-entropy alone on validation."""
-    return max((r for r in rows if r["arm"] in candidates), key=lambda r: r["paired"]["diff"])["arm"]
+    paired difference to cross-entropy alone on validation; of tied arms, the first listed."""
+    by_arm = {r["arm"]: r for r in rows}
+    return max(candidates, key=lambda arm: (by_arm[arm]["paired"]["diff"], -candidates.index(arm)))
 
 
 def main(argv=None):
@@ -301,7 +347,8 @@ def main(argv=None):
     if a.phase == "all":
         log("test arms")
         arms = list(dict.fromkeys([*reg["test"], chosen]))
-        raw = run_arms(root, arms, "test", reg, paths, pool, threads, log)
+        raw = run_arms(root, arms, "test", reg, paths, pool, threads, log,
+                       reuse="validation" if reg.get("reuse_validation_students") else None)
         test = compare(raw, base)
         sections.append((f"test ({reg['eval']['test']} problems x {len(reg['seeds'])} seeds)", test))
         for arm, other in reg.get("also_compare", []):      # arm - other, paired as every arm is with ce
