@@ -4,7 +4,7 @@
    with the same batches already collated in memory (goal <= 1.05); tiny models.
 2. host memory (RSS) at the start and at the end of an epoch read from the cache (flat).
    int4: step time reading from an int4 cache (kava_common.recompress of the same float16 cache,
-   dequantized by the reader) over the float16 one (goal <= 1.05); tiny models.
+   dequantized in the step, and by the loader) over the float16 one (goal <= 1.05); tiny models.
 3. online: stage-2 step time divided by the online step that runs the teacher's forward in the
    loop to get the same K/V, as the seed did (goal <= 0.5 at real shapes: Qwen2.5-0.5B student,
    Qwen2.5-1.5B teacher, random weights).
@@ -109,32 +109,38 @@ def bench_cache(root: Path, steps: int, workers: int):
 
 
 def bench_int4(root: Path, steps: int, workers: int):
-    """Step time reading batches from an int4 cache (dequantized by the reader) over the same
-    steps from the float16 cache it was derived from (goal <= 1.05)."""
+    """Step time reading batches from an int4 cache over the same steps from the float16 cache
+    it was derived from (goal <= 1.05): dequantized in the step (--kv-dequant device, the
+    default) and in the loader (--kv-dequant loader)."""
     from transformers import AutoModelForCausalLM
     from kava_common.recompress import RecompressArgs, recompress
     sdir, f16, tok = build_tiny(root, 512)
     q4 = recompress(RecompressArgs(cache=str(f16), kv_quant="int4", progress=False), log=lambda *a: None)
     trs = {}
-    for name, cache in (("float16", f16), ("int4", q4)):
-        cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device="cpu", progress=False)
+    runs = {"float16": (f16, "device"), "int4": (q4, "device"), "int4-loader": (q4, "loader")}
+    for name, (cache, where) in runs.items():
+        cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device="cpu", progress=False,
+                          kv_dequant=where)
         with kava_common.no_hf_progress_bars():
             student = AutoModelForCausalLM.from_pretrained(sdir)
         trs[name] = BenchTrainer(cfg, student, tok)
         for b in trs[name].bench_loader(3, workers):
             trs[name].step(b)                               # warm-up
-    times = {"float16": [], "int4": []}
-    for r in range(4):                                      # alternate the order each round
-        for name in (("float16", "int4") if r % 2 == 0 else ("int4", "float16")):
+    times = {name: [] for name in runs}
+    for r in range(6):                                      # rotate the order each round
+        for name in list(runs)[r % 3:] + list(runs)[:r % 3]:
             t0 = time.perf_counter()
             for b in trs[name].bench_loader(steps, workers):
                 trs[name].step(b)
             times[name].append(time.perf_counter() - t0)
+    line = f"int4 cache: {steps} steps of batch 8, workers {workers}: float16 {min(times['float16']):.2f} s"
+    for name in ("int4", "int4-loader"):
+        ratio = min(times[name]) / min(times["float16"])
+        paired = statistics.median(q / f for q, f in zip(times[name], times["float16"]))
+        line += (f"; {name} (kv_dequant {runs[name][1]}) {min(times[name]):.2f} s, ratio {ratio:.3f} "
+                 f"(goal <= 1.05), median of paired runs {paired:.3f}")
+    print(line + f"; cache bytes {open_cache_bytes(q4) / 1e6:.1f} MB vs {open_cache_bytes(f16) / 1e6:.1f} MB")
     ratio = min(times["int4"]) / min(times["float16"])
-    paired = statistics.median(q / f for q, f in zip(times["int4"], times["float16"]))
-    print(f"int4 cache: {steps} steps of batch 8, workers {workers}: int4 {min(times['int4']):.2f} s, float16 "
-          f"{min(times['float16']):.2f} s; ratio {ratio:.3f} (goal <= 1.05), median of paired runs {paired:.3f}; "
-          f"cache bytes {open_cache_bytes(q4) / 1e6:.1f} MB vs {open_cache_bytes(f16) / 1e6:.1f} MB")
     return ratio
 
 

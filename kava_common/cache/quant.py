@@ -197,17 +197,22 @@ def dequantize_batch(packed: dict[str, torch.Tensor], q: KVQuant) -> tuple[torch
     wherever they are (on the GPU: only codes and groups crossed from the host), and `lengths`
     (B,): each sample's tokens, zeros after them. Each value is code * scale + low in float32,
     as `dequantize_k` / `dequantize_v` compute it."""
-    kc = unpack(packed["k_codes"], q.bits).float()                     # (B, L, T, H, D)
-    t = kc.shape[2]
-    # rows past every sample's end (zeroed below) may lie beyond the last group
-    group = (torch.arange(t, device=kc.device) // q.group).clamp(max=packed["k_scale"].shape[2] - 1)
-    k = kc * packed["k_scale"][:, :, group].float() + packed["k_low"][:, :, group].float()
-    vc = unpack(packed["v_codes"], q.bits).float()
-    b, l, _, h, d = vc.shape
-    vc = vc.view(b, l, t, h, -1, q.v_group(d))
-    v = (vc * packed["v_scale"].float()[..., None] + packed["v_low"].float()[..., None]).view(b, l, t, h, d)
-    inside = (torch.arange(t, device=kc.device) < packed["lengths"].to(kc.device)[:, None])[:, None, :, None, None]
-    return (k * inside).transpose(2, 3), (v * inside).transpose(2, 3)
+    kc = unpack(packed["k_codes"], q.bits)                             # (B, L, T, H, D) uint8
+    b, l, t, h, d = kc.shape
+    groups = -(-t // q.group)
+    scale, low = packed["k_scale"].float(), packed["k_low"].float()   # (B, L, groups stored, H, D)
+    if scale.shape[2] < groups:     # rows past every sample's end (zeroed below) may need more
+        more = (0, 0, 0, 0, 0, groups - scale.shape[2])
+        scale, low = torch.nn.functional.pad(scale, more), torch.nn.functional.pad(low, more)
+    kc = torch.nn.functional.pad(kc, (0, 0, 0, 0, 0, groups * q.group - t)).view(b, l, groups, q.group, h, d)
+    # one pass per tensor: broadcast each group's scale and low over its tokens
+    k = torch.addcmul(low[:, :, :groups, None], kc.float(), scale[:, :, :groups, None]).view(b, l, -1, h, d)[:, :, :t]
+    vc = unpack(packed["v_codes"], q.bits).view(b, l, t, h, -1, q.v_group(d))
+    v = torch.addcmul(packed["v_low"].float()[..., None], vc.float(), packed["v_scale"].float()[..., None])
+    # values' groups are per token, zero past a sample's end already; a key group can straddle it
+    inside = torch.arange(t, device=kc.device) < packed["lengths"].to(kc.device)[:, None]
+    k = k * inside[:, None, :, None, None].float()
+    return k.transpose(2, 3), v.view(b, l, t, h, d).transpose(2, 3)
 
 
 def shard_report(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], layers: list[int],
