@@ -77,6 +77,14 @@ class KVCapture:
         if layer not in self.dests:
             return
         gather = self.gather if self.gather is not None else keys.device.type != "cpu"
+        if not gather and keys.device.type == "cpu":
+            # one call for the batch's K and V: a third less time than a Python loop of copy_ here
+            srcs = []
+            for t in (keys, values):
+                per_row = t.transpose(1, 2).unbind(0)        # (T, H, D) views
+                srcs += [per_row[b][s:s + n] for b, s, n in self.spans]
+            torch._foreach_copy_([d for dsts in self.dests[layer] for d in dsts], srcs)
+            return
         for t, dsts in zip((keys, values), self.dests[layer]):
             if gather:
                 b_, h, w, d_ = t.shape
@@ -87,10 +95,6 @@ class KVCapture:
                 rows = rows.to(dsts[0].dtype).split([n for _, _, n in self.spans])
                 for dst, src in zip(dsts, rows):
                     dst.copy_(src, non_blocking=True)
-            elif t.device.type == "cpu":
-                # one call for the batch: a third less time than a Python loop of copy_ here
-                per_row = t.transpose(1, 2).unbind(0)        # (T, H, D) views
-                torch._foreach_copy_(dsts, [per_row[b][s:s + n] for b, s, n in self.spans])
             else:
                 t = t.to(dsts[0].dtype)                      # cast once on the GPU, then copy out
                 for dst, (b, s, n) in zip(dsts, self.spans):
