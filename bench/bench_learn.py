@@ -204,9 +204,14 @@ def run_one(job: tuple) -> dict:
         return score_trained(out, sweep, trained, t0)
     (out / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     (row,) = run_sweep(out / "sweep.yaml", echo=lambda m: None, progress=False)
-    per_problem = [json.loads(x)["correct"] for x in (out / row["run"] / "eval.jsonl").read_text().splitlines()]
+    return scored(out / row["run"] / "eval.jsonl", row, t0)
+
+
+def scored(ev: Path, row: dict, t0: float) -> dict:
+    """A run's per-problem scores (its eval.jsonl) and held-out cosines (its results row)."""
+    per_problem = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
     return {"scores": [bool(x) for x in per_problem], "wall": time.perf_counter() - t0,
-            **{c: row.get(c) if row.get(c) is not None else float("nan") for c in COSINES}}
+            **{c: float(row[c]) if row.get(c) not in (None, "") else float("nan") for c in COSINES}}
 
 
 def score_trained(out: Path, sweep: dict, trained: Path, t0: float) -> dict:
@@ -222,9 +227,7 @@ def score_trained(out: Path, sweep: dict, trained: Path, t0: float) -> dict:
         evaluate(str(trained / row["run"] / "final" / "student"), e["dataset"], e["split"], e["max_samples"],
                  batch_size=e["batch_size"], max_new_tokens=e["max_new_tokens"], out=ev, device=e["device"],
                  progress=False)
-    per_problem = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
-    return {"scores": [bool(x) for x in per_problem], "wall": time.perf_counter() - t0,
-            **{c: float(row[c]) if row.get(c) not in (None, "") else float("nan") for c in COSINES}}
+    return scored(ev, row, t0)
 
 
 def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, pool, threads: int, log,

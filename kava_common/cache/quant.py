@@ -169,13 +169,9 @@ def read_layer(read, layer: int, tokens: tuple[int, int], groups: tuple[int, int
     """K and V (T, H, D) of one sample and layer of a quantized shard, dequantized into `dtype`.
     `read(name, start, stop)` reads rows of a shard tensor; `tokens` is the sample's token
     rows, `groups` its rows of the key groups (k_group_offsets)."""
-    a, b = tokens
-    ga, gb = groups
-    k = dequantize_k(read(f"k.{layer}", a, b), read(f"k_scale.{layer}", ga, gb), read(f"k_low.{layer}", ga, gb),
-                     q, dtype)
-    v = dequantize_v(read(f"v.{layer}", a, b), read(f"v_scale.{layer}", a, b), read(f"v_low.{layer}", a, b),
-                     q, dtype)
-    return k, v
+    p = read_packed(read, layer, tokens, groups)
+    return (dequantize_k(p["k_codes"], p["k_scale"], p["k_low"], q, dtype),
+            dequantize_v(p["v_codes"], p["v_scale"], p["v_low"], q, dtype))
 
 
 # the packed tensors of one sample's layer as `read_packed` returns them, and their batched
