@@ -175,29 +175,35 @@ class Trainer:
         return dict(parts, grad_norm=gn, tokens=tokens, skipped_steps=self.skipped_steps,
                     bad_samples=len(self.bad_rows))
 
-    def all_reduce_grads(self, parts: dict, tokens: int) -> int:
-        """Average the gradients and loss parts over the ranks (one all_reduce of a flat buffer
-        per optimizer step, as DistributedDataParallel's buckets do, after the whole gradient
-        accumulation); returns the tokens of all ranks. A parameter keeps no gradient only
-        where no rank gave it one, as in a lone process."""
+    def all_reduce_grads(self, parts: dict, tokens: int, bucket_bytes: int = 25 * 2**20) -> int:
+        """Average the gradients and loss parts over the ranks once per optimizer step, after
+        the whole gradient accumulation, in buckets of about 25 MB as DistributedDataParallel
+        does (a whole-model flat copy would add the gradients' size again to peak memory);
+        returns the tokens of all ranks. A parameter keeps no gradient only where no rank gave
+        it one, as in a lone process."""
         import torch.distributed as dist
-        grads = [p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else p.grad for p in self.params]
-        present = torch.tensor([g is not None for g in grads], dtype=torch.float32)
         names = ("loss", "loss_kv", "loss_ce", "loss_kd")
-        flat = torch.cat([torch.zeros(p.numel(), device=p.device, dtype=p.dtype) if g is None else g.reshape(-1)
-                          for p, g in zip(self.params, grads)]
-                         + [torch.tensor([parts[k] for k in names] + [float(tokens)], device=self.device)])
+        present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32)
         dist.all_reduce(present, op=dist.ReduceOp.MAX)
-        dist.all_reduce(flat)
-        flat /= self.world
-        pos = 0
+        grads = []
         for p, there in zip(self.params, present.tolist()):
-            n = p.numel()
-            p.grad = flat[pos:pos + n].view_as(p).clone() if there else None
-            pos += n
-        for k, v in zip(names, flat[pos:pos + 4].tolist()):
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
+            if there and p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if there:
+                grads.append(p.grad)
+        for bucket in _buckets(grads, bucket_bytes):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= self.world
+            torch._foreach_copy_(bucket, [x.view_as(g) for x, g in zip(flat.split([g.numel() for g in bucket]), bucket)])
+        t = torch.tensor([parts[k] for k in names] + [float(tokens)], device=self.device)
+        dist.all_reduce(t)
+        t /= self.world
+        for k, v in zip(names, t[:4].tolist()):
             parts[k] = v
-        return int(round(float(flat[pos + 4]) * self.world))
+        return int(round(float(t[4]) * self.world))
 
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (a stop asked of one process stops them all at the
@@ -306,3 +312,17 @@ class Trainer:
             self.check_weights_finite()
             save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)
         self.barrier()
+
+
+def _buckets(tensors: list, max_bytes: int) -> list[list]:
+    """Consecutive tensors of one dtype and device in groups of at most `max_bytes` (a larger
+    tensor alone)."""
+    out, size = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if not out or size + n > max_bytes or (t.dtype, t.device) != (out[-1][0].dtype, out[-1][0].device):
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += n
+    return out

@@ -460,3 +460,48 @@ def test_bottleneck_learns_a_cross_layer_mix_that_a_one_to_one_map_cannot():
     # measured: bottleneck 0.005, one-to-one 0.87 (student layer 0 sees teacher layer 0 only, so
     # half its mix is out of reach; layer 1 sees teacher layer 3, which its mix does not use)
     assert err_b < 0.02 and err_1 > 0.3, (err_b, err_1)
+
+
+def test_gradient_buckets_keep_order_dtype_and_size():
+    from stage2_train.trainer import _buckets
+    t = [torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64), torch.zeros(4), torch.zeros(100)]
+    groups = _buckets(t, 160)                     # bytes: 40, 120 | 40 (float64) | 16 | 400 alone
+    assert [[x.numel() for x in g] for g in groups] == [[10, 30], [5], [4], [100]]
+    assert [x for g in groups for x in g] == t
+
+
+def _rank_averages(rank: int, world: int, init: str, out: str) -> None:
+    """One gloo rank: rank-dependent gradients (one parameter's only on rank 1, one sparse, one
+    on no rank),
+    averaged by Trainer.all_reduce_grads in buckets of 64 bytes."""
+    import types
+    import torch.distributed as dist
+    from stage2_train.trainer import Trainer
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (7, 20, 3)] + [torch.nn.Parameter(torch.zeros(4, 2)),
+                                                                         torch.nn.Parameter(torch.zeros(2))]
+    for i, p in enumerate(params[:2]):
+        p.grad = torch.arange(p.numel(), dtype=torch.float32) * (rank + 1) + i
+    if rank == 1:
+        params[2].grad = torch.full((3,), 6.0)
+    params[3].grad = torch.sparse_coo_tensor([[rank]], torch.ones(1, 2) * (rank + 1), (4, 2))
+    me = types.SimpleNamespace(params=params, world=world, device=torch.device("cpu"))
+    parts = {"loss": 1.0 + rank, "loss_kv": 0.0, "loss_ce": 2.0 * rank, "loss_kd": 0.0}
+    tokens = Trainer.all_reduce_grads(me, parts, 10 + rank, bucket_bytes=64)
+    if rank == 0:
+        torch.save({"grads": [p.grad for p in params], "parts": parts, "tokens": tokens}, out)
+    dist.destroy_process_group()
+
+
+def test_all_reduce_in_buckets_averages_every_gradient_over_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+    init, out = f"file://{tmp_path / 'store'}", str(tmp_path / "rank0.pt")
+    mp.spawn(_rank_averages, args=(2, init, out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    a7, a20 = torch.arange(7.0), torch.arange(20.0)
+    assert torch.equal(got["grads"][0], (a7 * 1 + a7 * 2) / 2)
+    assert torch.equal(got["grads"][1], (a20 + 1 + a20 * 2 + 1) / 2)
+    assert torch.equal(got["grads"][2], torch.full((3,), 3.0))          # only rank 1 had one: (0 + 6) / 2
+    assert torch.equal(got["grads"][3], torch.tensor([[0.5, 0.5], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+    assert got["grads"][4] is None                                     # no rank gave it one
+    assert got["parts"] == {"loss": 1.5, "loss_kv": 0.0, "loss_ce": 1.0, "loss_kd": 0.0} and got["tokens"] == 21
