@@ -693,10 +693,12 @@ def int4_caches(tmp_path_factory, teacher_dir, llama_dir):
                         batch_size=8, quantize=False, device="cpu", progress=False, kv_quant="int4",
                         kv_quant_group=8, out=str(tmp_path_factory.mktemp("int4-caches")))
     qwen, llama = extract(cfg)
-    return {"qwen": qwen, "llama": llama}
+    (qwen_h5,) = extract(ExtractConfig(**{**cfg.__dict__, "teachers": [str(teacher_dir)], "format": "hdf5",
+                                          "out": str(tmp_path_factory.mktemp("int4-hdf5"))}))
+    return {"qwen": qwen, "llama": llama, "qwen-hdf5": qwen_h5}
 
 
-@pytest.mark.parametrize("teacher", ["qwen", "llama"])     # same tokenizer; another one (aligned)
+@pytest.mark.parametrize("teacher", ["qwen", "llama", "qwen-hdf5"])     # same tokenizer; another one (aligned)
 def test_packed_batches_dequantize_on_the_device_to_the_loaders_values(int4_caches, tok, teacher):
     from kava_common.cache import open_cache
     from kava_common.cache.quant import dequantize_batch
