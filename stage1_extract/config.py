@@ -17,8 +17,8 @@ class ExtractConfig:
     """Stage-1 settings; each field is a flag of `python -m stage1_extract` (kava_common.cli)."""
     teachers: list[str] = setting(list, "hub id or local folder; repeat for several teachers, one cache each",
                                   flag="--teacher", repeat=True, metavar="NAME")
-    dataset: str = setting("synthetic", "gsm8k (hub) | synthetic | synthetic-hard | PATH to .jsonl/.json/"
-                           ".parquet or a saved datasets folder with `question` and `answer`")
+    dataset: str = setting("synthetic", "gsm8k (hub) | synthetic | synthetic-hard | synthetic-varied | PATH to "
+                           ".jsonl/.json/.parquet or a saved datasets folder with `question` and `answer`")
     split: str = setting("train", "data set split")
     out: str = setting("data_cache", "root folder; each cache is a folder under it named by fingerprint")
     max_samples: int | None = setting(None, "first N rows of the split only")

@@ -119,7 +119,7 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
 class EvalConfig:
     """Settings of `python -m stage2_train.evaluate` (kava_common.cli)."""
     model: str = setting("", "folder or hub id of a causal LM with its tokenizer")
-    dataset: str = setting("synthetic", "gsm8k | synthetic | synthetic-hard | PATH")
+    dataset: str = setting("synthetic", "gsm8k | synthetic | synthetic-hard | synthetic-varied | PATH")
     split: str = setting("test", "data set split")
     max_samples: int | None = setting(None, "first N problems only")
     batch_size: int = setting(16, "prompts per generate call")
