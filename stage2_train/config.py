@@ -145,6 +145,8 @@ class TrainConfig:
             p.append("freeze_student and lora_r contradict each other")
         if self.freeze_embeddings and (self.freeze_student or self.lora_r):
             p.append("freeze_embeddings is implied by freeze_student and by lora_r (embeddings stay fixed)")
+        if self.kv_dequant not in ("device", "loader"):
+            p.append(f"kv_dequant {self.kv_dequant!r}: device or loader")
         if self.report_to not in ("none", "tensorboard"):
             p.append(f"report_to {self.report_to!r}: none or tensorboard")
         if self.overwrite and self.resume:
@@ -169,8 +171,6 @@ class TrainConfig:
         for name in ("ce_tokens", "kd_tokens"):
             if getattr(self, name) not in ("answer", "all"):
                 p.append(f"{name} {getattr(self, name)!r}: answer or all")
-        if self.kv_dequant not in ("device", "loader"):
-            p.append(f"kv_dequant {self.kv_dequant!r}: device or loader")
         if self.kv_tokens not in ("all", "reasoning"):
             p.append(f"kv_tokens {self.kv_tokens!r}: all or reasoning")
         if self.ce_chunk < 0:

@@ -14,7 +14,7 @@ import torch
 from .. import KavaError
 from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS, expected_checksum
 from .verify import shard_problem
-from .quant import PACKED, KVQuant, read_layer, read_packed
+from .quant import PACKED, KVQuant, dequantize_k, dequantize_v, read_packed
 
 
 # (path, checksum, size, mtime) of shards already checked; DataLoader workers forked after a
@@ -215,16 +215,17 @@ class KVCache:
         if self.kv_quant is None:
             out["k"] = torch.stack([shard.read(f"k.{l}", a, b).transpose(0, 1) for l in self.layers])  # (L, H, T, D)
             out["v"] = torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers])
-        elif self.packed:
+        else:
             g = shard.small("k_group_offsets")
             per_layer = [read_packed(shard.read, l, (a, b), (int(g[j]), int(g[j + 1]))) for l in self.layers]
-            out["kq"] = {name: torch.stack([t[name] for t in per_layer]) for name in PACKED}
-        else:                      # dequantized here, into kv_dtype (float16 unless the caller asked)
-            g = shard.small("k_group_offsets")
-            kv = [read_layer(shard.read, l, (a, b), (int(g[j]), int(g[j + 1])), self.kv_quant, self.kv_dtype)
-                  for l in self.layers]
-            out["k"] = torch.stack([k.transpose(0, 1) for k, _ in kv])
-            out["v"] = torch.stack([v.transpose(0, 1) for _, v in kv])
+            if self.packed:
+                out["kq"] = {name: torch.stack([t[name] for t in per_layer]) for name in PACKED}
+            else:              # dequantized here, into kv_dtype (float16 unless the caller asked)
+                q, dt = self.kv_quant, self.kv_dtype
+                out["k"] = torch.stack([dequantize_k(t["k_codes"], t["k_scale"], t["k_low"], q, dt).transpose(0, 1)
+                                        for t in per_layer])
+                out["v"] = torch.stack([dequantize_v(t["v_codes"], t["v_scale"], t["v_low"], q, dt).transpose(0, 1)
+                                        for t in per_layer])
         if self.manifest.get("logits_topk"):
             out["topk_ids"] = shard.read("topk_ids", a, b).long()                              # (T, K)
             out["topk_logprobs"] = shard.read("topk_logprobs", a, b)                           # (T, K)
