@@ -10,6 +10,13 @@ forward, extract, ...) and the ratio uses each side's best time, so a noisy mach
 both alike; the median of each extraction run over the forward-only run just before it is
 printed beside it. Goal: ratio <= 1.10.
 
+Stage 1 (without --logits-topk) ends each forward once the last stored layer's K/V are taken:
+that layer's attention and MLP, any later layer and the head compute nothing it stores. The
+ratio counts that saving, which is 1/L of a forward or more (a quarter for the tiny 4-layer
+teachers, 1/28 for Qwen2.5-1.5B). A third side, the forward ending at the same point with
+nothing copied, separates it out: stage 1 over that side is what stage 1's own work (tokenizing,
+capture copies, screening, writing) costs.
+
     python bench/bench_extract.py                       # tiny fp32 + tiny nf4 + Qwen2.5-1.5B-shaped fp32
     python bench/bench_extract.py --cases tiny-fp32 --device cuda
     python bench/bench_extract.py --cases tiny-fp32 --repeats 5 --write-load
@@ -43,7 +50,7 @@ from kava_common.data import load_rows
 from kava_common.geometry import KVGeometry
 from kava_common.tiny import QWEN25_15B   # real shape, random weights
 from stage1_extract.config import ExtractConfig
-from stage1_extract.capture import teacher_forward
+from stage1_extract.capture import KVCapture, teacher_forward
 from stage1_extract.extract import extract_teacher
 from stage1_extract.samples import collate, length_sorted_batches, plan_shards, prepare_samples
 from stage1_extract.teacher import load_teacher, quantization_settings
@@ -51,16 +58,22 @@ from stage1_extract.teacher import load_teacher, quantization_settings
 from header import header
 
 
-def forward_only(cfg, model, tok, samples) -> float:
+def forward_only(cfg, model, tok, samples, partial: bool = False) -> float:
     """Time the teacher's forward passes alone over the batches stage 1 would run for
-    `samples` (from prepare_samples)."""
-    bpt = KVGeometry.from_config(model.config).bytes_per_token(cfg.kv_dtype, cfg.layers)
+    `samples` (from prepare_samples). `partial`: each forward ends where stage 1's does,
+    after the last stored layer's K/V (nothing copied): the same computation as stage 1's,
+    so stage 1 over it is stage 1's own cost."""
+    geometry = KVGeometry.from_config(model.config)
+    bpt = geometry.bytes_per_token(cfg.kv_dtype, cfg.layers)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    last = max(cfg.layers) if cfg.layers else geometry.num_layers - 1
+    grab = KVCapture("bench-teacher", geometry, stop_after=last) if partial else None
     t0 = time.perf_counter()
     with torch.inference_mode():
         for members in plan_shards(samples, bpt, cfg.shard_mb * 1e6):
             for batch in length_sorted_batches(samples, members, cfg.batch_size):
-                out = teacher_forward(model, *collate([samples[members[p]].ids for p in batch], pad))
+                ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad)
+                out = teacher_forward(model, ids, mask, pos, grab.cache({}, [], *ids.shape) if grab else None)
                 del out
     _sync(model)
     return time.perf_counter() - t0
@@ -167,12 +180,13 @@ def main(argv=None):
         reps = 2 if case.startswith("qwen") and args.device == "cpu" else args.repeats
         warm = prepare_samples(load_rows("synthetic", "train", max_samples=bs), tok, cfg.max_length)[0]
         forward_only(cfg, model, tok, warm)
-        fw, ex, wcpu, wl, tk = [], [], [], [], []
+        fw, ex, wcpu, wl, tk, part = [], [], [], [], [], []
         for _ in range(reps):
             t0 = time.perf_counter()
             samples = prepare_samples(rows, tok, cfg.max_length)[0]   # stage 1 does this too
             tk.append(time.perf_counter() - t0)
             fw.append(forward_only(cfg, model, tok, samples))
+            part.append(forward_only(cfg, model, tok, samples, partial=True))
             dt, cpu, sizes = extract_once(cfg, model, tok, rows, root)
             ex.append(dt)
             wcpu.append(cpu)
@@ -187,6 +201,10 @@ def main(argv=None):
               f"ratio {ratio:.3f}, median of paired runs {paired:.3f} (runs: fwd {', '.join(f'{x:.2f}' for x in fw)}; "
               f"extract {', '.join(f'{x:.2f}' for x in ex)}); writer thread CPU "
               f"{', '.join(f'{x:.2f}' for x in wcpu)} s")
+        print(f"{'':>20}  forward ending after the last stored layer's K/V, as stage 1's does: "
+              f"{min(part):.2f} s, {min(part) / min(fw):.3f} of forward-only; stage 1 over it (stage 1's "
+              f"own costs) {min(ex) / min(part):.3f}, median of pairs "
+              f"{statistics.median(e / p for e, p in zip(ex, part)):.3f}")
         print(f"{'':>20}  tokenizing alone (format, tokenize, segment spans): {min(tk):.2f} s, "
               f"{min(tk) / min(fw):.3f} of forward-only")
         if wl:

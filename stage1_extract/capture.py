@@ -10,13 +10,23 @@ from kava_common import KavaError
 from kava_common.geometry import KVGeometry
 
 
+class ForwardDone(Exception):
+    """Raised by a capturing cache once the last K/V stage 1 needs are taken: the rest of the
+    forward (that layer's attention and MLP, the later layers, the head) computes nothing that
+    is stored."""
+
+
 def teacher_forward(model, ids, mask, pos, cache=None, all_logits: bool = False):
     """The teacher's forward with the K/V cache on; logits only for the last position unless
     `all_logits` (stage 1 with --logits-topk). `cache` None uses the model's own
-    DynamicCache; stage 1 passes a `KVCapture.cache`."""
+    DynamicCache; stage 1 passes a `KVCapture.cache`, which may end the forward early (then
+    None is returned)."""
     dev = model.device
-    return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                 use_cache=True, cache=cache, logits_to_keep=0 if all_logits else 1)
+    try:
+        return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                     use_cache=True, cache=cache, logits_to_keep=0 if all_logits else 1)
+    except ForwardDone:
+        return None
 
 
 def capture_topk(logits: torch.Tensor, spans: list[tuple[int, int, int]], k: int, ids_dst: list,
@@ -42,15 +52,20 @@ class KVCapture:
     layer keeps its K/V, so the padded batch's K/V of all layers are never held at once and
     the stock DynamicCache's concatenation (one more copy of everything) is skipped. Every
     layer's shapes are checked against the config's geometry before anything is copied.
+
+    With `stop_after` (a layer index), the forward ends (ForwardDone) as soon as that layer's
+    K/V are taken, so nothing after them is computed: stage 1 passes its last stored layer
+    unless it also needs the logits (--logits-topk).
     """
 
-    def __init__(self, name: str, geometry: KVGeometry, gather: bool | None = None):
+    def __init__(self, name: str, geometry: KVGeometry, gather: bool | None = None,
+                 stop_after: int | None = None):
         """`gather`: first collect a layer's real tokens into one contiguous tensor on the
         model's device, then copy each sample's rows out of it (plain memcpys); None means on
         for a GPU, where copying straight from the padded, strided K/V costs a kernel per
         sample and layer besides the copy. On the CPU the direct copies are as fast or faster
         (docs/benchmarks.md)."""
-        self.name, self.geometry, self.gather = name, geometry, gather
+        self.name, self.geometry, self.gather, self.stop_after = name, geometry, gather, stop_after
         self.dests: dict = {}
         self.spans: list[tuple[int, int, int]] = []
         self.want: tuple = ()
@@ -74,8 +89,12 @@ class KVCapture:
                 f"{list(keys.shape)} and values shaped {list(values.shape)} at layer {layer} "
                 f"(batch, heads, T, head_dim; expected {list(self.want)})")
         self.seen += 1
-        if layer not in self.dests:
-            return
+        if layer in self.dests:
+            self._copy(layer, keys, values)
+        if layer == self.stop_after:
+            raise ForwardDone
+
+    def _copy(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         gather = self.gather if self.gather is not None else keys.device.type != "cpu"
         if not gather and keys.device.type == "cpu":
             # one call for the batch's K and V: a third less time than a Python loop of copy_ here
@@ -101,8 +120,10 @@ class KVCapture:
                     dst.copy_(t[b, :, s:s + n].transpose(0, 1), non_blocking=True)
 
     def check_complete(self) -> None:
-        """After a forward: every layer of the config passed through the cache."""
-        if self.seen != self.geometry.num_layers:
+        """After a forward: every layer of the config (up to `stop_after`) passed through the
+        cache."""
+        want = self.geometry.num_layers if self.stop_after is None else self.stop_after + 1
+        if self.seen != want:
             raise KavaError(f"teacher {self.name!r}: its config gives {self.geometry.num_layers} "
                             f"layers, but the model stored K/V for {self.seen}")
 

@@ -292,7 +292,8 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
     stats = WriteStats()
     writer = BackgroundWriter(stats.write, cfg.writer_queue)
     bar = _progress_bar(cfg, job, todo)
-    grab = KVCapture(job.name, job.geometry)
+    # without top-K logits nothing after the last stored layer's K/V is needed
+    grab = KVCapture(job.name, job.geometry, stop_after=None if cfg.logits_topk else max(job.layers))
     pin = torch.device(model.device).type == "cuda"
     metas = {i: kcache.shard_tensors([samples[j] for j in job.shards[i]]) for i in todo}
     layouts = {i: kcache.shard_layout(metas[i], job.layers, job.geometry, kv_dtype, cfg.logits_topk) for i in todo}

@@ -92,6 +92,27 @@ def test_capture_paths_equal_unbatched_forward(teacher_dir, padding_side, gather
             assert torch.allclose(bufs[l][1][d:d + n].transpose(0, 1), v[l], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("topk", [0, 3])
+def test_forward_ends_after_the_last_stored_layer(teacher_dir, tmp_path, tok, topk):
+    """Keeping layers 0 and 1 of 3, stage 1 runs no layer-2 module, no later part of layer 1
+    (its attention output and MLP) and no head, and stores exactly the K/V of a full
+    extraction's layers 0 and 1; with --logits-topk the whole forward runs."""
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    calls = {"mlp1": 0, "o_proj1": 0, "layer2": 0, "head": 0, "layer0": 0}
+    for key, mod in (("mlp1", model.model.layers[1].mlp), ("o_proj1", model.model.layers[1].self_attn.o_proj),
+                     ("layer2", model.model.layers[2]), ("head", model.lm_head), ("layer0", model.model.layers[0])):
+        mod.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
+    cfg = cfg_for(teacher_dir, tmp_path, max_samples=7, layers=[0, 1], logits_topk=topk)
+    d = extract_teacher(cfg, str(teacher_dir), load_rows("synthetic", "train", 7), model=model, tok=tok)
+    batches = 3                                                     # 7 samples, batch 3
+    ran = batches if topk else 0
+    assert calls == {"mlp1": ran, "o_proj1": ran, "layer2": ran, "head": ran, "layer0": batches}
+    (full,) = extract_main(cfg_for(teacher_dir, tmp_path / "full", max_samples=7))
+    a, b = open_cache(d), open_cache(full, layers=[0, 1])
+    for i in range(7):
+        assert torch.equal(a[i]["k"], b[i]["k"]) and torch.equal(a[i]["v"], b[i]["v"])
+
+
 def test_layer_subset_and_reader_layer_selection(teacher_dir, tmp_path):
     (full,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=4))
     (sub,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=4, layers=[0, 2]))
