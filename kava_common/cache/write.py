@@ -92,7 +92,13 @@ def aligned_bytes(n: int, pin: bool = False) -> torch.Tensor:
         raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=True)
         shift = (-raw.data_ptr()) % ALIGN
         return raw[shift: shift + n]
-    buf = torch.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=torch.uint8)[:n]   # page-aligned
+    # private (not shared: no shmem pages) and populated by the kernel in one call: a fault per
+    # page inside the capture's small copies cost twice as much (docs/benchmarks.md)
+    if hasattr(mmap, "MAP_PRIVATE"):
+        m = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+    else:                                                 # Windows: no flags
+        m = mmap.mmap(-1, max(n, 1))
+    buf = torch.frombuffer(m, dtype=torch.uint8)[:n]      # page-aligned
     assert buf.data_ptr() % ALIGN == 0
     return buf
 
