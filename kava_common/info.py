@@ -44,7 +44,9 @@ def _quant_lines(m: dict) -> list[str]:
     q = m.get("kv_quant")
     if not q:
         return []
-    return [f"kv quant     int{q['bits']} {q['scheme']}, group {q['group']}: {q['bytes_per_token']} K/V bytes per "
+    span = "over a token's KV heads" if q.get("v_span") == "token" else "inside each head"
+    return [f"kv quant     int{q['bits']} {q['scheme']}, group {q['group']} (value groups {span}): "
+            f"{q['bytes_per_token']} K/V bytes per "
             f"token ({q['bytes_per_token'] / m['kv_bytes_per_token']:.3f}x {m['kv_dtype']}); reconstruction "
             f"cosine K {q['k_cosine']:.5f}, V {q['v_cosine']:.5f} (first and last sample of each shard)"]
 

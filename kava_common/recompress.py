@@ -17,7 +17,7 @@ import torch
 
 from . import KavaError, software_versions
 from . import cache as kc
-from .cache.quant import KV_QUANT, KV_TENSORS, KVQuant
+from .cache.quant import KV_QUANT, KV_TENSORS, V_SPANS, KVQuant
 from .cli import parse_settings, setting
 from .geometry import DTYPES, KVGeometry
 
@@ -29,6 +29,8 @@ class RecompressArgs:
     out: str | None = setting(None, "root folder of the new cache (default: the parent's root)")
     kv_quant: str = setting("none", "int8 or int4 codes in groups (kava_common.cache.quant)", choices=KV_QUANT)
     kv_quant_group: int = setting(128, "tokens per key group and channels per value group")
+    kv_quant_v_span: str = setting("token", "a value group spans a token's KV heads or stays in one head",
+                                   choices=V_SPANS)
     layers: list[int] | None = setting(None, "stored layers to keep, e.g. 0,2,5 (default: all)")
     kv_dtype: str | None = setting(None, "float K/V dtype (default: the parent's)", choices=tuple(DTYPES))
     progress: bool = setting(True, "show a progress bar")
@@ -67,7 +69,9 @@ def recompress(a: RecompressArgs, log=print) -> Path:
     if m.get("kv_quant") and a.kv_dtype is None:
         raise KavaError(f"{a.cache}: its K/V are quantized already; give --kv-dtype for the float values "
                         "the new cache starts from")
-    q = KVQuant.parse(a.kv_quant, a.kv_quant_group)
+    q = KVQuant.parse(a.kv_quant, a.kv_quant_group, a.kv_quant_v_span)
+    if q:
+        q.check_geometry(m["num_kv_heads"], m["head_dim"])
     layers = list(m["layers"]) if a.layers is None else list(a.layers)
     missing = [l for l in layers if l not in m["layers"]]
     if missing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kava_common.cache import FORMATS
-from kava_common.cache.quant import KV_QUANT, KVQuant
+from kava_common.cache.quant import KV_QUANT, V_SPANS, KVQuant
 from kava_common.cli import coerce_settings, setting
 from kava_common.geometry import DTYPES
 
@@ -29,6 +29,9 @@ class ExtractConfig:
     kv_quant: str = setting("none", "store K/V as int8 or int4 codes in groups (KIVI: keys per channel, values "
                             "per token; kava_common.cache.quant), read back dequantized", choices=KV_QUANT)
     kv_quant_group: int = setting(128, "tokens per key group and channels per value group of --kv-quant")
+    kv_quant_v_span: str = setting("token", "a value group spans the channels of all KV heads of a token, or "
+                                   "stays inside one head (fewer groups stored at a small head_dim, or "
+                                   "per-head ranges)", choices=V_SPANS)
     format: str = setting("safetensors", "shard format; one reader for both", choices=tuple(FORMATS))
     logits_topk: int = setting(0, "also store the teacher's top-K next-token log-probabilities and ids at "
                                "every position (for logit distillation; 0: none)")
@@ -98,4 +101,4 @@ class ExtractConfig:
     @property
     def quant(self) -> KVQuant | None:
         """The K/V quantization of --kv-quant, or None."""
-        return KVQuant.parse(self.kv_quant, self.kv_quant_group)
+        return KVQuant.parse(self.kv_quant, self.kv_quant_group, self.kv_quant_v_span)

@@ -107,6 +107,8 @@ def plan_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None
     bad_layers = [l for l in layers if not 0 <= l < geometry.num_layers]
     if bad_layers:
         raise ValueError(f"--layers {bad_layers}: teacher {name!r} has layers 0..{geometry.num_layers - 1}")
+    if cfg.quant:
+        cfg.quant.check_geometry(geometry.num_kv_heads, geometry.head_dim)
     tok = tok if tok is not None else T.load_tokenizer(name, cfg.revision)
     with gc_frozen():
         samples, skipped, stats = prepare_samples(rows, tok, cfg.max_length)

@@ -47,12 +47,29 @@ def test_error_within_half_a_step_per_group_with_an_outlier_channel(bits, group)
     normal = torch.ones(2, 8, dtype=torch.bool)
     normal[1, 3] = False
     assert k["scale"][:, normal].float().max() < 8 / q.levels
-    v = quantize_v(x, q)
-    g = min(group, 8)
-    assert v["scale"].shape == (37, 2, 8 // g)
-    back = dequantize_v(v["codes"], v["scale"], v["low"], q)
-    step = v["scale"].float().repeat_interleave(g, -1)
-    assert ((back - x).abs() <= step / 2 + 1e-5 * x.abs().clamp(min=1)).all()
+    for span, shape in (("head", (37, 2, 8 // min(group, 8))), ("token", (37, 1, 16 // group))):
+        qv = KVQuant(bits, group, span)
+        v = quantize_v(x, qv)
+        assert v["scale"].shape == shape, span
+        back = dequantize_v(v["codes"], v["scale"], v["low"], qv)
+        step = v["scale"].float().repeat_interleave(16 // shape[1] // shape[2], -1).view(37, 2, 8)  # per value
+        assert ((back - x).abs() <= step / 2 + 1e-5 * x.abs().clamp(min=1)).all(), span
+
+
+def test_a_value_group_spans_the_kv_heads_of_a_token_by_hand():
+    """v_span token, group 4 over 2 heads x head_dim 2: one group per token, its range over both
+    heads; v_span head: a group per head, each with its own range."""
+    v = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])                         # (T 1, H 2, D 2)
+    got = quantize_v(v, KVQuant(8, 4, "token"))
+    step = torch.tensor(3 / 255, dtype=torch.float16)                     # range 3 in 255 steps, up
+    step = step if step.float() >= 3 / 255 else torch.nextafter(step, torch.tensor(1.0, dtype=torch.float16))
+    assert got["scale"].shape == (1, 1, 1) and got["low"].item() == 0 and got["scale"].item() == step.item()
+    assert torch.equal(got["codes"].float(), torch.round(v / got["scale"].float()))
+    per_head = quantize_v(v, KVQuant(8, 4, "head"))
+    assert per_head["scale"].shape == (1, 2, 1) and per_head["low"].flatten().tolist() == [0.0, 2.0]
+    for q, t in ((KVQuant(8, 4, "token"), got), (KVQuant(8, 4, "head"), per_head)):
+        back = dequantize_v(t["codes"], t["scale"], t["low"], q)
+        assert (back - v).abs().max() <= t["scale"].float().max() / 2
 
 
 def test_k_groups_stay_inside_the_sample_and_a_short_last_group_works():
@@ -84,5 +101,14 @@ def test_bytes_per_token_by_hand():
     # 2 x 128 x 2 / 256 = 2 and V groups 2 x 128 / 128 = 2 per token, 4 B (scale + low) each
     assert stored_bytes_per_token(KVQuant(4, 128), 2, 128, 28, tokens_per_sample=256) == 28 * (256 + 8 + 8)
     assert stored_bytes_per_token(KVQuant(8, 128), 2, 128, 28, tokens_per_sample=256) == 28 * (512 + 8 + 8)
+    assert stored_bytes_per_token(KVQuant(4, 128, "head"), 2, 128, 28, tokens_per_sample=256) == 28 * (256 + 8 + 8)
+    # the learning benchmark's teacher, 2 KV heads x head_dim 32 (float16: 256 B per layer): codes
+    # 64 B; K groups 2 x 32 x 2 / 256 = 0.5 per token; V groups 64 / 64 = 1 per token over both
+    # heads, or 2 inside each head; 4 B each
+    assert stored_bytes_per_token(KVQuant(4, 128), 2, 32, 1, tokens_per_sample=256) == 64 + 4 * 1.5    # 0.273x
+    assert stored_bytes_per_token(KVQuant(4, 128, "head"), 2, 32, 1, tokens_per_sample=256) == 64 + 4 * 2.5
     with pytest.raises(ValueError, match="head_dim 24 is not a multiple of the V quantization group 16"):
-        quantize_v(torch.randn(3, 1, 24), KVQuant(4, 16))
+        quantize_v(torch.randn(3, 1, 24), KVQuant(4, 16, "head"))
+    with pytest.raises(ValueError, match="KV heads x head_dim 48 is not a multiple of the V quantization "
+                                         "group 32; choose a --kv-quant-group"):
+        quantize_v(torch.randn(3, 2, 24), KVQuant(4, 32))

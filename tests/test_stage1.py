@@ -722,13 +722,18 @@ def test_torchrun_with_two_ranks_writes_one_cache_equal_to_one_process(teacher_d
     assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
 
 
-@pytest.mark.parametrize("kv_quant,fmt", [("int8", "safetensors"), ("int4", "hdf5")])
-def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_dir, tmp_path, kv_quant, fmt, capsys):
+@pytest.mark.parametrize("kv_quant,fmt,group,span", [("int8", "safetensors", 8, "token"), ("int4", "hdf5", 8, "head"),
+                                                     ("int4", "safetensors", 64, "token")])
+def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_dir, tmp_path, kv_quant, fmt,
+                                                                        group, span, capsys):
+    """The teacher has 2 KV heads x head_dim 32: groups of 8 stay inside a head either way; a
+    group of 64 with v_span token takes all of a token's values."""
     from kava_common.cache.quant import KVQuant, dequantize_k, dequantize_v, quantize_k, quantize_v
     base = dict(max_samples=10, shard_mb=0.2, format=fmt)
     (plain,) = extract_main(cfg_for(teacher_dir, tmp_path / "f16", **base))
     capsys.readouterr()
-    (packed,) = extract_main(cfg_for(teacher_dir, tmp_path / "q", kv_quant=kv_quant, kv_quant_group=8, **base))
+    (packed,) = extract_main(cfg_for(teacher_dir, tmp_path / "q", kv_quant=kv_quant, kv_quant_group=group,
+                                     kv_quant_v_span=span, **base))
     a, b = open_cache(plain), open_cache(packed)
     # the size printed before the run counts the codes and groups (float32 would be ~4-8x more);
     # measured 12.5% under for int4 in HDF5 (the per-dataset headers of two tiny shards)
@@ -738,7 +743,7 @@ def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_
     assert abs(float(est.group(1)) / written - 1) < 0.15, (est.group(0), written)
     assert a.fingerprint != b.fingerprint and len(a) == len(b) == 10
     assert len(a.manifest["shards"]) == len(b.manifest["shards"]) > 1      # same samples per shard
-    q = KVQuant(int(kv_quant[3:]), 8)
+    q = KVQuant(int(kv_quant[3:]), group, span)
     for i in range(10):
         x, y = a[i], b[i]
         assert torch.equal(x["input_ids"], y["input_ids"]) and y["k"].dtype == torch.float16
@@ -749,14 +754,21 @@ def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_
             want_v = dequantize_v(vq["codes"], vq["scale"], vq["low"], q, torch.float16)
             assert torch.equal(y["k"][l], want_k.transpose(0, 1)) and torch.equal(y["v"][l], want_v.transpose(0, 1))
     m = b.manifest
-    assert m["kv_quant"]["bits"] == q.bits and m["kv_quant"]["group"] == 8
-    ratio = m["kv_quant"]["bytes_per_token"] / m["kv_bytes_per_token"]
-    # head_dim 16, group 8: codes bits/16 of float16, plus 2 K and 2 V groups of 4 B per 8 values
-    assert ratio < (0.5 if q.bits == 8 else 0.25) + 4 * 2 / (8 * 2 * 2) + 0.02, ratio
+    assert m["kv_quant"]["bits"] == q.bits and m["kv_quant"]["group"] == group
+    assert m["kv_quant"].get("v_span", "head") == span
+    # by hand, per sample of n tokens and layer: codes 2 x 64 x bits / 8 per token, 4 B (scale and
+    # low) per key group (ceil(n / group) per channel) and per value group (64 / group per token
+    # over both heads; 32 / min(group, 32) per head)
+    lens = [len(a.tokens(i)) for i in range(10)]
+    v_groups = 64 // group if span == "token" else 2 * (32 // min(group, 32))
+    per_layer = sum(n * 128 * q.bits // 8 + -(-n // group) * 64 * 4 + n * v_groups * 4 for n in lens)
+    assert m["kv_quant"]["bytes_per_token"] == round(3 * per_layer / sum(lens), 2)
     assert m["kv_quant"]["k_cosine"] > (0.999 if q.bits == 8 else 0.98)
     assert m["kv_quant"]["v_cosine"] > (0.999 if q.bits == 8 else 0.98)
     assert info_main([str(packed), "--verify"]) == 0
     out = capsys.readouterr().out
-    assert f"kv quant     {kv_quant} kivi, group 8: {m['kv_quant']['bytes_per_token']} K/V bytes per token" in out
+    where = "over a token's KV heads" if span == "token" else "inside each head"
+    assert (f"kv quant     {kv_quant} kivi, group {group} (value groups {where}): "
+            f"{m['kv_quant']['bytes_per_token']} K/V bytes per token") in out
     assert "verify       ok" in out
     assert b.verify() > 0

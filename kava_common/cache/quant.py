@@ -3,8 +3,10 @@
 
 Keys have a few outlier channels, large at every token; values do not. So keys are quantized
 per channel (a group is `group` consecutive tokens of one channel of one head, within one
-sample) and values per token (a group is `group` consecutive channels of one token of one
-head). Each group stores float16 `scale` and `low`; a value x becomes the code
+sample) and values per token (a group is `group` consecutive channels of one token's values,
+its KV heads side by side: v_span "token"; caches written with v_span "head" keep each group
+inside one head, which at a small head_dim stores a group per 32 or 64 values). Each group
+stores float16 `scale` and `low`; a value x becomes the code
 round((x - low) / scale) in [0, 2^bits - 1], and reads back as code * scale + low. `low` is
 rounded down and `scale` up to float16, so every value of the group stays on the code range
 and the error of each value is at most scale / 2 (plus float32 rounding): the bound the tests
@@ -12,7 +14,8 @@ check. int4 codes are packed two per byte along head_dim (even channel in the lo
 
 Shapes for one sample of T tokens (H heads, D = head_dim, G = group):
     K: codes (T, H, D * bits / 8) uint8; scale, low (ceil(T / G), H, D) float16
-    V: codes (T, H, D * bits / 8) uint8; scale, low (T, H, D / G) float16  (G divides D)
+    V: codes (T, H, D * bits / 8) uint8; scale, low (T, 1, H * D / G) float16, G = min(group, H * D)
+       (v_span "head": (T, H, D / G), G = min(group, D)); G must divide the channels it groups
 """
 
 from __future__ import annotations
@@ -26,32 +29,59 @@ KV_QUANT = ("none", "int8", "int4")
 KV_TENSORS = ("k", "v", "k_scale", "k_low", "v_scale", "v_low")
 
 
+V_SPANS = ("token", "head")
+
+
 @dataclass(frozen=True)
 class KVQuant:
     bits: int           # 8 or 4
     group: int          # tokens per K group, channels per V group
+    v_span: str = "token"   # a V group spans a token's KV heads ("token") or stays in one ("head")
 
     @classmethod
-    def parse(cls, name: str, group: int) -> "KVQuant | None":
+    def parse(cls, name: str, group: int, v_span: str = "token") -> "KVQuant | None":
         if name == "none":
             return None
         if name not in KV_QUANT:
             raise ValueError(f"kv quantization {name!r}: choose one of {KV_QUANT}")
-        return cls(int(name[3:]), group)
+        if v_span not in V_SPANS:
+            raise ValueError(f"value group span {v_span!r}: choose one of {V_SPANS}")
+        return cls(int(name[3:]), group, v_span)
 
     @property
     def levels(self) -> int:
         return (1 << self.bits) - 1
 
-    def v_group(self, head_dim: int) -> int:
-        """Channels per V group: `group`, or all of head_dim when that is smaller."""
-        return min(self.group, head_dim)
+    def v_channels(self, heads: int, head_dim: int) -> int:
+        """The channels of one token that V groups divide: all KV heads', or one head's."""
+        return heads * head_dim if self.v_span == "token" else head_dim
+
+    def v_group(self, heads: int, head_dim: int) -> int:
+        """Channels per V group: `group`, or all the channels it divides when fewer."""
+        return min(self.group, self.v_channels(heads, head_dim))
+
+    def check_geometry(self, heads: int, head_dim: int) -> None:
+        """Refuse a group that does not divide the value channels it groups."""
+        n, g = self.v_channels(heads, head_dim), self.v_group(heads, head_dim)
+        if n % g:
+            raise ValueError(f"{'KV heads x head_dim' if self.v_span == 'token' else 'head_dim'} {n} is not "
+                             f"a multiple of the V quantization group {g}; choose a --kv-quant-group that "
+                             "divides it")
 
     def describe(self) -> dict:
-        return {"scheme": "kivi", "bits": self.bits, "group": self.group,
-                "k": "per channel, groups of `group` tokens within a sample",
-                "v": "per token, groups of `group` channels (all of head_dim when smaller)",
-                "scale_dtype": "float16"}
+        d = {"scheme": "kivi", "bits": self.bits, "group": self.group,
+             "k": "per channel, groups of `group` tokens within a sample",
+             "v": "per token, groups of `group` channels (all of head_dim when smaller)",
+             "scale_dtype": "float16"}
+        if self.v_span == "token":    # caches written before v_span keep their description
+            d.update(v="per token, groups of `group` channels over the token's KV heads (all of "
+                       "them when fewer)", v_span="token")
+        return d
+
+    @classmethod
+    def from_manifest(cls, d: dict | None) -> "KVQuant | None":
+        """The scheme a manifest's `kv_quant` records (no `v_span`: groups inside one head)."""
+        return cls(d["bits"], d["group"], d.get("v_span", "head")) if d else None
 
 
 def _down(x: torch.Tensor) -> torch.Tensor:
@@ -112,20 +142,19 @@ def dequantize_k(codes, scale, low, q: KVQuant, dtype=torch.float32) -> torch.Te
 
 
 def quantize_v(v: torch.Tensor, q: KVQuant) -> dict[str, torch.Tensor]:
-    """Values (T, H, D) of one sample, per token in groups of q.v_group(D) channels."""
-    d = v.shape[-1]
-    g = q.v_group(d)
-    if d % g:
-        raise ValueError(f"head_dim {d} is not a multiple of the V quantization group {g}")
-    codes, scale, low = _grouped(v.float(), KVQuant(q.bits, g))
-    return {"codes": pack(codes, q.bits), "scale": scale, "low": low}
+    """Values (T, H, D) of one sample, per token in groups of q.v_group(H, D) channels."""
+    t, h, d = v.shape
+    q.check_geometry(h, d)
+    x = v.float().reshape(t, -1, q.v_channels(h, d))                   # (T, 1 or H, channels)
+    codes, scale, low = _grouped(x, KVQuant(q.bits, q.v_group(h, d)))
+    return {"codes": pack(codes.view(t, h, d), q.bits), "scale": scale, "low": low}
 
 
 def dequantize_v(codes, scale, low, q: KVQuant, dtype=torch.float32) -> torch.Tensor:
-    """Values (T, H, D) back from quantize_v's tensors (scale, low: (T, H, D / group))."""
+    """Values (T, H, D) back from quantize_v's tensors (scale, low: (T, 1 or H, groups))."""
     c = unpack(codes, q.bits).float()
     t, h, d = c.shape
-    c = c.view(t, h, -1, q.v_group(d))                                 # (T, H, groups, G)
+    c = c.view(t, *scale.shape[1:], -1)                                # (T, 1 or H, groups, G)
     return (c * scale.float()[..., None] + low.float()[..., None]).view(t, h, d).to(dtype)
 
 
@@ -137,7 +166,7 @@ def stored_bytes_per_token(q: KVQuant | None, heads: int, head_dim: int, layers:
         return 2 * layers * heads * head_dim * fp_bytes
     codes = 2 * heads * head_dim * q.bits / 8
     k_groups = heads * head_dim * (-(-tokens_per_sample // q.group)) / tokens_per_sample
-    v_groups = heads * head_dim / q.v_group(head_dim)
+    v_groups = heads * head_dim / q.v_group(heads, head_dim)
     return layers * (codes + 4 * (k_groups + v_groups))
 
 
@@ -203,7 +232,7 @@ def dequantize_batch(packed: dict[str, torch.Tensor], q: KVQuant) -> tuple[torch
     kc = torch.nn.functional.pad(kc, (0, 0, 0, 0, 0, groups * q.group - t)).view(b, l, groups, q.group, h, d)
     # one pass per tensor: broadcast each group's scale and low over its tokens
     k = torch.addcmul(low[:, :, :groups, None], kc.float(), scale[:, :, :groups, None]).view(b, l, -1, h, d)[:, :, :t]
-    vc = unpack(packed["v_codes"], q.bits).view(b, l, t, h, -1, q.v_group(d))
+    vc = unpack(packed["v_codes"], q.bits).view(b, l, t, *packed["v_scale"].shape[3:], -1)
     v = torch.addcmul(packed["v_low"].float()[..., None], vc.float(), packed["v_scale"].float()[..., None])
     # values' groups are per token, zero past a sample's end already; a key group can straddle it
     inside = torch.arange(t, device=kc.device) < packed["lengths"].to(kc.device)[:, None]

@@ -155,8 +155,7 @@ class KVCache:
         missing = [l for l in self.layers if l not in stored]
         if missing:
             raise ValueError(f"{self.path}: layers {missing} are not stored; it holds {stored}")
-        q = self.manifest.get("kv_quant")
-        self.kv_quant = KVQuant(q["bits"], q["group"]) if q else None
+        self.kv_quant = KVQuant.from_manifest(self.manifest.get("kv_quant"))
         self.kv_dtype = kv_dtype or torch.float16
         self.packed = packed and self.kv_quant is not None
         fmt = self.manifest["format"]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .format import MANIFEST, checksum_file, expected_checksum
+from .quant import KVQuant
 
 
 def verify_cache(path: str | os.PathLike) -> list[str]:
@@ -74,8 +75,9 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
             want[f"{kind}.{l}"] = (entry["tokens"], m["num_kv_heads"], m["head_dim"] * q["bits"] // 8 if q
                                    else m["head_dim"])
         if q:
-            want[f"v_scale.{l}"] = want[f"v_low.{l}"] = (entry["tokens"], m["num_kv_heads"],
-                                                           m["head_dim"] // min(q["group"], m["head_dim"]))
+            kq, h, d = KVQuant.from_manifest(q), m["num_kv_heads"], m["head_dim"]
+            want[f"v_scale.{l}"] = want[f"v_low.{l}"] = (entry["tokens"], h * d // kq.v_channels(h, d),
+                                                           kq.v_channels(h, d) // kq.v_group(h, d))
     if m.get("logits_topk"):
         want["topk_ids"] = want["topk_logprobs"] = (entry["tokens"], m["logits_topk"])
     out = []
