@@ -20,6 +20,7 @@ capture copies, screening, writing) costs.
     python bench/bench_extract.py                       # tiny fp32 + tiny nf4 + Qwen2.5-1.5B-shaped fp32
     python bench/bench_extract.py --cases tiny-fp32 --device cuda
     python bench/bench_extract.py --cases tiny-fp32 --repeats 5 --write-load
+    python bench/bench_extract.py --cases tiny-nf4-plain --repeats 2   # bitsandbytes' plain CPU path
 
 `--write-load` adds a third side: forward-only while a thread writes the cache's bytes through
 stage 1's own write path at the pace of a run. What it adds to forward-only is what writing
@@ -137,10 +138,11 @@ def build_case(name: str, tok, device: str, root: Path, tiny_samples: int = 2048
         cfg = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2,
                                head_dim=64, intermediate=256, tok=tok)
         model = tiny.build_model(cfg, seed=1)
-        if name == "tiny-nf4":
+        if name.startswith("tiny-nf4"):        # tiny-nf4-plain: bitsandbytes' plain CPU path, forced
             path = save_pretrained(model, tok, root / "tiny-teacher")
             dev = torch.device(device)          # loaded as stage 1 loads a 4-bit teacher
-            model = load_teacher(str(path), quantization_settings(True, "nf4", False, dev, "auto"), dev)
+            model = load_teacher(str(path), quantization_settings(True, "nf4", False, dev, "auto"), dev,
+                                 cpu_4bit_kernel="plain" if name == "tiny-nf4-plain" else "auto")
         n, bs = tiny_samples, 16
     else:
         cfg = Qwen2Config(**QWEN25_15B)
