@@ -21,6 +21,7 @@ capture copies, screening, writing) costs.
     python bench/bench_extract.py --cases tiny-fp32 --device cuda
     python bench/bench_extract.py --cases tiny-fp32 --repeats 5 --write-load
     python bench/bench_extract.py --cases tiny-nf4-plain --repeats 2   # bitsandbytes' plain CPU path
+    python bench/bench_extract.py --cases qwen2.5-1.5b-nf4,qwen2.5-1.5b-nf4-plain   # real shape in 4-bit
 
 `--write-load` adds a third side: forward-only while a thread writes the cache's bytes through
 stage 1's own write path at the pace of a run. What it adds to forward-only is what writing
@@ -131,27 +132,29 @@ def _sync(model):
 
 
 def build_case(name: str, tok, device: str, root: Path, tiny_samples: int = 2048):
-    """Returns (model, samples, batch size, load seconds)."""
+    """Returns (model, samples, batch size, load seconds). A case ending in -nf4 is saved and
+    loaded in 4-bit as stage 1 loads a teacher; -nf4-plain forces bitsandbytes' plain CPU path."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     t0 = time.perf_counter()
+    nf4 = "-nf4" in name
     if name.startswith("tiny"):
         cfg = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2,
                                head_dim=64, intermediate=256, tok=tok)
         model = tiny.build_model(cfg, seed=1)
-        if name.startswith("tiny-nf4"):        # tiny-nf4-plain: bitsandbytes' plain CPU path, forced
-            path = save_pretrained(model, tok, root / "tiny-teacher")
-            dev = torch.device(device)          # loaded as stage 1 loads a 4-bit teacher
-            model = load_teacher(str(path), quantization_settings(True, "nf4", False, dev, "auto"), dev,
-                                 cpu_4bit_kernel="plain" if name == "tiny-nf4-plain" else "auto")
         n, bs = tiny_samples, 16
     else:
         cfg = Qwen2Config(**QWEN25_15B)
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        with torch.device(device):
+        dtype = torch.float32 if device == "cpu" and not nf4 else torch.bfloat16
+        with torch.device(device if not nf4 else "cpu"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         n, bs = (8, 4) if device == "cpu" else (256, 16)
-    model = model.to(device).eval() if "nf4" not in name else model.eval()
-    return model, n, bs, time.perf_counter() - t0
+    if nf4:
+        path = save_pretrained(model, tok, root / f"{name.split('-nf4')[0]}-teacher")
+        dev = torch.device(device)
+        model = load_teacher(str(path), quantization_settings(True, "nf4", False, dev, "auto"), dev,
+                             cpu_4bit_kernel="plain" if name.endswith("-plain") else "auto")
+        return model.eval(), n, bs, time.perf_counter() - t0
+    return model.to(device).eval(), n, bs, time.perf_counter() - t0
 
 
 def main(argv=None):
