@@ -14,6 +14,7 @@
     python bench/bench_train.py                      # all (the real-shape part takes a few minutes)
     python bench/bench_train.py --parts cache,memory
     python bench/bench_train.py --parts int4
+    python bench/bench_train.py --parts int4,online --online-teacher nf4 --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -71,12 +72,12 @@ def build_tiny(root: Path, n: int):
     return sdir, cache, tok
 
 
-def bench_cache(root: Path, steps: int, workers: int):
+def bench_cache(root: Path, steps: int, workers: int, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
     sdir, cache, tok = build_tiny(root, 512)
-    cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device="cpu", progress=False)
+    cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device=device, progress=False)
     with kava_common.no_hf_progress_bars():
-        student = AutoModelForCausalLM.from_pretrained(sdir)
+        student = AutoModelForCausalLM.from_pretrained(sdir).to(device)
     tr = BenchTrainer(cfg, student, tok)
     in_memory = list(tr.bench_loader(steps, 0))
     for b in in_memory[:3]:
@@ -108,7 +109,7 @@ def bench_cache(root: Path, steps: int, workers: int):
     return ratio
 
 
-def bench_int4(root: Path, steps: int, workers: int):
+def bench_int4(root: Path, steps: int, workers: int, device: str = "cpu"):
     """Step time reading batches from an int4 cache over the same steps from the float16 cache
     it was derived from (goal <= 1.05): dequantized in the step (--kv-dequant device, the
     default) and in the loader (--kv-dequant loader)."""
@@ -119,10 +120,10 @@ def bench_int4(root: Path, steps: int, workers: int):
     trs = {}
     runs = {"float16": (f16, "device"), "int4": (q4, "device"), "int4-loader": (q4, "loader")}
     for name, (cache, where) in runs.items():
-        cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device="cpu", progress=False,
+        cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=8, device=device, progress=False,
                           kv_dequant=where)
         with kava_common.no_hf_progress_bars():
-            student = AutoModelForCausalLM.from_pretrained(sdir)
+            student = AutoModelForCausalLM.from_pretrained(sdir).to(device)
         trs[name] = BenchTrainer(cfg, student, tok)
         for b in trs[name].bench_loader(3, workers):
             trs[name].step(b)                               # warm-up
@@ -150,7 +151,7 @@ def open_cache_bytes(path) -> int:
 
 
 def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings: bool = False,
-                 batch: int = 2, teacher_kind: str = "fp32"):
+                 batch: int = 2, teacher_kind: str = "fp32", device: str = "cpu"):
     """Offline (cache) step vs online step (teacher forward in the loop) at real shapes.
     `teacher_kind` nf4: the online loop runs the teacher in 4-bit as the seed did (the cache
     still comes from the fp32 teacher: what the K/V hold does not change the step's time)."""
@@ -175,12 +176,14 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
         tdir = root / "teacher-15b"
         kava_common.save_pretrained(teacher.to(torch.bfloat16), tok, tdir)
         del teacher
-        cpu = torch.device("cpu")                # loaded as stage 1 loads a 4-bit teacher
-        teacher = load_teacher(str(tdir), quantization_settings(True, "nf4", False, cpu, "auto"), cpu)
+        dev = torch.device(device)               # loaded as stage 1 loads a 4-bit teacher
+        teacher = load_teacher(str(tdir), quantization_settings(True, "nf4", False, dev, "auto"), dev)
         print(f"online: teacher saved and reloaded in NF4 (compute bf16) in {time.perf_counter() - t0:.0f} s")
+    elif device != "cpu":
+        teacher = teacher.to(device, torch.bfloat16)      # a GPU runs the unquantized teacher in bf16
     cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=batch, max_length=seq,
-                      eval_samples=1, device="cpu", progress=False, freeze_embeddings=freeze_embeddings)
-    tr = BenchTrainer(cfg, student, tok)
+                      eval_samples=1, device=device, progress=False, freeze_embeddings=freeze_embeddings)
+    tr = BenchTrainer(cfg, student.to(device), tok)
     batches = list(tr.bench_loader(steps, 0))
     tr.step(batches[0])                                     # warm-up
     times = {"offline": [], "online": []}
@@ -246,22 +249,23 @@ def main(argv=None):
     p.add_argument("--online-reps", type=int, default=2, help="alternating offline/online runs")
     p.add_argument("--online-batch", type=int, default=2, help="samples per step (the seed used 2)")
     p.add_argument("--freeze-embeddings", action="store_true", help="online part: the student's embeddings fixed")
+    p.add_argument("--device", default="cpu", help="where stage 2 (and the online teacher) run: cpu, cuda")
     p.add_argument("--online-teacher", choices=["fp32", "nf4"], default="fp32",
                    help="online part: the teacher in the loop; nf4 as the seed ran it (bitsandbytes' CPU "
                         "kernel is ~6x slower than fp32 here, so fp32 is the strict comparison)")
     a = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
-    print(header(device="cpu"))
+    print(header(device=a.device))
     parts = a.parts.split(",")
     if "cache" in parts:
-        bench_cache(root / "tiny", a.steps, a.workers)
+        bench_cache(root / "tiny", a.steps, a.workers, a.device)
     if "int4" in parts:
-        bench_int4(root / "int4", a.steps, a.workers)
+        bench_int4(root / "int4", a.steps, a.workers, a.device)
     if "memory" in parts:
         bench_memory()
     if "online" in parts:
         bench_online(root / "real", a.online_steps, a.online_seq, a.online_reps, a.freeze_embeddings,
-                     a.online_batch, a.online_teacher)
+                     a.online_batch, a.online_teacher, a.device)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The contract between kava's stages: cache format, prompt template, data, KV geometry."""
 
+import functools
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,20 @@ def software_versions() -> dict:
     return out
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def machine_description() -> str:
     """One line naming this machine for benchmark output: the CPU model, whether it has
     AVX512-BF16 (bitsandbytes' packed 4-bit kernel) and AMX (fast bf16 matrix products, which
@@ -66,7 +81,7 @@ def machine_description() -> str:
     except OSError:
         pass
     model = info.get("model name") or platform.processor() or platform.machine()
-    flags = info.get("flags", "").split()
+    flags = cpu_flags()
     bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "no AVX512-BF16"
     amx = ", AMX-BF16" if "amx_bf16" in flags else ""
     desc = f"{model} ({bf16}{amx}), {os.cpu_count()} cores"

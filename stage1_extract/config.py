@@ -39,7 +39,8 @@ class ExtractConfig:
     quant_type: str = setting("nf4", "4-bit data type", choices=("nf4", "fp4"))
     double_quant: bool = setting(False, "bitsandbytes nested quantization of the 4-bit scales")
     cpu_4bit_kernel: str = setting("auto", "bitsandbytes 4-bit path on a CPU: packed needs AVX512-BF16; "
-                                   "auto takes it where present", choices=CPU_4BIT_KERNELS)
+                                   "auto takes it there unless the CPU also has AMX, where plain is faster",
+                                   choices=CPU_4BIT_KERNELS)
     dtype: str = setting("auto", "unquantized teacher dtype (auto: float32 on a CPU, bfloat16 on a GPU)",
                          choices=("auto", *DTYPES))
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")

@@ -66,26 +66,38 @@ def packable(module) -> bool:
     return module.out_features % PACK_BLOCK_N == 0 and module.in_features % block == 0
 
 
+def cpu_4bit_path(kernel: str, has_avx512bf16: bool, has_amx: bool) -> str:
+    """Which bitsandbytes CPU path `kernel` (auto, packed, plain) takes on a CPU with these
+    features: "packed" or "plain".
+
+    `auto` takes the plain path on a CPU with AMX: there dequantizing to bf16 and multiplying
+    on AMX ran the tiny benchmark teacher 1.75x and a Qwen2.5-1.5B-shaped one 5.7x faster
+    than the packed kernel, with the same K/V to a cosine of 0.9995 (docs/benchmarks.md). On a
+    CPU with AVX512-BF16 and no AMX it takes the packed path (bitsandbytes' own choice there);
+    elsewhere there is only the plain path."""
+    if kernel not in CPU_4BIT_KERNELS:
+        raise ValueError(f"cpu 4-bit kernel {kernel!r}: choose one of {CPU_4BIT_KERNELS}")
+    if kernel == "packed" and not has_avx512bf16:
+        raise KavaError("--cpu-4bit-kernel packed: this CPU has no AVX512-BF16, which bitsandbytes' "
+                        "packed 4-bit kernel needs; use auto or plain")
+    packed = has_avx512bf16 and (kernel == "packed" or (kernel == "auto" and not has_amx))
+    return "packed" if packed else "plain"
+
+
 def choose_cpu_4bit_kernel(model, kernel: str = "auto") -> dict:
     """Set which bitsandbytes CPU path each 4-bit linear of `model` takes; returns what the
     manifest records.
 
     On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight on its first eval
-    forward for a fast bf16 kernel ("packed"); elsewhere it dequantizes on every call
-    ("plain"). Both compute with the same NF4/FP4 weights. `auto` takes the packed path where
-    the CPU has it, and keeps the linears that it cannot pack (see `packable`) on the plain
-    path instead of crashing; `plain` forces the plain path everywhere; `packed` asks for the
-    packed path and fails on a CPU without it. The choice is bitsandbytes' per-module flag
-    `support_avx512bf16_for_cpu`, read at each forward."""
+    forward for a bf16 kernel ("packed"); elsewhere, or when told not to, it dequantizes on
+    every call ("plain"). Both compute with the same NF4/FP4 weights; `cpu_4bit_path` says
+    which one `kernel` takes. On the packed path the linears that it cannot pack (see
+    `packable`) stay on the plain path instead of crashing. The choice is bitsandbytes'
+    per-module flag `support_avx512bf16_for_cpu`, read at each forward."""
+    from kava_common import cpu_flags
     bnb = import_bitsandbytes()
     from bitsandbytes.functional import has_avx512bf16
-    if kernel not in CPU_4BIT_KERNELS:
-        raise ValueError(f"cpu 4-bit kernel {kernel!r}: choose one of {CPU_4BIT_KERNELS}")
-    cpu_has = bool(has_avx512bf16())
-    if kernel == "packed" and not cpu_has:
-        raise KavaError("--cpu-4bit-kernel packed: this CPU has no AVX512-BF16, which bitsandbytes' "
-                        "packed 4-bit kernel needs; use auto or plain")
-    use_packed = cpu_has and kernel != "plain"
+    use_packed = cpu_4bit_path(kernel, bool(has_avx512bf16()), "amx_bf16" in cpu_flags()) == "packed"
     plain = []
     for mname, m in model.named_modules():
         if isinstance(m, bnb.nn.Linear4bit):

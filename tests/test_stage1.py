@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_jsonl
-from kava_common import KavaError
+from kava_common import KavaError, cpu_flags
 from kava_common.cache import open_cache
 from kava_common.data import load_rows
 from kava_common.info import main as info_main
@@ -134,7 +134,8 @@ def test_4bit_nf4_cache_close_to_unquantized(teacher_dir, tmp_path):
     quant = cq.manifest["teacher"]["quantization"]
     assert quant["method"] == "bitsandbytes" and quant["bits"] == 4 and quant["quant_type"] == "nf4"
     assert quant["linear4bit_modules"] == 3 * 7                   # q,k,v,o,gate,up,down per layer
-    assert quant["cpu_kernel"] == ("packed" if has_packed_4bit_cpu_kernel() else "plain")
+    assert quant["cpu_kernel"] == ("packed" if has_packed_4bit_cpu_kernel() and "amx_bf16" not in cpu_flags()
+                                   else "plain")
     assert quant["cpu_plain_modules"] == []                       # every width fits the packed kernel
     for key in ("k", "v"):
         a = torch.cat([cq[i][key].float().flatten() for i in range(len(cq))])
@@ -150,6 +151,19 @@ def has_packed_4bit_cpu_kernel() -> bool:
 
 
 NO_PACKED = "this CPU has no AVX512-BF16, so bitsandbytes' packed 4-bit kernel cannot run here"
+
+
+def test_auto_takes_the_plain_4bit_path_on_a_cpu_with_amx():
+    from stage1_extract.teacher import cpu_4bit_path
+    table = {(True, True): "plain", (True, False): "packed", (False, False): "plain", (False, True): "plain"}
+    for (bf16, amx), want in table.items():
+        assert cpu_4bit_path("auto", bf16, amx) == want, (bf16, amx)
+        assert cpu_4bit_path("plain", bf16, amx) == "plain"
+    assert cpu_4bit_path("packed", True, True) == "packed"          # asked for: taken even with AMX
+    with pytest.raises(KavaError, match="--cpu-4bit-kernel packed: this CPU has no AVX512-BF16"):
+        cpu_4bit_path("packed", False, True)
+    with pytest.raises(ValueError, match="cpu 4-bit kernel 'fast': choose one of"):
+        cpu_4bit_path("fast", True, False)
 
 
 @pytest.mark.parametrize("kernel", ["plain", "packed"])

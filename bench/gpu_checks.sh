@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU figure kava reports, in one run on one CUDA GPU (each step has its own time limit;
+# about 8 minutes at most):
+#
+#   bash bench/gpu_checks.sh [OUT]              # logs in OUT (default data_cache/gpu_checks)
+#   KAVA_WHEELS=DIR bash bench/gpu_checks.sh    # first install the wheels in DIR (offline machines)
+#
+# 1. stage 1 / forward-only on CUDA: tiny fp32, tiny NF4 and the Qwen2.5-1.5B shape in bf16
+#    (the gather capture path, the GPU default)
+# 2. the stage-2 peak-memory estimate beside torch's measured peak at the seed's setting
+# 3. the stage-2 step from an int4 cache over the float16 one, and the offline / online step
+#    ratio with the teacher in NF4, as the seed ran it
+#
+# It needs torch with CUDA, transformers, bitsandbytes (CUDA build), safetensors, h5py, peft,
+# psutil, pyyaml and xxhash importable by PYTHON (default python3); the repository root is put on
+# PYTHONPATH. KAVA_WHEELS names a folder of wheels (say transformers and bitsandbytes at the
+# versions of constraints.txt) installed with pip --no-index --no-deps into a private folder.
+set -u -o pipefail
+out=${1:-data_cache/gpu_checks}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+if [ -n "${KAVA_WHEELS:-}" ]; then
+    site=$(mktemp -d)
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$KAVA_WHEELS"/*.whl || { echo "error: installing the wheels in $KAVA_WHEELS failed"; exit 1; }
+    export PYTHONPATH="$site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+
+step() {    # step NAME SECONDS ARGS...: run PYTHON ARGS with a time limit, log to OUT/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most $limit s): $py $*"
+    timeout "$limit" "$py" "$@" 2>&1 | tee "$out/$name.txt"
+    echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+"$py" -c "import torch, transformers, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tee -a "$out/gpu.txt"
+step extract 180 bench/bench_extract.py --device cuda --cases tiny-fp32,tiny-nf4,qwen2.5-1.5b-fp32 --repeats 3
+step gpu_memory 120 bench/bench_gpu_memory.py --device cuda
+step train 180 bench/bench_train.py --device cuda --parts int4,online --online-teacher nf4 --steps 40
+echo "logs in $out"
