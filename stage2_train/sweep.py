@@ -9,13 +9,15 @@
     eval: {dataset: synthetic, split: test, max_samples: 100}  # optional: accuracy of each student
 
 A run whose result.json exists is skipped on a re-run (an unfinished one resumes from its last
-checkpoint). The table has the grid values, the last logged loss (train_loss) and held-out cosines beside
+checkpoint), if it ran with the settings the sweep gives it now: a finished run with other
+settings (another cache, loss, ...) is refused, naming them, before anything trains. The table has the grid values, the last logged loss (train_loss) and held-out cosines beside
 the shuffled baseline, and the accuracy when `eval` is given.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import re
@@ -68,6 +70,31 @@ def load_sweep(path: str | Path) -> dict:
     return spec
 
 
+RUN_CONTROL = ("out", "progress", "resume", "overwrite")   # how a run is driven, not what it learns
+
+
+def changed_settings(saved_config: Path, now: dict) -> list[str]:
+    """The settings in which a run's saved config.yaml differs from `now` (a config's
+    to_dict()). Paths compare resolved; a setting absent from an older config.yaml counts as
+    its default."""
+    try:
+        saved = yaml.safe_load(saved_config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ["config.yaml missing or unreadable"]
+
+    def norm(key, value):
+        if key == "student" and value:
+            return str(Path(value).resolve())
+        if key == "caches" and value:
+            return [str(Path(c).resolve()) for c in value]
+        return value
+    def default(key):
+        f = FIELDS[key]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return sorted(k for k in now if k not in RUN_CONTROL
+                  and norm(k, saved[k] if k in saved else default(k)) != norm(k, now[k]))
+
+
 def combos(grid: dict) -> list[dict]:
     keys = list(grid)
     return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
@@ -83,10 +110,16 @@ def run_sweep(path: str | Path, echo=print, progress: bool = True) -> list[dict]
     rows = []
     todo = combos(spec.get("grid") or {})
     for values in todo:                 # every grid point is checked before the first one trains
+        run = out / run_name(values)
         try:
-            load_config(spec.get("base"), dict(spec.get("settings") or {}, **values, out=str(out / run_name(values))))
+            cfg = load_config(spec.get("base"), dict(spec.get("settings") or {}, **values, out=str(run)))
         except ValueError as e:
             raise ValueError(f"{path}: grid point {values}: {e}") from None
+        changed = changed_settings(run / "config.yaml", cfg.to_dict()) if (run / "result.json").is_file() else []
+        if changed:
+            raise KavaError(f"{path}: {run} finished with other settings than the sweep gives it now "
+                            f"({', '.join(changed)}); remove that folder to train it again, or give the "
+                            "sweep another `out`")
     for n, values in enumerate(todo, 1):
         name = run_name(values)
         run = out / name

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from kava_common import KavaError, save_pretrained, tiny
@@ -269,6 +270,24 @@ def test_sweep_two_run_grid_and_skip_on_rerun(student_dir, caches, tmp_path, cap
     assert "[1/2] loss-mercator: done before, skipped" in out and "[2/2] loss-mse: done before, skipped" in out
     assert (tmp_path / "sw" / "loss-mse" / "metrics.jsonl").stat().st_mtime_ns == mtime
     assert (tmp_path / "sw" / "results.md").read_text().splitlines() == md
+    # the same cache through a link, and a config.yaml written before a setting existed (absent:
+    # its default): still the same runs
+    (tmp_path / "link").symlink_to(caches["qwen"])
+    cfg_file = tmp_path / "sw" / "loss-mse" / "config.yaml"
+    saved = yaml.safe_load(cfg_file.read_text())
+    assert saved.pop("kv_dequant") == "device"
+    cfg_file.write_text(yaml.safe_dump(saved))
+    spec.write_text(spec.read_text().replace(str(caches["qwen"]), str(tmp_path / "link")))
+    assert sweep_main([str(spec), "--no-progress"]) == 0
+    assert "[2/2] loss-mse: done before, skipped" in capsys.readouterr().out
+    # a finished run with other settings is refused before anything trains, naming them
+    spec.write_text(spec.read_text().replace("max_steps: 4", "max_steps: 6").replace(
+        str(tmp_path / "link"), str(caches["llama"])))
+    assert sweep_main([str(spec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'sw' / 'loss-mercator'} finished with other settings than the sweep gives it now " \
+           "(caches, max_steps); remove that folder" in err and "Traceback" not in err
+    assert (tmp_path / "sw" / "loss-mse" / "metrics.jsonl").stat().st_mtime_ns == mtime
     from stage2_train.sweep import load_sweep
     example = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "sweep_example.yaml")
     assert len(combos(example["grid"])) == 4
