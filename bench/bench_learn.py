@@ -162,21 +162,24 @@ def student_data(root: Path, task: dict) -> str:
     return str(path)
 
 
-def teacher_certainty(cache: str, every: int = 8) -> dict:
-    """How much the cached teacher distribution says beyond the label, on the answer tokens of
-    every `every`-th sample: mean top-1 probability, the share of tokens above 0.99, the
-    entropy of the top-K (nats) and how often the teacher's top token is the text's."""
+def teacher_certainty(cache: str, every: int = 8, part: str = "answer") -> dict:
+    """How much the cached teacher distribution says beyond the label, on the answer tokens
+    (`part` "answer", from the reasoning on) or the question's tokens ("question": every token
+    before the reasoning, the prompt template's too) of every `every`-th sample: mean top-1
+    probability, the share of tokens above 0.99, the entropy of the top-K (nats) and how often
+    the teacher's top token is the text's."""
     from kava_common.cache import open_cache
     c = open_cache(cache)
     top1, ent, agree = [], [], []
     for i in range(0, len(c), every):
         s = c[i]
         a = s["token_segments"]["reasoning"][0]
-        p = s["topk_logprobs"][a - 1:-1].exp()                     # predicting the answer's tokens
+        rows = slice(a - 1, -1) if part == "answer" else slice(0, a - 1)     # position t predicts t+1
+        p = s["topk_logprobs"][rows].exp()
         q = p / p.sum(-1, keepdim=True)
         top1.append(p[:, 0])
         ent.append(-(q * q.clamp(min=1e-12).log()).sum(-1))
-        agree.append((s["topk_ids"][a - 1:-1, 0] == s["input_ids"][a:]).double())
+        agree.append((s["topk_ids"][rows, 0] == s["input_ids"][rows.start + 1:rows.stop + 1 or None]).double())
     t, e, g = torch.cat(top1), torch.cat(ent), torch.cat(agree)
     return {"tokens": len(t), "top1": float(t.mean()), "above_099": float((t > 0.99).double().mean()),
             "entropy": float(e.mean()), "argmax_is_text": float(g.mean())}
@@ -373,6 +376,11 @@ def report(root: Path, reg: dict, paths: dict, sections, chosen: str, wall: floa
                      f"of every 8th sample): mean top-1 probability {c['top1']:.4f}, {c['above_099']:.1%} of "
                      f"tokens above 0.99, top-K entropy {c['entropy']:.4f} nats, top token = the text's "
                      f"{c['argmax_is_text']:.2%}: what logit distillation can add to the labels.")
+        if any(reg["arms"][arm].get("kd_tokens") == "all" for arm in reg["arms"]):
+            c = teacher_certainty(paths["cache_qwen2"], part="question")
+            lines.append(f"On the question's tokens (the prompt's too; {c['tokens']} tokens): mean top-1 probability "
+                         f"{c['top1']:.4f}, {c['above_099']:.1%} above 0.99, top-K entropy {c['entropy']:.4f} nats, "
+                         f"top token = the text's {c['argmax_is_text']:.2%}.")
     for title, rows in sections:
         lines += ["", f"{title}:", "", *table(rows)]
     lines += ["", f"Chosen on validation by the pre-registered rule: {reg['arms'][chosen]['what']} ({chosen})."]
