@@ -36,6 +36,12 @@ def longest_answer(teachers, max_length: int) -> int:
     return int(min(max_length, (seg[:, 2, 1] - seg[:, 1, 0]).max() + 1))
 
 
+def every_token_logits(cfg) -> bool:
+    """Whether the step asks for logits at every position: cross-entropy or logit distillation
+    on every token."""
+    return (bool(cfg.ce_weight) and cfg.ce_tokens == "all") or (bool(cfg.kd_weight) and cfg.kd_tokens == "all")
+
+
 def memory_estimate(cfg, teachers, dtype, device) -> str:
     """The estimate of memory.py for this run (all teachers' distilled layers together)."""
     from transformers import AutoConfig
@@ -52,7 +58,8 @@ def memory_estimate(cfg, teachers, dtype, device) -> str:
               else (s_width, n * t["heads"] * t["head_dim"])), cfg.bottleneck_hidden)
             for n, t in zip(read, teachers))
     return describe(estimate(student, (1, 1, kv_width), cfg.batch_size, cfg.max_length, projector_params=proj,
-                             answer_tokens=longest_answer(teachers, cfg.max_length),
+                             answer_tokens=cfg.max_length if every_token_logits(cfg) else
+                             longest_answer(teachers, cfg.max_length), kd=bool(cfg.kd_weight),
                              precision="bf16" if dtype == torch.bfloat16 else "fp32",
                              optimizer=cfg.optimizer, lora_r=cfg.lora_r,
                              gradient_checkpointing=cfg.gradient_checkpointing,

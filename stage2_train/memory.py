@@ -4,9 +4,11 @@ Terms (bytes): student weights; gradients and optimizer state of what trains (Ad
 moments; 8-bit AdamW: two 1-byte moments; LoRA: only the adapters train); projector weights,
 gradients and AdamW state in fp32; activations kept for the backward pass (every layer without
 gradient checkpointing, one layer's worth plus each layer's input with it); the logits and
-their fp32 cross-entropy copies, at the answer positions only (reasoning and final answer;
-the union over the batch of `answer_tokens` per sample, bounded by batch x answer_tokens;
-stage 2 asks the model for no other logits, and passes the longest answer in its caches);
+their fp32 cross-entropy copies (and with logit distillation its fp32 log-softmax and
+gradient), at the answer positions only (reasoning and final answer; the union over the batch
+of `answer_tokens` per sample, bounded by batch x answer_tokens; stage 2 asks the model for no
+other logits, and passes the longest answer in its caches, or every position when
+cross-entropy or distillation covers every token);
 the teacher K/V batch
 in fp32 with its aligned copy; and the CUDA context. It is an estimate: allocator fragmentation
 and kernel workspaces come on top.
@@ -47,11 +49,12 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
              precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
              gradient_checkpointing: bool = False, projector_params: int | None = None,
              cuda_context: float = 0.5 * GB, answer_tokens: int | None = None,
-             freeze: str = "none", ce_chunk: int = 0) -> dict[str, float]:
+             freeze: str = "none", ce_chunk: int = 0, kd: bool = False) -> dict[str, float]:
     """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim);
     freeze: none | embeddings (input embeddings fixed) | all (projector alone); answer_tokens:
     cross-entropy targets per sample (None: every position, the bound for long answers);
-    ce_chunk: with chunked cross-entropy, the logits of one chunk of targets at a time."""
+    ce_chunk: with chunked cross-entropy, the logits of one chunk of targets at a time; kd:
+    logit distillation, whose fp32 log-softmax of the logits and its gradient come on top."""
     answer_tokens = seq if answer_tokens is None else answer_tokens
     wb = 2 if precision == "bf16" else 4
     s = student
@@ -79,7 +82,7 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
         "projector": projector_params * 4 * 4,         # weights, grads, two AdamW moments
         "activations": acts,
         "logits": (min(ce_chunk, batch * answer_tokens) if ce_chunk else
-                   batch * min(seq, batch * answer_tokens)) * s.vocab * (wb + 4 + 4),  # + fp32 copy, grad
+                   batch * min(seq, batch * answer_tokens)) * s.vocab * (wb + 4 + 4 + (8 if kd else 0)),
         "teacher_kv": 2 * tokens * lt * 2 * ht * dt * 4,  # fp32 K and V, plus the aligned copy
         "cuda_context": cuda_context,
     }

@@ -300,6 +300,20 @@ def test_memory_estimate_by_hand():
     assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, ce_chunk=64)["logits"] == 64 * 10 * 10
     assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, ce_chunk=64,
                     answer_tokens=8)["logits"] == 16 * 10 * 10          # fewer targets than a chunk
+    # logit distillation: its fp32 log-softmax and that one's gradient, 8 more bytes a logit
+    assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, answer_tokens=8,
+                    kd=True)["logits"] == 2 * (2 * 8) * 10 * (10 + 8)
+
+
+def test_memory_estimate_counts_every_position_when_a_loss_covers_every_token():
+    from types import SimpleNamespace
+    from stage2_train.build import every_token_logits
+    cfg = lambda **kw: SimpleNamespace(**{"ce_weight": 1.0, "ce_tokens": "answer", "kd_weight": 0.0,
+                                         "kd_tokens": "answer", **kw})
+    assert not every_token_logits(cfg())
+    assert every_token_logits(cfg(ce_tokens="all")) and not every_token_logits(cfg(ce_tokens="all", ce_weight=0.0))
+    assert every_token_logits(cfg(kd_weight=1.0, kd_tokens="all"))
+    assert not every_token_logits(cfg(kd_tokens="all"))                   # no distillation, no extra logits
 
 
 def test_save_pretrained_prints_no_unicode_progress_bar(tok, tmp_path, capfd):
