@@ -71,10 +71,10 @@ def cpu_4bit_path(kernel: str, has_avx512bf16: bool, has_amx: bool) -> str:
     features: "packed" or "plain".
 
     `auto` takes the plain path on a CPU with AMX: there dequantizing to bf16 and multiplying
-    on AMX ran the tiny benchmark teacher 1.75x and a Qwen2.5-1.5B-shaped one 5.7x faster
-    than the packed kernel, with the same K/V to a cosine of 0.9995 (docs/benchmarks.md). On a
-    CPU with AVX512-BF16 and no AMX it takes the packed path (bitsandbytes' own choice there);
-    elsewhere there is only the plain path."""
+    on AMX ran the tiny benchmark teacher 1.75x and a Qwen2.5-1.5B-shaped one 6x faster than
+    the packed kernel (bench_extract.py, docs/benchmarks.md). On a CPU with AVX512-BF16 and no
+    AMX it takes the packed path (bitsandbytes' own choice there); elsewhere there is only the
+    plain path."""
     if kernel not in CPU_4BIT_KERNELS:
         raise ValueError(f"cpu 4-bit kernel {kernel!r}: choose one of {CPU_4BIT_KERNELS}")
     if kernel == "packed" and not has_avx512bf16:
