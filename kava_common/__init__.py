@@ -54,24 +54,8 @@ def software_versions() -> dict:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def machine_description() -> str:
-    """One line naming this machine for benchmark output: the CPU model, whether it has
-    AVX512-BF16 (bitsandbytes' packed 4-bit kernel) and AMX (fast bf16 matrix products, which
-    speed up bitsandbytes' plain 4-bit path), cores, and the GPU when there is one."""
-    import platform
+def _cpuinfo() -> dict[str, str]:
+    """/proc/cpuinfo's fields for the first CPU (empty where there is no such file)."""
     info = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -80,7 +64,20 @@ def machine_description() -> str:
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    model = info.get("model name") or platform.processor() or platform.machine()
+    return info
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def machine_description() -> str:
+    """One line naming this machine for benchmark output: the CPU model, whether it has
+    AVX512-BF16 (bitsandbytes' packed 4-bit kernel) and AMX (fast bf16 matrix products, which
+    speed up bitsandbytes' plain 4-bit path), cores, and the GPU when there is one."""
+    import platform
+    model = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     flags = cpu_flags()
     bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "no AVX512-BF16"
     amx = ", AMX-BF16" if "amx_bf16" in flags else ""
