@@ -24,7 +24,7 @@ import kava_common  # before torch: kava_common sets its allocator options
 import torch
 
 from kava_common import tiny
-from kava_common.data import Rows, load_rows
+from kava_common.data import Rows, load_fast_tokenizer, load_rows
 from kava_common.tiny import QWEN25_05B, QWEN25_15B
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
@@ -42,7 +42,10 @@ OPTIONS = [("bf16, AdamW", {}),
            ("bf16, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True)),
            ("bf16, AdamW, ce_chunk 64", dict(ce_chunk=64)),
            ("bf16, 8-bit AdamW, checkpointing, ce_chunk 64", dict(optimizer="adamw8bit",
-                                                                 gradient_checkpointing=True, ce_chunk=64))]
+                                                                 gradient_checkpointing=True, ce_chunk=64)),
+           # configs/kv_and_logit_kd.yaml: the student's logits at every position
+           ("bf16, 8-bit AdamW, ckpt, logit KD every token", dict(optimizer="adamw8bit", gradient_checkpointing=True,
+                                                                 kd_weight=1.0, kd_tokens="all"))]
 
 
 def long_rows(n: int, per: int = 4) -> Rows:
@@ -80,21 +83,24 @@ def main(argv=None):
     print(header(device=dev))
     tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
     t_cfg, s_cfg = configs(a.shape, tok)
+    student = AutoModelForCausalLM.from_config(s_cfg, dtype=torch.bfloat16)
+    sdir = root / "student"
+    kava_common.save_pretrained(student, tok, sdir)
+    del student
+    # the teacher's cache records the tokenizer as the student's folder gives it back, so that
+    # logit distillation (which needs the same tokenizer) accepts it
+    tok = load_fast_tokenizer(str(sdir), "student")
     torch.manual_seed(0)
     with torch.device(dev):
         teacher = AutoModelForCausalLM.from_config(t_cfg, dtype=torch.bfloat16 if cuda else torch.float32)
     rows = long_rows(a.samples)
     ecfg = ExtractConfig(teachers=["teacher"], max_samples=len(rows), batch_size=4, max_length=a.max_length,
-                         device=a.device, progress=False, out=str(root / "caches"))
+                         device=a.device, progress=False, out=str(root / "caches"), logits_topk=8)
     cache = extract_teacher(ecfg, "teacher", rows, model=teacher.eval(), tok=tok, log=lambda *x: None)
     del teacher
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    student = AutoModelForCausalLM.from_config(s_cfg, dtype=torch.bfloat16)
-    sdir = root / "student"
-    kava_common.save_pretrained(student, tok, sdir)
-    del student
     chosen = range(len(OPTIONS)) if a.options == "all" else [int(i) for i in a.options.split(",")]
     print(f"batch 2 x {a.max_length} tokens, {a.steps} steps per option; GB = 2^30 bytes")
     for i in chosen:
