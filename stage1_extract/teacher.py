@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kava_common import KavaError, import_bitsandbytes, no_hf_progress_bars
+from kava_common import KavaError, cpu_flags, import_bitsandbytes, no_hf_progress_bars
 from kava_common.geometry import DTYPES
 
 from .config import CPU_4BIT_KERNELS
@@ -94,7 +94,6 @@ def choose_cpu_4bit_kernel(model, kernel: str = "auto") -> dict:
     which one `kernel` takes. On the packed path the linears that it cannot pack (see
     `packable`) stay on the plain path instead of crashing. The choice is bitsandbytes'
     per-module flag `support_avx512bf16_for_cpu`, read at each forward."""
-    from kava_common import cpu_flags
     bnb = import_bitsandbytes()
     from bitsandbytes.functional import has_avx512bf16
     use_packed = cpu_4bit_path(kernel, bool(has_avx512bf16()), "amx_bf16" in cpu_flags()) == "packed"
