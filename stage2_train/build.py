@@ -141,14 +141,16 @@ def precision_dtype(cfg, device) -> torch.dtype:
     return torch.float32
 
 
-def set_trainable(model, cfg) -> None:
+def set_trainable(model, cfg, sparse_tied: bool = True) -> None:
     """Fix what the config keeps out of training (before the optimizer is made), and let a
-    trainable embedding tied to the output head take sparse gradients (`sparse_tied_embedding`)."""
+    trainable embedding tied to the output head take sparse gradients (`sparse_tied_embedding`)
+    unless `sparse_tied` is False."""
     if cfg.freeze_student:
         model.requires_grad_(False)
     if cfg.freeze_embeddings:       # a tied output head shares the weight, so it stays fixed too
         model.get_input_embeddings().requires_grad_(False)
-    sparse_tied_embedding(model)
+    if sparse_tied:
+        sparse_tied_embedding(model)
 
 
 def sparse_tied_embedding(model) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -58,7 +59,9 @@ class Trainer:
                  f"at batch {cfg.batch_size} x {cfg.max_length} tokens")
             model, tok = load_student(cfg.student, self.device, self.dtype, cfg.lora_r, cfg.lora_alpha,
                                       cfg.gradient_checkpointing)
-        set_trainable(model, cfg)
+        # DistributedDataParallel's reducer expects a sparse gradient for a sparse embedding,
+        # and a tied head makes its gradient dense: under torchrun the embedding stays dense
+        set_trainable(model, cfg, sparse_tied=self.world == 1)
         self.model, self.tok = model.train(), tok
         self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers).to(self.device)
         echo(f"projectors ({cfg.projector}, {cfg.direction}): "
@@ -75,6 +78,25 @@ class Trainer:
         self.bad_rows: set[int] = set()      # samples left out for non-finite teacher K/V
         self.skipped_steps = 0               # steps without an update (non-finite loss or gradients)
         self._skipped_in_a_row = 0
+        self.ddp = self._wrap_ddp() if self.world > 1 else None
+
+    def _wrap_ddp(self):
+        """The student and the projectors in DistributedDataParallel: gradients averaged over
+        the ranks in buckets during the backward of each step's last micro-batch. Unused
+        parameters are looked for (some losses leave projectors or parts of the student out
+        of the graph); no device_ids, so the batch reaches the step as the loader gave it (the
+        step moves what it needs to the device itself)."""
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(_MicroBatch(self), device_ids=None, find_unused_parameters=True,
+                                       gradient_as_bucket_view=True)
+
+    def forward(self, batch) -> tuple:
+        """One micro-batch's loss (with its graph) and its K/V, cross-entropy and logit-KD parts;
+        a batch with no sample left (`empty`) gives a zero loss that still reaches a parameter,
+        so that under DistributedDataParallel every rank runs the backward that averages."""
+        if batch.get("empty"):
+            return self.params[0].sum() * 0.0, 0.0, 0.0, 0.0
+        return train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device, self.autocast)
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -142,26 +164,9 @@ class Trainer:
             yield batch
 
     def step(self, batches=None) -> dict:
-        """One optimizer step over `grad_accum` micro-batches (default: the run's next ones),
-        gradients averaged over them; returns the loss parts, the gradient norm and the
-        number of tokens."""
-        parts = {"loss": 0.0, "loss_kv": 0.0, "loss_ce": 0.0, "loss_kd": 0.0}
-        n, tokens = self.cfg.grad_accum, 0
-        batches = self.micro_batches() if batches is None else batches
-        for batch in batches:
-            self.note_bad_rows(batch["bad_rows"])
-            if batch.get("empty"):
-                continue
-            loss, kv, ce, kd = train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device,
-                                          self.autocast)
-            (loss / n).backward()
-            parts["loss"] += loss.item() / n
-            parts["loss_kv"] += kv / n
-            parts["loss_ce"] += ce / n
-            parts["loss_kd"] += kd / n
-            tokens += int(batch["attention_mask"].sum())
-        if self.world > 1:
-            tokens = self.all_reduce_grads(parts, tokens)
+        """One optimizer step over `grad_accum` micro-batches (default: the run's next ones);
+        returns the loss parts, the gradient norm and the number of tokens."""
+        parts, tokens = self.accumulate(batches)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         gn = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         if math.isfinite(parts["loss"]) and math.isfinite(gn):
@@ -175,29 +180,38 @@ class Trainer:
         return dict(parts, grad_norm=gn, tokens=tokens, skipped_steps=self.skipped_steps,
                     bad_samples=len(self.bad_rows))
 
-    def all_reduce_grads(self, parts: dict, tokens: int, bucket_bytes: int = 25 * 2**20) -> int:
-        """Average the gradients and loss parts over the ranks once per optimizer step, after
-        the whole gradient accumulation, in buckets of about 25 MB as DistributedDataParallel
-        does (a whole-model flat copy would add the gradients' size again to peak memory);
-        returns the tokens of all ranks. A parameter keeps no gradient only where no rank gave
-        it one, as in a lone process."""
+    def accumulate(self, batches=None) -> tuple[dict, int]:
+        """The gradients of one step's micro-batches, averaged over them (and over the ranks
+        under torchrun: DistributedDataParallel averages once, in the backward of the last
+        micro-batch, which every rank therefore runs); returns the loss parts and the tokens
+        (of all ranks)."""
+        parts = {"loss": 0.0, "loss_kv": 0.0, "loss_ce": 0.0, "loss_kd": 0.0}
+        n, tokens = self.cfg.grad_accum, 0
+        last = n - 1 if batches is None else len(batches) - 1
+        batches = self.micro_batches() if batches is None else batches
+        for i, batch in enumerate(batches):
+            self.note_bad_rows(batch["bad_rows"])
+            if batch.get("empty") and not (self.ddp and i == last):
+                continue
+            with self.ddp.no_sync() if self.ddp and i < last else nullcontext():
+                loss, kv, ce, kd = self.ddp(batch) if self.ddp else self.forward(batch)
+                (loss / n).backward()
+            if batch.get("empty"):
+                continue
+            parts["loss"] += loss.item() / n
+            parts["loss_kv"] += kv / n
+            parts["loss_ce"] += ce / n
+            parts["loss_kd"] += kd / n
+            tokens += int(batch["attention_mask"].sum())
+        if self.world > 1:
+            tokens = self.average_parts(parts, tokens)
+        return parts, tokens
+
+    def average_parts(self, parts: dict, tokens: int) -> int:
+        """Average the logged loss parts over the ranks (each rank's finite check then sees the
+        same loss); returns the tokens of all ranks."""
         import torch.distributed as dist
         names = ("loss", "loss_kv", "loss_ce", "loss_kd")
-        present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32)
-        dist.all_reduce(present, op=dist.ReduceOp.MAX)
-        grads = []
-        for p, there in zip(self.params, present.tolist()):
-            if p.grad is not None and p.grad.is_sparse:
-                p.grad = p.grad.to_dense()
-            if there and p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if there:
-                grads.append(p.grad)
-        for bucket in _buckets(grads, bucket_bytes):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            flat /= self.world
-            torch._foreach_copy_(bucket, [x.view_as(g) for x, g in zip(flat.split([g.numel() for g in bucket]), bucket)])
         t = torch.tensor([parts[k] for k in names] + [float(tokens)], device=self.device)
         dist.all_reduce(t)
         t /= self.world
@@ -314,15 +328,15 @@ class Trainer:
         self.barrier()
 
 
-def _buckets(tensors: list, max_bytes: int) -> list[list]:
-    """Consecutive tensors of one dtype and device in groups of at most `max_bytes` (a larger
-    tensor alone)."""
-    out, size = [], 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        if not out or size + n > max_bytes or (t.dtype, t.device) != (out[-1][0].dtype, out[-1][0].device):
-            out.append([])
-            size = 0
-        out[-1].append(t)
-        size += n
-    return out
+class _MicroBatch(torch.nn.Module):
+    """The student and the projectors as one module whose forward is `Trainer.forward`, for
+    DistributedDataParallel: it sees every trainable parameter, and a forward before each
+    backward even where the step goes around the model's own forward (`ce_chunk`)."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.model, self.distiller = trainer.model, trainer.distiller
+        self._forward = trainer.forward
+
+    def forward(self, batch):
+        return self._forward(batch)

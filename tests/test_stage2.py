@@ -677,6 +677,27 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process_with_the_same_global_ba
         run(student_dir, [caches["qwen"]], tmp_path / "two", batch_size=4, max_steps=6, resume="auto")
 
 
+def test_two_ranks_with_lora_chunked_cross_entropy_and_unused_projectors_equal_one_process(
+        student_dir, caches, tmp_path):
+    """DistributedDataParallel where the student is frozen but for LoRA, the cross-entropy goes
+    around the model's own forward (ce_chunk) and the projectors are in no graph (kv_weight 0):
+    the losses of one process with twice the accumulation, step by step."""
+    one = run(student_dir, [caches["qwen"]], tmp_path / "one", batch_size=4, grad_accum=2, max_steps=4,
+              log_every=1, lora_r=4, ce_chunk=3, kv_weight=0.0, lr_student=1e-2, warmup_steps=0)
+    r = torchrun(["--student", str(student_dir), "--cache", str(caches["qwen"]), "--device", "cpu",
+                  "--no-progress", "--batch-size", "4", "--max-steps", "4", "--log-every", "1",
+                  "--eval-samples", "8", "--lora-r", "4", "--ce-chunk", "3", "--kv-weight", "0",
+                  "--lr-student", "1e-2", "--warmup-steps", "0", "--save-every", "0",
+                  "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    assert one[-1]["loss_ce"] < one[0]["loss_ce"] - 0.01       # the steps change the student
+    for a, b in zip(one, two):
+        assert a["loss_ce"] == pytest.approx(b["loss_ce"], rel=1e-5), (a["step"], a["loss_ce"], b["loss_ce"])
+        assert b["loss_kv"] == 0.0
+
+
 def test_bottleneck_with_another_tokenizer_layer_weights_and_its_memory(student_dir, caches, tmp_path):
     """The bottleneck over an other-tokenizer (aligned) cache, with per-student-layer loss
     weights, and the memory estimate counting its parameters (4 bytes x weights, gradients and

@@ -476,46 +476,52 @@ def test_bottleneck_learns_a_cross_layer_mix_that_a_one_to_one_map_cannot():
     assert err_b < 0.02 and err_1 > 0.3, (err_b, err_1)
 
 
-def test_gradient_buckets_keep_order_dtype_and_size():
-    from stage2_train.trainer import _buckets
-    t = [torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64), torch.zeros(4), torch.zeros(100)]
-    groups = _buckets(t, 160)                     # bytes: 40, 120 | 40 (float64) | 16 | 400 alone
-    assert [[x.numel() for x in g] for g in groups] == [[10, 30], [5], [4], [100]]
-    assert [x for g in groups for x in g] == t
-
-
-def _rank_averages(rank: int, world: int, init: str, out: str) -> None:
-    """One gloo rank: rank-dependent gradients (one parameter's only on rank 1, one sparse, one
-    on no rank),
-    averaged by Trainer.all_reduce_grads in buckets of 64 bytes."""
+def _rank_accumulates(rank: int, world: int, init: str, out: str) -> None:
+    """One gloo rank of Trainer.accumulate under DistributedDataParallel, 2 micro-batches per
+    step: rank 0 uses `a` twice; rank 1 uses `a` and `b` in its first micro-batch, and its last
+    one has no sample left (`empty`); `c` is in no rank's graph."""
     import types
     import torch.distributed as dist
-    from stage2_train.trainer import Trainer
+    from stage2_train.trainer import Trainer, _MicroBatch
+    from torch.nn.parallel import DistributedDataParallel
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    params = [torch.nn.Parameter(torch.zeros(n)) for n in (7, 20, 3)] + [torch.nn.Parameter(torch.zeros(4, 2)),
-                                                                         torch.nn.Parameter(torch.zeros(2))]
-    for i, p in enumerate(params[:2]):
-        p.grad = torch.arange(p.numel(), dtype=torch.float32) * (rank + 1) + i
-    if rank == 1:
-        params[2].grad = torch.full((3,), 6.0)
-    params[3].grad = torch.sparse_coo_tensor([[rank]], torch.ones(1, 2) * (rank + 1), (4, 2))
-    me = types.SimpleNamespace(params=params, world=world, device=torch.device("cpu"))
-    parts = {"loss": 1.0 + rank, "loss_kv": 0.0, "loss_ce": 2.0 * rank, "loss_kd": 0.0}
-    tokens = Trainer.all_reduce_grads(me, parts, 10 + rank, bucket_bytes=64)
+    model = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.ones(n)) for k, n in (("a", 3), ("b", 2), ("c", 4))})
+
+    def forward(batch):
+        if batch.get("empty"):
+            return Trainer.forward(me, batch)
+        x = batch["x"]
+        loss = (model["a"] * x).sum() + (model["b"].sum() * x[0] if batch.get("use_b") else 0.0)
+        return loss, 1.0, float(x[0]), 0.0
+
+    me = types.SimpleNamespace(cfg=types.SimpleNamespace(grad_accum=2), world=world, device=torch.device("cpu"),
+                               note_bad_rows=lambda rows: None, params=list(model.values()), forward=forward)
+    me.model, me.distiller = model, torch.nn.Module()
+    me.average_parts = lambda parts, tokens: Trainer.average_parts(me, parts, tokens)
+    me.ddp = DistributedDataParallel(_MicroBatch(me), find_unused_parameters=True, gradient_as_bucket_view=True)
+    mask = torch.ones(1, 5)
     if rank == 0:
-        torch.save({"grads": [p.grad for p in params], "parts": parts, "tokens": tokens}, out)
+        batches = [{"x": torch.tensor([1.0, 2, 3]), "bad_rows": [], "attention_mask": mask},
+                   {"x": torch.tensor([4.0, 5, 6]), "bad_rows": [], "attention_mask": mask}]
+    else:
+        batches = [{"x": torch.tensor([10.0, 20, 30]), "use_b": True, "bad_rows": [], "attention_mask": mask},
+                   {"empty": True, "bad_rows": [7]}]
+    parts, tokens = Trainer.accumulate(me, batches)
+    if rank == 0:
+        torch.save({"grads": {k: p.grad for k, p in model.items()}, "parts": parts, "tokens": tokens}, out)
+    dist.barrier()
     dist.destroy_process_group()
 
 
-def test_all_reduce_in_buckets_averages_every_gradient_over_two_ranks(tmp_path):
+def test_accumulate_under_ddp_averages_over_micro_batches_and_ranks_with_an_empty_last_batch(tmp_path):
     import torch.multiprocessing as mp
     init, out = f"file://{tmp_path / 'store'}", str(tmp_path / "rank0.pt")
-    mp.spawn(_rank_averages, args=(2, init, out), nprocs=2, join=True)
+    mp.spawn(_rank_accumulates, args=(2, init, out), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
-    a7, a20 = torch.arange(7.0), torch.arange(20.0)
-    assert torch.equal(got["grads"][0], (a7 * 1 + a7 * 2) / 2)
-    assert torch.equal(got["grads"][1], (a20 + 1 + a20 * 2 + 1) / 2)
-    assert torch.equal(got["grads"][2], torch.full((3,), 3.0))          # only rank 1 had one: (0 + 6) / 2
-    assert torch.equal(got["grads"][3], torch.tensor([[0.5, 0.5], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
-    assert got["grads"][4] is None                                     # no rank gave it one
-    assert got["parts"] == {"loss": 1.5, "loss_kv": 0.0, "loss_ce": 1.0, "loss_kd": 0.0} and got["tokens"] == 21
+    # a: (rank 0 (x1 + x2) / 2 micro-batches + rank 1 x / 2) / 2 ranks, per channel
+    assert torch.equal(got["grads"]["a"], torch.tensor([3.75, 6.75, 9.75]))
+    assert torch.equal(got["grads"]["b"], torch.tensor([2.5, 2.5]))   # rank 1's 10 / 2 / 2
+    assert got["grads"]["c"] is None                                   # in no rank's graph
+    # loss: rank 0 (6 + 15) / 2, rank 1 (60 + 2 x 10) / 2 (its empty batch counts nothing), averaged
+    assert got["parts"] == {"loss": 25.25, "loss_kv": 0.75, "loss_ce": 3.75, "loss_kd": 0.0}
+    assert got["tokens"] == 15
