@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -675,6 +676,57 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process_with_the_same_global_ba
     with pytest.raises(KavaError, match=r"written by 2 process\(es\) and this run has 1; .* resume with 2 "
                                         r"\(torchrun --nproc-per-node 2\)"):
         run(student_dir, [caches["qwen"]], tmp_path / "two", batch_size=4, max_steps=6, resume="auto")
+
+
+def _rank_pid(agent_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK `rank` (a child of the agent), once started."""
+    for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    return None
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_to_the_same_weights(
+        student_dir, caches, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks stop after the same step, rank 0 saves, and
+    `--resume auto` with 2 ranks ends where an uninterrupted 2-rank run ends."""
+    import subprocess
+    import sys
+    import time
+    args = ["--student", str(student_dir), "--cache", str(caches["qwen"]), "--device", "cpu", "--no-progress",
+            "--batch-size", "4", "--max-steps", "30", "--log-every", "1", "--eval-samples", "8",
+            "--lr-projector", "3e-3", "--save-every", "0"]
+    straight = torchrun([*args, "--out", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                              "-m", "stage2_train", *args, "--out", str(tmp_path / "two")],
+                             env=dict(env, OMP_NUM_THREADS="1"), cwd=Path(__file__).parents[1],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert agent.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
+        time.sleep(0.05)
+    os.kill(_rank_pid(agent.pid, 1), signal.SIGTERM)
+    out = agent.communicate(timeout=300)[0]
+    assert agent.returncode == 0, out[-3000:]
+    stopped = re.search(r"stopped by signal 15 at step (\d+); checkpoint", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 30 and (tmp_path / "two" / f"step-{step:06d}").is_dir()
+    assert not (tmp_path / "two" / "final").exists()
+    r = torchrun([*args, "--out", str(tmp_path / "two"), "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads(l) for l in metrics.read_text().splitlines()]
+    assert [m["step"] for m in got] == list(range(1, 31))
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final" / "student").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final" / "student").state_dict()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
 
 
 def test_two_ranks_with_lora_chunked_cross_entropy_and_unused_projectors_equal_one_process(
