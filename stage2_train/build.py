@@ -42,12 +42,14 @@ def every_token_logits(cfg) -> bool:
     return (bool(cfg.ce_weight) and cfg.ce_tokens == "all") or (bool(cfg.kd_weight) and cfg.kd_tokens == "all")
 
 
-def memory_estimate(cfg, teachers, dtype, device) -> str:
-    """The estimate of memory.py for this run (all teachers' distilled layers together)."""
+def memory_estimate(cfg, teachers, dtype, device, world: int = 1) -> str:
+    """The estimate of memory.py for this run (all teachers' distilled layers together) on one
+    of `world` ranks."""
     from transformers import AutoConfig
     from .memory import Shape, describe, estimate
     from .projector import bottleneck_params
-    student = Shape.from_config(AutoConfig.from_pretrained(cfg.student))
+    s_cfg = AutoConfig.from_pretrained(cfg.student)
+    student = Shape.from_config(s_cfg)
     read = [len(t["cache"].layers) if cfg.projector == "bottleneck" else len(t["distilled"]) for t in teachers]
     kv_width = sum(n * t["heads"] * t["head_dim"] for n, t in zip(read, teachers))
     proj = None
@@ -65,7 +67,8 @@ def memory_estimate(cfg, teachers, dtype, device) -> str:
                              gradient_checkpointing=cfg.gradient_checkpointing,
                              cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0,
                              freeze="all" if cfg.freeze_student else
-                             "embeddings" if cfg.freeze_embeddings else "none", ce_chunk=cfg.ce_chunk))
+                             "embeddings" if cfg.freeze_embeddings else "none", ce_chunk=cfg.ce_chunk,
+                             dense_tied_embedding=world > 1 and bool(getattr(s_cfg, "tie_word_embeddings", False))))
 
 
 def verify_caches(caches, echo) -> None:

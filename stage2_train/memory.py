@@ -49,12 +49,15 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
              precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
              gradient_checkpointing: bool = False, projector_params: int | None = None,
              cuda_context: float = 0.5 * GB, answer_tokens: int | None = None,
-             freeze: str = "none", ce_chunk: int = 0, kd: bool = False) -> dict[str, float]:
+             freeze: str = "none", ce_chunk: int = 0, kd: bool = False,
+             dense_tied_embedding: bool = False) -> dict[str, float]:
     """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim);
     freeze: none | embeddings (input embeddings fixed) | all (projector alone); answer_tokens:
     cross-entropy targets per sample (None: every position, the bound for long answers);
     ce_chunk: with chunked cross-entropy, the logits of one chunk of targets at a time; kd:
-    logit distillation, whose fp32 log-softmax of the logits and its gradient come on top."""
+    logit distillation, whose fp32 log-softmax of the logits and its gradient come on top;
+    dense_tied_embedding: a trainable input embedding tied to the head passes a dense
+    vocab x hidden gradient (under torchrun), held beside the head's until they are summed."""
     answer_tokens = seq if answer_tokens is None else answer_tokens
     wb = 2 if precision == "bf16" else 4
     s = student
@@ -86,6 +89,8 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
         "teacher_kv": 2 * tokens * lt * 2 * ht * dt * 4,  # fp32 K and V, plus the aligned copy
         "cuda_context": cuda_context,
     }
+    if dense_tied_embedding and freeze == "none" and not lora_r:
+        out["embedding_gradient"] = s.vocab * s.hidden * wb
     out["total"] = sum(out.values())
     return out
 

@@ -55,7 +55,7 @@ class Trainer:
         self.teachers, self.s_geo = open_teachers(cfg, echo)
         self.dtype = precision_dtype(cfg, self.device)
         if model is None:
-            echo(f"{memory_estimate(cfg, self.teachers, self.dtype, self.device)} "
+            echo(f"{memory_estimate(cfg, self.teachers, self.dtype, self.device, self.world)} "
                  f"at batch {cfg.batch_size} x {cfg.max_length} tokens")
             model, tok = load_student(cfg.student, self.device, self.dtype, cfg.lora_r, cfg.lora_alpha,
                                       cfg.gradient_checkpointing)

@@ -303,6 +303,11 @@ def test_memory_estimate_by_hand():
     # logit distillation: its fp32 log-softmax and that one's gradient, 8 more bytes a logit
     assert estimate(s, (1, 1, 2), batch=2, seq=512, cuda_context=0, answer_tokens=8,
                     kd=True)["logits"] == 2 * (2 * 8) * 10 * (10 + 8)
+    # under torchrun a tied, trainable embedding's dense gradient: vocab x hidden x 2 bytes (bf16)
+    ddp = estimate(s, (1, 1, 2), 1, 3, cuda_context=0, dense_tied_embedding=True)
+    assert ddp["embedding_gradient"] == 10 * 4 * 2 and ddp["total"] == 13404 + 80
+    assert "embedding_gradient" not in estimate(s, (1, 1, 2), 1, 3, cuda_context=0, dense_tied_embedding=True,
+                                                freeze="embeddings")
 
 
 def test_memory_estimate_counts_every_position_when_a_loss_covers_every_token():
