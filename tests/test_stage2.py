@@ -731,16 +731,18 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_to_the_s
 
 def test_two_ranks_with_lora_chunked_cross_entropy_and_unused_projectors_equal_one_process(
         student_dir, caches, tmp_path):
-    """DistributedDataParallel where the student is frozen but for LoRA, the cross-entropy goes
-    around the model's own forward (ce_chunk) and the projectors are in no graph (kv_weight 0):
-    the losses of one process with twice the accumulation, step by step."""
+    """DistributedDataParallel where the student is frozen but for LoRA and recomputes its
+    activations (gradient checkpointing), the cross-entropy goes around the model's own forward
+    (ce_chunk) and the projectors are in no graph (kv_weight 0): the losses of one process
+    with twice the accumulation, step by step."""
     one = run(student_dir, [caches["qwen"]], tmp_path / "one", batch_size=4, grad_accum=2, max_steps=4,
-              log_every=1, lora_r=4, ce_chunk=3, kv_weight=0.0, lr_student=1e-2, warmup_steps=0)
+              log_every=1, lora_r=4, ce_chunk=3, kv_weight=0.0, lr_student=1e-2, warmup_steps=0,
+              gradient_checkpointing=True)
     r = torchrun(["--student", str(student_dir), "--cache", str(caches["qwen"]), "--device", "cpu",
                   "--no-progress", "--batch-size", "4", "--max-steps", "4", "--log-every", "1",
                   "--eval-samples", "8", "--lora-r", "4", "--ce-chunk", "3", "--kv-weight", "0",
                   "--lr-student", "1e-2", "--warmup-steps", "0", "--save-every", "0",
-                  "--out", str(tmp_path / "two")])
+                  "--gradient-checkpointing", "--out", str(tmp_path / "two")])
     assert r.returncode == 0, r.stderr[-3000:]
     two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in two] == [1, 2, 3, 4]
