@@ -5,7 +5,8 @@
 
 For each teacher, stage 1 writes a float16 cache over GSM8K-format problems, then
 kava_common.recompress derives int8 and int4 caches (group 128, the default; int4 also with value
-groups kept inside each head, --kv-quant-v-span head) from it. Printed per
+groups kept inside each head, --kv-quant-v-span head; both also with symmetric values,
+--kv-quant-v-symmetric) from it. Printed per
 cache: K/V bytes per token (codes and groups) and its ratio to float16, the reconstruction
 cosines of K and V that the manifest records (every layer of each shard's first and last
 sample), the cosines over every token of every sample (read back and compared here), and for
@@ -64,17 +65,20 @@ def report(name: str, parent: Path, root: Path, log) -> None:
     log("| cache | K/V B/token | x float16 | cos K (manifest) | cos V (manifest) | cos K (all tokens) | "
         "cos V (all tokens) | GSM8K train, projected |")
     log("|---|---|---|---|---|---|---|---|")
-    # the default value groups span a token's KV heads; int4 with groups inside each head beside it
-    for kind, span in (("int8", "token"), ("int4", "token"), ("int4", "head")):
+    # the default value groups span a token's KV heads; int4 with groups inside each head beside
+    # it; symmetric values (a scale per group, no low) after them
+    for kind, span, sym in (("int8", "token", False), ("int4", "token", False), ("int4", "head", False),
+                            ("int8", "token", True), ("int4", "token", True)):
         path = recompress(RecompressArgs(cache=str(parent), out=str(root), kv_quant=kind, kv_quant_v_span=span,
-                                         progress=False), log=lambda *a: None)
+                                         kv_quant_v_symmetric=sym, progress=False), log=lambda *a: None)
         m = open_cache(path).manifest
         q = m["kv_quant"]
         ck, cv = measured_cosines(parent, path)
         ratio = q["bytes_per_token"] / m["kv_bytes_per_token"]
         on_disk = m["total_bytes"] / m["num_tokens"]          # with ids, offsets and texts
         projected = on_disk / m["kv_bytes_per_token"] * 28672 * GSM8K_TRAIN_ROWS * GSM8K_TOKENS_PER_ROW
-        log(f"| {kind}{', value groups inside each head' if span == 'head' else ''} | {q['bytes_per_token']:.0f} | {ratio:.3f} | {q['k_cosine']:.5f} | {q['v_cosine']:.5f} | "
+        what = kind + (", value groups inside each head" if span == "head" else "") + (", symmetric values" if sym else "")
+        log(f"| {what} | {q['bytes_per_token']:.0f} | {ratio:.3f} | {q['k_cosine']:.5f} | {q['v_cosine']:.5f} | "
             f"{ck:.5f} | {cv:.5f} | {projected / 1e9:.1f} GB |")
     log("(projected: this cache's bytes on disk per token, scaled to Qwen2.5-1.5B's 28,672 float16 B/token, x "
         f"{GSM8K_TRAIN_ROWS} rows x {GSM8K_TOKENS_PER_ROW} tokens)")

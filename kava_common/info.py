@@ -45,6 +45,8 @@ def _quant_lines(m: dict) -> list[str]:
     if not q:
         return []
     span = "over a token's KV heads" if q.get("v_span") == "token" else "inside each head"
+    if q.get("v_symmetric"):
+        span += ", symmetric"
     return [f"kv quant     int{q['bits']} {q['scheme']}, group {q['group']} (value groups {span}): "
             f"{q['bytes_per_token']} K/V bytes per "
             f"token ({q['bytes_per_token'] / m['kv_bytes_per_token']:.3f}x {m['kv_dtype']}); reconstruction "

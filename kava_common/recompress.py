@@ -31,6 +31,7 @@ class RecompressArgs:
     kv_quant_group: int = setting(128, "tokens per key group and channels per value group")
     kv_quant_v_span: str = setting("token", "a value group spans a token's KV heads or stays in one head",
                                    choices=V_SPANS)
+    kv_quant_v_symmetric: bool = setting(False, "value groups store a scale only, codes centred on zero")
     layers: list[int] | None = setting(None, "stored layers to keep, e.g. 0,2,5 (default: all)")
     kv_dtype: str | None = setting(None, "float K/V dtype (default: the parent's)", choices=tuple(DTYPES))
     progress: bool = setting(True, "show a progress bar")
@@ -69,7 +70,9 @@ def recompress(a: RecompressArgs, log=print) -> Path:
     if m.get("kv_quant") and a.kv_dtype is None:
         raise KavaError(f"{a.cache}: its K/V are quantized already; give --kv-dtype for the float values "
                         "the new cache starts from")
-    q = KVQuant.parse(a.kv_quant, a.kv_quant_group, a.kv_quant_v_span)
+    if a.kv_quant_v_symmetric and a.kv_quant == "none":
+        raise KavaError("--kv-quant-v-symmetric needs --kv-quant int8 or int4")
+    q = KVQuant.parse(a.kv_quant, a.kv_quant_group, a.kv_quant_v_span, a.kv_quant_v_symmetric)
     if q:
         q.check_geometry(m["num_kv_heads"], m["head_dim"])
     layers = list(m["layers"]) if a.layers is None else list(a.layers)

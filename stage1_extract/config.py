@@ -32,6 +32,8 @@ class ExtractConfig:
     kv_quant_v_span: str = setting("token", "a value group spans the channels of all KV heads of a token, or "
                                    "stays inside one head (fewer groups stored at a small head_dim, or "
                                    "per-head ranges)", choices=V_SPANS)
+    kv_quant_v_symmetric: bool = setting(False, "value groups store a scale only, codes centred on zero "
+                                         "(half the value groups' bytes, a range about twice as wide)")
     format: str = setting("safetensors", "shard format; one reader for both", choices=tuple(FORMATS))
     logits_topk: int = setting(0, "also store the teacher's top-K next-token log-probabilities and ids at "
                                "every position (for logit distillation; 0: none)")
@@ -87,6 +89,8 @@ class ExtractConfig:
             problems.append(f"--kv-quant {self.kv_quant!r}: choose one of {', '.join(KV_QUANT)}")
         if self.kv_quant_group < 1:
             problems.append(f"--kv-quant-group must be >= 1, got {self.kv_quant_group}")
+        if self.kv_quant_v_symmetric and self.kv_quant == "none":
+            problems.append("--kv-quant-v-symmetric needs --kv-quant int8 or int4")
         if self.logits_topk < 0:
             problems.append(f"--logits-topk must be >= 0, got {self.logits_topk}")
         if self.shard_mb <= 0:
@@ -102,4 +106,4 @@ class ExtractConfig:
     @property
     def quant(self) -> KVQuant | None:
         """The K/V quantization of --kv-quant, or None."""
-        return KVQuant.parse(self.kv_quant, self.kv_quant_group, self.kv_quant_v_span)
+        return KVQuant.parse(self.kv_quant, self.kv_quant_group, self.kv_quant_v_span, self.kv_quant_v_symmetric)

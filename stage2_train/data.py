@@ -157,7 +157,7 @@ def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, 
 def finite_kv(t: dict) -> bool:
     """A teacher's K/V are finite: the tensors, or the groups of packed codes."""
     if "kq" in t:
-        return all(all_finite(t["kq"][n]) for n in ("k_scale", "k_low", "v_scale", "v_low"))
+        return all(all_finite(t["kq"][n]) for n in ("k_scale", "k_low", "v_scale", "v_low") if n in t["kq"])
     return all_finite(t["k"]) and all_finite(t["v"])
 
 

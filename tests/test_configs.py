@@ -65,6 +65,9 @@ def test_stage1_settings_are_type_checked():
     with pytest.raises(ValueError, match=r"max_samples: expected int, got 'ten'"):
         ExtractConfig(teachers=["t"], max_samples="ten")
     assert ExtractConfig(teachers=["t"], shard_mb="64", layers=["0", 2]).layers == [0, 2]
+    with pytest.raises(ValueError, match="--kv-quant-v-symmetric needs --kv-quant int8 or int4"):
+        ExtractConfig(teachers=["t"], kv_quant_v_symmetric=True)
+    assert ExtractConfig(teachers=["t"], kv_quant="int8", kv_quant_v_symmetric=True).quant.v_symmetric
 
 
 def test_sweep_run_names_are_distinct_for_distinct_settings():

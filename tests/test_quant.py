@@ -72,6 +72,45 @@ def test_a_value_group_spans_the_kv_heads_of_a_token_by_hand():
         assert (back - v).abs().max() <= t["scale"].float().max() / 2
 
 
+def _up16(x: float) -> float:
+    h = torch.tensor(x, dtype=torch.float16)
+    return float(h if h.float() >= x else torch.nextafter(h, torch.tensor(1e4, dtype=torch.float16)))
+
+
+@pytest.mark.parametrize("bits,half", [(8, 128), (4, 8)])
+def test_symmetric_values_by_hand(bits, half):
+    """One group of 4: max |x| = 2, scale 2 / (half - 1) rounded up to float16, codes
+    round(x / scale) + half, no low stored; zero reads back exactly."""
+    q = KVQuant(bits, 4, v_symmetric=True)
+    v = torch.tensor([[[0.0, 1.0, -2.0, 0.5]]])                          # (T 1, H 1, D 4)
+    got = quantize_v(v, q)
+    assert set(got) == {"codes", "scale"}
+    scale = _up16(2 / (half - 1))
+    assert got["scale"].item() == scale
+    codes = (torch.round(v[0, 0] / scale) + half).tolist()
+    assert codes[0] == half and codes[2] == half - round(2 / scale) >= 0
+    assert unpack(got["codes"], bits)[0, 0].tolist() == codes
+    back = dequantize_v(got["codes"], got["scale"], None, q)
+    assert back[0, 0, 0] == 0 and (back - v).abs().max() <= scale / 2
+    assert torch.equal(back[0, 0], (torch.tensor(codes) - half) * scale)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_symmetric_values_within_half_a_step_with_a_group_far_from_zero(bits):
+    """The bound holds for every value, also where a token's values sit far from zero (the
+    range is then about twice an asymmetric group's)."""
+    x = with_outlier_channel()
+    x[5] += 30.0
+    for span in ("token", "head"):
+        q = KVQuant(bits, 8, span, v_symmetric=True)
+        v = quantize_v(x, q)
+        back = dequantize_v(v["codes"], v["scale"], None, q)
+        step = v["scale"].float().repeat_interleave(8, -1).view(37, 2, 8)
+        assert ((back - x).abs() <= step / 2 + 1e-5 * x.abs().clamp(min=1)).all(), span
+        plain = quantize_v(x, KVQuant(bits, 8, span))
+        assert (v["scale"].float() >= plain["scale"].float() * 0.99).all()       # never a finer step
+
+
 def test_k_groups_stay_inside_the_sample_and_a_short_last_group_works():
     q = KVQuant(8, 16)
     x = with_outlier_channel(t=20)
@@ -107,6 +146,11 @@ def test_bytes_per_token_by_hand():
     # heads, or 2 inside each head; 4 B each
     assert stored_bytes_per_token(KVQuant(4, 128), 2, 32, 1, tokens_per_sample=256) == 64 + 4 * 1.5    # 0.273x
     assert stored_bytes_per_token(KVQuant(4, 128, "head"), 2, 32, 1, tokens_per_sample=256) == 64 + 4 * 2.5
+    # symmetric values store a 2-byte scale per group: int8, 115-token samples (the benchmark's):
+    # codes 128 B, K groups 64 / 115 per token at 4 B, V one group at 2 B; float16 256 B
+    sym = stored_bytes_per_token(KVQuant(8, 128, v_symmetric=True), 2, 32, 1, tokens_per_sample=115)
+    assert sym == 128 + 4 * 64 / 115 + 2 and sym / 256 < 0.52
+    assert stored_bytes_per_token(KVQuant(8, 128), 2, 32, 1, tokens_per_sample=115) == 128 + 4 * 64 / 115 + 4
     with pytest.raises(ValueError, match="head_dim 24 is not a multiple of the V quantization group 16"):
         quantize_v(torch.randn(3, 1, 24), KVQuant(4, 16, "head"))
     with pytest.raises(ValueError, match="KV heads x head_dim 48 is not a multiple of the V quantization "

@@ -24,10 +24,13 @@ def parent(teacher_dir, tmp_path_factory):
 def checksums(path):
     return [s["checksum"] for s in open_cache(path).manifest["shards"]]
 
-def test_recompressed_int4_equals_direct_extraction_bit_for_bit(teacher_dir, parent, tmp_path):
-    (direct,) = extract(cfg(teacher_dir, tmp_path / "direct", kv_quant="int4", kv_quant_group=8))
+@pytest.mark.parametrize("sym", [False, True])
+def test_recompressed_int4_equals_direct_extraction_bit_for_bit(teacher_dir, parent, tmp_path, sym):
+    (direct,) = extract(cfg(teacher_dir, tmp_path / "direct", kv_quant="int4", kv_quant_group=8,
+                            kv_quant_v_symmetric=sym))
     derived = recompress(RecompressArgs(cache=str(parent), out=str(tmp_path / "derived"), kv_quant="int4",
-                                        kv_quant_group=8, progress=False), log=lambda *a: None)
+                                        kv_quant_group=8, kv_quant_v_symmetric=sym, progress=False),
+                         log=lambda *a: None)
     assert derived.name == direct.name and len(checksums(direct)) > 1
     assert checksums(derived) == checksums(direct)
     for shard in open_cache(direct).manifest["shards"]:

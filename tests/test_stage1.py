@@ -736,18 +736,19 @@ def test_torchrun_with_two_ranks_writes_one_cache_equal_to_one_process(teacher_d
     assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
 
 
-@pytest.mark.parametrize("kv_quant,fmt,group,span", [("int8", "safetensors", 8, "token"), ("int4", "hdf5", 8, "head"),
-                                                     ("int4", "safetensors", 64, "token")])
+@pytest.mark.parametrize("kv_quant,fmt,group,span,sym", [
+    ("int8", "safetensors", 8, "token", False), ("int4", "hdf5", 8, "head", False),
+    ("int4", "safetensors", 64, "token", False), ("int8", "hdf5", 64, "token", True)])
 def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_dir, tmp_path, kv_quant, fmt,
-                                                                        group, span, capsys):
+                                                                        group, span, sym, capsys):
     """The teacher has 2 KV heads x head_dim 32: groups of 8 stay inside a head either way; a
-    group of 64 with v_span token takes all of a token's values."""
+    group of 64 with v_span token takes all of a token's values; symmetric values store no low."""
     from kava_common.cache.quant import KVQuant, dequantize_k, dequantize_v, quantize_k, quantize_v
     base = dict(max_samples=10, shard_mb=0.2, format=fmt)
     (plain,) = extract_main(cfg_for(teacher_dir, tmp_path / "f16", **base))
     capsys.readouterr()
     (packed,) = extract_main(cfg_for(teacher_dir, tmp_path / "q", kv_quant=kv_quant, kv_quant_group=group,
-                                     kv_quant_v_span=span, **base))
+                                     kv_quant_v_span=span, kv_quant_v_symmetric=sym, **base))
     a, b = open_cache(plain), open_cache(packed)
     # the size printed before the run counts the codes and groups (float32 would be ~4-8x more);
     # measured 12.5% under for int4 in HDF5 (the per-dataset headers of two tiny shards)
@@ -757,7 +758,10 @@ def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_
     assert abs(float(est.group(1)) / written - 1) < 0.15, (est.group(0), written)
     assert a.fingerprint != b.fingerprint and len(a) == len(b) == 10
     assert len(a.manifest["shards"]) == len(b.manifest["shards"]) > 1      # same samples per shard
-    q = KVQuant(int(kv_quant[3:]), group, span)
+    q = KVQuant(int(kv_quant[3:]), group, span, sym)
+    from kava_common.cache.verify import _shapes
+    names = {n for f in Path(packed).glob(f"shard-*.{'h5' if fmt == 'hdf5' else fmt}") for n in _shapes(f, fmt)}
+    assert ("v_low.0" in names) is not sym and {"v.0", "v_scale.0", "k_low.0"} <= names
     for i in range(10):
         x, y = a[i], b[i]
         assert torch.equal(x["input_ids"], y["input_ids"]) and y["k"].dtype == torch.float16
@@ -765,23 +769,23 @@ def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_
             k, v = x["k"][l].transpose(0, 1), x["v"][l].transpose(0, 1)          # (T, H, D) as stored
             kq, vq = quantize_k(k, q), quantize_v(v, q)
             want_k = dequantize_k(kq["codes"], kq["scale"], kq["low"], q, torch.float16)
-            want_v = dequantize_v(vq["codes"], vq["scale"], vq["low"], q, torch.float16)
+            want_v = dequantize_v(vq["codes"], vq["scale"], vq.get("low"), q, torch.float16)
             assert torch.equal(y["k"][l], want_k.transpose(0, 1)) and torch.equal(y["v"][l], want_v.transpose(0, 1))
     m = b.manifest
     assert m["kv_quant"]["bits"] == q.bits and m["kv_quant"]["group"] == group
-    assert m["kv_quant"].get("v_span", "head") == span
+    assert m["kv_quant"].get("v_span", "head") == span and m["kv_quant"].get("v_symmetric", False) == sym
     # by hand, per sample of n tokens and layer: codes 2 x 64 x bits / 8 per token, 4 B (scale and
     # low) per key group (ceil(n / group) per channel) and per value group (64 / group per token
     # over both heads; 32 / min(group, 32) per head)
     lens = [len(a.tokens(i)) for i in range(10)]
     v_groups = 64 // group if span == "token" else 2 * (32 // min(group, 32))
-    per_layer = sum(n * 128 * q.bits // 8 + -(-n // group) * 64 * 4 + n * v_groups * 4 for n in lens)
+    per_layer = sum(n * 128 * q.bits // 8 + -(-n // group) * 64 * 4 + n * v_groups * (2 if sym else 4) for n in lens)
     assert m["kv_quant"]["bytes_per_token"] == round(3 * per_layer / sum(lens), 2)
     assert m["kv_quant"]["k_cosine"] > (0.999 if q.bits == 8 else 0.98)
     assert m["kv_quant"]["v_cosine"] > (0.999 if q.bits == 8 else 0.98)
     assert info_main([str(packed), "--verify"]) == 0
     out = capsys.readouterr().out
-    where = "over a token's KV heads" if span == "token" else "inside each head"
+    where = ("over a token's KV heads" if span == "token" else "inside each head") + (", symmetric" if sym else "")
     assert (f"kv quant     {kv_quant} kivi, group {group} (value groups {where}): "
             f"{m['kv_quant']['bytes_per_token']} K/V bytes per token") in out
     assert "verify       ok" in out

@@ -792,11 +792,15 @@ def int4_caches(tmp_path_factory, teacher_dir, llama_dir):
     # value groups of 64 channels: both KV heads (2 x head_dim 32) of a token in one group
     (qwen_g64,) = extract(ExtractConfig(**{**cfg.__dict__, "teachers": [str(teacher_dir)], "kv_quant_group": 64,
                                            "out": str(tmp_path_factory.mktemp("int4-g64"))}))
-    return {"qwen": qwen, "llama": llama, "qwen-hdf5": qwen_h5, "qwen-g64": qwen_g64}
+    # and symmetric: each value group a scale, no low
+    (qwen_sym,) = extract(ExtractConfig(**{**cfg.__dict__, "teachers": [str(teacher_dir)], "kv_quant_group": 64,
+                                           "kv_quant_v_symmetric": True,
+                                           "out": str(tmp_path_factory.mktemp("int4-sym"))}))
+    return {"qwen": qwen, "llama": llama, "qwen-hdf5": qwen_h5, "qwen-g64": qwen_g64, "qwen-sym": qwen_sym}
 
 
-# same tokenizer; another one (aligned); HDF5; value groups over both heads
-@pytest.mark.parametrize("teacher", ["qwen", "llama", "qwen-hdf5", "qwen-g64"])
+# same tokenizer; another one (aligned); HDF5; value groups over both heads, with and without low
+@pytest.mark.parametrize("teacher", ["qwen", "llama", "qwen-hdf5", "qwen-g64", "qwen-sym"])
 def test_packed_batches_dequantize_on_the_device_to_the_loaders_values(int4_caches, tok, teacher):
     from kava_common.cache import open_cache
     from kava_common.cache.quant import dequantize_batch
@@ -810,8 +814,9 @@ def test_packed_batches_dequantize_on_the_device_to_the_loaders_values(int4_cach
     k, v = dequantize_batch(a["kq"], packed.kv_quant)
     assert k.shape == b["k"].shape and torch.equal(k, b["k"]) and torch.equal(v, b["v"])
     assert (a["A"] is None or torch.equal(a["A"], b["A"])) and torch.equal(a["valid"], b["valid"])
-    if teacher == "qwen-g64":
+    if teacher in ("qwen-g64", "qwen-sym"):
         assert a["kq"]["v_scale"].shape[3:] == (1, 1)                     # (B, L, T, 1, 1 group)
+        assert ("v_low" in a["kq"]) == (teacher == "qwen-g64")
         return
     moved = sum(x.numel() * x.element_size() for x in a["kq"].values())
     # int4 codes are 1/4 of float16 and, at group 8, the scales and lows of K and V another 1/4

@@ -12,10 +12,17 @@ rounded down and `scale` up to float16, so every value of the group stays on the
 and the error of each value is at most scale / 2 (plus float32 rounding): the bound the tests
 check. int4 codes are packed two per byte along head_dim (even channel in the low nibble).
 
+Symmetric values (v_symmetric) store no `low`: a value group's codes are centred on
+h = 2^(bits - 1), scale = max|x| / (h - 1) rounded up, code = round(x / scale) + h, and the
+value reads back as code * scale - h * scale, error again at most scale / 2. Half the groups'
+bytes for a range about twice as wide around zero; values, unlike keys, have no channel far
+from zero, so the cosine hardly moves (docs/benchmarks.md).
+
 Shapes for one sample of T tokens (H heads, D = head_dim, G = group):
     K: codes (T, H, D * bits / 8) uint8; scale, low (ceil(T / G), H, D) float16
     V: codes (T, H, D * bits / 8) uint8; scale, low (T, 1, H * D / G) float16, G = min(group, H * D)
-       (v_span "head": (T, H, D / G), G = min(group, D)); G must divide the channels it groups
+       (v_span "head": (T, H, D / G), G = min(group, D)); G must divide the channels it groups;
+       no low when v_symmetric
 """
 
 from __future__ import annotations
@@ -37,20 +44,26 @@ class KVQuant:
     bits: int           # 8 or 4
     group: int          # tokens per K group, channels per V group
     v_span: str = "token"   # a V group spans a token's KV heads ("token") or stays in one ("head")
+    v_symmetric: bool = False   # V groups store a scale only, codes centred on 2^(bits - 1)
 
     @classmethod
-    def parse(cls, name: str, group: int, v_span: str = "token") -> "KVQuant | None":
+    def parse(cls, name: str, group: int, v_span: str = "token", v_symmetric: bool = False) -> "KVQuant | None":
         if name == "none":
             return None
         if name not in KV_QUANT:
             raise ValueError(f"kv quantization {name!r}: choose one of {KV_QUANT}")
         if v_span not in V_SPANS:
             raise ValueError(f"value group span {v_span!r}: choose one of {V_SPANS}")
-        return cls(int(name[3:]), group, v_span)
+        return cls(int(name[3:]), group, v_span, v_symmetric)
 
     @property
     def levels(self) -> int:
         return (1 << self.bits) - 1
+
+    @property
+    def half(self) -> int:
+        """The code of zero in a symmetric group."""
+        return 1 << (self.bits - 1)
 
     def v_channels(self, heads: int, head_dim: int) -> int:
         """The channels of one token that V groups divide: all KV heads', or one head's."""
@@ -76,12 +89,14 @@ class KVQuant:
         if self.v_span == "token":    # caches written before v_span keep their description
             d.update(v="per token, groups of `group` channels over the token's KV heads (all of "
                        "them when fewer)", v_span="token")
+        if self.v_symmetric:
+            d.update(v_symmetric=True)
         return d
 
     @classmethod
     def from_manifest(cls, d: dict | None) -> "KVQuant | None":
         """The scheme a manifest's `kv_quant` records (no `v_span`: groups inside one head)."""
-        return cls(d["bits"], d["group"], d.get("v_span", "head")) if d else None
+        return cls(d["bits"], d["group"], d.get("v_span", "head"), d.get("v_symmetric", False)) if d else None
 
 
 def _down(x: torch.Tensor) -> torch.Tensor:
@@ -96,14 +111,20 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, torch.inf)), h)
 
 
-def _grouped(x: torch.Tensor, q: KVQuant):
-    """Codes (same shape as x, uint8), scale and low (x.shape[:-1] + (groups,)) of x grouped
-    along its last dimension in groups of q.group; a short last group takes what is left."""
+def _grouped(x: torch.Tensor, q: KVQuant, symmetric: bool = False):
+    """Codes (same shape as x, uint8), scale and low (x.shape[:-1] + (groups,); low None when
+    `symmetric`) of x grouped along its last dimension in groups of q.group; a short last group
+    takes what is left."""
     n = x.shape[-1]
     g = q.group
     pad = -n % g
     xp = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1) if pad else x   # edge copies: same min/max
     xg = xp.reshape(*x.shape[:-1], -1, g)
+    if symmetric:
+        scale = _up(xg.abs().amax(-1) / (q.half - 1))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = (torch.round(xg / scale.float()[..., None]) + q.half).clamp_(0, q.levels)
+        return codes.to(torch.uint8).reshape(*x.shape[:-1], -1)[..., :n], scale, None
     low = _down(xg.amin(-1))
     span = xg.amax(-1) - low.float()
     scale = _up(span / q.levels)
@@ -146,33 +167,42 @@ def quantize_v(v: torch.Tensor, q: KVQuant) -> dict[str, torch.Tensor]:
     t, h, d = v.shape
     q.check_geometry(h, d)
     x = v.float().reshape(t, -1, q.v_channels(h, d))                   # (T, 1 or H, channels)
-    codes, scale, low = _grouped(x, KVQuant(q.bits, q.v_group(h, d)))
-    return {"codes": pack(codes.view(t, h, d), q.bits), "scale": scale, "low": low}
+    codes, scale, low = _grouped(x, KVQuant(q.bits, q.v_group(h, d)), q.v_symmetric)
+    out = {"codes": pack(codes.view(t, h, d), q.bits), "scale": scale}
+    return out if low is None else dict(out, low=low)
+
+
+def v_low(scale: torch.Tensor, low: torch.Tensor | None, q: KVQuant) -> torch.Tensor:
+    """The value groups' `low` in float32: stored, or -2^(bits - 1) x scale when symmetric."""
+    return low.float() if low is not None else scale.float() * -q.half
 
 
 def dequantize_v(codes, scale, low, q: KVQuant, dtype=torch.float32) -> torch.Tensor:
-    """Values (T, H, D) back from quantize_v's tensors (scale, low: (T, 1 or H, groups))."""
+    """Values (T, H, D) back from quantize_v's tensors (scale, low: (T, 1 or H, groups); low
+    None when symmetric)."""
     c = unpack(codes, q.bits).float()
     t, h, d = c.shape
     c = c.view(t, *scale.shape[1:], -1)                                # (T, 1 or H, groups, G)
-    return (c * scale.float()[..., None] + low.float()[..., None]).view(t, h, d).to(dtype)
+    return (c * scale.float()[..., None] + v_low(scale, low, q)[..., None]).view(t, h, d).to(dtype)
 
 
 def stored_bytes_per_token(q: KVQuant | None, heads: int, head_dim: int, layers: int,
                            fp_bytes: int = 2, tokens_per_sample: float = 256.0) -> float:
-    """Bytes per token of K and V over all layers: codes plus the groups' scale and low
-    (K's token groups amortised over `tokens_per_sample`: a sample's last group is short)."""
+    """Bytes per token of K and V over all layers: codes plus the groups' scale and low (scale
+    only for symmetric values; K's token groups amortised over `tokens_per_sample`: a sample's
+    last group is short)."""
     if q is None:
         return 2 * layers * heads * head_dim * fp_bytes
     codes = 2 * heads * head_dim * q.bits / 8
     k_groups = heads * head_dim * (-(-tokens_per_sample // q.group)) / tokens_per_sample
     v_groups = heads * head_dim / q.v_group(heads, head_dim)
-    return layers * (codes + 4 * (k_groups + v_groups))
+    return layers * (codes + 4 * k_groups + (2 if q.v_symmetric else 4) * v_groups)
 
 
 def quantize_shard(tensors: dict[str, torch.Tensor], layers: list[int], q: KVQuant) -> tuple[dict, dict]:
     """A shard's tensors with each layer's float K and V (N, H, D) replaced by their codes
-    (`k.{l}`, `v.{l}`) and groups (`k_scale.{l}`, `k_low.{l}`, `v_scale.{l}`, `v_low.{l}`), and
+    (`k.{l}`, `v.{l}`) and groups (`k_scale.{l}`, `k_low.{l}`, `v_scale.{l}`, `v_low.{l}` unless
+    symmetric), and
     `k_group_offsets` (n+1,): sample j's key groups are rows [off[j], off[j+1]) of k_scale;
     with the shard's report (`shard_report`) for its manifest entry."""
     off = tensors["sample_offsets"].tolist()
@@ -189,7 +219,9 @@ def quantize_shard(tensors: dict[str, torch.Tensor], layers: list[int], q: KVQua
             name = "k." if part == "codes" else f"k_{part}."
             out[name + str(l)] = torch.cat([p[part] for p in parts]) if parts else empty[part]
         v = quantize_v(tensors[f"v.{l}"], q)
-        out[f"v.{l}"], out[f"v_scale.{l}"], out[f"v_low.{l}"] = v["codes"], v["scale"], v["low"]
+        out[f"v.{l}"], out[f"v_scale.{l}"] = v["codes"], v["scale"]
+        if "low" in v:
+            out[f"v_low.{l}"] = v["low"]
     return out, shard_report(tensors, out, layers, q)
 
 
@@ -198,23 +230,28 @@ def read_layer(read, layer: int, tokens: tuple[int, int], groups: tuple[int, int
     """K and V (T, H, D) of one sample and layer of a quantized shard, dequantized into `dtype`.
     `read(name, start, stop)` reads rows of a shard tensor; `tokens` is the sample's token
     rows, `groups` its rows of the key groups (k_group_offsets)."""
-    p = read_packed(read, layer, tokens, groups)
+    p = read_packed(read, layer, tokens, groups, q)
     return (dequantize_k(p["k_codes"], p["k_scale"], p["k_low"], q, dtype),
-            dequantize_v(p["v_codes"], p["v_scale"], p["v_low"], q, dtype))
+            dequantize_v(p["v_codes"], p["v_scale"], p.get("v_low"), q, dtype))
 
 
-# the packed tensors of one sample's layer as `read_packed` returns them, and their batched
-# (padded) forms that `dequantize_batch` turns into K and V on the device
+# the packed tensors of one sample's layer as `read_packed` returns them (no v_low when values
+# are symmetric), and their batched (padded) forms that `dequantize_batch` turns into K and V
+# on the device
 PACKED = ("k_codes", "k_scale", "k_low", "v_codes", "v_scale", "v_low")
 
 
-def read_packed(read, layer: int, tokens: tuple[int, int], groups: tuple[int, int]) -> dict[str, torch.Tensor]:
+def read_packed(read, layer: int, tokens: tuple[int, int], groups: tuple[int, int],
+                q: KVQuant) -> dict[str, torch.Tensor]:
     """One sample's layer of a quantized shard as stored: codes (T, H, D * bits / 8), key
     groups (ceil(T / G), H, D), value groups (T, H, D / G); see `read_layer` for the arguments."""
     (a, b), (ga, gb) = tokens, groups
-    return {"k_codes": read(f"k.{layer}", a, b), "k_scale": read(f"k_scale.{layer}", ga, gb),
-            "k_low": read(f"k_low.{layer}", ga, gb), "v_codes": read(f"v.{layer}", a, b),
-            "v_scale": read(f"v_scale.{layer}", a, b), "v_low": read(f"v_low.{layer}", a, b)}
+    out = {"k_codes": read(f"k.{layer}", a, b), "k_scale": read(f"k_scale.{layer}", ga, gb),
+           "k_low": read(f"k_low.{layer}", ga, gb), "v_codes": read(f"v.{layer}", a, b),
+           "v_scale": read(f"v_scale.{layer}", a, b)}
+    if not q.v_symmetric:
+        out["v_low"] = read(f"v_low.{layer}", a, b)
+    return out
 
 
 def dequantize_batch(packed: dict[str, torch.Tensor], q: KVQuant) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +270,8 @@ def dequantize_batch(packed: dict[str, torch.Tensor], q: KVQuant) -> tuple[torch
     # one pass per tensor: broadcast each group's scale and low over its tokens
     k = torch.addcmul(low[:, :, :groups, None], kc.float(), scale[:, :, :groups, None]).view(b, l, -1, h, d)[:, :, :t]
     vc = unpack(packed["v_codes"], q.bits).view(b, l, t, *packed["v_scale"].shape[3:], -1)
-    v = torch.addcmul(packed["v_low"].float()[..., None], vc.float(), packed["v_scale"].float()[..., None])
+    v = torch.addcmul(v_low(packed["v_scale"], packed.get("v_low"), q)[..., None], vc.float(),
+                      packed["v_scale"].float()[..., None])
     # values' groups are per token, zero past a sample's end already; a key group can straddle it
     inside = torch.arange(t, device=kc.device) < packed["lengths"].to(kc.device)[:, None]
     k = k * inside[:, None, :, None, None].float()

@@ -216,14 +216,16 @@ class KVCache:
             out["v"] = torch.stack([shard.read(f"v.{l}", a, b).transpose(0, 1) for l in self.layers])
         else:
             g = shard.small("k_group_offsets")
-            per_layer = [read_packed(shard.read, l, (a, b), (int(g[j]), int(g[j + 1]))) for l in self.layers]
+            per_layer = [read_packed(shard.read, l, (a, b), (int(g[j]), int(g[j + 1])), self.kv_quant)
+                         for l in self.layers]
             if self.packed:
-                out["kq"] = {name: torch.stack([t[name] for t in per_layer]) for name in PACKED}
+                out["kq"] = {name: torch.stack([t[name] for t in per_layer]) for name in PACKED
+                             if name in per_layer[0]}
             else:              # dequantized here, into kv_dtype (float16 unless the caller asked)
                 q, dt = self.kv_quant, self.kv_dtype
                 out["k"] = torch.stack([dequantize_k(t["k_codes"], t["k_scale"], t["k_low"], q, dt).transpose(0, 1)
                                         for t in per_layer])
-                out["v"] = torch.stack([dequantize_v(t["v_codes"], t["v_scale"], t["v_low"], q, dt).transpose(0, 1)
+                out["v"] = torch.stack([dequantize_v(t["v_codes"], t["v_scale"], t.get("v_low"), q, dt).transpose(0, 1)
                                         for t in per_layer])
         if self.manifest.get("logits_topk"):
             out["topk_ids"] = shard.read("topk_ids", a, b).long()                              # (T, K)

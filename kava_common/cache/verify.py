@@ -76,8 +76,10 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
                                    else m["head_dim"])
         if q:
             kq, h, d = KVQuant.from_manifest(q), m["num_kv_heads"], m["head_dim"]
-            want[f"v_scale.{l}"] = want[f"v_low.{l}"] = (entry["tokens"], h * d // kq.v_channels(h, d),
-                                                           kq.v_channels(h, d) // kq.v_group(h, d))
+            want[f"v_scale.{l}"] = (entry["tokens"], h * d // kq.v_channels(h, d),
+                                    kq.v_channels(h, d) // kq.v_group(h, d))
+            if not kq.v_symmetric:
+                want[f"v_low.{l}"] = want[f"v_scale.{l}"]
     if m.get("logits_topk"):
         want["topk_ids"] = want["topk_logprobs"] = (entry["tokens"], m["logits_topk"])
     out = []
