@@ -14,9 +14,10 @@ check. int4 codes are packed two per byte along head_dim (even channel in the lo
 
 Symmetric values (v_symmetric) store no `low`: a value group's codes are centred on
 h = 2^(bits - 1), scale = max|x| / (h - 1) rounded up, code = round(x / scale) + h, and the
-value reads back as code * scale - h * scale, error again at most scale / 2. Half the groups'
-bytes for a range about twice as wide around zero; values, unlike keys, have no channel far
-from zero, so the cosine hardly moves (docs/benchmarks.md).
+value reads back as code * scale - h * scale, error again at most scale / 2. Half the value
+groups' bytes for a step about twice as wide; values, unlike keys, have no channel far from
+zero, so at int8 the cosines stay as they were, while int4 values lose a little
+(docs/benchmarks.md).
 
 Shapes for one sample of T tokens (H heads, D = head_dim, G = group):
     K: codes (T, H, D * bits / 8) uint8; scale, low (ceil(T / G), H, D) float16
