@@ -30,5 +30,14 @@ def header(**extra) -> str:
     more = "".join(f", {k} {v}" for k, v in extra.items())
     return (f"date {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}\n"
             f"machine {machine_description()}, torch threads {torch.get_num_threads()}, "
+            f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}{_isa_limits()}, "
             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}{more}\n"
             f"software {soft}")
+
+
+def _isa_limits() -> str:
+    """The instruction-set limits set for torch's libraries (a CPU without AVX512 emulated on
+    one with it: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS)."""
+    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    set_ = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
+    return f" ({', '.join(set_)})" if set_ else ""
