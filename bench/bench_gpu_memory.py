@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,51 +81,54 @@ def main(argv=None):
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
-    print(header(device=dev))
-    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
-    t_cfg, s_cfg = configs(a.shape, tok)
-    student = AutoModelForCausalLM.from_config(s_cfg, dtype=torch.bfloat16)
-    sdir = root / "student"
-    kava_common.save_pretrained(student, tok, sdir)
-    del student
-    # the teacher's cache records the tokenizer as the student's folder gives it back, so that
-    # logit distillation (which needs the same tokenizer) accepts it
-    tok = load_fast_tokenizer(str(sdir), "student")
-    torch.manual_seed(0)
-    with torch.device(dev):
-        teacher = AutoModelForCausalLM.from_config(t_cfg, dtype=torch.bfloat16 if cuda else torch.float32)
-    rows = long_rows(a.samples)
-    ecfg = ExtractConfig(teachers=["teacher"], max_samples=len(rows), batch_size=4, max_length=a.max_length,
-                         device=a.device, progress=False, out=str(root / "caches"), logits_topk=8)
-    cache = extract_teacher(ecfg, "teacher", rows, model=teacher.eval(), tok=tok, log=lambda *x: None)
-    del teacher
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    chosen = range(len(OPTIONS)) if a.options == "all" else [int(i) for i in a.options.split(",")]
-    print(f"batch 2 x {a.max_length} tokens, {a.steps} steps per option; GB = 2^30 bytes")
-    for i in chosen:
-        name, kw = OPTIONS[i]
-        if not cuda and kw.get("optimizer") == "adamw8bit":
-            kw = {k: v for k, v in kw.items() if k != "optimizer"}
+    try:                    # the caches and runs made here go with the run, however it ends
+        print(header(device=dev))
+        tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
+        t_cfg, s_cfg = configs(a.shape, tok)
+        student = AutoModelForCausalLM.from_config(s_cfg, dtype=torch.bfloat16)
+        sdir = root / "student"
+        kava_common.save_pretrained(student, tok, sdir)
+        del student
+        # the teacher's cache records the tokenizer as the student's folder gives it back, so that
+        # logit distillation (which needs the same tokenizer) accepts it
+        tok = load_fast_tokenizer(str(sdir), "student")
+        torch.manual_seed(0)
+        with torch.device(dev):
+            teacher = AutoModelForCausalLM.from_config(t_cfg, dtype=torch.bfloat16 if cuda else torch.float32)
+        rows = long_rows(a.samples)
+        ecfg = ExtractConfig(teachers=["teacher"], max_samples=len(rows), batch_size=4, max_length=a.max_length,
+                             device=a.device, progress=False, out=str(root / "caches"), logits_topk=8)
+        cache = extract_teacher(ecfg, "teacher", rows, model=teacher.eval(), tok=tok, log=lambda *x: None)
+        del teacher
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        lines = []
-        cfg = TrainConfig(student=str(sdir), caches=[str(cache)], out=str(root / f"run-{i}"), batch_size=2,
-                          max_length=a.max_length, max_steps=a.steps, log_every=a.steps, save_every=0,
-                          eval_samples=2, warmup_steps=1, device=a.device, progress=False,
-                          precision="bf16" if cuda else "fp32", overwrite=True, **kw)
-        train_main(cfg, echo=lines.append)
-        est = next((float(m.group(1)) for l in lines if (m := re.search(r"estimated peak memory ([0-9.]+) GB", l))),
-                   float("nan"))
-        last = json.loads((root / f"run-{i}" / "metrics.jsonl").read_text().splitlines()[-1])
-        if cuda:
-            print(f"  {name:<46} estimate {est:5.2f} GB ({est - 0.5:5.2f} without context); measured "
-                  f"peak allocated {last['gpu_peak_gb']:5.2f} GB, reserved {last['gpu_reserved_gb']:5.2f} GB")
-        else:
-            print(f"  {name:<46} estimate {est:5.2f} GB; no GPU, nothing measured (loss {last['loss']:.3f})")
+        chosen = range(len(OPTIONS)) if a.options == "all" else [int(i) for i in a.options.split(",")]
+        print(f"batch 2 x {a.max_length} tokens, {a.steps} steps per option; GB = 2^30 bytes")
+        for i in chosen:
+            name, kw = OPTIONS[i]
+            if not cuda and kw.get("optimizer") == "adamw8bit":
+                kw = {k: v for k, v in kw.items() if k != "optimizer"}
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+            lines = []
+            cfg = TrainConfig(student=str(sdir), caches=[str(cache)], out=str(root / f"run-{i}"), batch_size=2,
+                              max_length=a.max_length, max_steps=a.steps, log_every=a.steps, save_every=0,
+                              eval_samples=2, warmup_steps=1, device=a.device, progress=False,
+                              precision="bf16" if cuda else "fp32", overwrite=True, **kw)
+            train_main(cfg, echo=lines.append)
+            est = next((float(m.group(1)) for l in lines if (m := re.search(r"estimated peak memory ([0-9.]+) GB", l))),
+                       float("nan"))
+            last = json.loads((root / f"run-{i}" / "metrics.jsonl").read_text().splitlines()[-1])
+            if cuda:
+                print(f"  {name:<46} estimate {est:5.2f} GB ({est - 0.5:5.2f} without context); measured "
+                      f"peak allocated {last['gpu_peak_gb']:5.2f} GB, reserved {last['gpu_reserved_gb']:5.2f} GB")
+            else:
+                print(f"  {name:<46} estimate {est:5.2f} GB; no GPU, nothing measured (loss {last['loss']:.3f})")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

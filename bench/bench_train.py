@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -257,15 +258,18 @@ def main(argv=None):
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
     print(header(device=a.device))
     parts = a.parts.split(",")
-    if "cache" in parts:
-        bench_cache(root / "tiny", a.steps, a.workers, a.device)
-    if "int4" in parts:
-        bench_int4(root / "int4", a.steps, a.workers, a.device)
-    if "memory" in parts:
-        bench_memory()
-    if "online" in parts:
-        bench_online(root / "real", a.online_steps, a.online_seq, a.online_reps, a.freeze_embeddings,
-                     a.online_batch, a.online_teacher, a.device)
+    try:                    # the caches and runs made here go with the run, however it ends
+        if "cache" in parts:
+            bench_cache(root / "tiny", a.steps, a.workers, a.device)
+        if "int4" in parts:
+            bench_int4(root / "int4", a.steps, a.workers, a.device)
+        if "memory" in parts:
+            bench_memory()
+        if "online" in parts:
+            bench_online(root / "real", a.online_steps, a.online_seq, a.online_reps, a.freeze_embeddings,
+                         a.online_batch, a.online_teacher, a.device)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
