@@ -4,7 +4,9 @@
    with the same batches already collated in memory (goal <= 1.05); tiny models.
 2. host memory (RSS) at the start and at the end of an epoch read from the cache (flat).
    int4: step time reading from an int4 cache (kava_common.recompress of the same float16 cache,
-   dequantized in the step, and by the loader) over the float16 one (goal <= 1.05); tiny models.
+   dequantized in the step, and by the loader) over the float16 one (goal <= 1.05); tiny models,
+   where the student's step is smallest beside the K/V it reads. int4-real: the same (in the
+   step) at the seed's shapes: Qwen2.5-0.5B student, Qwen2.5-1.5B teacher cache, random weights.
 3. online: stage-2 step time divided by the online step that runs the teacher's forward in the
    loop to get the same K/V, as the seed did (goal <= 0.5 at real shapes: Qwen2.5-0.5B student,
    Qwen2.5-1.5B teacher, random weights).
@@ -14,6 +16,7 @@
     python bench/bench_train.py                      # all (the real-shape part takes a few minutes)
     python bench/bench_train.py --parts cache,memory
     python bench/bench_train.py --parts int4
+    python bench/bench_train.py --parts int4-real        # a few minutes on a CPU
     python bench/bench_train.py --parts int4,online --online-teacher nf4 --device cuda   # on a GPU
 """
 
@@ -146,6 +149,48 @@ def bench_int4(root: Path, steps: int, workers: int, device: str = "cpu"):
     return ratio
 
 
+def bench_int4_real(root: Path, steps: int, seq: int, reps: int, batch: int = 2, device: str = "cpu"):
+    """The int4 / float16 step ratio at the seed's shapes: a random Qwen2.5-1.5B teacher's cache
+    (its own forward, fp32) and its int4 recompression, read by a random Qwen2.5-0.5B student;
+    `reps` alternating runs of the same `steps` batches, K/V dequantized in the step."""
+    from transformers import Qwen2Config, AutoModelForCausalLM
+    from kava_common.recompress import RecompressArgs, recompress
+    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_15B), dtype=torch.float32).eval()
+    n = steps * batch + 1
+    ecfg = ExtractConfig(teachers=["q15"], max_samples=n, batch_size=batch, max_length=seq, device="cpu",
+                         progress=False, out=str(root / "caches"))
+    f16 = extract_teacher(ecfg, "q15", load_rows("synthetic", max_samples=n), model=teacher, tok=tok,
+                          log=lambda *a: None)
+    del teacher
+    q4 = recompress(RecompressArgs(cache=str(f16), kv_quant="int4", progress=False), log=lambda *a: None)
+    student = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_05B), dtype=torch.float32)
+    sdir = kava_common.save_pretrained(student, tok, root / "student-05b")
+    trs, batches = {}, {}
+    for name, cache in (("float16", f16), ("int4", q4)):    # one student, two trainers
+        cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=batch, max_length=seq,
+                          eval_samples=1, device=device, progress=False)
+        trs[name] = BenchTrainer(cfg, student.to(device), tok)
+        batches[name] = list(trs[name].bench_loader(steps, 0))
+        trs[name].step(batches[name][0])                    # warm-up
+    times = {name: [] for name in trs}
+    for r in range(reps):                                   # alternate, the order turning each round
+        for name in (list(trs) if r % 2 == 0 else list(trs)[::-1]):
+            t0 = time.perf_counter()
+            for b in batches[name]:
+                trs[name].step(b)
+            times[name].append((time.perf_counter() - t0) / steps)
+    ratio = min(times["int4"]) / min(times["float16"])
+    paired = statistics.median(q / f for q, f in zip(times["int4"], times["float16"]))
+    print(f"int4 cache at real shapes: batch {batch} x {seq} tokens, {steps} steps x {reps} alternating runs: "
+          f"float16 {min(times['float16']):.2f} s, int4 (kv_dequant device) {min(times['int4']):.2f} s per step; "
+          f"ratio {ratio:.3f} (goal <= 1.05), median of paired runs {paired:.3f}; per-step means "
+          f"{[round(x, 2) for x in times['float16']]} vs {[round(x, 2) for x in times['int4']]}; cache bytes "
+          f"{open_cache_bytes(q4) / 1e6:.1f} MB vs {open_cache_bytes(f16) / 1e6:.1f} MB")
+    return ratio
+
+
 def open_cache_bytes(path) -> int:
     from kava_common.cache import open_cache
     return open_cache(path).manifest["total_bytes"]
@@ -263,6 +308,9 @@ def main(argv=None):
             bench_cache(root / "tiny", a.steps, a.workers, a.device)
         if "int4" in parts:
             bench_int4(root / "int4", a.steps, a.workers, a.device)
+        if "int4-real" in parts:
+            bench_int4_real(root / "int4-real", a.online_steps, a.online_seq, max(a.online_reps, 4),
+                            a.online_batch, a.device)
         if "memory" in parts:
             bench_memory()
         if "online" in parts:
