@@ -113,10 +113,12 @@ def bench_cache(root: Path, steps: int, workers: int, device: str = "cpu"):
     return ratio
 
 
-def bench_int4(root: Path, steps: int, workers: int, device: str = "cpu"):
+def bench_int4(root: Path, steps: int, workers: int, device: str = "cpu", rounds: int = 12):
     """Step time reading batches from an int4 cache over the same steps from the float16 cache
     it was derived from (goal <= 1.05): dequantized in the step (--kv-dequant device, the
-    default) and in the loader (--kv-dequant loader)."""
+    default) and in the loader (--kv-dequant loader). `rounds` runs of each, the order turning
+    each round: this machine's step time drifts by more than the difference measured, so the
+    median of the paired runs is the steadier figure."""
     from transformers import AutoModelForCausalLM
     from kava_common.recompress import RecompressArgs, recompress
     sdir, f16, tok = build_tiny(root, 512)
@@ -132,7 +134,7 @@ def bench_int4(root: Path, steps: int, workers: int, device: str = "cpu"):
         for b in trs[name].bench_loader(3, workers):
             trs[name].step(b)                               # warm-up
     times = {name: [] for name in runs}
-    for r in range(6):                                      # rotate the order each round
+    for r in range(rounds):                                 # rotate the order each round
         for name in list(runs)[r % 3:] + list(runs)[:r % 3]:
             t0 = time.perf_counter()
             for b in trs[name].bench_loader(steps, workers):
