@@ -82,20 +82,35 @@ class Trainer:
 
     def _wrap_ddp(self):
         """The student and the projectors in DistributedDataParallel: gradients averaged over
-        the ranks in buckets during the backward of each step's last micro-batch. Unused
-        parameters are looked for (some losses leave projectors or parts of the student out
-        of the graph); no device_ids, so the batch reaches the step as the loader gave it (the
-        step moves what it needs to the device itself)."""
+        the ranks in buckets during the backward of each step's last micro-batch; no
+        device_ids, so the batch reaches the step as the loader gave it (the step moves what it
+        needs to the device itself). Which trainable parameters a step leaves out of its graph
+        follows from the settings alone (kv_weight 0, a layer weight of 0, the relation loss
+        leave projectors out), so one sample's graph tells whether DDP must search for unused
+        parameters on every backward (a walk of the graph, and PyTorch's note when it finds
+        none)."""
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(_MicroBatch(self), device_ids=None, find_unused_parameters=True,
+        self.in_graph = self.parameters_in_graph()
+        return DistributedDataParallel(_MicroBatch(self), device_ids=None,
+                                       find_unused_parameters=len(self.in_graph) < len(self.params),
                                        gradient_as_bucket_view=True)
+
+    def parameters_in_graph(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters in the graph of one sample's loss (no backward is run; the
+        random number generators are left as they were)."""
+        probe = next(b for b in (self.collate([self.data[i]]) for i in range(len(self.data)))
+                     if not b.get("empty"))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            used = graph_parameters(self.forward(probe)[0])
+        return [p for p in self.params if id(p) in used]
 
     def forward(self, batch) -> tuple:
         """One micro-batch's loss (with its graph) and its K/V, cross-entropy and logit-KD parts;
-        a batch with no sample left (`empty`) gives a zero loss that still reaches a parameter,
-        so that under DistributedDataParallel every rank runs the backward that averages."""
+        under DistributedDataParallel a batch with no sample left (`empty`) gives a zero loss
+        that reaches every parameter a step's graph holds, so that every rank runs the backward
+        that averages."""
         if batch.get("empty"):
-            return self.params[0].sum() * 0.0, 0.0, 0.0, 0.0
+            return sum(p.view(-1)[0] for p in self.in_graph) * 0.0, 0.0, 0.0, 0.0
         return train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device, self.autocast)
 
     def _build_data(self) -> None:
@@ -326,6 +341,20 @@ class Trainer:
             self.check_weights_finite()
             save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)
         self.barrier()
+
+
+def graph_parameters(loss: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors whose gradients the backward of `loss` would accumulate."""
+    found, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):                     # AccumulateGrad: a leaf
+            found.add(id(fn.variable))
+        todo.extend(f for f, _ in fn.next_functions)
+    return found
 
 
 class _MicroBatch(torch.nn.Module):

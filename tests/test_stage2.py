@@ -665,6 +665,7 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process_with_the_same_global_ba
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     assert sorted(p.name for p in (tmp_path / "two").glob("step-*")) == ["step-000003", "step-000006"]
     assert "2 processes (torchrun), one data-parallel rank each: global batch 2 x 1 x 4 samples" in r.stdout + r.stderr
+    assert "find_unused_parameters" not in r.stderr          # every parameter in the graph: no search, no note
     # resumed from step 3 by 2 ranks: the same steps 4-6
     r = torchrun([*common, "--out", str(tmp_path / "two"), "--resume", str(tmp_path / "two" / "step-000003")])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -676,6 +677,27 @@ def test_two_gloo_ranks_under_torchrun_equal_one_process_with_the_same_global_ba
     with pytest.raises(KavaError, match=r"written by 2 process\(es\) and this run has 1; .* resume with 2 "
                                         r"\(torchrun --nproc-per-node 2\)"):
         run(student_dir, [caches["qwen"]], tmp_path / "two", batch_size=4, max_steps=6, resume="auto")
+
+
+def test_parameters_in_one_samples_graph_are_what_the_settings_train(student_dir, caches, tmp_path):
+    """Under torchrun DDP searches for unused parameters only where a step leaves some out: by
+    default every trainable parameter is in one sample's graph; with kv_weight 0 the projectors
+    are not, with layer weights [0, 1] the first student layer's projector is not."""
+    from stage2_train.trainer import Trainer
+
+    def trainer(**kw):
+        cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "r"),
+                          device="cpu", progress=False, eval_samples=8, **kw)
+        return Trainer(cfg, echo=lambda *a: None)
+    tr = trainer()
+    rng = torch.get_rng_state()
+    assert tr.parameters_in_graph() == tr.params and torch.equal(torch.get_rng_state(), rng)
+    tr = trainer(kv_weight=0.0)
+    projector = {id(p) for p in tr.distiller.parameters()}
+    assert [id(p) for p in tr.parameters_in_graph()] == [id(p) for p in tr.params if id(p) not in projector]
+    tr = trainer(layer_weights=[0.0, 1.0])
+    layer0 = {id(p) for n, p in tr.distiller.named_parameters() if re.search(r"\.[kv]\.0\.", n)}   # proj.T.k.L.
+    assert layer0 and [id(p) for p in tr.parameters_in_graph()] == [id(p) for p in tr.params if id(p) not in layer0]
 
 
 def _rank_pid(agent_pid: int, rank: int) -> int | None:
@@ -746,6 +768,7 @@ def test_two_ranks_with_lora_chunked_cross_entropy_and_unused_projectors_equal_o
     assert r.returncode == 0, r.stderr[-3000:]
     two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in two] == [1, 2, 3, 4]
+    assert "find_unused_parameters" not in r.stderr          # the projectors are unused: DDP finds them
     assert one[-1]["loss_ce"] < one[0]["loss_ce"] - 0.01       # the steps change the student
     for a, b in zip(one, two):
         assert a["loss_ce"] == pytest.approx(b["loss_ce"], rel=1e-5), (a["step"], a["loss_ce"], b["loss_ce"])

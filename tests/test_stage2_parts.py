@@ -481,29 +481,40 @@ def test_bottleneck_learns_a_cross_layer_mix_that_a_one_to_one_map_cannot():
     assert err_b < 0.02 and err_1 > 0.3, (err_b, err_1)
 
 
-def _rank_accumulates(rank: int, world: int, init: str, out: str) -> None:
+def test_graph_parameters_are_the_leaves_a_backward_reaches():
+    from stage2_train.trainer import graph_parameters
+    a, b, c = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    frozen = torch.ones(2)
+    loss = (a * 2).sum() + (a * b).sum() + (frozen * 3).sum()
+    assert graph_parameters(loss) == {id(a), id(b)}                     # c is in no op; frozen needs no grad
+
+
+def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: bool) -> None:
     """One gloo rank of Trainer.accumulate under DistributedDataParallel, 2 micro-batches per
-    step: rank 0 uses `a` twice; rank 1 uses `a` and `b` in its first micro-batch, and its last
-    one has no sample left (`empty`); `c` is in no rank's graph."""
+    step; rank 1's last micro-batch has no sample left (`empty`). find_unused: rank 0 uses
+    `a` twice, rank 1 uses `a` and `b` in its first micro-batch, `c` is in no rank's graph;
+    otherwise every micro-batch uses `a` and `b`, and DDP looks for no unused parameter."""
     import types
     import torch.distributed as dist
     from stage2_train.trainer import Trainer, _MicroBatch
     from torch.nn.parallel import DistributedDataParallel
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    model = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.ones(n)) for k, n in (("a", 3), ("b", 2), ("c", 4))})
+    sizes = (("a", 3), ("b", 2), ("c", 4)) if find_unused else (("a", 3), ("b", 2))
+    model = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.ones(n)) for k, n in sizes})
 
     def forward(batch):
         if batch.get("empty"):
             return Trainer.forward(me, batch)
         x = batch["x"]
-        loss = (model["a"] * x).sum() + (model["b"].sum() * x[0] if batch.get("use_b") else 0.0)
+        loss = (model["a"] * x).sum() + (model["b"].sum() * x[0] if batch.get("use_b") or not find_unused else 0.0)
         return loss, 1.0, float(x[0]), 0.0
 
     me = types.SimpleNamespace(cfg=types.SimpleNamespace(grad_accum=2), world=world, device=torch.device("cpu"),
                                note_bad_rows=lambda rows: None, params=list(model.values()), forward=forward)
-    me.model, me.distiller = model, torch.nn.Module()
+    me.model, me.distiller, me.in_graph = model, torch.nn.Module(), [model["a"], model["b"]]
     me.average_parts = lambda parts, tokens: Trainer.average_parts(me, parts, tokens)
-    me.ddp = DistributedDataParallel(_MicroBatch(me), find_unused_parameters=True, gradient_as_bucket_view=True)
+    me.ddp = DistributedDataParallel(_MicroBatch(me), find_unused_parameters=find_unused,
+                                     gradient_as_bucket_view=True)
     mask = torch.ones(1, 5)
     if rank == 0:
         batches = [{"x": torch.tensor([1.0, 2, 3]), "bad_rows": [], "attention_mask": mask},
@@ -518,15 +529,19 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_accumulate_under_ddp_averages_over_micro_batches_and_ranks_with_an_empty_last_batch(tmp_path):
+@pytest.mark.parametrize("find_unused", [True, False])
+def test_accumulate_under_ddp_averages_over_micro_batches_and_ranks_with_an_empty_last_batch(tmp_path, find_unused):
     import torch.multiprocessing as mp
     init, out = f"file://{tmp_path / 'store'}", str(tmp_path / "rank0.pt")
-    mp.spawn(_rank_accumulates, args=(2, init, out), nprocs=2, join=True)
+    mp.spawn(_rank_accumulates, args=(2, init, out, find_unused), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     # a: (rank 0 (x1 + x2) / 2 micro-batches + rank 1 x / 2) / 2 ranks, per channel
     assert torch.equal(got["grads"]["a"], torch.tensor([3.75, 6.75, 9.75]))
-    assert torch.equal(got["grads"]["b"], torch.tensor([2.5, 2.5]))   # rank 1's 10 / 2 / 2
-    assert got["grads"]["c"] is None                                   # in no rank's graph
-    # loss: rank 0 (6 + 15) / 2, rank 1 (60 + 2 x 10) / 2 (its empty batch counts nothing), averaged
-    assert got["parts"] == {"loss": 25.25, "loss_kv": 0.75, "loss_ce": 3.75, "loss_kd": 0.0}
-    assert got["tokens"] == 15
+    assert got["parts"]["loss_kv"] == 0.75 and got["parts"]["loss_ce"] == 3.75 and got["tokens"] == 15
+    if find_unused:
+        assert torch.equal(got["grads"]["b"], torch.tensor([2.5, 2.5]))   # rank 1's 10 / 2 / 2
+        assert got["grads"]["c"] is None                                   # in no rank's graph
+        # loss: rank 0 (6 + 15) / 2, rank 1 (60 + 2 x 10) / 2 (its empty batch counts nothing), averaged
+        assert got["parts"]["loss"] == 25.25
+    else:   # b: (rank 0 (1 + 4) / 2 + rank 1 10 / 2) / 2; loss (rank 0 (8 + 23) / 2 + rank 1 80 / 2) / 2
+        assert torch.equal(got["grads"]["b"], torch.tensor([3.75, 3.75])) and got["parts"]["loss"] == 27.75
