@@ -98,10 +98,8 @@ class Trainer:
     def parameters_in_graph(self) -> list[torch.nn.Parameter]:
         """The trainable parameters in the graph of one sample's loss (no backward is run; the
         random number generators are left as they were)."""
-        probe = next(b for b in (self.collate([self.data[i]]) for i in range(len(self.data)))
-                     if not b.get("empty"))
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            used = graph_parameters(self.forward(probe)[0])
+            used = graph_parameters(self.forward(self.first_sample())[0])
         return [p for p in self.params if id(p) in used]
 
     def forward(self, batch) -> tuple:
@@ -132,10 +130,13 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
+    def first_sample(self) -> dict:
+        """The first sample with finite teacher K/V, as a batch of one."""
+        return next(b for b in (self.collate([self.data[i]]) for i in range(len(self.data))) if not b.get("empty"))
+
     def check_student_kv(self) -> None:
         """The K/V the hooks capture must equal the student's own cache on one sample."""
-        probe = next(b for b in (self.collate([self.data[i]]) for i in range(len(self.data)))
-                     if not b.get("empty"))
+        probe = self.first_sample()
         worst = self.cap.check(self.model, probe["input_ids"].to(self.device),
                                probe["attention_mask"].to(self.device))
         if worst > (1e-3 if self.dtype == torch.float32 else 5e-2):
