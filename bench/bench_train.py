@@ -151,24 +151,30 @@ def bench_int4(root: Path, steps: int, workers: int, device: str = "cpu", rounds
     return ratio
 
 
+def real_shapes(root: Path, n: int, batch: int, seq: int):
+    """A random Qwen2.5-1.5B teacher (fp32) and the float16 cache of its forward over `n`
+    synthetic samples, and a random Qwen2.5-0.5B student saved beside it: the seed's shapes."""
+    from transformers import Qwen2Config, AutoModelForCausalLM
+    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_15B), dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_05B), dtype=torch.float32)
+    sdir = kava_common.save_pretrained(student, tok, root / "student-05b")
+    ecfg = ExtractConfig(teachers=["q15"], max_samples=n, batch_size=batch, max_length=seq, device="cpu",
+                         progress=False, out=str(root / "caches"))
+    cache = extract_teacher(ecfg, "q15", load_rows("synthetic", max_samples=n), model=teacher, tok=tok,
+                            log=lambda *a: None)
+    return tok, teacher, student, sdir, cache
+
+
 def bench_int4_real(root: Path, steps: int, seq: int, reps: int, batch: int = 2, device: str = "cpu"):
     """The int4 / float16 step ratio at the seed's shapes: a random Qwen2.5-1.5B teacher's cache
     (its own forward, fp32) and its int4 recompression, read by a random Qwen2.5-0.5B student;
     `reps` alternating runs of the same `steps` batches, K/V dequantized in the step."""
-    from transformers import Qwen2Config, AutoModelForCausalLM
     from kava_common.recompress import RecompressArgs, recompress
-    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_15B), dtype=torch.float32).eval()
-    n = steps * batch + 1
-    ecfg = ExtractConfig(teachers=["q15"], max_samples=n, batch_size=batch, max_length=seq, device="cpu",
-                         progress=False, out=str(root / "caches"))
-    f16 = extract_teacher(ecfg, "q15", load_rows("synthetic", max_samples=n), model=teacher, tok=tok,
-                          log=lambda *a: None)
+    tok, teacher, student, sdir, f16 = real_shapes(root, steps * batch + 1, batch, seq)
     del teacher
     q4 = recompress(RecompressArgs(cache=str(f16), kv_quant="int4", progress=False), log=lambda *a: None)
-    student = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_05B), dtype=torch.float32)
-    sdir = kava_common.save_pretrained(student, tok, root / "student-05b")
     trs, batches = {}, {}
     for name, cache in (("float16", f16), ("int4", q4)):    # one student, two trainers
         cfg = TrainConfig(student=str(sdir), caches=[str(cache)], batch_size=batch, max_length=seq,
@@ -203,22 +209,12 @@ def bench_online(root: Path, steps: int, seq: int, reps: int, freeze_embeddings:
     """Offline (cache) step vs online step (teacher forward in the loop) at real shapes.
     `teacher_kind` nf4: the online loop runs the teacher in 4-bit as the seed did (the cache
     still comes from the fp32 teacher: what the K/V hold does not change the step's time)."""
-    from transformers import Qwen2Config, AutoModelForCausalLM
     from stage1_extract.capture import teacher_forward
     from stage1_extract.samples import collate as s1_collate
-    tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
-    torch.manual_seed(0)
     t0 = time.perf_counter()
-    teacher = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_15B), dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_05B), dtype=torch.float32)
-    sdir = root / "student-05b"
-    kava_common.save_pretrained(student, tok, sdir)
-    print(f"online: built random Qwen2.5-1.5B teacher and 0.5B student in {time.perf_counter() - t0:.0f} s")
-    n = steps * batch + 1
-    ecfg = ExtractConfig(teachers=["q15"], max_samples=n, batch_size=batch, max_length=seq, device="cpu",
-                         progress=False, out=str(root / "caches"))
-    cache = extract_teacher(ecfg, "q15", load_rows("synthetic", max_samples=n), model=teacher, tok=tok,
-                            log=lambda *a: None)
+    tok, teacher, student, sdir, cache = real_shapes(root, steps * batch + 1, batch, seq)
+    print(f"online: built random Qwen2.5-1.5B teacher and 0.5B student, and the teacher's cache, in "
+          f"{time.perf_counter() - t0:.0f} s")
     if teacher_kind == "nf4":
         t0 = time.perf_counter()
         tdir = root / "teacher-15b"
