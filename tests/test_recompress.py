@@ -74,6 +74,8 @@ def test_a_layer_subset_in_another_dtype_and_bad_settings(parent, tmp_path, caps
     assert "these settings give the parent cache itself" in capsys.readouterr().err
     assert main([str(parent), "--layers", "7", "--kv-quant", "int8", "--no-progress"]) == 1
     assert "--layers [7]:" in capsys.readouterr().err
+    assert main([str(parent), "--kv-quant-v-symmetric", "--layers", "0", "--no-progress"]) == 1
+    assert "--kv-quant-v-symmetric needs --kv-quant int8 or int4" in capsys.readouterr().err
     with pytest.raises(KavaError, match="quantized already; give --kv-dtype"):
         q = recompress(RecompressArgs(cache=str(parent), out=str(tmp_path), kv_quant="int8", progress=False),
                        log=lambda *a: None)
