@@ -10,8 +10,9 @@
 
 A run whose result.json exists is skipped on a re-run (an unfinished one resumes from its last
 checkpoint), if it ran with the settings the sweep gives it now: a finished run with other
-settings (another cache, loss, ...) is refused, naming them, before anything trains. The table has the grid values, the last logged loss (train_loss) and held-out cosines beside
-the shuffled baseline, and the accuracy when `eval` is given.
+settings (another cache, loss, ...) is refused, naming them, before anything trains. The table
+has the grid values, the last logged loss (train_loss) and held-out cosines beside the
+shuffled baseline, and the accuracy when `eval` is given.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def changed_settings(saved_config: Path, now: dict) -> list[str]:
         if key == "caches" and value:
             return [str(Path(c).resolve()) for c in value]
         return value
+
     def default(key):
         f = FIELDS[key]
         return f.default_factory() if f.default is dataclasses.MISSING else f.default
