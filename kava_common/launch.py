@@ -84,3 +84,18 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed() -> None:
+    """End the process group `init_distributed` started, on each rank once its last collective
+    is done; nothing in a lone process. Called after success only: after an error another rank
+    may still wait in a collective, and the launcher ends it. Whatever holds the group
+    (DistributedDataParallel's reducer) must be released first, which is why garbage
+    reference cycles are collected here: a group that lives on until the interpreter shuts
+    down can abort the process there (gloo's threads then free tensors after Python is gone,
+    "terminate called without an active exception")."""
+    import gc
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()

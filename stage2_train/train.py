@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kava_common import KavaError, check_output_folder, software_versions
-from kava_common.launch import init_distributed
+from kava_common.launch import end_distributed, init_distributed
 
 from .checkpoint import clear_run, latest_checkpoint, run_files
 from .config import TrainConfig
@@ -36,6 +36,13 @@ def main(cfg: TrainConfig, echo=print) -> Path:
         echo = echo if rank == 0 else (lambda *a: None)
         echo(f"{world} processes (torchrun), one data-parallel rank each: global batch "
              f"{world} x {cfg.grad_accum} x {cfg.batch_size} samples")
+    run = _train(cfg, rank, world, echo)
+    end_distributed()                           # not after an error: another rank may be in a collective
+    return run
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, echo) -> Path:
+    """The run in cfg.out, started, resumed or continued, until max_steps or a stop signal."""
     run = Path(cfg.out)
     check_run_folder(run, cfg)
     tr = Trainer(cfg, echo=echo)               # checks the caches before loading the student
@@ -57,6 +64,7 @@ def main(cfg: TrainConfig, echo=print) -> Path:
     finally:
         if log is not None:
             log.close()
+    tr.close()
     if stopped is not None:
         path = tr.save(run)
         echo(f"stopped by signal {stopped} at step {tr.prog.step}; checkpoint {path}; "

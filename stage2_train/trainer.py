@@ -250,6 +250,12 @@ class Trainer:
             import torch.distributed as dist
             dist.barrier()
 
+    def close(self) -> None:
+        """Release DistributedDataParallel, which holds the process group, once training is
+        over (its module refers back to this trainer, so without this only the garbage
+        collector would free it)."""
+        self.ddp = None
+
     def note_bad_rows(self, rows: list[int]) -> None:
         for r in rows:
             if r not in self.bad_rows:

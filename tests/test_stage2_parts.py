@@ -495,7 +495,9 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
     `a` twice, rank 1 uses `a` and `b` in its first micro-batch, `c` is in no rank's graph;
     otherwise every micro-batch uses `a` and `b`, and DDP looks for no unused parameter."""
     import types
+    import weakref
     import torch.distributed as dist
+    from kava_common.launch import end_distributed
     from stage2_train.trainer import Trainer, _MicroBatch
     from torch.nn.parallel import DistributedDataParallel
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -523,10 +525,13 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
         batches = [{"x": torch.tensor([10.0, 20, 30]), "use_b": True, "bad_rows": [], "attention_mask": mask},
                    {"empty": True, "bad_rows": [7]}]
     parts, tokens = Trainer.accumulate(me, batches)
+    ddp = weakref.ref(me.ddp)
+    Trainer.close(me)
+    end_distributed()
+    ended = {"ddp_freed": ddp() is None, "group_ended": not dist.is_initialized()}
     if rank == 0:
         torch.save({"grads": {k: p.grad for k, p in model.items()}, "parts": parts, "tokens": tokens}, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    torch.save(ended, f"{out}.ended{rank}")
 
 
 @pytest.mark.parametrize("find_unused", [True, False])
@@ -535,6 +540,8 @@ def test_accumulate_under_ddp_averages_over_micro_batches_and_ranks_with_an_empt
     init, out = f"file://{tmp_path / 'store'}", str(tmp_path / "rank0.pt")
     mp.spawn(_rank_accumulates, args=(2, init, out, find_unused), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
+    for rank in range(2):   # DDP (in a reference cycle with the trainer) freed, then the group ended
+        assert torch.load(f"{out}.ended{rank}", weights_only=True) == {"ddp_freed": True, "group_ended": True}
     # a: (rank 0 (x1 + x2) / 2 micro-batches + rank 1 x / 2) / 2 ranks, per channel
     assert torch.equal(got["grads"]["a"], torch.tensor([3.75, 6.75, 9.75]))
     assert got["parts"]["loss_kv"] == 0.75 and got["parts"]["loss_ce"] == 3.75 and got["tokens"] == 15
