@@ -81,8 +81,8 @@ def init_distributed(device: str) -> tuple[int, int, str]:
         torch.cuda.set_device(local)
     elif device == "auto":
         device = "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if not dist.is_initialized():   # device_id binds NCCL to this rank's GPU (barrier() needs it)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -241,7 +241,7 @@ class Trainer:
         if self.world == 1:
             return flag
         import torch.distributed as dist
-        t = torch.tensor([float(flag)])
+        t = torch.tensor([float(flag)], device=self.device)   # NCCL reduces CUDA tensors only
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

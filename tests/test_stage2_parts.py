@@ -534,6 +534,55 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
     torch.save(ended, f"{out}.ended{rank}")
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_init_distributed_starts_nccl_on_the_ranks_gpu_or_gloo_and_nothing_alone(monkeypatch, cuda):
+    import torch.distributed as dist
+    from kava_common.launch import init_distributed
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: any(c[0] == "init" for c in calls))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, device_id=None: calls.append(
+        ("init", backend, device_id)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed("auto") == (0, 1, "auto") and calls == []          # a lone process starts nothing
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    if cuda:    # NCCL bound to this rank's GPU (LOCAL_RANK)
+        assert init_distributed("auto") == (1, 2, "cuda:1")
+        assert calls == [("set_device", 1), ("init", "nccl", torch.device("cuda:1"))]
+    else:
+        assert init_distributed("auto") == (1, 2, "cpu") and calls == [("init", "gloo", None)]
+    init_distributed("auto")                                                    # started once
+    assert len([c for c in calls if c[0] == "init"]) == 1
+
+
+def test_the_trainers_collectives_reduce_tensors_on_its_device(monkeypatch):
+    """NCCL reduces CUDA tensors only: the stop flag and the logged losses go to all_reduce on
+    the trainer's device (here `meta`, which no CPU default would give)."""
+    import types
+    import torch.distributed as dist
+    from stage2_train.trainer import Trainer
+    seen = []
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(t, op=None):
+        seen.append(t.device)
+        raise Reduced
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    me = types.SimpleNamespace(world=2, device=torch.device("meta"))
+    with pytest.raises(Reduced):
+        Trainer.any_rank(me, True)
+    with pytest.raises(Reduced):
+        Trainer.average_parts(me, {"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0}, 7)
+    assert seen == [torch.device("meta")] * 2
+
+
 @pytest.mark.parametrize("find_unused", [True, False])
 def test_accumulate_under_ddp_averages_over_micro_batches_and_ranks_with_an_empty_last_batch(tmp_path, find_unused):
     import torch.multiprocessing as mp
