@@ -113,8 +113,9 @@ def load_checkpoint(path: Path, model, distiller, opt, sched) -> Progress:
 def load_state(path: Path) -> dict:
     """A checkpoint's state file, read without unpickling Python objects: a checkpoint
     someone sent cannot run code on --resume."""
-    try:
-        return torch.load(path, weights_only=True)
+    try:   # onto the CPU: a GPU run's file then resumes on any machine, and N ranks do not all
+        # read rank 0's state onto its GPU; the optimizer moves its state to its parameters' device
+        return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise KavaError(f"{path}: holds Python objects besides tensors and plain values; kava does "
                         "not unpickle them (loading such a file can run any code)") from e

@@ -106,6 +106,20 @@ def test_two_teachers_fused(student_dir, caches, tmp_path):
     assert m[-1]["loss"] > 0
 
 
+def _as_if_saved_on_a_gpu(path: Path) -> None:
+    """Rewrite a torch.save file so that its tensors say they were saved on cuda:0, as the
+    optimizer state of a GPU run does (torch.load puts them back there unless told otherwise)."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        items = [(i, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info, data in items:
+            if info.filename.endswith("/data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            z.writestr(info, data)
+
+
 def test_stop_and_resume_gives_the_same_losses(student_dir, caches, tmp_path):
     kw = dict(max_steps=8, log_every=1, save_every=0, grad_accum=2, batch_size=4)
     straight = run(student_dir, [caches["qwen"]], tmp_path / "a", **kw)
@@ -117,6 +131,7 @@ def test_stop_and_resume_gives_the_same_losses(student_dir, caches, tmp_path):
                       device="cpu", progress=False, eval_samples=8, lr_projector=3e-3, **kw)
     train(cfg, echo=stop_at_3)
     assert (tmp_path / "b" / "step-000003").is_dir() and not (tmp_path / "b" / "final").exists()
+    _as_if_saved_on_a_gpu(tmp_path / "b" / "step-000003" / "optimizer.pt")   # resumes on a CPU all the same
     train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lambda *a: None)
     resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 9))
