@@ -68,7 +68,10 @@ def latest_checkpoint(run: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched, cfg, fps) -> Path:
+def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched, cfg, fps,
+                    rngs: list[dict] | None = None) -> Path:
+    """step-NNNNNN/ for `prog`, written atomically. rngs: every rank's RNG states under
+    torchrun (each rank's dropout draws its own numbers), else this process's are saved."""
     from safetensors.torch import save_file
     final = run / f"step-{prog.step:06d}"
     tmp = run / (final.name + ".tmp")
@@ -77,7 +80,7 @@ def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched
     save_pretrained(model, tok, tmp / "student")
     save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save({"ranks": rngs} if rngs else rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"progress": asdict(prog), "fingerprints": fps,
                                                 "config": cfg.to_dict()}, indent=1))
     if final.exists():
@@ -86,7 +89,7 @@ def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched
     return final
 
 
-def load_checkpoint(path: Path, model, distiller, opt, sched) -> Progress:
+def load_checkpoint(path: Path, model, distiller, opt, sched, rank: int = 0) -> Progress:
     from safetensors.torch import load_file
     state = json.loads((path / "state.json").read_text())
     sdir = path / "student"
@@ -106,7 +109,8 @@ def load_checkpoint(path: Path, model, distiller, opt, sched) -> Progress:
     o = load_state(path / "optimizer.pt")
     opt.load_state_dict(o["optimizer"])
     sched.load_state_dict(o["scheduler"])
-    set_rng_state(load_state(path / "rng.pt"))
+    rngs = load_state(path / "rng.pt")
+    set_rng_state(rngs["ranks"][rank] if "ranks" in rngs else rngs)
     return Progress(**state["progress"])
 
 

@@ -19,7 +19,7 @@ from kava_common.device import resolve_device
 
 from .build import (lr_factor, make_optimizer, memory_estimate, open_teachers, precision_dtype,
                     set_trainable)
-from .checkpoint import (Progress, latest_checkpoint, load_checkpoint, resume_changes, save_checkpoint,
+from .checkpoint import (Progress, latest_checkpoint, load_checkpoint, resume_changes, rng_state, save_checkpoint,
                          save_final)
 from .config import TrainConfig
 from .data import DistillData, collate
@@ -309,7 +309,7 @@ class Trainer:
             raise KavaError(f"--resume {path}: written by {trained_by} process(es) and this run has {self.world}; "
                             f"each rank's place in the data order depends on that number, so resume with "
                             f"{trained_by} ({how}), or start a new run folder")
-        self.prog = load_checkpoint(path, self.model, self.distiller, self.opt, self.sched)
+        self.prog = load_checkpoint(path, self.model, self.distiller, self.opt, self.sched, self.rank)
         self.apply_optimizer_settings()
         self.echo(f"resumed from {path} at step {self.prog.step}" + (
             "; taken from this run: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in taken.items())
@@ -336,12 +336,23 @@ class Trainer:
         """A checkpoint, written by rank 0 alone (the ranks hold equal weights); the others
         wait until it is complete."""
         path = run / f"step-{self.prog.step:06d}"
+        rngs = self.gather_rng_states()
         if self.rank == 0:
             self.check_weights_finite()
             path = save_checkpoint(run, self.prog, self.model, self.tok, self.distiller, self.opt, self.sched,
-                                   self.cfg, self.fingerprints)
+                                   self.cfg, self.fingerprints, rngs)
         self.barrier()
         return path
+
+    def gather_rng_states(self) -> list[dict] | None:
+        """Every rank's RNG states, on rank 0 (None elsewhere and in a lone process): dropout
+        draws other numbers on each rank, and a resume must give each rank its own back."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+        got = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(rng_state(), got, dst=0)
+        return got
 
     def save_final(self, run: Path) -> None:
         if self.rank == 0:

@@ -730,13 +730,14 @@ def _rank_pid(agent_pid: int, rank: int) -> int | None:
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_to_the_same_weights(
         student_dir, caches, tmp_path):
     """SIGTERM to rank 1 alone: both ranks stop after the same step, rank 0 saves, and
-    `--resume auto` with 2 ranks ends where an uninterrupted 2-rank run ends."""
+    `--resume auto` with 2 ranks ends where an uninterrupted 2-rank run ends, dropout (in the
+    bottleneck projector) included: each rank gets its own RNG state back."""
     import subprocess
     import sys
     import time
     args = ["--student", str(student_dir), "--cache", str(caches["qwen"]), "--device", "cpu", "--no-progress",
             "--batch-size", "4", "--max-steps", "30", "--log-every", "1", "--eval-samples", "8",
-            "--lr-projector", "3e-3", "--save-every", "0"]
+            "--lr-projector", "3e-3", "--save-every", "0", "--projector", "bottleneck", "--bottleneck-dropout", "0.3"]
     straight = torchrun([*args, "--out", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
