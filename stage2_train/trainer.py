@@ -205,8 +205,11 @@ class Trainer:
         n, tokens = self.cfg.grad_accum, 0
         last = n - 1 if batches is None else len(batches) - 1
         batches = self.micro_batches() if batches is None else batches
+        found = []                              # samples left out (non-finite teacher K/V)
         for i, batch in enumerate(batches):
-            self.note_bad_rows(batch["bad_rows"])
+            if self.world == 1:
+                self.note_bad_rows(batch["bad_rows"])
+            found += batch["bad_rows"]
             if batch.get("empty") and not (self.ddp and i == last):
                 continue
             with self.ddp.no_sync() if self.ddp and i < last else nullcontext():
@@ -220,16 +223,23 @@ class Trainer:
             parts["loss_kd"] += kd / n
             tokens += int(batch["attention_mask"].sum())
         if self.world > 1:
-            tokens = self.average_parts(parts, tokens)
+            tokens = self.average_parts(parts, tokens, found)
         return parts, tokens
 
-    def average_parts(self, parts: dict, tokens: int) -> int:
+    def average_parts(self, parts: dict, tokens: int, bad_rows: list[int]) -> int:
         """Average the logged loss parts over the ranks (each rank's finite check then sees the
-        same loss); returns the tokens of all ranks."""
+        same loss); returns the tokens of all ranks. Samples any rank left out (`bad_rows`) are
+        noted by every rank, so that rank 0 reports and counts them all; they are exchanged
+        only in a step that found one."""
         import torch.distributed as dist
         names = ("loss", "loss_kv", "loss_ce", "loss_kd")
-        t = torch.tensor([parts[k] for k in names] + [float(tokens)], device=self.device)
+        new = [r for r in dict.fromkeys(bad_rows) if r not in self.bad_rows]
+        t = torch.tensor([parts[k] for k in names] + [float(tokens), float(len(new))], device=self.device)
         dist.all_reduce(t)
+        if t[5] > 0:
+            every = [None] * self.world
+            dist.all_gather_object(every, new)
+            self.note_bad_rows(sorted(set().union(*every)))
         t /= self.world
         for k, v in zip(names, t[:4].tolist()):
             parts[k] = v

@@ -511,10 +511,12 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
         loss = (model["a"] * x).sum() + (model["b"].sum() * x[0] if batch.get("use_b") or not find_unused else 0.0)
         return loss, 1.0, float(x[0]), 0.0
 
+    said = []
     me = types.SimpleNamespace(cfg=types.SimpleNamespace(grad_accum=2), world=world, device=torch.device("cpu"),
-                               note_bad_rows=lambda rows: None, params=list(model.values()), forward=forward)
+                               bad_rows=set(), echo=said.append, params=list(model.values()), forward=forward)
     me.model, me.distiller, me.in_graph = model, torch.nn.Module(), [model["a"], model["b"]]
-    me.average_parts = lambda parts, tokens: Trainer.average_parts(me, parts, tokens)
+    me.note_bad_rows = lambda rows: Trainer.note_bad_rows(me, rows)
+    me.average_parts = lambda parts, tokens, rows: Trainer.average_parts(me, parts, tokens, rows)
     me.ddp = DistributedDataParallel(_MicroBatch(me), find_unused_parameters=find_unused,
                                      gradient_as_bucket_view=True)
     mask = torch.ones(1, 5)
@@ -528,7 +530,8 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
     ddp = weakref.ref(me.ddp)
     Trainer.close(me)
     end_distributed()
-    ended = {"ddp_freed": ddp() is None, "group_ended": not dist.is_initialized()}
+    ended = {"ddp_freed": ddp() is None, "group_ended": not dist.is_initialized(), "bad_rows": me.bad_rows,
+             "said": said}
     if rank == 0:
         torch.save({"grads": {k: p.grad for k, p in model.items()}, "parts": parts, "tokens": tokens}, out)
     torch.save(ended, f"{out}.ended{rank}")
@@ -575,11 +578,11 @@ def test_the_trainers_collectives_reduce_tensors_on_its_device(monkeypatch):
         raise Reduced
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    me = types.SimpleNamespace(world=2, device=torch.device("meta"))
+    me = types.SimpleNamespace(world=2, device=torch.device("meta"), bad_rows=set())
     with pytest.raises(Reduced):
         Trainer.any_rank(me, True)
     with pytest.raises(Reduced):
-        Trainer.average_parts(me, {"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0}, 7)
+        Trainer.average_parts(me, {"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0}, 7, [3])
     assert seen == [torch.device("meta")] * 2
 
 
@@ -590,7 +593,10 @@ def test_accumulate_under_ddp_averages_over_micro_batches_and_ranks_with_an_empt
     mp.spawn(_rank_accumulates, args=(2, init, out, find_unused), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     for rank in range(2):   # DDP (in a reference cycle with the trainer) freed, then the group ended
-        assert torch.load(f"{out}.ended{rank}", weights_only=True) == {"ddp_freed": True, "group_ended": True}
+        # rank 1's left-out sample 7 is noted (and reported) by both ranks, so rank 0 counts it
+        assert torch.load(f"{out}.ended{rank}", weights_only=False) == {
+            "ddp_freed": True, "group_ended": True, "bad_rows": {7},
+            "said": ["left out sample row 7: its teacher K/V hold NaN or Inf (1 such samples so far)"]}
     # a: (rank 0 (x1 + x2) / 2 micro-batches + rank 1 x / 2) / 2 ranks, per channel
     assert torch.equal(got["grads"]["a"], torch.tensor([3.75, 6.75, 9.75]))
     assert got["parts"]["loss_kv"] == 0.75 and got["parts"]["loss_ce"] == 3.75 and got["tokens"] == 15
