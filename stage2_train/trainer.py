@@ -120,6 +120,7 @@ class Trainer:
                              f"({cfg.eval_samples}) so some are left to train on")
         n_train = len(self.data) - cfg.eval_samples
         self.train_set = torch.utils.data.Subset(self.data, range(n_train))
+        self.rank_batches(0)                    # too few micro-batches for the ranks: refused now
         self.collate = partial(collate, pad_id=pad_id(self.tok))
         self.eval_loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(self.data, range(n_train, len(self.data))),
@@ -163,6 +164,10 @@ class Trainer:
         batches = epoch_batches(len(self.train_set), self.cfg.batch_size, self.cfg.seed, epoch)
         if self.world == 1:
             return batches
+        if len(batches) < self.world:
+            raise KavaError(f"{len(self.train_set)} training samples make {len(batches)} micro-batch(es) of "
+                            f"--batch-size {self.cfg.batch_size}, fewer than the {self.world} torchrun ranks, "
+                            f"each of which needs one: lower --batch-size or the number of ranks")
         return batches[:len(batches) - len(batches) % self.world][self.rank::self.world]
 
     def micro_batches(self):

@@ -537,6 +537,24 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
     torch.save(ended, f"{out}.ended{rank}")
 
 
+def test_ranks_are_dealt_an_epochs_micro_batches_round_robin_and_too_few_are_refused():
+    import types
+    from kava_common import KavaError
+    from stage2_train.trainer import Trainer
+
+    def me(n, batch_size, rank, world):
+        return types.SimpleNamespace(train_set=range(n), cfg=types.SimpleNamespace(batch_size=batch_size, seed=3),
+                                     rank=rank, world=world)
+    every = epoch_batches(10, 3, 3, 0)              # 3 micro-batches of 3 (one sample left over)
+    assert len(every) == 3 and Trainer.rank_batches(me(10, 3, 0, 1), 0) == every
+    # 2 ranks: the third micro-batch would give rank 0 one more, so it is left out
+    assert Trainer.rank_batches(me(10, 3, 0, 2), 0) == [every[0]]
+    assert Trainer.rank_batches(me(10, 3, 1, 2), 0) == [every[1]]
+    with pytest.raises(KavaError, match=r"4 training samples make 1 micro-batch\(es\) of --batch-size 4, fewer "
+                                        r"than the 2 torchrun ranks"):
+        Trainer.rank_batches(me(4, 4, 1, 2), 0)
+
+
 @pytest.mark.parametrize("cuda", [True, False])
 def test_init_distributed_starts_nccl_on_the_ranks_gpu_or_gloo_and_nothing_alone(monkeypatch, cuda):
     import torch.distributed as dist
