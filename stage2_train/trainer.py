@@ -349,11 +349,12 @@ class Trainer:
 
     def save(self, run: Path) -> Path:
         """A checkpoint, written by rank 0 alone (the ranks hold equal weights); the others
-        wait until it is complete."""
+        wait until it is complete. Every rank checks the weights, so that a refusal stops all
+        of them rather than leaving the others waiting for rank 0."""
         path = run / f"step-{self.prog.step:06d}"
+        self.check_weights_finite()
         rngs = self.gather_rng_states()
         if self.rank == 0:
-            self.check_weights_finite()
             path = save_checkpoint(run, self.prog, self.model, self.tok, self.distiller, self.opt, self.sched,
                                    self.cfg, self.fingerprints, rngs)
         self.barrier()
@@ -370,8 +371,8 @@ class Trainer:
         return got
 
     def save_final(self, run: Path) -> None:
+        self.check_weights_finite()
         if self.rank == 0:
-            self.check_weights_finite()
             save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)
         self.barrier()
 

@@ -161,6 +161,28 @@ def test_tensorboard_scalars_equal_metrics_across_a_resume(student_dir, caches, 
         assert [v for _, v in events] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
 
 
+def test_a_non_finite_weight_is_never_saved_and_every_rank_checks(student_dir, caches, tmp_path):
+    from stage2_train.trainer import Trainer
+    cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "r"),
+                      device="cpu", progress=False, eval_samples=8)
+    tr = Trainer(cfg, echo=lambda *a: None)
+    run = tmp_path / "r"
+    first = tr.save(run)
+    before = {p.name: p.read_bytes() for p in (first / "student").iterdir()}
+    name, p = next(iter(tr.distiller.named_parameters()))
+    with torch.no_grad():
+        p.view(-1)[1] = float("nan")
+    tr.prog.step = 5
+    for save in (tr.save, tr.save_final):
+        with pytest.raises(KavaError, match=rf"step 5: weight {re.escape(name)} holds NaN or Inf; not saved"):
+            save(run)
+    assert sorted(q.name for q in run.iterdir()) == [first.name]              # nothing new, nothing left over
+    assert {q.name: q.read_bytes() for q in (first / "student").iterdir()} == before
+    tr.rank = 1      # a rank other than 0 refuses too, before any collective (it would wait for rank 0)
+    with pytest.raises(KavaError, match="holds NaN or Inf"):
+        tr.save(run)
+
+
 def test_resume_never_unpickles_a_checkpoint(student_dir, caches, tmp_path):
     """A checkpoint whose optimizer file holds a pickled object is refused on --resume, and
     the object's code never runs."""
