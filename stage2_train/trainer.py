@@ -214,7 +214,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             if self.world == 1:
                 self.note_bad_rows(batch["bad_rows"])
-            found += batch["bad_rows"]
+            else:                               # noted once the ranks have exchanged them
+                found += batch["bad_rows"]
             if batch.get("empty") and not (self.ddp and i == last):
                 continue
             with self.ddp.no_sync() if self.ddp and i < last else nullcontext():
