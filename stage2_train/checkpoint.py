@@ -69,9 +69,9 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched, cfg, fps,
-                    rngs: list[dict] | None = None) -> Path:
-    """step-NNNNNN/ for `prog`, written atomically. rngs: every rank's RNG states under
-    torchrun (each rank's dropout draws its own numbers), else this process's are saved."""
+                    rngs: list[dict]) -> Path:
+    """step-NNNNNN/ for `prog`, written atomically. rngs: each rank's RNG states (`rng_state`;
+    one for a lone process): under torchrun each rank's dropout draws its own numbers."""
     from safetensors.torch import save_file
     final = run / f"step-{prog.step:06d}"
     tmp = run / (final.name + ".tmp")
@@ -80,7 +80,7 @@ def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched
     save_pretrained(model, tok, tmp / "student")
     save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"ranks": rngs} if rngs else rng_state(), tmp / "rng.pt")
+    torch.save({"ranks": rngs}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"progress": asdict(prog), "fingerprints": fps,
                                                 "config": cfg.to_dict()}, indent=1))
     if final.exists():
@@ -89,7 +89,7 @@ def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched
     return final
 
 
-def load_checkpoint(path: Path, model, distiller, opt, sched, rank: int = 0) -> Progress:
+def load_checkpoint(path: Path, model, distiller, opt, sched, rank: int, device: torch.device) -> Progress:
     from safetensors.torch import load_file
     state = json.loads((path / "state.json").read_text())
     sdir = path / "student"
@@ -110,7 +110,7 @@ def load_checkpoint(path: Path, model, distiller, opt, sched, rank: int = 0) -> 
     opt.load_state_dict(o["optimizer"])
     sched.load_state_dict(o["scheduler"])
     rngs = load_state(path / "rng.pt")
-    set_rng_state(rngs["ranks"][rank] if "ranks" in rngs else rngs)
+    set_rng_state(rngs["ranks"][rank] if "ranks" in rngs else rngs, device)   # else: one process's
     return Progress(**state["progress"])
 
 
@@ -129,9 +129,10 @@ def load_state(path: Path) -> dict:
                         f"{path.parent.parent}/step-NNNNNN") from e
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
     """Every RNG's state as tensors and plain numbers, which `torch.load(weights_only=True)`
-    reads back without unpickling any object."""
+    reads back without unpickling any object; on a GPU, that of the GPU the run trains on
+    (the others' would not fit a machine with fewer GPUs)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, words, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
@@ -139,17 +140,22 @@ def rng_state() -> dict:
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
                        "gauss_next": gauss_next},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(r: dict) -> None:
+def set_rng_state(r: dict, device: torch.device) -> None:
+    """The states `rng_state` saved, the GPU's onto the GPU this run trains on (another one
+    than the saving run's, or none: on a CPU the GPU's state has nothing to drive)."""
     torch.set_rng_state(r["torch"])
     n = r["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = r["python"]
     random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss_next"]))
-    if r["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(r["cuda"])
+    cuda = r["cuda"]
+    if isinstance(cuda, list):          # a checkpoint holding every visible GPU's state: this one's
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_final(run: Path, model, tok, distiller, teachers, s_geo, cfg) -> None:

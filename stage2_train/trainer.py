@@ -325,7 +325,7 @@ class Trainer:
             raise KavaError(f"--resume {path}: written by {trained_by} process(es) and this run has {self.world}; "
                             f"each rank's place in the data order depends on that number, so resume with "
                             f"{trained_by} ({how}), or start a new run folder")
-        self.prog = load_checkpoint(path, self.model, self.distiller, self.opt, self.sched, self.rank)
+        self.prog = load_checkpoint(path, self.model, self.distiller, self.opt, self.sched, self.rank, self.device)
         self.apply_optimizer_settings()
         self.echo(f"resumed from {path} at step {self.prog.step}" + (
             "; taken from this run: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in taken.items())
@@ -354,21 +354,21 @@ class Trainer:
         of them rather than leaving the others waiting for rank 0."""
         path = run / f"step-{self.prog.step:06d}"
         self.check_weights_finite()
-        rngs = self.gather_rng_states()
+        rngs = self.rng_states()
         if self.rank == 0:
             path = save_checkpoint(run, self.prog, self.model, self.tok, self.distiller, self.opt, self.sched,
                                    self.cfg, self.fingerprints, rngs)
         self.barrier()
         return path
 
-    def gather_rng_states(self) -> list[dict] | None:
-        """Every rank's RNG states, on rank 0 (None elsewhere and in a lone process): dropout
-        draws other numbers on each rank, and a resume must give each rank its own back."""
+    def rng_states(self) -> list[dict] | None:
+        """Every rank's RNG states, on rank 0 (None on the others): dropout draws other
+        numbers on each rank, and a resume must give each rank its own back."""
         if self.world == 1:
-            return None
+            return [rng_state(self.device)]
         import torch.distributed as dist
         got = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(rng_state(), got, dst=0)
+        dist.gather_object(rng_state(self.device), got, dst=0)
         return got
 
     def save_final(self, run: Path) -> None:

@@ -132,6 +132,9 @@ def test_stop_and_resume_gives_the_same_losses(student_dir, caches, tmp_path):
     train(cfg, echo=stop_at_3)
     assert (tmp_path / "b" / "step-000003").is_dir() and not (tmp_path / "b" / "final").exists()
     _as_if_saved_on_a_gpu(tmp_path / "b" / "step-000003" / "optimizer.pt")   # resumes on a CPU all the same
+    rng = tmp_path / "b" / "step-000003" / "rng.pt"
+    (states,) = torch.load(rng, weights_only=True)["ranks"]
+    torch.save(states, rng)                   # rng.pt's other form: one process's states alone
     train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lambda *a: None)
     resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 9))
@@ -181,6 +184,27 @@ def test_a_non_finite_weight_is_never_saved_and_every_rank_checks(student_dir, c
     tr.rank = 1      # a rank other than 0 refuses too, before any collective (it would wait for rank 0)
     with pytest.raises(KavaError, match="holds NaN or Inf"):
         tr.save(run)
+
+
+def test_a_checkpoint_keeps_the_rng_of_its_gpu_and_restores_it_on_the_gpu_in_use(monkeypatch):
+    """torch.cuda stood in for (no GPU here): the state of the GPU the run trains on is saved,
+    and restored onto whichever GPU the resumed run uses; a CPU run restores none; a
+    checkpoint holding every visible GPU's state gives the GPU in use its own."""
+    from stage2_train.checkpoint import rng_state, set_rng_state
+    put = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: torch.tensor([10 + d.index], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: put.append((s.tolist(), str(d))))
+    torch.manual_seed(5)
+    r = rng_state(torch.device("cuda:3"))
+    assert r["cuda"].tolist() == [13] and rng_state(torch.device("cpu"))["cuda"] is None
+    first = torch.rand(2)
+    set_rng_state(r, torch.device("cuda:0"))
+    assert torch.equal(torch.rand(2), first) and put == [([13], "cuda:0")]
+    set_rng_state(r, torch.device("cpu"))
+    every = dict(r, cuda=[torch.tensor([20 + i], dtype=torch.uint8) for i in range(8)])
+    set_rng_state(every, torch.device("cuda:1"))
+    set_rng_state(every, torch.device("cuda:9"))        # no state saved for that GPU: none set
+    assert put == [([13], "cuda:0"), ([21], "cuda:1")]
 
 
 def test_resume_never_unpickles_a_checkpoint(student_dir, caches, tmp_path):
