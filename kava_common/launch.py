@@ -92,7 +92,7 @@ def end_distributed() -> None:
     may still wait in a collective, and the launcher ends it. Whatever holds the group
     (DistributedDataParallel's reducer) must be released first, which is why garbage
     reference cycles are collected here: a group that lives on until the interpreter shuts
-    down can abort the process there (gloo's threads then free tensors after Python is gone,
+    down can abort the process there, after its work is done (seen with gloo: SIGABRT,
     "terminate called without an active exception")."""
     import gc
     import torch.distributed as dist
