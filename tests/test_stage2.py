@@ -696,14 +696,19 @@ def test_bottleneck_refuses_a_layer_map_and_the_relation_loss(student_dir, cache
         TrainConfig(student="s", caches=["c"], projector="bottleneck", layer_weights=[1, 0])
 
 
-def torchrun(args, nproc=2, env_extra=None):
+def torchrun_command(args, nproc=2, env_extra=None) -> dict:
+    """Keyword arguments for subprocess.run / Popen: `torchrun -m stage2_train ARGS` on `nproc`
+    ranks, one thread each, outside any launcher environment this process may have."""
+    import sys
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
+    return dict(args=[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+                      "-m", "stage2_train", *args], env=env, cwd=Path(__file__).parents[1], text=True)
+
+
+def torchrun(args, nproc=2, env_extra=None):
     import subprocess
-    import sys
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                           "--standalone", "-m", "stage2_train", *args], env=env,
-                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    return subprocess.run(**torchrun_command(args, nproc, env_extra), capture_output=True, timeout=600)
 
 
 def test_two_gloo_ranks_under_torchrun_equal_one_process_with_the_same_global_batch(student_dir, caches, tmp_path):
@@ -779,18 +784,14 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_to_the_s
     `--resume auto` with 2 ranks ends where an uninterrupted 2-rank run ends, dropout (in the
     bottleneck projector) included: each rank gets its own RNG state back."""
     import subprocess
-    import sys
     import time
     args = ["--student", str(student_dir), "--cache", str(caches["qwen"]), "--device", "cpu", "--no-progress",
             "--batch-size", "4", "--max-steps", "30", "--log-every", "1", "--eval-samples", "8",
             "--lr-projector", "3e-3", "--save-every", "0", "--projector", "bottleneck", "--bottleneck-dropout", "0.3"]
     straight = torchrun([*args, "--out", str(tmp_path / "straight")])
     assert straight.returncode == 0, straight.stderr[-3000:]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                              "-m", "stage2_train", *args, "--out", str(tmp_path / "two")],
-                             env=dict(env, OMP_NUM_THREADS="1"), cwd=Path(__file__).parents[1],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = subprocess.Popen(**torchrun_command([*args, "--out", str(tmp_path / "two")]),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = tmp_path / "two" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
