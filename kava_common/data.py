@@ -61,10 +61,12 @@ def load_fast_tokenizer(name: str, role: str, revision: str | None = None):
 
 
 def tokenizer_identity(tok) -> dict:
-    """Name, vocabulary size and a hash of a fast tokenizer's full definition."""
+    """Name, vocabulary size, a hash of a fast tokenizer's full definition, and its BOS and
+    EOS ids (None where it has none)."""
     blob = tok.backend_tokenizer.to_str().encode()
     return {"name": getattr(tok, "name_or_path", ""), "vocab_size": len(tok),
-            "sha256": hashlib.sha256(blob).hexdigest()}
+            "sha256": hashlib.sha256(blob).hexdigest(), "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id}
 
 
 def load_rows(spec: str, split: str = "train", max_samples: int | None = None,

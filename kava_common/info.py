@@ -1,7 +1,9 @@
-"""python -m kava_common.info CACHE [CACHE ...] [--verify]
+"""python -m kava_common.info CACHE [CACHE ...] [--verify] [--student S]
 
 Prints a cache's summary (teacher, geometry, samples, size, bytes per token); with --verify it
-re-hashes every shard and exits 1 naming each file that does not match the manifest.
+re-hashes every shard and exits 1 naming each file that does not match the manifest; with
+--student it says whether the student's vocabulary is the teacher's (same, compatible or
+different) and so which alignment and logit distillation stage 2 takes.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import KavaError
 from .cache import open_cache, verify_cache
 from .cli import parse_settings, setting
+from .vocab import describe, vocab_match
 
 
 def summary(path: str) -> str:
@@ -65,12 +69,21 @@ class InfoArgs:
     caches: list[str] = setting(list, "cache folder(s) holding manifest.json", positional=True, metavar="CACHE")
     verify: bool = setting(False, "re-hash every shard against the manifest, and check the manifest's "
                            "counts and geometry against the shards")
+    student: str | None = setting(None, "a student (hub id or local folder): is its vocabulary the teacher's "
+                                  "(same, compatible or different), and what does stage 2 do with it")
 
 
 def main(argv=None) -> int:
     args = InfoArgs(**parse_settings(InfoArgs, argv, prog="python -m kava_common.info",
                                      description=__doc__.split("\n\n")[1]))
     status = 0
+    student = None
+    if args.student:
+        try:
+            student = _student(args.student)
+        except KavaError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     for path in args.caches:
         try:
             print(summary(path))
@@ -86,7 +99,25 @@ def main(argv=None) -> int:
             print(f"verify       FAILED: {len(problems)} problem(s) in the manifest or its {n} shards"
                   if problems else f"verify       ok: {n} shards match the manifest")
             status = status or int(bool(problems))
+        if student is not None:
+            try:
+                print(f"vocabulary   student {args.student}: {describe(vocab_match(open_cache(path), *student))}")
+            except KavaError as e:
+                print(f"error: {path}: {e}", file=sys.stderr)
+                status = 1
     return status
+
+
+def _student(name: str) -> tuple:
+    """A student's tokenizer and the rows of its output layer (its config's vocab_size)."""
+    from transformers import AutoConfig
+    from .data import load_fast_tokenizer
+    tok = load_fast_tokenizer(name, "student")
+    try:
+        rows = AutoConfig.from_pretrained(name).get_text_config().vocab_size
+    except (OSError, ValueError) as e:
+        raise KavaError(f"student {name!r}: no model config found ({str(e).splitlines()[0]})") from None
+    return tok, rows
 
 
 if __name__ == "__main__":

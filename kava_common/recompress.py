@@ -20,6 +20,7 @@ from . import cache as kc
 from .cache.quant import KV_QUANT, KV_TENSORS, V_SPANS, KVQuant
 from .cli import parse_settings, setting
 from .geometry import DTYPES, KVGeometry
+from .vocab import TOKENIZER_DIR, save_teacher_tokenizer
 
 
 @dataclass
@@ -42,7 +43,8 @@ def parent_identity(m: dict) -> kc.CacheIdentity:
     manifest of a cache written before it was recorded), checked against its fingerprint."""
     if "identity" in m:
         ident = kc.CacheIdentity(**{**m["identity"], "logits_topk": m["identity"].get("logits_topk", 0),
-                                    "kv_quant": m["identity"].get("kv_quant")})
+                                    "kv_quant": m["identity"].get("kv_quant"),
+                                    "token_logprobs": m["identity"].get("token_logprobs", False)})
         if ident.fingerprint == m["fingerprint"]:
             return ident
     t = m["teacher"]
@@ -104,6 +106,8 @@ def recompress(a: RecompressArgs, log=print) -> Path:
                                  geometry=geometry, entries=entries, skipped=m["skipped_rows"], stats=stats,
                                  software=software_versions())
     manifest["parent"] = {"fingerprint": parent.fingerprint, "path": str(Path(a.cache).resolve())}
+    if (Path(a.cache) / TOKENIZER_DIR).is_dir():        # the teacher's tokenizer travels with its K/V
+        save_teacher_tokenizer(Path(a.cache) / TOKENIZER_DIR, dest)
     kc.write_manifest(dest, manifest)
     log(f"done: {manifest['total_bytes'] / 1e9:.3f} GB (parent {m['total_bytes'] / 1e9:.3f} GB) -> {dest}")
     return dest

@@ -30,17 +30,24 @@ def teacher_forward(model, ids, mask, pos, cache=None, all_logits: bool = False)
 
 
 def capture_topk(logits: torch.Tensor, spans: list[tuple[int, int, int]], k: int, ids_dst: list,
-                 lp_dst: list) -> None:
+                 lp_dst: list, tokens: torch.Tensor | None = None, token_dst: list | None = None,
+                 eos_id: int | None = None) -> None:
     """The top-`k` next-token log-probabilities (float32 log_softmax of the logits) and their
     token ids at each real position of each sample: logits (B, T, V); `spans` per sample
     (batch row, start, length); destinations (n, k) per sample, int32 ids and float32
-    log-probs. Position t holds the distribution of token t+1. One sample at a time, so at most
-    one sample's float32 log-probabilities exist at once."""
-    for (b, s, n), ids, lps in zip(spans, ids_dst, lp_dst):
+    log-probs. Position t holds the distribution of token t+1. With `token_dst` ((n,) float32
+    per sample), also the log-probability of the actual next token, read from the batch's ids
+    `tokens` (B, T), and at the last position that of `eos_id` (0.0 when None). One sample at
+    a time, so at most one sample's float32 log-probabilities exist at once."""
+    for i, ((b, s, n), ids, lps) in enumerate(zip(spans, ids_dst, lp_dst)):
         lp = logits[b, s:s + n].float().log_softmax(-1)                     # (n, V)
         vals, idx = lp.topk(k, dim=-1)                                      # (n, k), sorted
         lps.copy_(vals)
         ids.copy_(idx)
+        if token_dst is not None:
+            nxt = tokens[b, s + 1:s + n].to(lp.device)                      # (n-1,) tokens 1..n-1
+            last = lp[-1:, eos_id] if eos_id is not None else lp.new_zeros(1)
+            token_dst[i].copy_(torch.cat([lp[:-1].gather(1, nxt[:, None])[:, 0], last]))
 
 
 class KVCapture:

@@ -35,8 +35,9 @@ class ExtractConfig:
     kv_quant_v_symmetric: bool = setting(False, "value groups store a scale only, codes centred on zero "
                                          "(half the value groups' bytes, a range about twice as wide)")
     format: str = setting("safetensors", "shard format; one reader for both", choices=tuple(FORMATS))
-    logits_topk: int = setting(0, "also store the teacher's top-K next-token log-probabilities and ids at "
-                               "every position (for logit distillation; 0: none)")
+    logits_topk: int = setting(0, "also store the teacher's top-K next-token log-probabilities and ids, and "
+                               "the log-probability of the actual next token, at every position (for logit "
+                               "distillation and confidence weighting; 0: none)")
     quantize: bool = setting(True, "run the teacher in 4-bit (bitsandbytes); --no-quantize: unquantized in --dtype")
     quant_type: str = setting("nf4", "4-bit data type", choices=("nf4", "fp4"))
     double_quant: bool = setting(False, "bitsandbytes nested quantization of the 4-bit scales")

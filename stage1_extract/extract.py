@@ -28,6 +28,7 @@ from kava_common.data import Rows, load_rows, tokenizer_identity
 from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
 from kava_common.prompt import TEMPLATE_ID
+from kava_common.vocab import save_teacher_tokenizer
 
 from . import teacher as T
 from .capture import KVCapture, capture_topk, sample_spans, teacher_forward
@@ -127,7 +128,7 @@ def plan_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None
         teacher={k: summary[k] for k in ("name", "revision", "weights")}, quantization=dict(quant),
         tokenizer_sha256=tok_id["sha256"], dataset=data_id, prompt_template=TEMPLATE_ID,
         max_length=cfg.max_length, layers=layers, kv_dtype=cfg.kv_dtype, format=cfg.format,
-        shard_mb=cfg.shard_mb, logits_topk=cfg.logits_topk,
+        shard_mb=cfg.shard_mb, logits_topk=cfg.logits_topk, token_logprobs=bool(cfg.logits_topk),
         kv_quant=cfg.quant.describe() if cfg.quant else None)
     shards = plan_shards(samples, geometry.bytes_per_token(cfg.kv_dtype, layers), cfg.shard_mb * 1e6)
     return TeacherJob(
@@ -153,7 +154,8 @@ def estimate_and_check_disk(cfg: ExtractConfig, job: TeacherJob, todo: list[int]
 
     def est(idx):
         return sum(kv_bytes(len(samples[j].ids)) + len(samples[j].ids) * (kcache.META_BYTES_PER_TOKEN
-                   + 8 * cfg.logits_topk) + len(samples[j].text.encode()) for i in idx for j in job.shards[i])
+                   + 8 * cfg.logits_topk + 4 * bool(cfg.logits_topk)) + len(samples[j].text.encode())
+                   for i in idx for j in job.shards[i])
     total_est, left_est = est(range(len(job.shards))), est(todo)
     free = shutil.disk_usage(job.cache_dir).free
     n_tokens = sum(len(s.ids) for s in samples)
@@ -257,6 +259,7 @@ def finish_cache(cfg: ExtractConfig, job: TeacherJob, log) -> Path:
         log(f"[{job.name}] part {cfg.shard_index}/{cfg.num_shards} done; {len(missing)} shards of other "
             f"processes pending; the last process to finish writes the manifest -> {job.cache_dir}")
         return job.cache_dir
+    save_teacher_tokenizer(job.tok, job.cache_dir)          # stage 2 compares vocabularies with it
     manifest = kcache.build_manifest(
         job.identity, teacher=dict(job.summary, quantization=job.quant), tokenizer=job.tokenizer,
         dataset=job.dataset, geometry=job.geometry, entries=[entries[i] for i in range(len(job.shards))],
@@ -298,7 +301,8 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
     grab = KVCapture(job.name, job.geometry, stop_after=None if cfg.logits_topk else max(job.layers))
     pin = torch.device(model.device).type == "cuda"
     metas = {i: kcache.shard_tensors([samples[j] for j in job.shards[i]]) for i in todo}
-    layouts = {i: kcache.shard_layout(metas[i], job.layers, job.geometry, kv_dtype, cfg.logits_topk) for i in todo}
+    layouts = {i: kcache.shard_layout(metas[i], job.layers, job.geometry, kv_dtype, cfg.logits_topk,
+                                      job.identity.token_logprobs) for i in todo}
     pool = BufferPool(max(l.nbytes for l in layouts.values()), pin)
     t0, tokens = time.perf_counter(), 0
     try:
@@ -307,7 +311,7 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
             flat = pool.take()
             views = layouts[index].views(flat)
             bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in job.layers}
-            topk = (views["topk_ids"], views["topk_logprobs"]) if cfg.logits_topk else None
+            topk = (views["topk_ids"], views["topk_logprobs"], views["token_logprobs"]) if cfg.logits_topk else None
             for n_samples, n_tokens in run_batches(cfg, job, model, grab, members, bufs, topk):
                 tokens += n_tokens
                 bar.update(n_samples)
@@ -320,7 +324,8 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
                              layout=layouts[index], flat=flat,
                              release=lambda flat=flat: pool.give_back(flat))
             writer.submit(finish_shard(item, [samples[j] for j in members], metas.pop(index), views, bufs,
-                                       {"topk_ids": topk[0], "topk_logprobs": topk[1]} if topk else {},
+                                       dict(zip(("topk_ids", "topk_logprobs", "token_logprobs"), topk))
+                                       if topk else {},
                                        cfg.quant))
     finally:
         try:
@@ -334,13 +339,13 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
                 bufs: dict, topk: tuple | None = None):
     """One shard's samples through the teacher in length-sorted batches, each sample's K/V
     captured into its rows of `bufs` ({layer: (K, V)}, (N, H, D) each, samples in data-set
-    order) and, with `topk` ((N, K) ids, (N, K) log-probs), its top-K next-token
-    log-probabilities; yields (samples, tokens) per batch."""
+    order) and, with `topk` ((N, K) ids, (N, K) log-probs, (N,) log-probs), its top-K next-token
+    log-probabilities and that of each actual next token; yields (samples, tokens) per batch."""
     samples, tok = job.samples, job.tok
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     lens = [len(samples[j].ids) for j in members]
     per_sample = {l: (k.split(lens), v.split(lens)) for l, (k, v) in bufs.items()}  # (n, H, D) each
-    topk_rows = (topk[0].split(lens), topk[1].split(lens)) if topk else None         # (n, K) each
+    topk_rows = tuple(t.split(lens) for t in topk) if topk else None     # (n, K), (n, K), (n,) each
     with torch.inference_mode():
         for batch in length_sorted_batches(samples, members, cfg.batch_size):
             ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id, cfg.padding_side)
@@ -351,7 +356,8 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
             grab.check_complete()
             if topk_rows:
                 capture_topk(out.logits, spans, cfg.logits_topk, [topk_rows[0][p] for p in batch],
-                             [topk_rows[1][p] for p in batch])
+                             [topk_rows[1][p] for p in batch], ids, [topk_rows[2][p] for p in batch],
+                             tok.eos_token_id)
             yield len(batch), int(mask.sum())
 
 

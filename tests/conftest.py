@@ -49,3 +49,27 @@ def llama_dir(tmp_path_factory):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def extra_tok(tok, tmp_path_factory):
+    """The tests' tokenizer with two special tokens added after its last id, as Qwen2.5's
+    tokenizer is Qwen2's with special tokens added."""
+    from transformers import AutoTokenizer
+    folder = tmp_path_factory.mktemp("extra-tok")
+    tok.save_pretrained(folder)
+    t = AutoTokenizer.from_pretrained(folder)
+    t.add_special_tokens({"additional_special_tokens": ["<|x1|>", "<|x2|>"]})
+    return t
+
+
+@pytest.fixture(scope="session")
+def padded_teachers(tmp_path_factory, tok, extra_tok):
+    """One Qwen2 teacher with 64 embedding rows more than `extra_tok` has tokens (as Qwen2-7B's
+    152,064 rows hold 151,646 tokens), saved twice: with `extra_tok` (a vocabulary compatible
+    with the tests' tokenizer) and with the tests' tokenizer itself (the same vocabulary)."""
+    cfg = tiny.tiny_config("qwen2", len(extra_tok) + 64, hidden=64, layers=2, heads=4, kv_heads=2,
+                           head_dim=32, intermediate=128, tok=tok)
+    model = tiny.build_model(cfg, seed=21)
+    return {"extra": save_pretrained(model, extra_tok, tmp_path_factory.mktemp("padded-extra")),
+            "same": save_pretrained(model, tok, tmp_path_factory.mktemp("padded-same"))}

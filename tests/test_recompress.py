@@ -92,3 +92,18 @@ def test_a_quantized_parent_recompresses_from_its_dequantized_values(parent, tmp
     assert b.manifest["kv_quant"] is None and b.manifest["kv_dtype"] == "float32" and len(b) == len(a)
     for i in range(len(a)):
         assert torch.equal(a[i]["k"], b[i]["k"]) and torch.equal(a[i]["v"], b[i]["v"])
+
+
+def test_top_k_logits_token_logprobs_and_the_tokenizer_travel_with_the_kv(teacher_dir, tmp_path):
+    """A parent made with --logits-topk: the derived int8 cache is the direct extraction's, bit for
+    bit (top-K and token_logprobs included), and holds the teacher's tokenizer/ folder."""
+    (parent,) = extract(cfg(teacher_dir, tmp_path / "p", logits_topk=3))
+    (direct,) = extract(cfg(teacher_dir, tmp_path / "direct", logits_topk=3, kv_quant="int8", kv_quant_group=8))
+    derived = recompress(RecompressArgs(cache=str(parent), out=str(tmp_path / "derived"), kv_quant="int8",
+                                        kv_quant_group=8, progress=False), log=lambda *a: None)
+    assert derived.name == direct.name and checksums(derived) == checksums(direct)
+    a, b = open_cache(parent), open_cache(derived)
+    assert b.manifest["token_logprobs"] and torch.equal(a[3]["token_logprobs"], b[3]["token_logprobs"])
+    assert sorted(p.name for p in (derived / "tokenizer").iterdir()) == \
+        sorted(p.name for p in (parent / "tokenizer").iterdir())
+    assert (derived / "tokenizer" / "tokenizer.json").read_bytes() == (parent / "tokenizer" / "tokenizer.json").read_bytes()

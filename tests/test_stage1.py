@@ -661,15 +661,16 @@ def test_device_gpu_is_one_line(teacher_dir, tmp_path, capsys):
     assert rc == 1 and "--device gpu: choose auto, cpu, cuda or cuda:N" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
-def test_topk_logprobs_equal_an_unbatched_forward(teacher_dir, tmp_path, fmt):
+@pytest.mark.parametrize("fmt, padding_side", [("safetensors", "right"), ("hdf5", "left")])
+def test_topk_logprobs_equal_an_unbatched_forward(teacher_dir, tmp_path, tok, fmt, padding_side):
     """--logits-topk 5 with a layer subset, batches of 4 over mixed lengths: at every position
     of every sample the cached top-5 log-probs are the log_softmax of an unbatched fp32 forward
-    at the cached ids, sorted, and the ids are its top 5."""
+    at the cached ids, sorted, and the ids are its top 5; token_logprobs hold, at position t,
+    that forward's log-probability of token t+1, and at the last position of EOS."""
     (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=9, batch_size=4, logits_topk=5,
-                                layers=[0, 2], format=fmt))
+                                layers=[0, 2], format=fmt, padding_side=padding_side))
     c = open_cache(d)
-    assert c.manifest["logits_topk"] == 5 and c.manifest["layers"] == [0, 2]
+    assert c.manifest["logits_topk"] == 5 and c.manifest["layers"] == [0, 2] and c.manifest["token_logprobs"]
     ref = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     assert len({len(c.tokens(i)) for i in range(len(c))}) > 3
     for i in range(len(c)):
@@ -682,6 +683,9 @@ def test_topk_logprobs_equal_an_unbatched_forward(teacher_dir, tmp_path, fmt):
         assert torch.allclose(s["topk_logprobs"], vals, atol=1e-4, rtol=0), i
         assert torch.allclose(lp.gather(1, s["topk_ids"]), s["topk_logprobs"], atol=1e-4, rtol=0), i
         assert (s["topk_ids"] == ids).float().mean() > 0.99
+        want = torch.cat([lp[:-1].gather(1, s["input_ids"][1:, None])[:, 0], lp[-1:, tok.eos_token_id]])
+        assert s["token_logprobs"].dtype == torch.float32 and s["token_logprobs"].shape == (len(s["input_ids"]),)
+        assert torch.allclose(s["token_logprobs"], want, atol=1e-4, rtol=0), i
     assert info_main([str(d), "--verify"]) == 0
 
 

@@ -20,6 +20,10 @@ Tensors in a shard (n samples, N tokens in all; H kv heads, D head_dim):
     text_bytes             (B,)       uint8, UTF-8 texts packed; text_offsets (n+1,) int64
     topk_ids, topk_logprobs (N, K)    int32 / float32, with --logits-topk K only: the teacher's
                                       K most likely next tokens at each position (for token t+1)
+    token_logprobs (N,)               float32, with --logits-topk (caches whose identity says
+                                      token_logprobs): the teacher's log-probability of the
+                                      actual next token, token t+1, at position t; at a sample's
+                                      last position, of its EOS token (0.0 without one)
 
 Time-major storage keeps one sample's K/V for one layer contiguous on disk, so a reader maps
 only the bytes of the layers and samples it asks for. Keys are stored post-RoPE, as the model
@@ -162,13 +166,16 @@ class ShardLayout:
 
 
 def shard_layout(meta: dict[str, torch.Tensor], layers: list[int], geometry: KVGeometry,
-                 kv_dtype: torch.dtype, logits_topk: int = 0) -> ShardLayout:
+                 kv_dtype: torch.dtype, logits_topk: int = 0, token_logprobs: bool = False) -> ShardLayout:
     """The file layout of a shard: its metadata tensors, (N, H, D) K and V per stored layer,
-    and with `logits_topk` K the (N, K) `topk_ids` (int32) and `topk_logprobs` (float32)."""
+    with `logits_topk` K the (N, K) `topk_ids` (int32) and `topk_logprobs` (float32), and with
+    `token_logprobs` the (N,) float32 log-probabilities of the actual next tokens."""
     n = int(meta["sample_offsets"][-1])
     kv = (n, geometry.num_kv_heads, geometry.head_dim)
     specs = [(k, t.dtype, tuple(t.shape)) for k, t in meta.items()]
     specs += [(f"{kind}.{l}", kv_dtype, kv) for l in layers for kind in ("k", "v")]
     if logits_topk:
         specs += [("topk_ids", torch.int32, (n, logits_topk)), ("topk_logprobs", torch.float32, (n, logits_topk))]
+    if token_logprobs:
+        specs.append(("token_logprobs", torch.float32, (n,)))
     return ShardLayout(specs, {"kava_schema": str(SCHEMA_VERSION)})

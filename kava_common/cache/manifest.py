@@ -41,10 +41,11 @@ class CacheIdentity:
     schema_version: int = SCHEMA_VERSION
     logits_topk: int = 0          # top-K next-token log-probs stored beside the K/V (0: none)
     kv_quant: dict | None = None  # KVQuant.describe() of quantized K/V (None: kv_dtype as is)
+    token_logprobs: bool = False  # the log-probability of each actual next token stored too
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("logits_topk", "kv_quant"):   # caches without them keep the fingerprint they always had
+        for key in ("logits_topk", "kv_quant", "token_logprobs"):   # caches without them keep their fingerprint
             if not d[key]:
                 del d[key]
         return d
@@ -97,9 +98,12 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         "num_layers": geometry.num_layers, "layers": list(identity.layers),
         "num_kv_heads": geometry.num_kv_heads, "num_attention_heads": geometry.num_attention_heads,
         "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype, "kv_quant": _quant_summary(identity, entries),
-        "logits_topk": identity.logits_topk,
+        "logits_topk": identity.logits_topk, "token_logprobs": identity.token_logprobs,
         "logits_layout": ({"topk_ids": "int32 (tokens, K)", "topk_logprobs": "float32 (tokens, K), "
-                           "log_softmax of the teacher's logits at position t, for token t+1"}
+                           "log_softmax of the teacher's logits at position t, for token t+1",
+                           **({"token_logprobs": "float32 (tokens,), the teacher's log-probability of "
+                               "token t+1 at position t; at a sample's last position, of the EOS token "
+                               "(0.0 where the tokenizer has none)"} if identity.token_logprobs else {})}
                           if identity.logits_topk else None),
         "kv_bytes_per_token": geometry.bytes_per_token(identity.kv_dtype, identity.layers),
         "rope": geometry.rope, "keys_post_rope": True,

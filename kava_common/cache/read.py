@@ -204,7 +204,9 @@ class KVCache:
     def kv(self, i: int) -> dict:
         """Only what a training step needs of sample i: `input_ids`, `k` and `v`, and in a cache
         made with --logits-topk `topk_ids` (LongTensor [T, K]) and `topk_logprobs` ([T, K]
-        float32, for the token after each position). A quantized cache opened `packed` gives no
+        float32, for the token after each position), and in one whose manifest says
+        token_logprobs, `token_logprobs` ([T] float32: the log-probability of token t+1 at
+        position t, of EOS at the last). A quantized cache opened `packed` gives no
         `k`, `v` but `kq`: {name: (L, ...)} for the names of quant.PACKED, each layer's tensors as
         `quant.read_packed` returns them, for `quant.dequantize_batch` on the device."""
         shard, j = self.locate(i)
@@ -230,6 +232,8 @@ class KVCache:
         if self.manifest.get("logits_topk"):
             out["topk_ids"] = shard.read("topk_ids", a, b).long()                              # (T, K)
             out["topk_logprobs"] = shard.read("topk_logprobs", a, b)                           # (T, K)
+        if self.manifest.get("token_logprobs"):
+            out["token_logprobs"] = shard.read("token_logprobs", a, b)                         # (T,)
         return out
 
     def __getitem__(self, i: int) -> dict:

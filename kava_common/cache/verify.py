@@ -82,6 +82,8 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
                 want[f"v_low.{l}"] = want[f"v_scale.{l}"]
     if m.get("logits_topk"):
         want["topk_ids"] = want["topk_logprobs"] = (entry["tokens"], m["logits_topk"])
+    if m.get("token_logprobs"):
+        want["token_logprobs"] = (entry["tokens"],)
     out = []
     for name, shape in want.items():
         got = shapes.get(name)
