@@ -99,3 +99,55 @@ def segment_alignment(ts: int, tt: int, s_segments, t_segments):
             _, v = linear_alignment(a1 - a0, b1 - b0, a0, b0, A)
             valid |= v
     return A, valid
+
+
+# --- next-token positions and chunks across tokenizers (logit distillation) ---------------------
+
+def prefix_ends(offsets) -> torch.Tensor:
+    """(T,) long: how much of the text a model has read at each position, as the character
+    where the position's token ends; 0 for a special token before any text (BOS), -1 for one
+    after the text (EOS), and -1 for a token whose end the next token shares (the first bytes
+    of a character that byte-level BPE splits over several tokens: the prefix is complete at
+    the last of them only)."""
+    off = torch.as_tensor(offsets, dtype=torch.long).reshape(-1, 2)
+    a, b = off[:, 0], off[:, 1]
+    real = b > a
+    n = len(off)
+    first = int(real.nonzero()[0]) if real.any() else n
+    pos = torch.arange(n)
+    ends = torch.where(real, b, torch.where(pos < first, torch.zeros_like(b), torch.full_like(b, -1)))
+    repeated = torch.zeros(n, dtype=torch.bool)
+    repeated[:-1] = (ends[:-1] == ends[1:]) & (ends[:-1] >= 0)
+    return ends.masked_fill(repeated, -1)
+
+
+def prefix_pairs(student_offsets, teacher_offsets) -> torch.Tensor:
+    """(Ts,) long: for each student position, the teacher position that has read exactly the
+    same text (both tokenizations end there at the same character), -1 where none has. At such
+    a pair both models predict the text that follows the same prefix: their next-token
+    distributions are comparable without comparing token ids (--kd-method uld)."""
+    s, t = prefix_ends(student_offsets), prefix_ends(teacher_offsets)
+    where = {int(e): i for i, e in enumerate(t.tolist()) if e >= 0}
+    return torch.tensor([where.get(int(e), -1) if e >= 0 else -1 for e in s.tolist()], dtype=torch.long)
+
+
+def shared_chunks(student_offsets, teacher_offsets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunks of the text that both tokenizations cut alike: the boundaries are the characters
+    where a token of each side ends, and chunk c holds every token (of either side) that ends
+    after boundary c-1 and at or before boundary c. Returns the chunk of each student token
+    (Ts,) and of each teacher token (Tt,), -1 for tokens in none (special tokens, the tail after
+    the last shared boundary), and the boundaries (C,): the character where each chunk ends. The
+    log-likelihood of a chunk's text is then the sum of its tokens' log-probabilities on either
+    side (--kd-method chunk)."""
+    def ends(offsets):
+        off = torch.as_tensor(offsets, dtype=torch.long).reshape(-1, 2)
+        return torch.where(off[:, 1] > off[:, 0], off[:, 1], torch.full_like(off[:, 1], -1))
+    s, t = ends(student_offsets), ends(teacher_offsets)
+    bounds = torch.tensor(sorted(set(s[s >= 0].tolist()) & set(t[t >= 0].tolist())), dtype=torch.long)
+    if not len(bounds):
+        return torch.full_like(s, -1), torch.full_like(t, -1), bounds
+
+    def chunk(e):
+        c = torch.searchsorted(bounds, e.clamp(min=0))       # the first boundary at or after the end
+        return torch.where((e >= 0) & (e <= bounds[-1]), c, torch.full_like(c, -1))
+    return chunk(s), chunk(t), bounds

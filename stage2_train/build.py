@@ -11,7 +11,10 @@ import torch
 
 from kava_common import KavaError
 from kava_common.cache import open_cache
+from kava_common.data import load_fast_tokenizer
 from kava_common.geometry import KVGeometry
+from kava_common.vocab import describe as describe_vocab
+from kava_common.vocab import vocab_match
 
 from .align import parse_layer_map
 from .config import TrainConfig
@@ -85,10 +88,13 @@ def open_teachers(cfg: TrainConfig, echo=print):
     verify_caches(caches, echo)
     check_caches(caches, cfg.dataset, cfg.split)
     try:
-        s_geo = KVGeometry.from_config(AutoConfig.from_pretrained(cfg.student))
+        s_config = AutoConfig.from_pretrained(cfg.student)
     except OSError as e:
         raise KavaError(f"student {cfg.student!r}: no model config found (a local folder or a hub "
                         f"id reachable from here is needed): {e}") from e
+    s_geo = KVGeometry.from_config(s_config)
+    s_tok = load_fast_tokenizer(cfg.student, "student")
+    s_rows = s_config.get_text_config().vocab_size
     teachers = []
     for c in caches:
         m = c.manifest
@@ -104,12 +110,13 @@ def open_teachers(cfg: TrainConfig, echo=print):
         teachers.append({"cache": cache, "kv_quant": cache.kv_quant if cache.packed else None,
                          "distilled": [(s, [(remap[ci], w) for ci, w in row]) for s, row in enumerate(lmap) if row],
                          "heads": m["num_kv_heads"], "head_dim": m["head_dim"],
-                         "fingerprint": m["fingerprint"], "path": str(c.path)})
+                         "fingerprint": m["fingerprint"], "path": str(c.path),
+                         "vocab": vocab_match(c, s_tok, s_rows)})
+        echo(f"{c.path}: {describe_vocab(teachers[-1]['vocab'])}")
     if cfg.layer_weights is not None and len(cfg.layer_weights) != s_geo.num_layers:
         raise ValueError(f"layer_weights has {len(cfg.layer_weights)} entries; the student has "
                          f"{s_geo.num_layers} layers")
-    if cfg.kd_weight:
-        check_logit_caches(cfg, teachers)
+    check_logit_caches(cfg, teachers)
     if cfg.loss == "relation" or cfg.relation_weight:
         for t in teachers:
             r = cfg.relation_heads or min(t["heads"], s_geo.num_kv_heads)
@@ -122,19 +129,26 @@ def open_teachers(cfg: TrainConfig, echo=print):
 
 
 def check_logit_caches(cfg: TrainConfig, teachers: list[dict]) -> None:
-    """Logit distillation needs each cache's top-K logits and the student's own tokenizer (the
-    teacher's token ids must be the student's)."""
-    from kava_common.data import load_fast_tokenizer, tokenizer_identity
-    sha = tokenizer_identity(load_fast_tokenizer(cfg.student, "student"))["sha256"]
+    """What each cache must hold for the run's logit distillation (--kd-weight, --kd-method)
+    and confidence weighting: top-K logits (topk, uld), the actual tokens' log-probabilities
+    (chunk, confidence), and for topk a vocabulary the same as the student's or compatible
+    with it (the teacher's token ids must be the student's)."""
     for t in teachers:
-        m = t["cache"].manifest
-        if not m.get("logits_topk"):
-            raise ValueError(f"--kd-weight: {t['path']} was made without --logits-topk; run stage 1 "
-                             "with --logits-topk K to distil the teacher's logits")
-        if m["tokenizer"]["sha256"] != sha:
-            raise ValueError(f"--kd-weight: {t['path']} comes from a teacher with another tokenizer "
-                             f"({m['tokenizer']['name']}) than the student's; logit distillation compares "
-                             "token ids, so it needs the same tokenizer (K/V distillation does not)")
+        m, v = t["cache"].manifest, t["vocab"]
+        again = "; run stage 1 again with --logits-topk K"
+        if cfg.kd_weight and cfg.kd_method in ("topk", "uld") and not m.get("logits_topk"):
+            raise ValueError(f"--kd-weight: {t['path']} was made without --logits-topk{again} to distil the "
+                             "teacher's logits")
+        if cfg.kd_weight and cfg.kd_method == "chunk" and not m.get("token_logprobs"):
+            raise ValueError(f"--kd-method chunk: {t['path']} holds no token_logprobs (made without "
+                             f"--logits-topk, or by an older kava){again}")
+        if cfg.kd_weight and cfg.kd_method == "topk" and not v.identity:
+            raise ValueError(f"--kd-method topk: the teacher of {t['path']} has another vocabulary than the "
+                             f"student ({v.reason}), so its top-K ids name other tokens; use --kd-method uld "
+                             "or chunk for logit distillation across vocabularies")
+        if cfg.teacher_weighting == "confidence" and not m.get("token_logprobs"):
+            raise ValueError(f"--teacher-weighting confidence: {t['path']} holds no token_logprobs (made "
+                             f"without --logits-topk, or by an older kava){again}")
 
 
 def precision_dtype(cfg, device) -> torch.dtype:

@@ -26,6 +26,8 @@ class Progress:
     micro: int = 0       # micro-batches of this epoch already used (by each rank)
     seed: int = 0
     world_size: int = 1  # processes that trained it (torchrun); a resume needs as many
+    kd_ids_dropped: int = 0       # top-K entries left out of logit distillation (not the student's tokens)
+    kd_samples_skipped: int = 0   # samples left out of it (a compatible vocabulary tokenized them otherwise)
 
 
 # What a run writes into its folder; --overwrite removes exactly these.

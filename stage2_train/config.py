@@ -10,8 +10,11 @@ from typing import Any
 from kava_common.cli import coerce_settings, setting
 
 from .align import ALIGN_MODES
-from .losses import LOSSES
+from .losses import CHUNK_DIVERGENCES, LOSSES
 from .projector import KINDS
+
+KD_METHODS = ("topk", "uld", "chunk")
+TEACHER_WEIGHTINGS = ("fixed", "confidence")
 
 
 @dataclass
@@ -69,8 +72,17 @@ class TrainConfig:
     layer_weights: list | None = setting(None, "one loss weight per student layer (JSON; default all 1)", json=True)
     kv_weight: float = setting(1.0, "weight of the K/V loss in the total")
     ce_weight: float = setting(1.0, "weight of cross-entropy on the answer tokens")
-    kd_weight: float = setting(0.0, "weight of logit distillation: KL from the teacher's cached top-K "
-                               "next-token distribution (stage 1 --logits-topk) on the answer tokens")
+    kd_weight: float = setting(0.0, "weight of logit distillation from the teacher's cached next-token "
+                               "log-probabilities (stage 1 --logits-topk), --kd-method says how")
+    kd_method: str = setting("topk", "topk: KL from the teacher's top-K (vocabularies the same or compatible); "
+                             "uld: distance between sorted probabilities at positions where both have read "
+                             "the same text; chunk: likelihoods of text chunks both tokenizations cut alike "
+                             "(any vocabularies; docs/stage2.md)", choices=KD_METHODS)
+    kd_chunk_divergence: str = setting("binary_kl", "kd_method chunk: binarised KL of the chunk probabilities "
+                                       "or abs, the plain difference of log-likelihoods",
+                                       choices=CHUNK_DIVERGENCES)
+    kd_chunk_temperature: float = setting(100.0, "kd_method chunk, binary_kl: chunk probabilities are "
+                                          "exp(log-likelihood / this)")
     ce_tokens: str = setting("answer", "targets of cross-entropy: the answer's tokens, or every token",
                              choices=("answer", "all"))
     kd_tokens: str = setting("answer", "targets of logit distillation: the answer's tokens, or every token "
@@ -81,6 +93,12 @@ class TrainConfig:
     fusion: str = setting("loss", "several teachers: weighted sum of losses, or one fused target",
                           choices=("loss", "target"))
     teacher_weights: list | None = setting(None, "fixed weight per teacher (JSON; default equal)", json=True)
+    teacher_weighting: str = setting("fixed", "several teachers: fixed weights, or confidence: per sample, a "
+                                     "softmax over teachers of each one's mean log-probability of the "
+                                     "sample's answer (caches with --logits-topk), the fixed weights as a prior",
+                                     choices=TEACHER_WEIGHTINGS)
+    confidence_temperature: float = setting(1.0, "teacher_weighting confidence: the softmax's temperature "
+                                            "(higher: closer to the fixed weights)")
     gate: str = setting("fixed", "learned: a per-layer softmax over teachers (fusion target only)",
                         choices=("fixed", "learned"))
     # run
@@ -127,16 +145,7 @@ class TrainConfig:
             p.append(f"align {self.align!r}: choose one of {ALIGN_MODES}")
         if self.direction not in ("teacher_to_student", "student_to_teacher"):
             p.append(f"direction {self.direction!r}: teacher_to_student or student_to_teacher")
-        if self.fusion not in ("loss", "target"):
-            p.append(f"fusion {self.fusion!r}: loss or target")
-        if self.gate not in ("fixed", "learned"):
-            p.append(f"gate {self.gate!r}: fixed or learned")
-        if self.gate == "learned" and self.fusion != "target":
-            p.append("gate learned needs fusion target (a learned gate over losses would pick the easiest teacher)")
-        if self.fusion == "target" and self.direction != "teacher_to_student":
-            p.append("fusion target needs direction teacher_to_student (targets fused in student space)")
-        if self.teacher_weights is not None and len(self.teacher_weights) != len(self.caches):
-            p.append(f"teacher_weights has {len(self.teacher_weights)} entries for {len(self.caches)} caches")
+        p += self._teacher_problems()
         if self.optimizer not in ("adamw", "adamw8bit"):
             p.append(f"optimizer {self.optimizer!r}: adamw or adamw8bit")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -156,6 +165,30 @@ class TrainConfig:
         if p:
             raise ValueError("invalid stage-2 settings:\n  " + "\n  ".join(p))
 
+    def _teacher_problems(self) -> list[str]:
+        """The checks of how several teachers are combined: fusion, gate, weights."""
+        p = []
+        if self.fusion not in ("loss", "target"):
+            p.append(f"fusion {self.fusion!r}: loss or target")
+        if self.gate not in ("fixed", "learned"):
+            p.append(f"gate {self.gate!r}: fixed or learned")
+        if self.gate == "learned" and self.fusion != "target":
+            p.append("gate learned needs fusion target (a learned gate over losses would pick the easiest teacher)")
+        if self.fusion == "target" and self.direction != "teacher_to_student":
+            p.append("fusion target needs direction teacher_to_student (targets fused in student space)")
+        if self.teacher_weighting not in TEACHER_WEIGHTINGS:
+            p.append(f"teacher_weighting {self.teacher_weighting!r}: choose one of {TEACHER_WEIGHTINGS}")
+        if self.teacher_weighting == "confidence" and self.fusion == "target":
+            p.append("teacher_weighting confidence weighs each teacher's loss per sample: use fusion loss")
+        if self.confidence_temperature <= 0:
+            p.append(f"confidence_temperature must be > 0, got {self.confidence_temperature}")
+        w = self.teacher_weights
+        if w is not None and (any(x < 0 for x in w) or not sum(w) > 0):
+            p.append(f"teacher_weights must be >= 0 with a positive sum, got {w}")
+        if w is not None and len(w) != len(self.caches):
+            p.append(f"teacher_weights has {len(w)} entries for {len(self.caches)} caches")
+        return p
+
     def _loss_problems(self) -> list[str]:
         """The checks of the loss settings: logit distillation, the relation loss, which tokens,
         and the bottleneck projector's limits."""
@@ -164,6 +197,12 @@ class TrainConfig:
             p.append(f"kd_weight must be >= 0 and kd_temperature > 0, got {self.kd_weight}, {self.kd_temperature}")
         if self.kd_weight and self.ce_chunk:
             p.append("kd_weight needs the answer's logits whole; drop ce_chunk")
+        if self.kd_method not in KD_METHODS:
+            p.append(f"kd_method {self.kd_method!r}: choose one of {KD_METHODS}")
+        if self.kd_chunk_divergence not in CHUNK_DIVERGENCES:
+            p.append(f"kd_chunk_divergence {self.kd_chunk_divergence!r}: choose one of {CHUNK_DIVERGENCES}")
+        if self.kd_chunk_temperature <= 0:
+            p.append(f"kd_chunk_temperature must be > 0, got {self.kd_chunk_temperature}")
         if self.relation_weight < 0 or self.relation_heads < 0:
             p.append("relation_weight and relation_heads must be >= 0")
         if self.fusion == "target" and (self.loss == "relation" or self.relation_weight):

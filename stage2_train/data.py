@@ -8,15 +8,17 @@ to the student's (see align.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from kava_common import all_finite
 from kava_common.cache import KVCache
-from kava_common.data import tokenizer_identity
 from kava_common.prompt import TEMPLATE_ID, token_spans
+from kava_common.vocab import VocabMatch, vocab_match
 
-from .align import linear_alignment, overlap_alignment, segment_alignment
+from .align import linear_alignment, overlap_alignment, prefix_pairs, segment_alignment, shared_chunks
 
 
 def check_caches(caches: list[KVCache], dataset: str | None = None, split: str | None = None) -> None:
@@ -48,24 +50,46 @@ def cache_rows(cache: KVCache) -> np.ndarray:
     return np.concatenate([s.small("rows") for s in cache._shards]) if len(cache) else np.zeros(0, np.int64)
 
 
+@dataclass
+class TeacherPlan:
+    """What one teacher gives one sample, fixed once the sample is first read: the alignment of
+    its K/V onto the student's positions, and what logit distillation and confidence weighting
+    take from it."""
+    A: torch.Tensor | None          # (Ts, Tt) sparse alignment, None: position for position
+    valid: torch.Tensor             # (Ts,) bool: student positions with a K/V target
+    kd_pos: torch.Tensor | None     # (Ts,) long: the teacher position whose next-token distribution
+    #                                 each student position takes (-1: none); None: its own
+    kd_ok: bool = True              # False: left out of logit distillation (its ids differ)
+    chunk_of: torch.Tensor | None = None   # (Ts,) long: chunk of each student token (-1: none)
+    chunk_lp: torch.Tensor | None = None   # (C,) float32: the teacher's log-likelihood of each chunk
+    answer_lp: float | None = None  # the teacher's mean log-probability of the sample's answer tokens
+
+
 class DistillData(torch.utils.data.Dataset):
     """Sample i: the student's input ids and answer mask, and per teacher its K/V of the
-    selected layers with an alignment onto the student's positions."""
+    selected layers with an alignment onto the student's positions, and what logit
+    distillation (`kd_method`) needs of it there.
+
+    `vocab`: per cache, how its teacher's vocabulary relates to the student's
+    (kava_common.vocab; computed here when not given). Same or compatible vocabularies align
+    position for position; a sample that a compatible pair tokenizes differently (a special
+    token only the teacher has) is aligned by character overlap instead and left out of top-K
+    distillation (`kd_skipped` counts it)."""
 
     def __init__(self, caches: list[KVCache], student_tok, max_length: int, align: str = "auto",
-                 kv_tokens: str = "all"):
+                 kv_tokens: str = "all", vocab: list[VocabMatch] | None = None, kd_method: str | None = None,
+                 kd_tokens: str = "answer"):
         self.caches, self.tok, self.max_length, self.align = caches, student_tok, max_length, align
-        self.kv_tokens = kv_tokens
+        self.kv_tokens, self.kd_method, self.kd_tokens = kv_tokens, kd_method, kd_tokens
         per_cache = [dict(zip(cache_rows(c).tolist(), range(len(c)))) for c in caches]
         common = sorted(set(per_cache[0]).intersection(*per_cache[1:]))
         self.rows = common
         self.index = [tuple(m[r] for m in per_cache) for r in common]
-        sha = tokenizer_identity(student_tok)["sha256"]
-        self.same_tokenizer = [c.manifest["tokenizer"]["sha256"] == sha for c in caches]
+        self.vocab = vocab if vocab is not None else [vocab_match(c, student_tok) for c in caches]
         self._plan: dict[int, tuple] = {}
-        if align == "identity" and not all(self.same_tokenizer):
-            bad = [str(c.path) for c, same in zip(caches, self.same_tokenizer) if not same]
-            raise ValueError(f"align 'identity' needs the student's tokenizer, but {bad} used another "
+        if align == "identity" and not all(v.identity for v in self.vocab):
+            bad = [f"{c.path} ({v.reason})" for c, v in zip(caches, self.vocab) if not v.identity]
+            raise ValueError(f"align 'identity' needs the student's vocabulary, but {bad} used another "
                              "(use align auto, overlap, linear or segment)")
 
     def __len__(self) -> int:
@@ -100,31 +124,71 @@ class DistillData(torch.utils.data.Dataset):
             self._plan[i] = self._prepare(i, full)
         else:
             full = [c.kv(j) for c, j in zip(self.caches, idx)]
-        ids, ce_mask, kv_mask, aligns = self._plan[i]
-        teachers = []
-        for s, (A, valid) in zip(full, aligns):
+        ids, ce_mask, kv_mask, plans = self._plan[i]
+        teachers, dropped, skipped = [], 0, 0
+        for s, plan, vocab in zip(full, plans, self.vocab):
             kv = {"kq": s["kq"]} if "kq" in s else {"k": s["k"], "v": s["v"]}
-            t = {**kv, "A": None if A is None else A.to_dense(), "valid": valid}
-            if "topk_ids" in s:
-                t["topk_ids"], t["topk_logprobs"] = s["topk_ids"], s["topk_logprobs"]
+            t = {**kv, "A": None if plan.A is None else plan.A.to_dense(), "valid": plan.valid,
+                 "answer_lp": plan.answer_lp}
+            if self.kd_method == "chunk":
+                t["chunk_of"], t["chunk_lp"] = plan.chunk_of, plan.chunk_lp
+            elif self.kd_method in ("topk", "uld") and "topk_ids" in s:
+                t.update(self._aligned_topk(s, plan, vocab, len(ids)))
+                dropped += t.pop("dropped")
+                skipped += not plan.kd_ok
             teachers.append(t)
         return {"input_ids": ids, "ce_mask": ce_mask, "kv_mask": kv_mask, "teachers": teachers,
-                "row": self.rows[i]}
+                "row": self.rows[i], "kd_dropped": dropped, "kd_skipped": skipped}
+
+    def _aligned_topk(self, s: dict, plan: TeacherPlan, vocab: VocabMatch, ts: int) -> dict:
+        """The teacher's top-K on the student's positions: `topk_ids`, `topk_logprobs` (Ts, K),
+        `kd_valid` (Ts,) and for top-K distillation `topk_keep` (Ts, K), the entries that are
+        the student's tokens, the others' probability taken out and the rest renormalised to
+        it (`dropped` counts them)."""
+        ids, lps = s["topk_ids"], s["topk_logprobs"]                          # (Tt, K)
+        tt, k = ids.shape
+        if not plan.kd_ok:
+            z = torch.zeros((ts, k), dtype=torch.long)
+            return {"topk_ids": z, "topk_logprobs": z.float(), "topk_keep": z.bool(),
+                    "kd_valid": torch.zeros(ts, dtype=torch.bool), "dropped": 0}
+        if plan.kd_pos is None:                                               # position for position
+            src = torch.arange(ts)
+            ok = src < tt
+        else:
+            src, ok = plan.kd_pos, (plan.kd_pos >= 0) & (plan.kd_pos < tt)
+        src = torch.where(ok, src, 0).clamp(max=max(tt - 1, 0))
+        ids, lps = ids[src], lps[src].float()                                 # (Ts, K)
+        out = {"topk_ids": ids, "topk_logprobs": lps, "kd_valid": ok, "dropped": 0}
+        if self.kd_method == "topk":
+            keep = torch.from_numpy(vocab.keep(ids.numpy()))
+            gone = (lps.exp() * ~keep).sum(-1).clamp(max=1.0)                 # (Ts,) mass dropped
+            out["kd_valid"] = ok & (gone < 1 - 1e-6)
+            out["topk_logprobs"] = torch.where(keep, lps - torch.log1p(-gone.clamp(max=1 - 1e-6))[:, None], 0.0)
+            out["topk_keep"] = keep & out["kd_valid"][:, None]
+            out["dropped"] = int((~keep & ok[:, None]).sum())
+        return out
 
     def _prepare(self, i: int, samples: list[dict]):
-        """The student's tokens and answer mask, and per teacher its alignment (sparse) and mask;
-        none of it changes between epochs, so it is computed once per sample."""
+        """The student's tokens and answer mask, and per teacher its plan (TeacherPlan); none
+        of it changes between epochs, so it is computed once per sample."""
         ids, offs, ce_mask, kv_mask, s_tok_segments = self._encode(samples[0])
-        aligns = []
-        for t, (s, same) in enumerate(zip(samples, self.same_tokenizer)):
+        plans = []
+        for t, (s, vocab) in enumerate(zip(samples, self.vocab)):
             ts, tt = len(ids), len(s["input_ids"])
-            mode = self.align if self.align != "auto" else ("identity" if same else "overlap")
+            mode = self.align if self.align != "auto" else ("identity" if vocab.identity else "overlap")
+            kd_ok, kd_pos = True, None
             if mode == "identity":
                 n = min(ts, tt)
-                if not torch.equal(ids[:n], s["input_ids"][:n]):
+                if torch.equal(ids[:n], s["input_ids"][:n]):
+                    A, valid = None, torch.arange(ts) < tt
+                elif vocab.kind == "compatible" and self.align == "auto":
+                    # a token only one side has (a special token's text): this sample alone aligns by
+                    # characters, and top-K ids no longer match the student's positions
+                    A, valid = overlap_alignment(offs, s["char_offsets"])
+                    kd_ok = False
+                else:
                     raise ValueError(f"sample row {self.rows[i]}: the student's tokens differ from "
                                      f"those in {self.caches[t].path} although the tokenizers match")
-                A, valid = None, torch.arange(ts) < tt
             elif mode == "overlap":
                 A, valid = overlap_alignment(offs, s["char_offsets"])
             elif mode == "linear":
@@ -132,22 +196,100 @@ class DistillData(torch.utils.data.Dataset):
             else:
                 A, valid = segment_alignment(ts, tt, s_tok_segments,
                                              [s["token_segments"][n] for n in s["token_segments"]])
-            aligns.append((None if A is None else A.to_sparse(), valid))
-        return ids, ce_mask, kv_mask, aligns
+            if self.kd_method == "uld":
+                kd_pos = prefix_pairs(offs, s["char_offsets"])
+            plan = TeacherPlan(None if A is None else A.to_sparse(), valid, kd_pos, kd_ok,
+                               answer_lp=answer_logprob(s))
+            if self.kd_method == "chunk" and "token_logprobs" in s:
+                plan.chunk_of, plan.chunk_lp = self._chunks(ids, offs, s, self.caches[t])
+            plans.append(plan)
+        return ids, ce_mask, kv_mask, plans
+
+    def _chunks(self, ids: torch.Tensor, offs: torch.Tensor, s: dict, cache: KVCache):
+        """The chunks of --kd-method chunk: per student token its chunk (Ts,) (-1: none), and
+        per chunk the teacher's log-likelihood (C,). A chunk counts when every token of it, on
+        either side, has a log-probability (not a sample's first token without a BOS before
+        it) and, with kd_tokens answer, when it ends inside the answer; the EOS after an
+        uncut sample is a chunk of its own on both sides."""
+        s_chunk, t_chunk, ends = shared_chunks(offs, s["char_offsets"])
+        n = len(ends)
+        t_lp = s["token_logprobs"].float()                                    # position t: token t+1
+        tok_lp = torch.cat([t_lp.new_zeros(1), t_lp[:-1]])                    # token i's, at i
+        first = torch.zeros(n + 1, dtype=torch.bool)                          # chunks holding a first token
+        if len(s_chunk) and s_chunk[0] >= 0:
+            first[s_chunk[0]] = True
+        if len(t_chunk) and t_chunk[0] >= 0:
+            first[t_chunk[0]] = True
+        lp = torch.zeros(n).index_add_(0, t_chunk.clamp(min=0), torch.where(t_chunk >= 0, tok_lp, 0.0))
+        use = ~first[:n]
+        if self.kd_tokens == "answer":
+            use &= ends > s["char_segments"]["reasoning"][0]
+        eos, m = self.tok.eos_token_id, cache.manifest
+        text_end = len(s["text"])
+        eos_chunk = (eos is not None and m["tokenizer"].get("eos_token_id") is not None and not s["truncated"]
+                     and int(ids[-1]) == eos and int(offs[-1, 0]) == int(offs[-1, 1]) == text_end)
+        renumber = torch.full((n + 1,), -1, dtype=torch.long)
+        renumber[:n][use] = torch.arange(int(use.sum()))
+        chunk_of = renumber[s_chunk.clamp(min=0)].masked_fill(s_chunk < 0, -1)
+        chunk_lp = lp[use]
+        if eos_chunk:
+            chunk_of[-1] = len(chunk_lp)
+            chunk_lp = torch.cat([chunk_lp, t_lp[-1:]])
+        return chunk_of, chunk_lp
+
+
+def answer_logprob(sample: dict) -> float | None:
+    """The teacher's mean log-probability of a sample's answer tokens (reasoning and final
+    answer, in its own tokens), from the cache's token_logprobs; None without them or without
+    an answer."""
+    if "token_logprobs" not in sample:
+        return None
+    a0, a1 = sample["token_segments"]["reasoning"][0], sample["token_segments"]["answer"][1]
+    a0 = max(a0, 1)                                         # token t's log-probability sits at t-1
+    if a1 <= a0:
+        return None
+    return float(sample["token_logprobs"][a0 - 1:a1 - 1].double().mean())
 
 
 def _pad_topk(items: list[dict], ts: int) -> dict:
-    """The teachers' top-K next-token ids and log-probs on the student's positions (same
-    tokenizer: position for position), (B, Ts, K), zero past each teacher sample's end."""
+    """The teachers' top-K next-token ids and log-probs on the student's positions (B, Ts, K),
+    with `kd_valid` (B, Ts) and, for top-K distillation, `topk_keep` (B, Ts, K); zero past
+    each sample's end."""
     if "topk_ids" not in items[0]:
         return {}
     k = items[0]["topk_ids"].shape[1]
-    ids = torch.zeros((len(items), ts, k), dtype=torch.long)
-    lps = torch.zeros((len(items), ts, k), dtype=torch.float32)
+    out = {"topk_ids": torch.zeros((len(items), ts, k), dtype=torch.long),
+           "topk_logprobs": torch.zeros((len(items), ts, k), dtype=torch.float32),
+           "kd_valid": torch.zeros((len(items), ts), dtype=torch.bool)}
+    if "topk_keep" in items[0]:
+        out["topk_keep"] = torch.zeros((len(items), ts, k), dtype=torch.bool)
     for i, it in enumerate(items):
         n = min(ts, len(it["topk_ids"]))
-        ids[i, :n], lps[i, :n] = it["topk_ids"][:n], it["topk_logprobs"][:n]
-    return {"topk_ids": ids, "topk_logprobs": lps}
+        for name in out:
+            out[name][i, :n] = it[name][:n]
+    return out
+
+
+def _pad_chunks(items: list[dict], ts: int) -> dict:
+    """--kd-method chunk: `chunk_of` (B, Ts) (-1 past each sample's end), `chunk_lp` and
+    `chunk_mask` (B, C)."""
+    if items[0].get("chunk_of") is None:
+        return {}
+    c = max(1, max(len(it["chunk_lp"]) for it in items))
+    out = {"chunk_of": torch.full((len(items), ts), -1, dtype=torch.long),
+           "chunk_lp": torch.zeros((len(items), c)), "chunk_mask": torch.zeros((len(items), c), dtype=torch.bool)}
+    for i, it in enumerate(items):
+        n, m = min(ts, len(it["chunk_of"])), len(it["chunk_lp"])
+        out["chunk_of"][i, :n] = it["chunk_of"][:n]
+        out["chunk_lp"][i, :m], out["chunk_mask"][i, :m] = it["chunk_lp"], True
+    return out
+
+
+def _answer_lps(items: list[dict]) -> dict:
+    """Each sample's `answer_lp` (B,) float32 (confidence weighting), when every sample has one."""
+    if any(it.get("answer_lp") is None for it in items):
+        return {}
+    return {"answer_lp": torch.tensor([it["answer_lp"] for it in items], dtype=torch.float32)}
 
 
 def _token_segments(char_segments: dict, offs: torch.Tensor) -> list[tuple[int, int]]:
@@ -210,9 +352,12 @@ def _pad(batch: list[dict], pad_id: int) -> dict:
                 A[i, :a.shape[0], :a.shape[1]] = a
         width = ts if identity else tt          # identity: the teacher's positions are the student's
         kv = _pad_packed(items, width) if "kq" in items[0] else _pad_kv(items, width)
-        teachers.append({**kv, "A": A, "valid": valid & attn.bool(), **_pad_topk(items, ts)})
+        teachers.append({**kv, "A": A, "valid": valid & attn.bool(), **_pad_topk(items, ts),
+                         **_pad_chunks(items, ts), **_answer_lps(items)})
     return {"input_ids": ids, "attention_mask": attn, "ce_mask": ce, "kv_mask": kvm, "teachers": teachers,
-            "rows": torch.tensor([b["row"] for b in batch])}
+            "rows": torch.tensor([b["row"] for b in batch]),
+            "kd_dropped": sum(b.get("kd_dropped", 0) for b in batch),
+            "kd_skipped": sum(b.get("kd_skipped", 0) for b in batch)}
 
 
 def _pad_kv(items: list[dict], width: int) -> dict:

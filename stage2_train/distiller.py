@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kava_common.cache.quant import dequantize_batch
 from kava_common.geometry import KVGeometry
 
 from .config import TrainConfig
-from .losses import (answer_cross_entropy, answer_positions, chunked_answer_cross_entropy, kv_loss,
-                     mean_cosine, relation_loss, topk_kd_loss)
+from .losses import (answer_cross_entropy, answer_positions, chunk_kd_loss, chunked_answer_cross_entropy,
+                     kv_loss, mean_cosine, relation_loss, topk_kd_loss, uld_loss)
 from .projector import BottleneckKV, KVProjector
 from .student import StudentKV
 
@@ -41,15 +42,45 @@ class Distiller(torch.nn.Module):
         self.register_buffer("fixed_w", torch.tensor(w, dtype=torch.float32))
         self.gate = torch.nn.Parameter(torch.zeros(len(teachers), n_student)) if cfg.gate == "learned" else None
 
-    def weights(self, layer: int, present: list[int]) -> torch.Tensor:
-        """Fusion weights of the teachers `present` at a student layer, summing to 1."""
+    def weights(self, layer: int, present: list[int], sample_w: torch.Tensor | None = None) -> torch.Tensor:
+        """Fusion weights of the teachers `present` at a student layer, summing to 1: one per
+        teacher, or with `sample_w` (teachers, B) one per teacher and sample."""
+        if sample_w is not None:
+            w = sample_w[present]
+            return w / w.sum(0, keepdim=True)
         if self.gate is not None:
             return torch.softmax(self.gate[present, layer], dim=0)
         w = self.fixed_w[present]
         return w / w.sum()
 
-    def forward(self, batch: dict, cap: StudentKV, device) -> tuple[torch.Tensor, list[dict]]:
-        """K/V loss of a batch, and per (teacher, layer) the pairs compared (for metrics)."""
+    def sample_weights(self, batch: dict, device) -> torch.Tensor | None:
+        """teacher_weighting confidence: (teachers, B) weights summing to 1 over the teachers,
+        a softmax of each teacher's mean log-probability of the sample's answer over the
+        confidence temperature, with the fixed weights as a prior (log-added); None with fixed
+        weights."""
+        if self.cfg.teacher_weighting != "confidence":
+            return None
+        lp = torch.stack([tb["answer_lp"] for tb in batch["teachers"]]).to(device)          # (n, B)
+        prior = torch.log(self.fixed_w / self.fixed_w.sum())[:, None]
+        return torch.softmax(prior + lp / self.cfg.confidence_temperature, dim=0)
+
+    def mean_weights(self, sample_w: torch.Tensor | None) -> list[float]:
+        """The weight of each teacher, summing to 1, as logged: the mean over the samples of the
+        confidence weights, the learned gate's mean over the distilled student layers, or the
+        fixed weights."""
+        if sample_w is not None:
+            w = sample_w.mean(1)
+        elif self.gate is not None:
+            layers = sorted({s for t in self.teachers for s, _ in t["distilled"]})
+            w = torch.softmax(self.gate[:, layers], dim=0).mean(1)
+        else:
+            w = self.fixed_w / self.fixed_w.sum()
+        return [float(x) for x in w.detach()]
+
+    def forward(self, batch: dict, cap: StudentKV, device,
+                sample_w: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """K/V loss of a batch, and per (teacher, layer) the pairs compared (for metrics).
+        `sample_w` (teachers, B): per-sample teacher weights (`sample_weights`)."""
         cfg, pairs = self.cfg, []
         attn = batch["attention_mask"].to(device).bool() & batch["kv_mask"].to(device)
         per_layer: dict[int, list] = {}
@@ -73,12 +104,14 @@ class Distiller(torch.nn.Module):
             w_layer = 1.0 if lw is None else float(lw[s])
             if w_layer == 0:
                 continue
-            tw = self.weights(s, [p["teacher"] for p in items])
+            tw = self.weights(s, [p["teacher"] for p in items], sample_w)
             if cfg.fusion == "target" and len(items) > 1:
                 mask = torch.stack([p["mask"] for p in items]).all(0)
                 fk = sum(w * p["k"][0] for w, p in zip(tw, items))
                 fv = sum(w * p["v"][0] for w, p in zip(tw, items))
                 loss = self._kv(fk, items[0]["k"][1], fv, items[0]["v"][1], mask)
+            elif sample_w is not None:          # per-sample weights, inside each loss's mean
+                loss = sum(self._kv(*p["k"], *p["v"], p["mask"], w) + self._relation(p, w) for w, p in zip(tw, items))
             else:
                 loss = sum(w * (self._kv(*p["k"], *p["v"], p["mask"]) + self._relation(p))
                            for w, p in zip(tw, items))
@@ -118,18 +151,18 @@ class Distiller(torch.nn.Module):
             for c in range(k.shape[1]):
                 yield {"teacher": ti, "layer": c, "k": (pk[:, c], k[:, c]), "v": (pv[:, c], v[:, c]), "mask": mask}
 
-    def _kv(self, pk, tk, pv, tv, mask):
+    def _kv(self, pk, tk, pv, tv, mask, weight=None):
         c = self.cfg
         if c.loss == "relation":          # compares the K/V themselves: see _relation
             return 0.0
-        return (c.k_weight * kv_loss(c.loss, pk, tk, mask, c.alpha, c.beta)
-                + c.v_weight * kv_loss(c.loss, pv, tv, mask, c.alpha, c.beta))
+        return (c.k_weight * kv_loss(c.loss, pk, tk, mask, c.alpha, c.beta, weight)
+                + c.v_weight * kv_loss(c.loss, pv, tv, mask, c.alpha, c.beta, weight))
 
     def relation_heads(self, ti: int) -> int:
         """Relation heads of teacher `ti`'s pairs: the setting, or the smaller KV head count."""
         return self.cfg.relation_heads or min(self.teachers[ti]["heads"], self.s_geo.num_kv_heads)
 
-    def _relation(self, pair: dict):
+    def _relation(self, pair: dict, weight=None):
         """The relation loss of a pair (teacher and student K/V, no projector): all of the K/V
         loss with `loss relation`, `relation_weight` times it beside another loss."""
         c = self.cfg
@@ -138,30 +171,58 @@ class Distiller(torch.nn.Module):
             return 0.0
         tk, tv, sk, sv = pair["raw"]
         r = self.relation_heads(pair["teacher"])
-        return w * (c.k_weight * relation_loss(tk, sk, pair["mask"], r)
-                    + c.v_weight * relation_loss(tv, sv, pair["mask"], r))
+        return w * (c.k_weight * relation_loss(tk, sk, pair["mask"], r, weight)
+                    + c.v_weight * relation_loss(tv, sv, pair["mask"], r, weight))
 
 
-def logit_kd(logits, batch, pos, kd_mask, distiller, cfg, device):
-    """KL from each teacher's cached top-K next-token distribution to the student's, at the
-    positions `pos` (where `logits` (B, P, V) were computed) whose next token is marked in
-    `kd_mask` (B, T), averaged over teachers with their fixed weights."""
-    target = kd_mask[:, pos + 1]                                                   # (B, P)
+def logit_kd(logits, batch, pos, kd_mask, distiller, cfg, device, sample_w=None):
+    """Logit distillation at the positions `pos` (where `logits` (B, P, V) were computed) by
+    `cfg.kd_method`, summed over the teachers with their fixed weights, or with `sample_w`
+    (teachers, B) per sample. topk, uld: at the positions whose next token is marked in
+    `kd_mask` (B, T) and where the teacher has a distribution (`kd_valid`); chunk: over the
+    chunks the batch marks (stage2_train.data)."""
     total = 0.0
     w = distiller.fixed_w / distiller.fixed_w.sum()
-    for wi, tb in zip(w, batch["teachers"]):
-        mask = target & tb["valid"].to(device)[:, pos]
-        total = total + wi * topk_kd_loss(logits, tb["topk_ids"].to(device)[:, pos],
-                                          tb["topk_logprobs"].to(device)[:, pos], mask, cfg.kd_temperature)
+    for ti, tb in enumerate(batch["teachers"]):
+        sw = None if sample_w is None else sample_w[ti]
+        if cfg.kd_method == "chunk":
+            loss = chunk_logit_kd(logits, batch["input_ids"].to(device), pos, tb, cfg, device, sw)
+        else:
+            mask = kd_mask[:, pos + 1] & tb["kd_valid"].to(device)[:, pos]                 # (B, P)
+            lps = tb["topk_logprobs"].to(device)[:, pos]
+            if cfg.kd_method == "uld":
+                loss = uld_loss(logits, lps, mask, cfg.kd_temperature, sw)
+            else:
+                loss = topk_kd_loss(logits, tb["topk_ids"].to(device)[:, pos], lps, mask, cfg.kd_temperature,
+                                    tb["topk_keep"].to(device)[:, pos], sw)
+        total = total + (loss if sw is not None else w[ti] * loss)
     return total
 
 
+def chunk_logit_kd(logits, ids, pos, tb, cfg, device, weight=None):
+    """--kd-method chunk for one teacher: the student's log-likelihood of each chunk (the sum
+    of its log-probabilities of the chunk's tokens, each at the position before it) against
+    the teacher's cached one."""
+    b, p, _ = logits.shape
+    chunk = tb["chunk_of"].to(device)[:, pos + 1]                                  # (B, P): chunk of each next token
+    tok_lp = -F.cross_entropy(logits.float().reshape(b * p, -1), ids[:, pos + 1].reshape(-1),
+                              reduction="none").view(b, p)                         # (B, P)
+    t_lp = tb["chunk_lp"].to(device)                                               # (B, C)
+    s_lp = torch.zeros_like(t_lp).scatter_add(1, chunk.clamp(min=0), torch.where(chunk >= 0, tok_lp, 0.0))
+    return chunk_kd_loss(s_lp, t_lp, tb["chunk_mask"].to(device), cfg.kd_chunk_divergence,
+                         cfg.kd_chunk_temperature, weight)
+
+
 def train_step(model, cap, distiller, batch, cfg, device, autocast):
-    """Forward of one micro-batch: (total loss with its graph, then its K/V, cross-entropy and
-    logit-distillation parts as floats)."""
+    """Forward of one micro-batch: the total loss with its graph, and its parts as floats
+    (loss_kv, loss_ce, loss_kd; with several teachers teacher_weights, one per teacher)."""
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     ce_mask = batch["ce_mask"].to(device) if cfg.ce_tokens == "answer" else attn.bool()
-    kd_mask = batch["ce_mask"].to(device) if cfg.kd_tokens == "answer" else attn.bool()
+    if cfg.kd_weight and cfg.kd_method == "chunk":     # the tokens of the chunks the batch marks
+        kd_mask = torch.stack([tb["chunk_of"] >= 0 for tb in batch["teachers"]]).any(0).to(device)
+    else:
+        kd_mask = batch["ce_mask"].to(device) if cfg.kd_tokens == "answer" else attn.bool()
+    sample_w = distiller.sample_weights(batch, device)
     wanted = (ce_mask if cfg.ce_weight else torch.zeros_like(ce_mask)) | (kd_mask if cfg.kd_weight else False)
     pos = answer_positions(wanted) if cfg.ce_weight or cfg.kd_weight else ids.new_zeros(0)
     kd = 0.0                        # logit distillation needs whole logits: not with ce_chunk (config)
@@ -177,13 +238,17 @@ def train_step(model, cap, distiller, batch, cfg, device, autocast):
                         logits_to_keep=pos if len(pos) else 1)
         ce = answer_cross_entropy(out.logits, ids, ce_mask, pos) if len(pos) \
             else out.logits.sum() * 0.0
-        kd = logit_kd(out.logits, batch, pos, kd_mask, distiller, cfg, device) if cfg.kd_weight and len(pos) else 0.0
+        kd = logit_kd(out.logits, batch, pos, kd_mask, distiller, cfg, device, sample_w) \
+            if cfg.kd_weight and len(pos) else 0.0
     kv = 0.0                        # kv_weight 0 (a baseline): not computed, logged as 0
     if cfg.kv_weight:
         with autocast():
-            kv, _ = distiller(batch, cap, device)
+            kv, _ = distiller(batch, cap, device, sample_w)
     loss = cfg.kv_weight * kv + cfg.ce_weight * ce + cfg.kd_weight * kd
-    return loss, _float(kv), float(ce.detach()), _float(kd)
+    parts = {"loss_kv": _float(kv), "loss_ce": float(ce.detach()), "loss_kd": _float(kd)}
+    if len(distiller.teachers) > 1:
+        parts["teacher_weights"] = distiller.mean_weights(sample_w)
+    return loss, parts
 
 
 def _float(x) -> float:

@@ -37,12 +37,16 @@ class MetricsLog:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
+                for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
+                    self.tb.add_scalar(name, x, step)
             self.tb.flush()
-        self.echo("step {step:>6} | loss {loss:.4f} (kv {loss_kv:.4f}, ce {loss_ce:.4f}) | "
-                  "held-out cos K {cos_k:.4f} V {cos_v:.4f} (shuffled {cos_k_shuffled:.4f} / "
-                  "{cos_v_shuffled:.4f}) | lr {lr_student:.2e}/{lr_projector:.2e} | "
-                  "grad {grad_norm:.3f} | {tokens_per_s:.0f} tok/s".format(**rec))
+        line = ("step {step:>6} | loss {loss:.4f} (kv {loss_kv:.4f}, ce {loss_ce:.4f}) | "
+                "held-out cos K {cos_k:.4f} V {cos_v:.4f} (shuffled {cos_k_shuffled:.4f} / "
+                "{cos_v_shuffled:.4f}) | lr {lr_student:.2e}/{lr_projector:.2e} | "
+                "grad {grad_norm:.3f} | {tokens_per_s:.0f} tok/s").format(**rec)
+        if "teacher_weights" in rec:
+            line += " | teachers " + "/".join(f"{w:.2f}" for w in rec["teacher_weights"])
+        self.echo(line)
 
 
 def tensorboard_writer(logdir: Path, resume_step: int | None):

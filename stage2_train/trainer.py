@@ -102,19 +102,20 @@ class Trainer:
             used = graph_parameters(self.forward(self.first_sample())[0])
         return [p for p in self.params if id(p) in used]
 
-    def forward(self, batch) -> tuple:
-        """One micro-batch's loss (with its graph) and its K/V, cross-entropy and logit-KD parts;
-        under DistributedDataParallel a batch with no sample left (`empty`) gives a zero loss
-        that reaches every parameter a step's graph holds, so that every rank runs the backward
-        that averages."""
+    def forward(self, batch) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss (with its graph) and its parts (`train_step`); under
+        DistributedDataParallel a batch with no sample left (`empty`) gives a zero loss that
+        reaches every parameter a step's graph holds, so that every rank runs the backward that
+        averages."""
         if batch.get("empty"):
-            return sum(p.view(-1)[0] for p in self.in_graph) * 0.0, 0.0, 0.0, 0.0
+            return sum(p.view(-1)[0] for p in self.in_graph) * 0.0, {}
         return train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device, self.autocast)
 
     def _build_data(self) -> None:
         cfg = self.cfg
         self.data = DistillData([t["cache"] for t in self.teachers], self.tok, cfg.max_length, cfg.align,
-                                cfg.kv_tokens)
+                                cfg.kv_tokens, [t["vocab"] for t in self.teachers],
+                                cfg.kd_method if cfg.kd_weight else None, cfg.kd_tokens)
         if len(self.data) <= cfg.eval_samples:
             raise ValueError(f"the caches share {len(self.data)} samples; need more than eval_samples "
                              f"({cfg.eval_samples}) so some are left to train on")
@@ -198,16 +199,24 @@ class Trainer:
             self.skip_step(parts["loss"], gn)
         self.opt.zero_grad(set_to_none=True)
         self.prog.step += 1
-        return dict(parts, grad_norm=gn, tokens=tokens, skipped_steps=self.skipped_steps,
-                    bad_samples=len(self.bad_rows))
+        out = dict(parts, grad_norm=gn, tokens=tokens, skipped_steps=self.skipped_steps,
+                   bad_samples=len(self.bad_rows))
+        if self.cfg.kd_weight and self.cfg.kd_method == "topk":
+            out.update(kd_ids_dropped=self.prog.kd_ids_dropped, kd_samples_skipped=self.prog.kd_samples_skipped)
+        return out
 
     def accumulate(self, batches=None) -> tuple[dict, int]:
         """The gradients of one step's micro-batches, averaged over them (and over the ranks
         under torchrun: DistributedDataParallel averages once, in the backward of the last
-        micro-batch, which every rank therefore runs); returns the loss parts and the tokens
-        (of all ranks)."""
-        parts = {"loss": 0.0, "loss_kv": 0.0, "loss_ce": 0.0, "loss_kd": 0.0}
-        n, tokens = self.cfg.grad_accum, 0
+        micro-batch, which every rank therefore runs); returns the loss parts (with several
+        teachers `teacher_weights`, each teacher's mean over the step's samples) and the
+        tokens (of all ranks). Top-K ids dropped and samples left out of logit distillation
+        (compatible vocabularies) are counted in `prog`."""
+        parts = dict.fromkeys(PARTS, 0.0)
+        counts = dict.fromkeys(COUNTS, 0)
+        n_teachers = len(getattr(self, "teachers", ()))
+        weights = [0.0] * n_teachers if n_teachers > 1 else []   # summed over the step's samples
+        n = self.cfg.grad_accum
         last = n - 1 if batches is None else len(batches) - 1
         batches = self.micro_batches() if batches is None else batches
         found = []                              # samples left out (non-finite teacher K/V)
@@ -219,37 +228,47 @@ class Trainer:
             if batch.get("empty") and not (self.ddp and i == last):
                 continue
             with self.ddp.no_sync() if self.ddp and i < last else nullcontext():
-                loss, kv, ce, kd = self.ddp(batch) if self.ddp else self.forward(batch)
+                loss, got = self.ddp(batch) if self.ddp else self.forward(batch)
                 (loss / n).backward()
             if batch.get("empty"):
                 continue
             parts["loss"] += loss.item() / n
-            parts["loss_kv"] += kv / n
-            parts["loss_ce"] += ce / n
-            parts["loss_kd"] += kd / n
-            tokens += int(batch["attention_mask"].sum())
+            for k in PARTS[1:]:
+                parts[k] += got[k] / n
+            samples = len(batch["attention_mask"])
+            weights = [w + x * samples for w, x in zip(weights, got.get("teacher_weights", ()))]
+            counts["tokens"] += int(batch["attention_mask"].sum())
+            counts["samples"] += samples
+            counts["kd_dropped"] += batch.get("kd_dropped", 0)
+            counts["kd_skipped"] += batch.get("kd_skipped", 0)
         if self.world > 1:
-            tokens = self.average_parts(parts, tokens, found)
-        return parts, tokens
+            self.average_parts(parts, counts, weights, found)
+        if weights:
+            parts["teacher_weights"] = [w / max(counts["samples"], 1) for w in weights]
+        self.prog.kd_ids_dropped += counts["kd_dropped"]
+        self.prog.kd_samples_skipped += counts["kd_skipped"]
+        return parts, counts["tokens"]
 
-    def average_parts(self, parts: dict, tokens: int, bad_rows: list[int]) -> int:
-        """Average the logged loss parts over the ranks (each rank's finite check then sees the
-        same loss); returns the tokens of all ranks. Samples any rank left out (`bad_rows`) are
-        noted by every rank, so that rank 0 reports and counts them all; they are exchanged
-        only in a step that found one."""
+    def average_parts(self, parts: dict, counts: dict, weights: list[float], bad_rows: list[int]) -> None:
+        """In place: the logged loss parts averaged over the ranks (each rank's finite check
+        then sees the same loss), the counts and the teacher weights' sums summed. Samples any
+        rank left out (`bad_rows`) are noted by every rank, so that rank 0 reports and counts
+        them all; they are exchanged only in a step that found one."""
         import torch.distributed as dist
-        names = ("loss", "loss_kv", "loss_ce", "loss_kd")
         new = [r for r in dict.fromkeys(bad_rows) if r not in self.bad_rows]
-        t = torch.tensor([parts[k] for k in names] + [float(tokens), float(len(new))], device=self.device)
+        t = torch.tensor([parts[k] for k in PARTS] + [float(counts[k]) for k in COUNTS] + [float(len(new))]
+                         + list(weights), device=self.device, dtype=torch.float64)
         dist.all_reduce(t)
-        if t[5] > 0:
+        got = t.tolist()
+        if got[len(PARTS) + len(COUNTS)] > 0:
             every = [None] * self.world
             dist.all_gather_object(every, new)
             self.note_bad_rows(sorted(set().union(*every)))
-        t /= self.world
-        for k, v in zip(names, t[:4].tolist()):
-            parts[k] = v
-        return int(round(float(t[4]) * self.world))
+        for k, v in zip(PARTS, got):
+            parts[k] = v / self.world
+        for k, v in zip(COUNTS, got[len(PARTS):]):
+            counts[k] = int(round(v))
+        weights[:] = got[len(PARTS) + len(COUNTS) + 1:]
 
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (a stop asked of one process stops them all at the
@@ -376,6 +395,10 @@ class Trainer:
         if self.rank == 0:
             save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)
         self.barrier()
+
+
+PARTS = ("loss", "loss_kv", "loss_ce", "loss_kd")        # loss parts, averaged over micro-batches and ranks
+COUNTS = ("tokens", "samples", "kd_dropped", "kd_skipped")  # summed
 
 
 def graph_parameters(loss: torch.Tensor) -> set[int]:

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from kava_common import save_pretrained, tiny
+from stage1_extract.config import ExtractConfig
+from stage1_extract.extract import main as extract
 
 torch.set_num_threads(2)
 
@@ -73,3 +75,30 @@ def padded_teachers(tmp_path_factory, tok, extra_tok):
     model = tiny.build_model(cfg, seed=21)
     return {"extra": save_pretrained(model, extra_tok, tmp_path_factory.mktemp("padded-extra")),
             "same": save_pretrained(model, tok, tmp_path_factory.mktemp("padded-same"))}
+
+
+@pytest.fixture(scope="session")
+def caches(tmp_path_factory, teacher_dir, llama_dir):
+    root = tmp_path_factory.mktemp("caches")
+    cfg = ExtractConfig(teachers=[str(teacher_dir), str(llama_dir)], dataset="synthetic",
+                        max_samples=72, batch_size=8, quantize=False, device="cpu", progress=False,
+                        out=str(root))
+    qwen, llama = extract(cfg)
+    other = ExtractConfig(**{**cfg.__dict__, "teachers": [str(teacher_dir)], "seed": 1, "max_samples": 40})
+    (other_data,) = extract(other)
+    return {"qwen": qwen, "llama": llama, "other": other_data}
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tok):
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=2, heads=4, kv_heads=1, head_dim=16, tok=tok)
+    return save_pretrained(tiny.build_model(cfg, seed=7), tok, tmp_path_factory.mktemp("student"))
+
+
+@pytest.fixture(scope="session")
+def logit_caches(tmp_path_factory, teacher_dir, llama_dir):
+    root = tmp_path_factory.mktemp("logit-caches")
+    cfg = ExtractConfig(teachers=[str(teacher_dir), str(llama_dir)], dataset="synthetic", max_samples=72,
+                        batch_size=8, quantize=False, device="cpu", progress=False, out=str(root), logits_topk=8)
+    qwen, llama = extract(cfg)
+    return {"qwen": qwen, "llama": llama}

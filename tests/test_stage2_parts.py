@@ -509,14 +509,16 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
             return Trainer.forward(me, batch)
         x = batch["x"]
         loss = (model["a"] * x).sum() + (model["b"].sum() * x[0] if batch.get("use_b") or not find_unused else 0.0)
-        return loss, 1.0, float(x[0]), 0.0
+        return loss, {"loss_kv": 1.0, "loss_ce": float(x[0]), "loss_kd": 0.0}
 
     said = []
     me = types.SimpleNamespace(cfg=types.SimpleNamespace(grad_accum=2), world=world, device=torch.device("cpu"),
                                bad_rows=set(), echo=said.append, params=list(model.values()), forward=forward)
     me.model, me.distiller, me.in_graph = model, torch.nn.Module(), [model["a"], model["b"]]
+    from stage2_train.checkpoint import Progress
+    me.prog = Progress()
     me.note_bad_rows = lambda rows: Trainer.note_bad_rows(me, rows)
-    me.average_parts = lambda parts, tokens, rows: Trainer.average_parts(me, parts, tokens, rows)
+    me.average_parts = lambda parts, counts, weights, rows: Trainer.average_parts(me, parts, counts, weights, rows)
     me.ddp = DistributedDataParallel(_MicroBatch(me), find_unused_parameters=find_unused,
                                      gradient_as_bucket_view=True)
     mask = torch.ones(1, 5)
@@ -600,7 +602,8 @@ def test_the_trainers_collectives_reduce_tensors_on_its_device(monkeypatch):
     with pytest.raises(Reduced):
         Trainer.any_rank(me, True)
     with pytest.raises(Reduced):
-        Trainer.average_parts(me, {"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0}, 7, [3])
+        Trainer.average_parts(me, {"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0},
+                              {"tokens": 7, "samples": 1, "kd_dropped": 0, "kd_skipped": 0}, [], [3])
     assert seen == [torch.device("meta")] * 2
 
 

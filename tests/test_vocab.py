@@ -52,10 +52,15 @@ def test_a_text_the_student_tokenizes_otherwise_makes_the_pair_different(tok, ex
     ids = lambda t, text: t(text)["input_ids"]
     assert check_texts(m, tok, [(0, plain, ids(extra_tok, plain))]) is m
     assert check_texts(m, tok, [(0, plain, ids(extra_tok, plain)[:5])]) is m      # a cut sample: its length
-    got = check_texts(m, tok, [(0, plain, ids(extra_tok, plain)), (7, odd, ids(extra_tok, odd))])
     at = ids(extra_tok, odd).index(300)
+    got = check_texts(m, tok, [(0, plain, ids(extra_tok, plain)), (7, odd, ids(extra_tok, odd)),
+                               (8, odd, ids(extra_tok, odd))])
     assert got.kind == "different" and got.reason.startswith(
-        f"the student tokenizes sample row 7 into other ids than the teacher (first at token {at}: ")
+        f"the student tokenizes 2 of 3 samples into other ids than the teacher, sample row 7 (first at token {at}: ")
+    few = check_texts(m, tok, [(0, plain, ids(extra_tok, plain)), (7, odd, ids(extra_tok, odd))])
+    assert few.kind == "compatible" and few.shared is m.shared
+    assert few.reason.startswith(m.reason + f"; 1 of 2 samples checked tokenized otherwise, sample row 7 (first at "
+                                            f"token {at}: ")
 
 
 def _cache(teacher, out, **kw):
