@@ -4,10 +4,13 @@ Builds a random-weight Qwen2.5-1.5B-shaped teacher and its cache (samples of fou
 problems each, so a sample fills --max-length), a random Qwen2.5-0.5B-shaped student, then runs
 a few stage-2 steps per option set (batch 2) and prints the estimate the run printed beside
 torch's peak allocated and reserved memory (the estimate also counts ~0.5 GB of CUDA context,
-which torch's counters do not). Needs a GPU for the measured columns; `--shape tiny` on the CPU
-is a quick check that the script itself runs.
+which torch's counters do not). `--pair qwen2-7b-tinyllama` does the same for the original
+setup's shapes (a Qwen2-7B teacher, a TinyLlama-1.1B student) with the option sets of
+configs/qwen2_7b_to_tinyllama.yaml. Needs a GPU for the measured columns; `--shape tiny` on the
+CPU is a quick check that the script itself runs.
 
     python bench/bench_gpu_memory.py --device cuda            # the check (8-bit AdamW needs bitsandbytes)
+    python bench/bench_gpu_memory.py --device cuda --pair qwen2-7b-tinyllama
     python bench/bench_gpu_memory.py --device cpu --shape tiny   # runs the script, ~10 s; nothing measured
 """
 
@@ -26,7 +29,7 @@ import torch
 
 from kava_common import tiny
 from kava_common.data import Rows, load_fast_tokenizer, load_rows
-from kava_common.tiny import QWEN25_05B, QWEN25_15B
+from kava_common.tiny import QWEN2_7B, QWEN25_05B, QWEN25_15B, TINYLLAMA_11B
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
 from stage2_train.config import TrainConfig
@@ -47,6 +50,13 @@ OPTIONS = [("bf16, AdamW", {}),
            # configs/kv_and_logit_kd.yaml: the student's logits at every position
            ("bf16, 8-bit AdamW, ckpt, logit KD every token", dict(optimizer="adamw8bit", gradient_checkpointing=True,
                                                                  kd_weight=1.0, kd_tokens="all"))]
+# configs/qwen2_7b_to_tinyllama.yaml, its variant with trained embeddings, and its LoRA fallback
+TINYLLAMA_OPTIONS = [("bf16, 8-bit AdamW, ckpt, frozen embeddings", dict(optimizer="adamw8bit", gradient_checkpointing=True,
+                                                                        freeze_embeddings=True)),
+                     ("bf16, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit", gradient_checkpointing=True)),
+                     ("bf16, LoRA r=64, checkpointing", dict(lora_r=64, gradient_checkpointing=True))]
+PAIRS = {"qwen2.5-1.5b-0.5b": (QWEN25_15B, QWEN25_05B, OPTIONS),
+         "qwen2-7b-tinyllama": (QWEN2_7B, TINYLLAMA_11B, TINYLLAMA_OPTIONS)}
 
 
 def long_rows(n: int, per: int = 4) -> Rows:
@@ -57,10 +67,11 @@ def long_rows(n: int, per: int = 4) -> Rows:
                 ["\n".join(r.answers[i:i + per]) for i in range(0, n * per, per)])
 
 
-def configs(shape: str, tok):
-    from transformers import Qwen2Config
+def configs(shape: str, tok, pair: str = "qwen2.5-1.5b-0.5b"):
+    from transformers import LlamaConfig, Qwen2Config
     if shape == "real":
-        return Qwen2Config(**QWEN25_15B), Qwen2Config(**QWEN25_05B)
+        teacher, student, _ = PAIRS[pair]
+        return Qwen2Config(**teacher), (LlamaConfig if "tinyllama" in pair else Qwen2Config)(**student)
     t = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2, head_dim=64,
                          intermediate=256, tok=tok)
     s = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16,
@@ -73,6 +84,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--shape", default="real", choices=["real", "tiny"])
+    p.add_argument("--pair", default="qwen2.5-1.5b-0.5b", choices=sorted(PAIRS),
+                   help="teacher and student shapes (--shape real) and their option sets")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--samples", type=int, default=12)
@@ -84,7 +97,8 @@ def main(argv=None):
     try:                    # the caches and runs made here go with the run, however it ends
         print(header(device=dev))
         tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
-        t_cfg, s_cfg = configs(a.shape, tok)
+        t_cfg, s_cfg = configs(a.shape, tok, a.pair)
+        options = PAIRS[a.pair][2]
         student = AutoModelForCausalLM.from_config(s_cfg, dtype=torch.bfloat16)
         sdir = root / "student"
         kava_common.save_pretrained(student, tok, sdir)
@@ -103,10 +117,10 @@ def main(argv=None):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        chosen = range(len(OPTIONS)) if a.options == "all" else [int(i) for i in a.options.split(",")]
+        chosen = range(len(options)) if a.options == "all" else [int(i) for i in a.options.split(",")]
         print(f"batch 2 x {a.max_length} tokens, {a.steps} steps per option; GB = 2^30 bytes")
         for i in chosen:
-            name, kw = OPTIONS[i]
+            name, kw = options[i]
             if not cuda and kw.get("optimizer") == "adamw8bit":
                 kw = {k: v for k, v in kw.items() if k != "optimizer"}
             gc.collect()

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU figure kava reports, in one run on one CUDA GPU (each step has its own time limit;
-# about 9 minutes at most):
+# about 11 minutes at most):
 #
 #   bash bench/gpu_checks.sh [OUT]              # logs in OUT (default data_cache/gpu_checks)
 #   KAVA_WHEELS=DIR bash bench/gpu_checks.sh    # first install the wheels in DIR (offline machines)
 #
 # 1. stage 1 / forward-only on CUDA: tiny fp32, tiny NF4 and the Qwen2.5-1.5B shape in bf16
 #    (the gather capture path, the GPU default)
-# 2. the stage-2 peak-memory estimate beside torch's measured peak at the seed's setting
+# 2. the stage-2 peak-memory estimate beside torch's measured peak at the seed's setting, and at
+#    the original setup's (a Qwen2-7B-shaped teacher, a TinyLlama-1.1B-shaped student)
 # 3. the stage-2 step from an int4 cache over the float16 one (tiny models and the seed's
 #    shapes), and the offline / online step ratio with the teacher in NF4, as the seed ran it
 #
@@ -40,5 +41,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tee -a "$out/gpu.txt"
 step extract 180 bench/bench_extract.py --device cuda --cases tiny-fp32,tiny-nf4,qwen2.5-1.5b-fp32 --repeats 3
 step gpu_memory 120 bench/bench_gpu_memory.py --device cuda
+step gpu_memory_tinyllama 150 bench/bench_gpu_memory.py --device cuda --pair qwen2-7b-tinyllama
 step train 240 bench/bench_train.py --device cuda --parts int4,int4-real,online --online-teacher nf4 --steps 40
 echo "logs in $out"

@@ -15,6 +15,14 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                   rope_theta=1000000.0, tie_word_embeddings=True)
+# The original setup's pair: a Qwen2-7B teacher (Qwen's tokenizer) and a TinyLlama-1.1B student
+# (Llama's 32,000-token SentencePiece vocabulary), as their published configs give them.
+QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+                rope_theta=1000000.0, tie_word_embeddings=False)
+TINYLLAMA_11B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                     rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 EOS = "<|endoftext|>"
 BOS = "<s>"

@@ -96,3 +96,30 @@ def test_runs_dir_from_the_environment_sits_below_yaml_and_flags(tmp_path, monke
     assert cli(["--student", "S", "--cache", "C", "--config", write_yaml(tmp_path, "out: from-yaml\n")]) == 0
     assert cli(["--student", "S", "--cache", "C", "--out", "from-flag"]) == 0
     assert seen == [str(tmp_path / "runs" / "run"), "from-yaml", "from-flag"]
+
+
+def test_the_tinyllama_config_fits_8gb_at_the_real_shapes(tmp_path):
+    """configs/qwen2_7b_to_tinyllama.yaml at TinyLlama-1.1B's published shape with a Qwen2-7B
+    cache of every layer (28 x 4 KV heads x 128) mapped onto its 22 layers, every answer as long
+    as max_length: the estimate stage 2 prints is under 7.5 GB, and training the embeddings too
+    costs their gradient and 8-bit optimizer state (65.5M parameters x 4 bytes)."""
+    import re
+    from types import SimpleNamespace
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig
+    from kava_common.tiny import TINYLLAMA_11B
+    from stage2_train.build import memory_estimate
+    LlamaConfig(**TINYLLAMA_11B).save_pretrained(tmp_path / "tinyllama")
+    cfg = load_config(str(CONFIGS / "qwen2_7b_to_tinyllama.yaml"), {"caches": ["C"], "student": str(tmp_path / "tinyllama")})
+    assert (cfg.loss, cfg.projector, cfg.direction, cfg.align) == ("mercator", "head", "student_to_teacher", "auto")
+    cache = SimpleNamespace(layers=list(range(28)), token_segments=lambda: np.array([[[0, 10], [10, 900], [900, 901]]]))
+    teachers = [{"cache": cache, "distilled": [(s, [(0, 1.0)]) for s in range(22)], "heads": 4, "head_dim": 128}]
+
+    def estimate(c):
+        text = memory_estimate(c, teachers, torch.bfloat16, torch.device("cuda"))
+        return float(re.search(r"estimated peak memory ([0-9.]+) GB", text).group(1))
+    fixed = estimate(cfg)
+    trained = estimate(load_config(str(CONFIGS / "qwen2_7b_to_tinyllama.yaml"), {
+        "caches": ["C"], "student": str(tmp_path / "tinyllama"), "freeze_embeddings": False}))
+    assert 6.5 < fixed < 7.5 and trained - fixed == pytest.approx(32000 * 2048 * 4 / 1024 ** 3, abs=0.011)
