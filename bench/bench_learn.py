@@ -13,15 +13,20 @@ that file differs from the committed one (--allow-uncommitted for trials) and pr
    teacher in 4-bit NF4 with its top-K next-token log-probs (--logits-topk), the Llama unquantized.
 3. A smaller Qwen2 student (tokenizer A) trains on those problems only, through the sweep runner,
    once per arm and seed; seed s fixes the student's initialisation and data order for every arm, so
-   each arm is paired with cross-entropy alone on the same seed.
+   each arm is paired with cross-entropy alone on the same seed. A registration may name several
+   students (`students:`, e.g. a Llama one with tokenizer B), each with its own cross-entropy
+   baseline (`baselines:`); an arm says which it trains (`student:`).
 4. Every student is scored by exact match per held-out problem. Per arm: mean exact match, the
-   mean paired difference to cross-entropy alone with a 95% bootstrap interval over seeds and
-   problems (stage2_train.stats.paired_bootstrap), and the held-out and shuffled K/V cosines.
-5. Validation split: the headroom check (logit KD against cross-entropy) and the ablations; the
-   K/V arm with the best paired difference there is the chosen setting (of tied arms, the first
-   in `choose_from`). Test split, once: the pre-registered arms and the chosen one, trained
-   again or, with `reuse_validation_students: true`, the students trained for validation scored
-   on test. Writes results.md, results.json and results.png.
+   mean paired difference to its student's cross-entropy alone with a 95% bootstrap interval over
+   seeds and problems (stage2_train.stats.paired_bootstrap), and the held-out and shuffled K/V
+   cosines.
+5. Validation split: the headroom check (logit KD against cross-entropy) and the ablations; each
+   decision of `choose:` takes the candidate arm with the best paired difference there (of tied
+   arms, the first listed; `@name` is the arm another decision chose). An arm may be built from
+   chosen arms (`from_choice: NAME`: that arm's settings; `take: {NAME: [keys]}`: some of them),
+   and runs once those decisions are made. Test split, once: the pre-registered arms and every
+   chosen one, trained again or, with `reuse_validation_students: true`, the students trained for
+   validation scored on test. Writes results.md, results.json and results.png.
 """
 
 from __future__ import annotations
@@ -121,14 +126,16 @@ def prepare(root: Path, reg: dict, log) -> dict:
     toks = {"a": tiny.train_tokenizer(corpus, vocab_size=512),
             "b": tiny.train_tokenizer(corpus[::-1][:2000], vocab_size=600, add_bos=True)}
     paths = {"student_data": student_data(root, task)}
+    n_eval = reg["eval"].get("teachers", 200)
     for name, spec in reg["teachers"].items():
         trained = spec.get("same_as", name)         # another stage-1 setting of a teacher already there
         tpath = build_teacher(root, f"teacher-{trained}", spec, task, toks[spec["tokenizer"]], log)
-        ev = tpath / "eval-validation.jsonl"
-        r = evaluate(str(tpath), task["dataset"], "validation", 200, batch_size=100, max_new_tokens=task["max_new_tokens"],
-                     out=ev, device="cpu", progress=False) if not ev.is_file() else None
+        ev = tpath / ("eval-validation.jsonl" if n_eval == 200 else f"eval-validation-{n_eval}.jsonl")
+        r = evaluate(str(tpath), task["dataset"], "validation", n_eval, batch_size=100,
+                     max_new_tokens=task["max_new_tokens"], out=ev, device="cpu", progress=False) \
+            if not ev.is_file() else None
         scores = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
-        log(f"  teacher {name}: exact match {np.mean(scores):.3f} on 200 validation problems"
+        log(f"  teacher {name}: exact match {np.mean(scores):.3f} on {n_eval} validation problems"
             + ("" if r else " (scored before)"))
         paths[f"teacher_{name}_acc"] = float(np.mean(scores))
         (cache,) = extract(ExtractConfig(teachers=[str(tpath)], dataset=paths["student_data"],
@@ -136,13 +143,67 @@ def prepare(root: Path, reg: dict, log) -> dict:
                                          batch_size=32, max_length=256, device="cpu", progress=False,
                                          out=str(root / "caches"), **spec["stage1"]))
         paths[f"cache_{name}"] = str(cache)
-    for seed in reg["seeds"]:
-        init = root / f"student-init-{seed}"
-        if not (init / "config.json").is_file():
-            cfg = tiny.tiny_config("qwen2", len(toks["a"]), tok=toks["a"], **reg["student"]["model"])
-            save_pretrained(tiny.build_model(cfg, seed=1000 + seed), toks["a"], init)
-        paths[f"student_{seed}"] = str(init)
+    for name, spec in students(reg).items():
+        tok = toks[spec["tokenizer"]]
+        for seed in reg["seeds"]:
+            init = root / (f"student-init-{seed}" if name == DEFAULT else f"student-{name}-init-{seed}")
+            if not (init / "config.json").is_file():
+                cfg = tiny.tiny_config(spec["arch"], len(tok), tok=tok, **spec["model"])
+                save_pretrained(tiny.build_model(cfg, seed=1000 + seed), tok, init)
+            paths[student_key(name, seed)] = str(init)
     return paths
+
+
+DEFAULT = "default"      # the one student of a registration without `students:`
+
+
+def students(reg: dict) -> dict:
+    """The registration's students: name -> {arch, tokenizer, model}."""
+    if "students" in reg:
+        return reg["students"]
+    return {DEFAULT: {"arch": "qwen2", "tokenizer": "a", "model": reg["student"]["model"]}}
+
+
+def student_key(name: str, seed: int) -> str:
+    return f"student_{seed}" if name == DEFAULT else f"student_{name}_{seed}"
+
+
+def arm_student(reg: dict, arm: str) -> str:
+    return reg["arms"][arm].get("student", next(iter(students(reg))))
+
+
+def baseline(reg: dict, arm: str) -> str:
+    """The cross-entropy arm of the student that `arm` trains."""
+    return reg["baselines"][arm_student(reg, arm)] if "baselines" in reg else reg["baseline"]
+
+
+def decisions(reg: dict) -> dict:
+    """name -> candidate arms (`@other`: the arm decision `other` chose)."""
+    return reg.get("choose") or {"chosen": reg["choose_from"]}
+
+
+def refs(reg: dict, arm: str) -> set[str]:
+    """The decisions an arm is built from."""
+    spec = reg["arms"][arm]
+    return ({spec["from_choice"]} if "from_choice" in spec else set()) | set(spec.get("take") or {})
+
+
+def arm_settings(reg: dict, arm: str, chosen: dict) -> dict:
+    """An arm's settings over student.settings (without `what` and `student`): its own, over
+    those of the arm it is built from (`from_choice`) and the keys it takes from others."""
+    spec = reg["arms"][arm]
+    out = {}
+    if "from_choice" in spec:
+        out.update(arm_settings(reg, chosen[spec["from_choice"]], chosen))
+    for name, keys in (spec.get("take") or {}).items():
+        src = arm_settings(reg, chosen[name], chosen)
+        out.update({k: src[k] for k in keys if k in src})
+    out.update({k: v for k, v in spec.items() if k not in ("what", "student", "from_choice", "take")})
+    return out
+
+
+def resolve(name: str, chosen: dict) -> str:
+    return chosen[name[1:]] if name.startswith("@") else name
 
 
 def student_data(root: Path, task: dict) -> str:
@@ -234,16 +295,18 @@ def score_trained(out: Path, sweep: dict, trained: Path, t0: float) -> dict:
 
 
 def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, pool, threads: int, log,
-             reuse: str | None = None) -> list[dict]:
+             reuse: str | None = None, chosen: dict | None = None) -> list[dict]:
     """Every seed of every arm in `arms`, `pool` running the runs side by side; an arm already
-    trained for split `reuse` is scored, not trained again."""
+    trained for split `reuse` is scored, not trained again. `chosen`: the decisions made so far
+    (arms built from them take the chosen arms' settings)."""
     jobs = []
     for arm in arms:
-        spec = reg["arms"][arm]
-        settings = dict(reg["student"]["settings"], **{k: fill(v, paths) for k, v in spec.items() if k != "what"})
+        own = arm_settings(reg, arm, chosen or {})
+        settings = dict(reg["student"]["settings"], **{k: fill(v, paths) for k, v in own.items()})
         for seed in reg["seeds"]:
             sweep = {"out": str(root / split / arm / f"seed-{seed}"),
-                     "settings": dict(settings, student=paths[f"student_{seed}"]), "grid": {"seed": [seed]},
+                     "settings": dict(settings, student=paths[student_key(arm_student(reg, arm), seed)]),
+                     "grid": {"seed": [seed]},
                      "eval": {"dataset": reg["task"]["dataset"], "split": split, "max_samples": reg["eval"][split],
                               "batch_size": reg["eval"]["batch_size"],
                               "max_new_tokens": reg["task"]["max_new_tokens"], "device": "cpu"}}
@@ -257,23 +320,24 @@ def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, po
     results = []
     for arm in arms:
         rs = [done[arm, seed] for seed in reg["seeds"]]
-        results.append({"arm": arm, "what": reg["arms"][arm]["what"],
+        results.append({"arm": arm, "what": reg["arms"][arm]["what"], "baseline": baseline(reg, arm),
                         "scores": np.array([r["scores"] for r in rs], dtype=np.float64),
                         **{c: float(np.nanmean([r[c] for r in rs])) if any(r[c] == r[c] for r in rs)
                            else float("nan") for c in COSINES}})
     return results
 
 
-def compare(results: list[dict], base: str) -> list[dict]:
-    """Per arm: mean exact match and the paired difference to `base` with its 95% interval."""
-    ref = next(r for r in results if r["arm"] == base)["scores"]
+def compare(results: list[dict]) -> list[dict]:
+    """Per arm: mean exact match and the paired difference to its baseline (the cross-entropy arm
+    of its student, among `results`) with its 95% interval."""
+    scores = {r["arm"]: r["scores"] for r in results}
     rows = []
     for r in results:
         row = {k: v for k, v in r.items() if k != "scores"}
         per_seed = r["scores"].mean(axis=1)
         row.update(acc=float(r["scores"].mean()), acc_min=float(per_seed.min()), acc_max=float(per_seed.max()))
-        if r["arm"] != base:
-            row["paired"] = paired_bootstrap(r["scores"], ref)
+        if r["arm"] != r["baseline"]:
+            row["paired"] = paired_bootstrap(r["scores"], scores[r["baseline"]])
         rows.append(row)
     return rows
 
@@ -319,6 +383,36 @@ def choose(rows: list[dict], candidates: list[str]) -> str:
     return max(candidates, key=lambda arm: (by_arm[arm]["paired"]["diff"], -candidates.index(arm)))
 
 
+def validate(root: Path, reg: dict, paths: dict, pool, threads: int, log) -> tuple[list[dict], dict]:
+    """The validation arms, in rounds: the arms whose decisions are made run, then every decision
+    whose candidates have all run is taken; until every arm has run. Returns the raw results
+    and {decision: chosen arm}."""
+    chosen, raw, pending = {}, [], list(reg["validation"])
+    while pending:
+        ready = [a for a in pending if refs(reg, a) <= set(chosen)]
+        if not ready:
+            raise SystemExit(f"error: validation arms {pending} are built from decisions that are never made")
+        raw += run_arms(root, ready, "validation", reg, paths, pool, threads, log, chosen=chosen)
+        pending = [a for a in pending if a not in ready]
+        made = True
+        while made:                             # a decision may name another one's choice
+            made = False
+            rows = compare(raw)
+            have = {r["arm"] for r in rows}
+            for name, cands in decisions(reg).items():
+                if name in chosen or any(c.startswith("@") and c[1:] not in chosen for c in cands):
+                    continue
+                arms = [resolve(c, chosen) for c in cands]
+                if set(arms) <= have:
+                    chosen[name] = choose(rows, list(dict.fromkeys(arms)))
+                    log(f"  decision {name}: {chosen[name]} ({', '.join(arms)} on validation)")
+                    made = True
+    missing = sorted(set(decisions(reg)) - set(chosen))
+    if missing:
+        raise SystemExit(f"error: decisions {missing} name arms that validation does not run")
+    return raw, chosen
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="data_cache/bench_learn")
@@ -341,53 +435,70 @@ def main(argv=None):
     paths = prepare(root, reg, log)
     if a.phase == "prepare":
         return
-    base = reg["baseline"]
     pool = ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn"))
     threads = max(1, torch.get_num_threads() // a.workers)
     log(f"validation arms ({a.workers} runs side by side, {threads} thread(s) each)")
-    val = compare(run_arms(root, reg["validation"], "validation", reg, paths, pool, threads, log), base)
-    chosen = choose(val, reg["choose_from"])
-    log(f"chosen on validation: {chosen}")
-    sections = [(f"validation ({reg['eval']['validation']} problems x {len(reg['seeds'])} seeds)", val)]
-    test = []
+    raw, chosen = validate(root, reg, paths, pool, threads, log)
+    sections = [(f"validation ({reg['eval']['validation']} problems x {len(reg['seeds'])} seeds)", compare(raw))]
+    pairs = [("validation", *also(raw, reg, chosen))]
     if a.phase == "all":
         log("test arms")
-        arms = list(dict.fromkeys([*reg["test"], chosen]))
+        arms = list(dict.fromkeys([*(resolve(x, chosen) for x in reg["test"]), *chosen.values()]))
         raw = run_arms(root, arms, "test", reg, paths, pool, threads, log,
-                       reuse="validation" if reg.get("reuse_validation_students") else None)
-        test = compare(raw, base)
-        sections.append((f"test ({reg['eval']['test']} problems x {len(reg['seeds'])} seeds)", test))
-        for arm, other in reg.get("also_compare", []):      # arm - other, paired as every arm is with ce
-            scores = {r["arm"]: r["scores"] for r in raw}
-            d = paired_bootstrap(scores[arm], scores[other])
-            log(f"test, {arm} - {other}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
-    report(root, reg, paths, sections, chosen, time.perf_counter() - t0, log)
+                       reuse="validation" if reg.get("reuse_validation_students") else None, chosen=chosen)
+        sections.append((f"test ({reg['eval']['test']} problems x {len(reg['seeds'])} seeds)", compare(raw)))
+        pairs.append(("test", *also(raw, reg, chosen)))
+    for split, lines, _ in pairs:
+        for line in lines:
+            log(f"{split}, {line}")
+    report(root, reg, paths, sections, chosen, [(s, rows) for s, _, rows in pairs], time.perf_counter() - t0, log)
 
 
-def report(root: Path, reg: dict, paths: dict, sections, chosen: str, wall: float, log) -> None:
+def also(raw: list[dict], reg: dict, chosen: dict) -> tuple[list[str], list[dict]]:
+    """The registration's `also_compare` pairs (arm - other, paired as every arm is with its
+    baseline) among the arms in `raw`: lines to print, and rows for results.json."""
+    scores = {r["arm"]: r["scores"] for r in raw}
+    lines, rows = [], []
+    for arm, other in reg.get("also_compare", []):
+        a, b = resolve(arm, chosen), resolve(other, chosen)
+        if a in scores and b in scores:
+            d = paired_bootstrap(scores[a], scores[b])
+            lines.append(f"{arm} ({a}) - {other} ({b}): {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+            rows.append({"arm": a, "other": b, "paired": d})
+    return lines, rows
+
+
+def report(root: Path, reg: dict, paths: dict, sections, chosen: dict, pairs, wall: float, log) -> None:
     t = reg["task"]
     lines = [f"Task {t['dataset']}: students see {t['student_problems']} problems, "
              f"{reg['student']['settings']['max_steps']} steps x batch {reg['student']['settings']['batch_size']}, "
-             f"seeds {reg['seeds']}. Teachers (200 validation problems): "
+             f"seeds {reg['seeds']}. Teachers ({reg['eval'].get('teachers', 200)} validation problems): "
              + ", ".join(f"{n} {paths[f'teacher_{n}_acc']:.3f}" for n in reg["teachers"]) + "."]
-    if "cache_qwen2" in paths:
-        c = teacher_certainty(paths["cache_qwen2"])
-        lines.append(f"The Qwen2 teacher's cached next-token distribution on the answer tokens ({c['tokens']} tokens "
+    for name, spec in reg["teachers"].items():
+        if not spec["stage1"].get("logits_topk"):
+            continue
+        c = teacher_certainty(paths[f"cache_{name}"])
+        lines.append(f"The {name} teacher's cached next-token distribution on the answer tokens ({c['tokens']} tokens "
                      f"of every 8th sample): mean top-1 probability {c['top1']:.4f}, {c['above_099']:.1%} of "
                      f"tokens above 0.99, top-K entropy {c['entropy']:.4f} nats, top token = the text's "
                      f"{c['argmax_is_text']:.2%}: what logit distillation can add to the labels.")
         if any(reg["arms"][arm].get("kd_tokens") == "all" for arm in reg["arms"]):
-            c = teacher_certainty(paths["cache_qwen2"], part="question")
+            c = teacher_certainty(paths[f"cache_{name}"], part="question")
             lines.append(f"On the question's tokens (the prompt's too; {c['tokens']} tokens): mean top-1 probability "
                          f"{c['top1']:.4f}, {c['above_099']:.1%} above 0.99, top-K entropy {c['entropy']:.4f} nats, "
                          f"top token = the text's {c['argmax_is_text']:.2%}.")
     for title, rows in sections:
         lines += ["", f"{title}:", "", *table(rows)]
-    lines += ["", f"Chosen on validation by the pre-registered rule: {reg['arms'][chosen]['what']} ({chosen})."]
+    lines += [""] + [f"Chosen on validation by the pre-registered rule ({name}): {reg['arms'][arm]['what']} ({arm})."
+                     for name, arm in chosen.items()]
+    for split, rows in pairs:
+        lines += [f"{split}, {reg['arms'][r['arm']]['what']} - {reg['arms'][r['other']]['what']}: "
+                  f"{r['paired']['diff']:+.3f} [{r['paired']['low']:+.3f}, {r['paired']['high']:+.3f}]" for r in rows]
     text = "\n".join(lines)
     (root / "results.md").write_text(text + "\n")
     (root / "results.json").write_text(json.dumps({"paths": paths, "chosen": chosen, "sections": [
-        {"title": s, "rows": rows} for s, rows in sections], "wall_s": wall}, indent=1))
+        {"title": s, "rows": rows} for s, rows in sections], "also_compare": [
+        {"split": s, "rows": rows} for s, rows in pairs], "wall_s": wall}, indent=1))
     plot(sections, root / "results.png")
     log("")
     log(text)
