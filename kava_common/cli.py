@@ -167,6 +167,21 @@ def coerce_settings(obj) -> list[str]:
     return problems
 
 
+def read_yaml(path) -> object:
+    """A YAML file's contents; a file that does not parse is a ValueError naming it and the
+    line (not yaml's multi-line report)."""
+    import yaml
+    from pathlib import Path
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def settings_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     add_settings(p, cls)

@@ -138,7 +138,7 @@ def _read_jsonl(path: Path):
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}: line {line} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
-    rows = []
+    rows, lines = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -150,9 +150,16 @@ def _read_jsonl(path: Path):
             raise ValueError(f"{path}: line {n} is a {type(row).__name__}, expected an object with "
                              "`question` and `answer`")
         rows.append(row)
+        lines.append(n)
     if not rows:
         raise ValueError(f"{path}: no rows (the file is empty)")
     keys = {k for r in rows for k in r}
+    for k in sorted(keys):       # one type per column: pyarrow refuses a mix with a traceback
+        typed = [(n, type(r[k])) for n, r in zip(lines, rows) if r.get(k) is not None]
+        odd = next(((n, t) for n, t in typed if t is not typed[0][1]), None)
+        if odd:
+            raise ValueError(f"{path}: line {odd[0]}: `{k}` is {odd[1].__name__}, but line {typed[0][0]} has "
+                             f"{typed[0][1].__name__}; every row of a column must hold the same type")
     return datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
 
 

@@ -1,9 +1,10 @@
-"""python -m kava_common.info CACHE [CACHE ...] [--verify] [--student S]
+"""python -m kava_common.info CACHE|RUN [...] [--verify] [--student S]
 
 Prints a cache's summary (teacher, geometry, samples, size, bytes per token); with --verify it
 re-hashes every shard and exits 1 naming each file that does not match the manifest; with
 --student it says whether the student's vocabulary is the teacher's (same, compatible or
-different) and so which alignment and logit distillation stage 2 takes.
+different) and so which alignment and logit distillation stage 2 takes. Given a stage-2 run
+folder, it lists its checkpoints, and with --verify checks each against its checksums.json.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from . import KavaError
 from .cache import open_cache, verify_cache
 from .cli import parse_settings, setting
+from .integrity import folder_problems
 from .vocab import describe, vocab_match
 
 
@@ -66,7 +68,8 @@ def _ranges(xs: list[int]) -> str:
 @dataclass
 class InfoArgs:
     """Settings of `python -m kava_common.info` (kava_common.cli)."""
-    caches: list[str] = setting(list, "cache folder(s) holding manifest.json", positional=True, metavar="CACHE")
+    caches: list[str] = setting(list, "cache folder(s) holding manifest.json, or stage-2 run folders",
+                                positional=True, metavar="CACHE")
     verify: bool = setting(False, "re-hash every shard against the manifest, and check the manifest's "
                            "counts and geometry against the shards")
     student: str | None = setting(None, "a student (hub id or local folder): is its vocabulary the teacher's "
@@ -85,6 +88,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     for path in args.caches:
+        if is_run(path):
+            status = run_info(path, args.verify) or status
+            continue
         try:
             print(summary(path))
         except (FileNotFoundError, ValueError, KeyError) as e:
@@ -106,6 +112,34 @@ def main(argv=None) -> int:
                 print(f"error: {path}: {e}", file=sys.stderr)
                 status = 1
     return status
+
+
+RUN_MARKS = ("metrics.jsonl", "config.yaml", "final")
+
+
+def is_run(path: str) -> bool:
+    """A stage-2 run folder (not a cache): no manifest.json, and a run's files or checkpoints."""
+    p = Path(path)
+    return p.is_dir() and not (p / "manifest.json").exists() and (
+        any((p / m).exists() for m in RUN_MARKS) or any(p.glob("step-[0-9]*")))
+
+
+def run_info(path: str, verify: bool) -> int:
+    """Print a run folder's checkpoints and, with `verify`, every file that does not match its
+    folder's checksums.json; returns the exit status."""
+    p = Path(path)
+    folders = sorted(x for x in p.glob("step-[0-9]*") if x.is_dir() and not x.name.endswith(".tmp"))
+    folders += [p / "final"] if (p / "final").is_dir() else []
+    print(f"run          {p}")
+    print(f"checkpoints  {', '.join(x.name for x in folders) or 'none'}")
+    if not verify:
+        return 0
+    problems = [line for x in folders for line in folder_problems(x)]
+    for line in problems:
+        print(f"CORRUPT {line}")
+    print(f"verify       FAILED: {len(problems)} problem(s) in {len(folders)} checkpoint(s)" if problems
+          else f"verify       ok: {len(folders)} checkpoint(s) match their checksums")
+    return int(bool(problems))
 
 
 def _student(name: str) -> tuple:

@@ -62,11 +62,14 @@ def main(argv=None) -> int:
         return 1
     from stage2_train.config import TrainConfig
     from stage2_train.plot import plot
-    from stage2_train.train import main as train
+    from stage2_train.train import Stopped, main as train
     run = root / "run"
-    train(TrainConfig(student=str(student), caches=[str(cache_dir)], out=str(run), max_steps=args.steps,
-                      batch_size=8, log_every=10, save_every=args.steps // 2, lr_projector=1e-2,
-                      device="cpu", overwrite=True))    # each demo run trains afresh
+    try:
+        train(TrainConfig(student=str(student), caches=[str(cache_dir)], out=str(run), max_steps=args.steps,
+                          batch_size=8, log_every=10, save_every=args.steps // 2, lr_projector=1e-2,
+                          device="cpu", overwrite=True))    # each demo run trains afresh
+    except Stopped as e:
+        return e.exit_code
     png = plot(run / "metrics.jsonl")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s\n"
           f"  cache    {cache_dir} (verified)\n"

@@ -27,9 +27,11 @@ def cli(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .train import main
+    from .train import Stopped, main
     try:
         main(cfg)
+    except Stopped as e:                              # saved and said so: resumable, not finished
+        return e.exit_code
     except (KavaError, ValueError, OSError) as e:     # OSError: a read-only or missing path, ...
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,7 +2,10 @@
 
 Nothing in a checkpoint is unpickled on resume: weights are safetensors, optimizer and
 scheduler state are loaded with `torch.load(weights_only=True)` (tensors and plain Python
-values only), and the RNG states are stored as tensors and numbers."""
+values only), and the RNG states are stored as tensors and numbers. Each folder records the
+size and checksum of every file it holds (`checksums.json`, kava_common.integrity), written
+before it is renamed into place; a resume checks them and `state.json`'s fields first
+(`checkpoint_problems`) and falls back to the newest checkpoint that passes."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from kava_common import KavaError, save_pretrained
+from kava_common.integrity import RECORD, folder_problems, record_folder
 
 
 @dataclass
@@ -65,8 +69,13 @@ def resume_changes(saved: dict, cfg) -> tuple[dict, dict]:
     return {k: v for k, v in changed.items() if k not in refused}, refused
 
 
+def checkpoints(run: Path) -> list[Path]:
+    """A run's step-NNNNNN/ folders, oldest first."""
+    return sorted(p for p in run.glob("step-[0-9]*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    steps = sorted(p for p in run.glob("step-[0-9]*") if p.is_dir() and not p.name.endswith(".tmp"))
+    steps = checkpoints(run)
     return steps[-1] if steps else None
 
 
@@ -75,20 +84,84 @@ def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched
     """step-NNNNNN/ for `prog`, written atomically. rngs: each rank's RNG states (`rng_state`;
     one for a lone process): under torchrun each rank's dropout draws its own numbers."""
     from safetensors.torch import save_file
-    final = run / f"step-{prog.step:06d}"
-    tmp = run / (final.name + ".tmp")
+
+    def fill(tmp: Path) -> None:
+        save_pretrained(model, tok, tmp / "student")
+        save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"ranks": rngs}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"progress": asdict(prog), "fingerprints": fps,
+                                                    "config": cfg.to_dict()}, indent=1))
+    return write_folder(run / f"step-{prog.step:06d}", fill)
+
+
+def write_folder(final: Path, fill) -> Path:
+    """`fill(tmp)` writes a checkpoint's files into a temporary folder, whose checksums are then
+    recorded and which is renamed to `final`. A failed write (a full disk, a read-only folder)
+    removes the temporary folder and is one line naming it; earlier checkpoints stay as they
+    were."""
+    tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_pretrained(model, tok, tmp / "student")
-    save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"ranks": rngs}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"progress": asdict(prog), "fingerprints": fps,
-                                                "config": cfg.to_dict()}, indent=1))
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        record_folder(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise KavaError(f"writing {final} failed ({what}); nothing of it is kept, earlier checkpoints are "
+                        "as they were: free space and resume with --resume auto") from e
+    except Exception as e:       # safetensors reports a full disk as its own error type
+        if "No space left" not in str(e) and "os error 28" not in str(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KavaError(f"writing {final} failed (no space left on the device); nothing of it is kept, "
+                        "earlier checkpoints are as they were: free space and resume with --resume auto") from e
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, its fields checked: KavaError naming the file and what is
+    wrong (not JSON, a field of the wrong type, a step outside 0..max_steps or not the
+    folder's)."""
+    f = path / "state.json"
+    try:
+        state = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise KavaError(f"{f}: missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise KavaError(f"{f}: not valid JSON ({e})") from None
+    p = state.get("progress") if isinstance(state, dict) else None
+    if not isinstance(p, dict) or not isinstance(state.get("config"), dict) \
+            or not isinstance(state.get("fingerprints"), list):
+        raise KavaError(f"{f}: expected progress, fingerprints and config")
+    known = {k: type(v) for k, v in asdict(Progress()).items()}
+    bad = [k for k, v in p.items() if k not in known or type(v) is not int]
+    if bad:
+        raise KavaError(f"{f}: progress field(s) {bad} are not among {sorted(known)} or not whole numbers")
+    max_steps = state["config"].get("max_steps")
+    step = p.get("step", 0)
+    if not isinstance(max_steps, int) or not 0 <= step <= max_steps or min(p.get("epoch", 0), p.get("micro", 0)) < 0 \
+            or p.get("world_size", 1) < 1:
+        raise KavaError(f"{f}: progress {p} is outside what a run of max_steps {max_steps} writes")
+    if path.name.startswith("step-") and path.name != f"step-{step:06d}":
+        raise KavaError(f"{f}: says step {step}, but the folder is {path.name}")
+    return state
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """What keeps a resume from `path`: files that do not match its checksums.json, or a
+    state.json that does not read (empty when it passes). A checkpoint written without
+    checksums.json is checked on its state alone."""
+    problems = [] if not (path / RECORD).is_file() and (path / "state.json").is_file() else folder_problems(path)
+    try:
+        read_state(path)
+    except KavaError as e:
+        problems.append(str(e))
+    return problems
 
 
 def load_checkpoint(path: Path, model, distiller, opt, sched, rank: int, device: torch.device) -> Progress:
@@ -162,21 +235,17 @@ def set_rng_state(r: dict, device: torch.device) -> None:
 
 def save_final(run: Path, model, tok, distiller, teachers, s_geo, cfg) -> None:
     from safetensors.torch import save_file
-    final = run / "final"
-    tmp = run / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    student = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    save_pretrained(student, tok, tmp / "student")
-    save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
-    (tmp / "projector.json").write_text(json.dumps({
-        "kind": cfg.projector, "shared": cfg.projector_shared, "direction": cfg.direction,
-        "fusion": cfg.fusion, "gate": cfg.gate,
-        "student": {"num_kv_heads": s_geo.num_kv_heads, "head_dim": s_geo.head_dim},
-        "teachers": [{"cache": t["path"], "fingerprint": t["fingerprint"], "num_kv_heads": t["heads"],
-                      "head_dim": t["head_dim"], "layers": t["cache"].layers,
-                      "distilled": t["distilled"]} for t in teachers]}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+
+    def fill(tmp: Path) -> None:
+        student = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        save_pretrained(student, tok, tmp / "student")
+        save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
+        (tmp / "projector.json").write_text(json.dumps({
+            "kind": cfg.projector, "shared": cfg.projector_shared, "direction": cfg.direction,
+            "fusion": cfg.fusion, "gate": cfg.gate,
+            "student": {"num_kv_heads": s_geo.num_kv_heads, "head_dim": s_geo.head_dim},
+            "teachers": [{"cache": t["path"], "fingerprint": t["fingerprint"], "num_kv_heads": t["heads"],
+                          "head_dim": t["head_dim"], "layers": t["cache"].layers,
+                          "distilled": t["distilled"]} for t in teachers]}, indent=1))
+    write_folder(run / "final", fill)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from kava_common.cli import coerce_settings, setting
+from kava_common.cli import coerce_settings, read_yaml, setting
 
 from .align import ALIGN_MODES
 from .losses import CHUNK_DIVERGENCES, LOSSES
@@ -236,10 +235,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 def load_config(path: str | None, overrides: dict, defaults: dict | None = None) -> TrainConfig:
     """Defaults (the dataclass's, then `defaults`), then the YAML file, then `overrides`;
     unknown keys are an error naming them."""
-    import yaml
     values = dict(defaults or {})
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings")
         values.update(data)

@@ -86,6 +86,7 @@ class DistillData(torch.utils.data.Dataset):
         self.rows = common
         self.index = [tuple(m[r] for m in per_cache) for r in common]
         self.vocab = vocab if vocab is not None else [vocab_match(c, student_tok) for c in caches]
+        self.teacher_rows = [c.manifest["teacher"].get("vocab_size") for c in caches]
         self._plan: dict[int, tuple] = {}
         if align == "identity" and not all(v.identity for v in self.vocab):
             bad = [f"{c.path} ({v.reason})" for c, v in zip(caches, self.vocab) if not v.identity]
@@ -126,27 +127,32 @@ class DistillData(torch.utils.data.Dataset):
             full = [c.kv(j) for c, j in zip(self.caches, idx)]
         ids, ce_mask, kv_mask, plans = self._plan[i]
         teachers, dropped, skipped = [], 0, 0
-        for s, plan, vocab in zip(full, plans, self.vocab):
+        for ti, (s, plan) in enumerate(zip(full, plans)):
             kv = {"kq": s["kq"]} if "kq" in s else {"k": s["k"], "v": s["v"]}
             t = {**kv, "A": None if plan.A is None else plan.A.to_dense(), "valid": plan.valid,
                  "answer_lp": plan.answer_lp}
             if self.kd_method == "chunk":
                 t["chunk_of"], t["chunk_lp"] = plan.chunk_of, plan.chunk_lp
             elif self.kd_method in ("topk", "uld") and "topk_ids" in s:
-                t.update(self._aligned_topk(s, plan, vocab, len(ids)))
+                t.update(self._aligned_topk(s, plan, ti, len(ids), self.rows[i]))
                 dropped += t.pop("dropped")
                 skipped += not plan.kd_ok
             teachers.append(t)
         return {"input_ids": ids, "ce_mask": ce_mask, "kv_mask": kv_mask, "teachers": teachers,
                 "row": self.rows[i], "kd_dropped": dropped, "kd_skipped": skipped}
 
-    def _aligned_topk(self, s: dict, plan: TeacherPlan, vocab: VocabMatch, ts: int) -> dict:
+    def _aligned_topk(self, s: dict, plan: TeacherPlan, ti: int, ts: int, row: int) -> dict:
         """The teacher's top-K on the student's positions: `topk_ids`, `topk_logprobs` (Ts, K),
         `kd_valid` (Ts,) and for top-K distillation `topk_keep` (Ts, K), the entries that are
         the student's tokens, the others' probability taken out and the rest renormalised to
         it (`dropped` counts them)."""
         ids, lps = s["topk_ids"], s["topk_logprobs"]                          # (Tt, K)
         tt, k = ids.shape
+        vocab, rows = self.vocab[ti], self.teacher_rows[ti]
+        if len(ids) and (int(ids.min()) < 0 or (rows is not None and int(ids.max()) >= rows)):
+            raise ValueError(f"{self.caches[ti].path}: sample row {row} has top-K "
+                             f"ids from {int(ids.min())} to {int(ids.max())}, outside the teacher's {rows or '?'} output "
+                             "rows: the cache is damaged or not a kava cache (python -m kava_common.info CACHE --verify)")
         if not plan.kd_ok:
             z = torch.zeros((ts, k), dtype=torch.long)
             return {"topk_ids": z, "topk_logprobs": z.float(), "topk_keep": z.bool(),

@@ -257,13 +257,17 @@ def _float(x) -> float:
 
 @torch.no_grad()
 def evaluate(model, cap, distiller, loader, device, autocast) -> dict:
-    """Held-out cosine of K and V (pred vs target of the loss) and the shuffled baseline."""
+    """Held-out cosine of K and V (pred vs target of the loss) and the shuffled baseline, and
+    `bad_eval_samples`: held-out samples left out for non-finite teacher K/V, as training
+    leaves them out (their rows in `bad_eval_rows`)."""
     was = model.training
     model.eval()
     distiller.eval()
     g = torch.Generator().manual_seed(1234)
     sums = {"cos_k": [], "cos_v": [], "cos_k_shuffled": [], "cos_v_shuffled": []}
+    bad = []
     for batch in loader:
+        bad += batch["bad_rows"]
         if batch.get("empty"):                  # every sample left out (non-finite teacher K/V)
             continue
         with cap, autocast():
@@ -277,7 +281,7 @@ def evaluate(model, cap, distiller, loader, device, autocast) -> dict:
                 sums[f"cos_{key}_shuffled"].append(mean_cosine(pred, tgt, p["mask"], shuffle=g))
     model.train(was)
     distiller.train(was)
-    return {k: _nanmean(v) for k, v in sums.items()}
+    return {**{k: _nanmean(v) for k, v in sums.items()}, "bad_eval_samples": len(bad), "bad_eval_rows": sorted(bad)}
 
 
 def _nanmean(values: list[float]) -> float:

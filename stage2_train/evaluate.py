@@ -72,16 +72,59 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, device) -> lis
     return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+EVAL_KEYS = {"index", "prompt", "output", "extracted", "gold", "correct"}
+
+
+def check_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse an --out that holds a file evaluate did not write (its first line is not one of
+    evaluate's records) unless `overwrite`, and always one that is a model's, cache's or run's
+    own file (its folder holds config.json, manifest.json or metrics.jsonl): a typo must not
+    replace weights with JSONL."""
+    from kava_common import check_output_folder
+    check_output_folder(out.parent, "--out")
+    if out.is_dir():
+        raise KavaError(f"--out {out}: a folder; give a file name for the per-sample JSONL")
+    if not out.exists():
+        return
+    try:
+        with open(out, "rb") as f:
+            first = f.readline(1 << 16).decode("utf-8")
+        ours = not first.strip() or EVAL_KEYS <= set(json.loads(first))
+    except (ValueError, TypeError, UnicodeDecodeError):
+        ours = False
+    if ours:
+        return
+    owned = any((out.parent / n).exists() for n in ("config.json", "manifest.json", "metrics.jsonl"))
+    if owned or not overwrite:
+        raise KavaError(f"--out {out}: exists and is not a file evaluate wrote" + (
+            " (it belongs to the model, cache or run in that folder); choose another path" if owned else
+            "; choose another path, or pass --overwrite to replace it"))
+
+
+def check_finite_weights(model, name: str) -> None:
+    """A model whose weights hold NaN or Inf answers nothing that means anything: refused."""
+    from kava_common import all_finite
+    for pname, p in (model.named_parameters() if isinstance(model, torch.nn.Module) else ()):
+        if not all_finite(p.detach()):
+            raise KavaError(f"{name}: weight {pname} holds NaN or Inf; its answers would mean nothing, so it is "
+                            "not evaluated")
+
+
 def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", max_samples: int | None = None,
              batch_size: int = 16, max_new_tokens: int = 256, out: str | Path | None = None,
-             seed: int = 0, device: str = "auto", progress: bool = True, model=None, tok=None) -> EvalResult:
+             seed: int = 0, device: str = "auto", progress: bool = True, model=None, tok=None,
+             overwrite: bool = False) -> EvalResult:
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    from kava_common.data import load_fast_tokenizer
     dev = resolve_device(device)
+    if out is not None:
+        check_out(Path(out), overwrite)
     if model is None:
+        tok = load_fast_tokenizer(model_path, "model")
         with no_hf_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(model_path).to(dev)
-        tok = AutoTokenizer.from_pretrained(model_path)
+    check_finite_weights(model, model_path)
     model.eval()
     rows = load_rows(dataset, split, max_samples, seed=seed)
     tmp = Path(str(out) + ".tmp") if out else None
@@ -126,6 +169,8 @@ class EvalConfig:
     max_new_tokens: int = setting(256, "tokens generated per answer at most")
     seed: int = setting(0, "seed of the synthetic data sets")
     out: str | None = setting(None, "per-sample JSONL (default: MODEL/eval-SPLIT.jsonl for a local model)")
+    overwrite: bool = setting(False, "replace an --out that evaluate did not write (never a model's, cache's or "
+                              "run's own file)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = setting(True, "show a progress bar")
 
@@ -153,7 +198,7 @@ def main(argv=None) -> int:
     out = a.out or (str(Path(a.model) / f"eval-{a.split}.jsonl") if Path(a.model).is_dir() else None)
     try:
         r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
-                     a.seed, a.device, a.progress)
+                     a.seed, a.device, a.progress, overwrite=a.overwrite)
     except (KavaError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

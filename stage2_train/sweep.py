@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from kava_common import KavaError
-from kava_common.cli import parse_settings, setting
+from kava_common.cli import parse_settings, read_yaml, setting
 
 from .config import FIELDS, load_config
 
@@ -55,7 +55,9 @@ def run_name(values: dict) -> str:
 
 
 def load_sweep(path: str | Path) -> dict:
-    spec = yaml.safe_load(Path(path).read_text()) or {}
+    spec = read_yaml(path) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a mapping (out, base, settings, grid, eval)")
     unknown = sorted(set(spec) - {"out", "base", "settings", "grid", "eval"})
     if unknown:
         raise ValueError(f"{path}: unknown sweep key(s) {unknown}; known: out, base, settings, grid, eval")
@@ -201,8 +203,12 @@ class SweepArgs:
 def main(argv=None) -> int:
     a = SweepArgs(**parse_settings(SweepArgs, argv, prog="python -m stage2_train.sweep",
                                    description=__doc__.split("\n\n")[0]))
+    from .train import Stopped
     try:
         rows = run_sweep(a.sweep, progress=a.progress)
+    except Stopped as e:
+        print(f"sweep {e}; run the same command again to go on", file=sys.stderr)
+        return e.exit_code
     except (KavaError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,7 +26,23 @@ from .metrics import MetricsLog, gpu_memory
 from .trainer import Trainer
 
 
+class Stopped(Exception):
+    """A run stopped by a signal (Ctrl-C, SIGTERM) before max_steps, after saving its
+    checkpoint: resumable, not finished. The command line exits with 128 + the signal's number
+    (130, 143), so that a batch script can tell the two apart."""
+
+    def __init__(self, signum: int, run: Path):
+        super().__init__(f"stopped by signal {signum}; resume with --resume auto (--out {run})")
+        self.signum, self.run = signum, run
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 def main(cfg: TrainConfig, echo=print) -> Path:
+    """Train the run `cfg` describes; returns its folder. Raises Stopped after saving when a
+    signal stops it early."""
     from tqdm.auto import tqdm
     if echo is print:
         echo = tqdm.write                       # log lines above the progress bar, not inside it
@@ -36,12 +52,31 @@ def main(cfg: TrainConfig, echo=print) -> Path:
         echo = echo if rank == 0 else (lambda *a: None)
         echo(f"{world} processes (torchrun), one data-parallel rank each: global batch "
              f"{world} x {cfg.grad_accum} x {cfg.batch_size} samples")
-    run = _train(cfg, rank, world, echo)
+    try:
+        run, stopped = _train(cfg, rank, world, echo)
+    except RuntimeError as e:
+        if world > 1 and peer_lost(e):
+            other = f"rank {1 - rank}" if world == 2 else "another rank"
+            raise KavaError(f"rank {rank}: {other} stopped or lost its connection ({str(e).splitlines()[0][:160]}); "
+                            "this rank stops too; --resume auto continues from the last checkpoint") from e
+        raise
     end_distributed()                           # not after an error: another rank may be in a collective
+    if stopped is not None:
+        raise Stopped(stopped, run)
     return run
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, echo) -> Path:
+def peer_lost(e: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (gloo or NCCL)."""
+    import torch.distributed as dist
+    kinds = tuple(k for k in (getattr(dist, "DistNetworkError", None),) if k is not None)
+    text = str(e)
+    return isinstance(e, kinds) or any(s in text for s in (
+        "Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+        "Socket Timeout", "Connection refused"))
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, echo) -> tuple[Path, int | None]:
     """The run in cfg.out, started, resumed or continued, until max_steps or a stop signal."""
     run = Path(cfg.out)
     check_run_folder(run, cfg)
@@ -69,7 +104,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, echo) -> Path:
         path = tr.save(run)
         echo(f"stopped by signal {stopped} at step {tr.prog.step}; checkpoint {path}; "
              f"resume with --resume auto")
-        return run
+        return run, stopped
     tr.save(run)
     tr.save_final(run)
     if tr.device.type == "cuda":
@@ -78,7 +113,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, echo) -> Path:
              f"{m['gpu_reserved_gb']:.2f} GB reserved by torch's caching allocator (the estimate "
              f"printed at the start also counts about 0.5 GB of CUDA context)")
     echo(f"done: {tr.prog.step} steps; student {run / 'final' / 'student'}; metrics {run / 'metrics.jsonl'}")
-    return run
+    return run, None
 
 
 def check_run_folder(run: Path, cfg: TrainConfig) -> None:

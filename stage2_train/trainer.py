@@ -4,7 +4,6 @@ benchmarks time the very same step."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from contextlib import nullcontext
@@ -19,8 +18,8 @@ from kava_common.device import resolve_device
 
 from .build import (lr_factor, make_optimizer, memory_estimate, open_teachers, precision_dtype,
                     set_trainable)
-from .checkpoint import (Progress, latest_checkpoint, load_checkpoint, resume_changes, rng_state, save_checkpoint,
-                         save_final)
+from .checkpoint import (RECORD, Progress, checkpoint_problems, checkpoints, load_checkpoint, read_state,
+                         resume_changes, rng_state, save_checkpoint, save_final)
 from .config import TrainConfig
 from .data import DistillData, collate
 from .distiller import Distiller, evaluate, train_step
@@ -312,7 +311,15 @@ class Trainer:
         self.echo(f"step {self.prog.step + 1}: {what}; no update ({self.skipped_steps} steps skipped so far)")
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.cap, self.distiller, self.eval_loader, self.device, self.autocast)
+        """The held-out metrics (`distiller.evaluate`); held-out samples left out for non-finite
+        teacher K/V are named once and counted in `bad_eval_samples`."""
+        out = evaluate(self.model, self.cap, self.distiller, self.eval_loader, self.device, self.autocast)
+        rows = out.pop("bad_eval_rows")
+        if rows and not getattr(self, "_bad_eval_said", False):
+            self._bad_eval_said = True
+            self.echo(f"left out of the held-out metrics: sample row(s) {', '.join(map(str, rows))}: their teacher "
+                      "K/V hold NaN or Inf (counted in bad_eval_samples)")
+        return out
 
     def learning_rates(self) -> dict:
         groups = self.opt.param_groups
@@ -324,12 +331,10 @@ class Trainer:
         cfg = self.cfg
         if not cfg.resume:
             return False
-        path = latest_checkpoint(run) if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" and not (path / "state.json").is_file():
-            raise KavaError(f"--resume {cfg.resume}: no checkpoint there (expected state.json)")
+        path = self.checkpoint_to_resume(run)
         if path is None:
             return False
-        saved = json.loads((path / "state.json").read_text())
+        saved = read_state(path)
         if saved["fingerprints"] != self.fingerprints:
             raise KavaError(f"{path} was trained on caches {saved['fingerprints']}, this run "
                             f"uses {self.fingerprints}")
@@ -350,6 +355,37 @@ class Trainer:
             "; taken from this run: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in taken.items())
             if taken else ""))
         return True
+
+    def checkpoint_to_resume(self, run: Path) -> Path | None:
+        """The checkpoint `--resume` names, checked (`checkpoint_problems`): with auto the newest
+        in `run` that passes, saying in one line why a newer one was passed over; refused, naming
+        them, when none passes."""
+        cfg = self.cfg
+        if cfg.resume != "auto":
+            path = Path(cfg.resume)
+            if not path.is_dir() or not any((path / n).exists() for n in ("state.json", RECORD)):
+                raise KavaError(f"--resume {cfg.resume}: no checkpoint there (expected state.json)")
+            problems = checkpoint_problems(path)
+            if problems:
+                raise KavaError(f"--resume {path}: {problems[0]}" + (f" (and {len(problems) - 1} more)"
+                                                                    if len(problems) > 1 else ""))
+            return path
+        failed = []
+        for path in checkpoints(run)[::-1]:
+            problems = checkpoint_problems(path)
+            if not problems:
+                if not (path / RECORD).is_file():
+                    self.echo(f"{path}: written without {RECORD} (an older kava); its files are not checked")
+                if failed:
+                    self.echo(f"{failed[0][1]}; resuming from {path.name}, the newest checkpoint "
+                              f"that passes its checks" + (f" ({len(failed) - 1} more passed over)" if len(failed) > 1
+                                                           else ""))
+                return path
+            failed.append((path, problems[0]))
+        if failed:
+            raise KavaError(f"--resume auto: no checkpoint in {run} passes its checks: " + "; ".join(
+                f"{p.name}: {why}" for p, why in failed) + "; start again with --overwrite")
+        return None
 
     def apply_optimizer_settings(self) -> None:
         """After a checkpoint's optimizer and scheduler state are loaded, this run's learning

@@ -19,7 +19,7 @@ from stage2_train.align import prefix_ends, prefix_pairs, shared_chunks
 from stage2_train.config import TrainConfig
 from stage2_train.data import DistillData, answer_logprob, collate
 from stage2_train.losses import _masked_mean, chunk_kd_loss, topk_kd_loss, uld_loss
-from stage2_train.train import main as train
+from stage2_train.train import Stopped, main as train
 from stage2_train.trainer import Trainer
 
 ONE = torch.ones(1, 1, dtype=torch.bool)
@@ -349,7 +349,9 @@ def test_confidence_weights_train_log_and_resume_exactly(student_dir, logit_cach
         if line.startswith("step      3 "):
             os.kill(os.getpid(), signal.SIGINT)
     stopped = TrainConfig(**{**cfg.__dict__, "out": str(b)})
-    train(stopped, echo=stop_at_3)
+    with pytest.raises(Stopped) as stop:
+        train(stopped, echo=stop_at_3)
+    assert stop.value.exit_code in (130, 143)
     assert (b / "step-000003").is_dir() and not (b / "final").exists()
     resumed = _metrics(TrainConfig(**{**stopped.__dict__, "resume": "auto"}), train)
     assert [r["step"] for r in resumed] == list(range(1, 7))

@@ -81,12 +81,13 @@ def test_earlier_results_survive_a_bad_argument_or_a_failed_run(tok, tmp_path, c
     cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=1, heads=2, kv_heads=1, tok=tok)
     d = save_pretrained(tiny.build_model(cfg), tok, tmp_path / "m")
     out = tmp_path / "results.jsonl"
-    out.write_text("earlier results\n")
+    earlier = json.dumps({"index": 0, "prompt": "p", "output": "o", "extracted": "1", "gold": "1", "correct": True})
+    out.write_text(earlier + "\n")                # an earlier evaluate's results
     assert main(["--model", str(d), "--max-new-tokens", "0", "--out", str(out), "--no-progress"]) == 2
     assert "--max-new-tokens must be >= 1, got 0" in capsys.readouterr().err
     assert main(["--model", str(d), "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(out),
                  "--no-progress"]) == 1
-    assert out.read_text() == "earlier results\n" and not list(tmp_path.glob("*.tmp"))
+    assert out.read_text() == earlier + "\n" and not list(tmp_path.glob("*.tmp"))
     assert main(["--model", str(d), "--max-samples", "2", "--max-new-tokens", "4", "--out", str(out),
                  "--no-progress"]) == 0
     assert len(out.read_text().splitlines()) == 2
@@ -104,11 +105,12 @@ def test_a_run_that_fails_midway_leaves_the_earlier_file(tok, tmp_path):
     rows = load_rows("synthetic", "test", 4)
     answers = {format_prompt(q).strip(): "#### 1" for q in rows.questions}
     out = tmp_path / "results.jsonl"
-    out.write_text("earlier results\n")
+    earlier = json.dumps({"index": 0, "prompt": "p", "output": "o", "extracted": "1", "gold": "1", "correct": True})
+    out.write_text(earlier + "\n")                # an earlier evaluate's results
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluate("m", "synthetic", "test", max_samples=4, batch_size=2, out=out, device="cpu", progress=False,
                  model=FailsOnSecondBatch(tok, answers), tok=tok)
-    assert out.read_text() == "earlier results\n" and not list(tmp_path.glob("*.tmp"))
+    assert out.read_text() == earlier + "\n" and not list(tmp_path.glob("*.tmp"))
 
 
 def test_rows_without_a_gold_answer_are_not_scored_and_are_reported(tok, tmp_path, capsys):

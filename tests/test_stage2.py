@@ -16,7 +16,7 @@ from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import main as extract
 from stage2_train.__main__ import cli
 from stage2_train.config import TrainConfig, load_config
-from stage2_train.train import main as train
+from stage2_train.train import Stopped, main as train
 
 
 def run(student, caches, out, **kw):
@@ -111,12 +111,16 @@ def test_stop_and_resume_gives_the_same_losses(student_dir, caches, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
     cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "b"),
                       device="cpu", progress=False, eval_samples=8, lr_projector=3e-3, **kw)
-    train(cfg, echo=stop_at_3)
+    with pytest.raises(Stopped) as stop:
+        train(cfg, echo=stop_at_3)
+    assert stop.value.exit_code in (130, 143)
     assert (tmp_path / "b" / "step-000003").is_dir() and not (tmp_path / "b" / "final").exists()
     _as_if_saved_on_a_gpu(tmp_path / "b" / "step-000003" / "optimizer.pt")   # resumes on a CPU all the same
     rng = tmp_path / "b" / "step-000003" / "rng.pt"
     (states,) = torch.load(rng, weights_only=True)["ranks"]
     torch.save(states, rng)                   # rng.pt's other form: one process's states alone
+    from kava_common.integrity import record_folder
+    record_folder(tmp_path / "b" / "step-000003")     # as the machine that wrote these forms recorded them
     train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lambda *a: None)
     resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, 9))
@@ -195,8 +199,10 @@ def test_resume_never_unpickles_a_checkpoint(student_dir, caches, tmp_path):
     cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "r"),
                       device="cpu", progress=False, eval_samples=8, max_steps=2, batch_size=4, save_every=0)
     train(cfg, echo=lambda *a: None)
+    from kava_common.integrity import record_folder
     marker = tmp_path / "ran"
     torch.save({"optimizer": Evil(str(marker)), "scheduler": {}}, tmp_path / "r" / "step-000002" / "optimizer.pt")
+    record_folder(tmp_path / "r" / "step-000002")          # its checksums recorded anew, as a forger would
     with pytest.raises(KavaError, match=r"optimizer\.pt: holds Python objects besides tensors"):
         train(TrainConfig(**{**cfg.__dict__, "resume": "auto", "max_steps": 3}), echo=lambda *a: None)
     assert not marker.exists()
@@ -259,7 +265,9 @@ def test_8gb_options_lora_adamw8bit_checkpointing_resume(student_dir, caches, tm
             os.kill(os.getpid(), signal.SIGTERM)
     cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "b"),
                       device="cpu", progress=False, eval_samples=8, lr_projector=3e-3, save_every=0, **kw)
-    train(cfg, echo=stop_at_2)
+    with pytest.raises(Stopped) as stop:
+        train(cfg, echo=stop_at_2)
+    assert stop.value.exit_code in (130, 143)
     assert (tmp_path / "b" / "step-000002" / "student" / "adapter_model.safetensors").is_file()
     train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lambda *a: None)
     resumed = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -493,7 +501,14 @@ def test_a_truncated_optimizer_file_is_named_on_resume(student_dir, caches, tmp_
     cfg = run_cfg(student_dir, caches["qwen"], tmp_path / "r", max_steps=2, save_every=0)
     train(cfg, echo=lambda *a: None)
     opt = tmp_path / "r" / "step-000002" / "optimizer.pt"
+    size = opt.stat().st_size
     opt.write_bytes(opt.read_bytes()[:100])
+    with pytest.raises(KavaError, match=rf"--resume auto: no checkpoint in .* passes its checks: step-000002: "
+                                        rf".*optimizer\.pt: 100 bytes, the record says {size}; start again with "
+                                        r"--overwrite"):
+        train(run_cfg(student_dir, caches["qwen"], tmp_path / "r", max_steps=3, resume="auto"), echo=lambda *a: None)
+    from kava_common.integrity import record_folder
+    record_folder(tmp_path / "r" / "step-000002")      # a record that agrees with the cut file: torch names it
     with pytest.raises(KavaError, match=r"optimizer\.pt: cannot be read .*incomplete or damaged: resume from an "
                                         r"earlier one with --resume"):
         train(run_cfg(student_dir, caches["qwen"], tmp_path / "r", max_steps=3, resume="auto"), echo=lambda *a: None)
@@ -647,7 +662,9 @@ def test_bottleneck_projector_trains_and_resumes_to_the_same_losses(student_dir,
             os.kill(os.getpid(), signal.SIGINT)
     cfg = TrainConfig(student=str(student_dir), caches=[str(caches["qwen"])], out=str(tmp_path / "b"),
                       device="cpu", progress=False, eval_samples=8, **kw)
-    train(cfg, echo=stop_at_3)
+    with pytest.raises(Stopped) as stop:
+        train(cfg, echo=stop_at_3)
+    assert stop.value.exit_code in (130, 143)
     lines = []
     train(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), echo=lines.append)
     # teacher 3 layers x 2 heads x 32 = 192 values, student 2 x 1 x 16 = 32, hidden 64: K and V each
@@ -772,7 +789,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_to_the_s
         time.sleep(0.05)
     os.kill(_rank_pid(agent.pid, 1), signal.SIGTERM)
     out = agent.communicate(timeout=300)[0]
-    assert agent.returncode == 0, out[-3000:]
+    assert agent.returncode != 0, out[-3000:]      # stopped, resumable: not finished
     stopped = re.search(r"stopped by signal 15 at step (\d+); checkpoint", out)
     assert stopped, out[-3000:]
     step = int(stopped.group(1))

@@ -22,8 +22,29 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
         if problem:
             problems.append(f"{f}: {problem}")
         else:
-            problems += shape_problems(f, manifest, s)
+            shapes = shape_problems(f, manifest, s)
+            problems += shapes or topk_problems(f, manifest, s)
     return problems
+
+
+def topk_problems(f: Path, m: dict, entry: dict) -> list[str]:
+    """Top-K ids of shard `f` outside the teacher's output rows (negative, or at or past the
+    manifest's teacher vocab_size where it records one), naming the first sample with one."""
+    if not m.get("logits_topk"):
+        return []
+    from .read import _Shard
+    sh = _Shard(f, m["format"])
+    ids, off = sh.read("topk_ids"), sh.small("sample_offsets")
+    rows = m["teacher"].get("vocab_size")
+    bad = (ids < 0).any(1) | ((ids >= rows).any(1) if rows else False)
+    if not bool(bad.any()):
+        return []
+    import numpy as np
+    j = int(np.searchsorted(off, int(bad.nonzero()[0][0]), side="right")) - 1
+    mine = ids[int(off[j]):int(off[j + 1])]
+    lo, hi = int(mine.min()), int(mine.max())
+    return [f"{f}: top-K ids outside the teacher's {rows or '?'} output rows (sample row {int(sh.small('rows')[j])}, "
+            f"ids from {lo} to {hi})"]
 
 
 def shard_problem(f: Path, entry: dict) -> str | None:
