@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the built-in demo end to end (offline, CPU, a few minutes at most)
 # make test: set up .venv and run the test suite
+# make test-fast: the same without the tests marked slow (end to end, torchrun, signals)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo test test-fast bench clean-demo
 
 $(BIN)/.kava-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
 	$(BIN)/python bench/bench_extract.py

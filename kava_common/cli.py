@@ -167,6 +167,17 @@ def coerce_settings(obj) -> list[str]:
     return problems
 
 
+def choice_problems(obj) -> list[str]:
+    """One line per field of dataclass instance `obj` whose value is not one of the `choices`
+    its declaration gives (the one place they are written down)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        choices, value = f.metadata.get("choices"), getattr(obj, f.name)
+        if choices and value is not None and value not in choices:
+            out.append(f"{f.name} {value!r}: choose one of {', '.join(map(str, choices))}")
+    return out
+
+
 def read_yaml(path) -> object:
     """A YAML file's contents; a file that does not parse is a ValueError naming it and the
     line (not yaml's multi-line report)."""
@@ -186,6 +197,48 @@ def settings_parser(cls, prog: str, description: str) -> argparse.ArgumentParser
     p = argparse.ArgumentParser(prog=prog, description=description)
     add_settings(p, cls)
     return p
+
+
+class Interrupted(Exception):
+    """A command stopped by a signal after saving what it saves (and saying so): it exits with
+    `exit_code`, 128 + the signal's number, so that a script can tell it from a finished run."""
+    exit_code = 130
+
+
+def command(settings_cls, work: Callable, *, prog: str, description: str, build: Callable | None = None,
+            extend: Callable | None = None, interrupted: str = "interrupted"):
+    """A kava entry point, `main(argv=None, prog=None) -> int`, of the one shape every command
+    has: the settings of dataclass `settings_cls` from the command line (an argparse usage error
+    exits 2), built by the dataclass or `build(given)` (a bad setting: one line, exit 1), then
+    `work(settings)`, whose int is the exit status (None: 0). What `work` raises: a KavaError,
+    ValueError or OSError is one line and exit 1; Ctrl-C prints `interrupted` (what is kept)
+    and exits 130; an Interrupted exits with its code."""
+    import sys
+    from . import KavaError
+
+    def main(argv=None, prog_name: str | None = None) -> int:
+        given = parse_settings(settings_cls, argv, prog=prog_name or prog, description=description, extend=extend)
+        try:
+            settings = build(given) if build is not None else settings_cls(**given)
+            bad = choice_problems(settings)
+            if bad:
+                raise ValueError("; ".join(bad))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        try:
+            status = work(settings)
+        except Interrupted as e:
+            return e.exit_code
+        except KeyboardInterrupt:
+            print(f"\n{interrupted}", file=sys.stderr)
+            return 130
+        except (KavaError, ValueError, OSError) as e:     # OSError: a read-only or missing path, ...
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return status or 0
+    main.__doc__ = description
+    return main
 
 
 def parse_settings(cls, argv=None, *, prog: str, description: str,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import KavaError
 from .cache import open_cache, verify_cache
-from .cli import parse_settings, setting
+from .cli import command, setting
 from .integrity import folder_problems
 from .vocab import describe, vocab_match
 
@@ -76,9 +76,8 @@ class InfoArgs:
                                   "(same, compatible or different), and what does stage 2 do with it")
 
 
-def main(argv=None) -> int:
-    args = InfoArgs(**parse_settings(InfoArgs, argv, prog="python -m kava_common.info",
-                                     description=__doc__.split("\n\n")[1]))
+def info(args: InfoArgs) -> int:
+    """Every path's summary (and its check, its vocabulary case); returns the exit status."""
     status = 0
     student = None
     if args.student:
@@ -140,6 +139,9 @@ def run_info(path: str, verify: bool) -> int:
     print(f"verify       FAILED: {len(problems)} problem(s) in {len(folders)} checkpoint(s)" if problems
           else f"verify       ok: {len(folders)} checkpoint(s) match their checksums")
     return int(bool(problems))
+
+
+main = command(InfoArgs, info, prog="python -m kava_common.info", description=__doc__.split("\n\n")[1])
 
 
 def _student(name: str) -> tuple:

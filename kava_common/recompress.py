@@ -18,7 +18,7 @@ import torch
 from . import KavaError, software_versions
 from . import cache as kc
 from .cache.quant import KV_QUANT, KV_TENSORS, V_SPANS, KVQuant
-from .cli import parse_settings, setting
+from .cli import command, setting
 from .geometry import DTYPES, KVGeometry
 from .vocab import TOKENIZER_DIR, save_teacher_tokenizer
 
@@ -151,18 +151,9 @@ def _float_shard(src, sh, layers: list[int], dtype: torch.dtype) -> dict[str, to
     return out
 
 
-def main(argv=None) -> int:
-    a = RecompressArgs(**parse_settings(RecompressArgs, argv, prog="python -m kava_common.recompress",
-                                        description=__doc__.split("\n\n")[1]))
-    try:
-        recompress(a)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
-        return 130
-    except (KavaError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+main = command(RecompressArgs, lambda a: recompress(a) and None, prog="python -m kava_common.recompress",
+               description=__doc__.split("\n\n")[1],
+               interrupted="interrupted: finished shards are kept; run the same command again to resume")
 
 
 if __name__ == "__main__":

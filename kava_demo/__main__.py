@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kava_common import save_pretrained, tiny
 from kava_common.cache import verify_cache
-from kava_common.cli import parse_settings, setting
+from kava_common.cli import command, setting
 from kava_common.info import summary
 
 
@@ -41,9 +41,7 @@ class DemoArgs:
     steps: int = setting(60, "stage-2 optimizer steps")
 
 
-def main(argv=None) -> int:
-    args = DemoArgs(**parse_settings(DemoArgs, argv, prog="python -m kava_demo",
-                                     description=__doc__.split("\n\n")[1]))
+def demo(args: DemoArgs) -> int:
     t0 = time.perf_counter()
     root = Path(args.root)
     teacher, student = build_models(root)
@@ -62,14 +60,11 @@ def main(argv=None) -> int:
         return 1
     from stage2_train.config import TrainConfig
     from stage2_train.plot import plot
-    from stage2_train.train import Stopped, main as train
+    from stage2_train.train import main as train
     run = root / "run"
-    try:
-        train(TrainConfig(student=str(student), caches=[str(cache_dir)], out=str(run), max_steps=args.steps,
-                          batch_size=8, log_every=10, save_every=args.steps // 2, lr_projector=1e-2,
-                          device="cpu", overwrite=True))    # each demo run trains afresh
-    except Stopped as e:
-        return e.exit_code
+    train(TrainConfig(student=str(student), caches=[str(cache_dir)], out=str(run), max_steps=args.steps,
+                      batch_size=8, log_every=10, save_every=args.steps // 2, lr_projector=1e-2,
+                      device="cpu", overwrite=True))    # each demo run trains afresh
     png = plot(run / "metrics.jsonl")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s\n"
           f"  cache    {cache_dir} (verified)\n"
@@ -77,6 +72,10 @@ def main(argv=None) -> int:
           f"  student  {run / 'final' / 'student'} (loads with AutoModelForCausalLM)\n"
           f"  curves   {png}")
     return 0
+
+
+main = command(DemoArgs, demo, prog="python -m kava_demo", description=__doc__.split("\n\n")[1],
+               interrupted="interrupted: run the same command again (the demo starts its run afresh)")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from kava_common import KavaError
-from kava_common.cli import parse_settings
+from kava_common.cli import command
 from kava_common.launch import stage1_defaults
 
 from .config import ExtractConfig
@@ -17,31 +16,24 @@ from .config import ExtractConfig
 DESCRIPTION = "Run each teacher once over a data set and write its per-layer K/V cache."
 
 
-def cli(argv=None) -> int:
-    given = parse_settings(ExtractConfig, argv, prog="python -m stage1_extract", description=DESCRIPTION)
-    try:
-        defaults, said = stage1_defaults(given)
-        cfg = ExtractConfig(**{**defaults, **given})
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def settings(given: dict) -> ExtractConfig:
+    defaults, said = stage1_defaults(given)
+    cfg = ExtractConfig(**{**defaults, **given})
     for line in said:
         print(line, file=sys.stderr)
+    return cfg
+
+
+def extract(cfg: ExtractConfig) -> None:
     from .extract import main
-    try:
-        dirs = main(cfg)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished shards are kept; run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    except (KavaError, ValueError, OSError) as e:     # OSError: a read-only or missing path, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for d in dirs:
+    for d in main(cfg):
         done = (d / "manifest.json").is_file()
         print(f"cache: {d}" if done else f"cache (this part done, other processes pending): {d}")
-    return 0
+
+
+main = command(ExtractConfig, extract, prog="python -m stage1_extract", description=DESCRIPTION, build=settings,
+               interrupted="interrupted: finished shards are kept; run the same command again to resume")
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from kava_common.cache import FORMATS
 from kava_common.cache.quant import KV_QUANT, V_SPANS, KVQuant
-from kava_common.cli import coerce_settings, setting
+from kava_common.cli import choice_problems, coerce_settings, setting
 from kava_common.geometry import DTYPES
 
 CPU_4BIT_KERNELS = ("auto", "packed", "plain")
@@ -57,13 +57,15 @@ class ExtractConfig:
     direct_io: bool = setting(True, "write shards with O_DIRECT where the file system allows "
                               "(--no-direct-io: through the page cache; same files)")
     progress: bool = setting(True, "show a progress bar")
-    padding_side: str = setting("right", "padding inside a batch; results do not depend on it", cli=False)
+    padding_side: str = setting("right", "padding inside a batch; results do not depend on it", cli=False,
+                                choices=("right", "left"))
     writer_queue: int = setting(2, "shards waiting for the background writer", cli=False)
 
     def __post_init__(self):
         problems = coerce_settings(self)        # every other check needs the types right
         if problems:
             raise ValueError("invalid stage-1 settings:\n  " + "\n  ".join(problems))
+        problems += choice_problems(self)
         if not self.teachers:
             problems.append("--teacher: give at least one teacher (hub id or local path)")
         if self.batch_size < 1:
@@ -72,22 +74,10 @@ class ExtractConfig:
             problems.append(f"--max-length must be >= 1, got {self.max_length}")
         if self.max_samples is not None and self.max_samples < 0:
             problems.append(f"--max-samples must be >= 0, got {self.max_samples}")
-        if self.kv_dtype not in DTYPES:
-            problems.append(f"--kv-dtype {self.kv_dtype!r}: choose one of {sorted(DTYPES)}")
-        if self.format not in FORMATS:
-            problems.append(f"--format {self.format!r}: choose one of {sorted(FORMATS)}")
-        if self.quant_type not in ("nf4", "fp4"):
-            problems.append(f"--quant-type {self.quant_type!r}: choose nf4 or fp4")
-        if self.cpu_4bit_kernel not in CPU_4BIT_KERNELS:
-            problems.append(f"--cpu-4bit-kernel {self.cpu_4bit_kernel!r}: choose auto, packed or plain")
-        if self.dtype not in ("auto", *DTYPES):
-            problems.append(f"--dtype {self.dtype!r}: choose auto or one of {sorted(DTYPES)}")
         if not self.quantize and self.double_quant:
             problems.append("--double-quant needs a quantized teacher (drop --no-quantize)")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             problems.append(f"--layers must list distinct layer indices, got {self.layers}")
-        if self.kv_quant not in KV_QUANT:
-            problems.append(f"--kv-quant {self.kv_quant!r}: choose one of {', '.join(KV_QUANT)}")
         if self.kv_quant_group < 1:
             problems.append(f"--kv-quant-group must be >= 1, got {self.kv_quant_group}")
         if self.kv_quant_v_symmetric and self.kv_quant == "none":
@@ -99,8 +89,6 @@ class ExtractConfig:
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             problems.append(f"--shard-index must be in 0..{self.num_shards - 1} for --num-shards "
                             f"{self.num_shards}, got {self.shard_index}")
-        if self.padding_side not in ("left", "right"):
-            problems.append(f"padding_side must be left or right, got {self.padding_side!r}")
         if problems:
             raise ValueError("invalid stage-1 settings:\n  " + "\n  ".join(problems))
 

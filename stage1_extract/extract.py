@@ -195,21 +195,34 @@ def extract_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=N
 def part_lock(cache_dir: Path, cfg: ExtractConfig):
     """Hold an exclusive lock on this process's part of the cache: a second process started on
     the same part (the same command twice, or a repeated --shard-index) is refused instead of
-    racing the first one's writes and renames."""
-    try:
-        import fcntl
-    except ImportError:                                    # no advisory locks on this platform
-        yield
-        return
+    racing the first one's writes and renames. fcntl's flock on POSIX, msvcrt's byte lock on
+    Windows, none where neither exists."""
     path = cache_dir / f".lock-part-{cfg.shard_index}-of-{cfg.num_shards}"
     with open(path, "w") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            _lock(f)
+        except OSError:                   # BlockingIOError (flock) or PermissionError (msvcrt)
             raise KavaError(f"{cache_dir}: another stage-1 process is writing part {cfg.shard_index} of "
                             f"{cfg.num_shards} of this cache; wait for it, or give each process its own "
                             "--shard-index") from None
         yield
+
+
+def _lock(f) -> None:
+    """An exclusive, non-blocking lock on open file `f`, held until it is closed."""
+    try:
+        import fcntl
+    except ImportError:
+        try:
+            import msvcrt
+        except ImportError:               # no advisory locks on this platform
+            return
+        f.write(" ")
+        f.flush()
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _extract_locked(cfg: ExtractConfig, job: TeacherJob, model, log) -> Path:

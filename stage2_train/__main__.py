@@ -8,35 +8,28 @@ from __future__ import annotations
 
 import sys
 
-from kava_common import KavaError
-from kava_common.cli import parse_settings
+from kava_common.cli import command
 from kava_common.launch import stage2_out_default
 
 from .config import TrainConfig, load_config
 
 
-def cli(argv=None) -> int:
-    given = parse_settings(
-        TrainConfig, argv, prog="python -m stage2_train", description=__doc__.split("\n\n")[0],
-        extend=lambda p: p.add_argument("--config", default=None, metavar="YAML",
-                                        help="YAML file of settings, between the defaults and the flags"))
+def settings(given: dict) -> TrainConfig:
     path = given.pop("config", None)
-    try:
-        env_out = stage2_out_default()      # $KAVA_RUNS_DIR: below the YAML and the flags
-        cfg = load_config(path, given, defaults={"out": env_out} if env_out else None)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from .train import Stopped, main
-    try:
-        main(cfg)
-    except Stopped as e:                              # saved and said so: resumable, not finished
-        return e.exit_code
-    except (KavaError, ValueError, OSError) as e:     # OSError: a read-only or missing path, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    env_out = stage2_out_default()      # $KAVA_RUNS_DIR: below the YAML and the flags
+    return load_config(path, given, defaults={"out": env_out} if env_out else None)
+
+
+def train(cfg: TrainConfig) -> None:
+    from .train import main
+    main(cfg)                           # a stop by signal raises train.Stopped: exit 130 / 143
+
+
+main = command(TrainConfig, train, prog="python -m stage2_train", description=__doc__.split("\n\n")[0],
+               build=settings, extend=lambda p: p.add_argument(
+                   "--config", default=None, metavar="YAML",
+                   help="YAML file of settings, between the defaults and the flags"))
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

@@ -22,6 +22,8 @@ import torch
 from kava_common import KavaError, save_pretrained
 from kava_common.integrity import RECORD, folder_problems, record_folder
 
+from .config import RUN_CONTROL
+
 
 @dataclass
 class Progress:
@@ -64,7 +66,7 @@ def resume_changes(saved: dict, cfg) -> tuple[dict, dict]:
     ({setting: (old, new)} taken from this run, {setting: (old, new)} a resume cannot honour)."""
     now = cfg.to_dict()
     changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]
-               and k not in ("resume", "out", "progress")}
+               and k not in RUN_CONTROL}
     refused = {k: v for k, v in changed.items() if k in FIXED_ON_RESUME}
     return {k: v for k, v in changed.items() if k not in refused}, refused
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kava_common import KavaError, no_hf_progress_bars
-from kava_common.cli import coerce_settings, parse_settings, setting
+from kava_common.cli import coerce_settings, command, setting
 from kava_common.data import load_rows
 from kava_common.device import resolve_device
 from kava_common.prompt import extract_final_answer, format_prompt
@@ -187,25 +187,17 @@ class EvalConfig:
             raise ValueError("invalid evaluate settings:\n  " + "\n  ".join(p))
 
 
-def main(argv=None) -> int:
-    given = parse_settings(EvalConfig, argv, prog="python -m stage2_train.evaluate",
-                           description=__doc__.split("\n\n")[1])
-    try:
-        a = EvalConfig(**given)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(a: EvalConfig) -> None:
     out = a.out or (str(Path(a.model) / f"eval-{a.split}.jsonl") if Path(a.model).is_dir() else None)
-    try:
-        r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
-                     a.seed, a.device, a.progress, overwrite=a.overwrite)
-    except (KavaError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
+                 a.seed, a.device, a.progress, overwrite=a.overwrite)
     print(f"exact match {r.correct}/{r.n} = {r.accuracy:.4f} on {a.dataset} {a.split}"
           + (f"; {r.unscored} rows without a gold #### answer were not scored" if r.unscored else "")
           + (f"; per-sample results in {out}" if out else ""))
-    return 0
+
+
+main = command(EvalConfig, run, prog="python -m stage2_train.evaluate", description=__doc__.split("\n\n")[1],
+               interrupted="interrupted: no results written (an earlier --out file is kept as it was)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kava_common.cli import parse_settings, setting
+from kava_common.cli import command, setting
 
 
 def plot(metrics: str | Path, out: str | Path | None = None) -> Path:
@@ -48,11 +48,8 @@ class PlotArgs:
     out: str | None = setting(None, "PNG path (default: curves.png beside the metrics)")
 
 
-def main(argv=None) -> int:
-    a = PlotArgs(**parse_settings(PlotArgs, argv, prog="python -m stage2_train.plot",
-                                  description=__doc__.split("\n\n")[1]))
-    print(plot(a.metrics, a.out))
-    return 0
+main = command(PlotArgs, lambda a: print(plot(a.metrics, a.out)), prog="python -m stage2_train.plot",
+               description=__doc__.split("\n\n")[1])
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ from pathlib import Path
 import yaml
 
 from kava_common import KavaError
-from kava_common.cli import parse_settings, read_yaml, setting
+from kava_common.cli import command, read_yaml, setting
 
-from .config import FIELDS, load_config
+from .config import FIELDS, RUN_CONTROL, load_config
 
 # metric columns; none shares a name with a setting, so a grid over `loss` stays readable
 COLUMNS = ["train_loss", "loss_kv", "loss_ce", "cos_k", "cos_k_shuffled", "cos_v", "cos_v_shuffled", "accuracy"]
@@ -73,7 +73,6 @@ def load_sweep(path: str | Path) -> dict:
     return spec
 
 
-RUN_CONTROL = ("out", "progress", "resume", "overwrite")   # how a run is driven, not what it learns
 
 
 def changed_settings(saved_config: Path, now: dict) -> list[str]:
@@ -200,22 +199,20 @@ class SweepArgs:
     progress: bool = setting(True, "show each run's progress bar")
 
 
-def main(argv=None) -> int:
-    a = SweepArgs(**parse_settings(SweepArgs, argv, prog="python -m stage2_train.sweep",
-                                   description=__doc__.split("\n\n")[0]))
+def sweep(a: SweepArgs) -> None:
     from .train import Stopped
     try:
         rows = run_sweep(a.sweep, progress=a.progress)
     except Stopped as e:
         print(f"sweep {e}; run the same command again to go on", file=sys.stderr)
-        return e.exit_code
-    except (KavaError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise
     out = Path(load_sweep(a.sweep)["out"])
     print((out / "results.md").read_text())
     print(f"{len(rows)} runs; table {out / 'results.csv'} and {out / 'results.md'}, plot {out / 'results.png'}")
-    return 0
+
+
+main = command(SweepArgs, sweep, prog="python -m stage2_train.sweep", description=__doc__.split("\n\n")[0],
+               interrupted="interrupted: finished runs are kept; run the same command again to go on")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kava_common import KavaError, check_output_folder, software_versions
+from kava_common.cli import Interrupted
 from kava_common.launch import end_distributed, init_distributed
 
 from .checkpoint import clear_run, latest_checkpoint, run_files
@@ -26,7 +27,7 @@ from .metrics import MetricsLog, gpu_memory
 from .trainer import Trainer
 
 
-class Stopped(Exception):
+class Stopped(Interrupted):
     """A run stopped by a signal (Ctrl-C, SIGTERM) before max_steps, after saving its
     checkpoint: resumable, not finished. The command line exits with 128 + the signal's number
     (130, 143), so that a batch script can tell the two apart."""

@@ -54,10 +54,10 @@ def test_yaml_values_of_the_wrong_type_are_refused_by_name(tmp_path, text, messa
 
 
 def test_stage2_cli_reports_a_bad_value_in_one_line_without_a_traceback(tmp_path, capsys):
-    from stage2_train.__main__ import cli
+    from stage2_train.__main__ import main as cli
     rc = cli(["--config", write_yaml(tmp_path, "max_steps: 2.7\n"), "--student", "S", "--cache", "C"])
     err = capsys.readouterr().err
-    assert rc == 2 and "max_steps: expected int, got 2.7" in err and "Traceback" not in err
+    assert rc == 1 and "max_steps: expected int, got 2.7" in err and "Traceback" not in err
 
 
 def test_stage1_settings_are_type_checked():
@@ -87,7 +87,7 @@ def test_original_bottleneck_config_holds_the_original_projector():
 
 
 def test_runs_dir_from_the_environment_sits_below_yaml_and_flags(tmp_path, monkeypatch):
-    from stage2_train.__main__ import cli
+    from stage2_train.__main__ import main as cli
     from stage2_train import train as train_mod
     seen = []
     monkeypatch.setattr(train_mod, "main", lambda cfg: seen.append(cfg.out))

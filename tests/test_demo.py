@@ -1,8 +1,10 @@
 """The built-in demo, end to end, twice (a re-run reuses the models and the cache, trains afresh)."""
 
+import pytest
 from kava_demo.__main__ import main
 
 
+@pytest.mark.slow
 def test_demo_runs_and_reruns(tmp_path, capsys):
     args = ["--root", str(tmp_path / "demo"), "--samples", "48", "--steps", "4"]
     assert main(args) == 0

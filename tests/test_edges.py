@@ -153,7 +153,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_there(finished,
                                                                        monkeypatch, capsys):
     import errno
     import stage2_train.checkpoint as ck
-    from stage2_train.__main__ import cli
+    from stage2_train.__main__ import main as cli
     run = tmp_path / "r"
     shutil.copytree(finished, run)
     shutil.rmtree(run / "final")
@@ -224,7 +224,7 @@ def test_top_k_ids_outside_the_teachers_rows_are_refused_naming_cache_and_sample
     ids = open_cache(bad)[2]["topk_ids"]
     assert f"top-K ids outside the teacher's {rows} output rows (sample row {row}, ids from {int(ids.min())} to " \
            f"{rows + 1000})" in out
-    from stage2_train.__main__ import cli
+    from stage2_train.__main__ import main as cli
     rc = cli(["--student", str(student_dir), "--cache", str(bad), "--out", str(tmp_path / "r"), "--device", "cpu",
               "--no-progress", "--kd-weight", "1", "--eval-samples", "8", "--max-steps", "20", "--batch-size", "8"])
     err = capsys.readouterr().err
@@ -284,7 +284,7 @@ def test_evaluate_refuses_non_finite_weights_and_a_model_without_tokenizer_files
 def test_a_column_of_mixed_types_and_a_yaml_that_does_not_parse_are_one_line(tmp_path, capsys):
     from conftest import write_jsonl
     from kava_common.data import load_rows
-    from stage2_train.__main__ import cli
+    from stage2_train.__main__ import main as cli
     rows = [{"question": "q", "answer": "a #### 1"}] * 3 + [{"question": "q", "answer": 7}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(ValueError) as e:
@@ -293,7 +293,7 @@ def test_a_column_of_mixed_types_and_a_yaml_that_does_not_parse_are_one_line(tmp
                            "the same type"
     y = tmp_path / "c.yaml"
     y.write_text("max_steps: 3\nloss: [mse\nlr_student: 1\n")
-    assert cli(["--config", str(y), "--student", "S", "--cache", "C"]) == 2
+    assert cli(["--config", str(y), "--student", "S", "--cache", "C"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {y}: not valid YAML (line 3: ")
     from stage2_train.sweep import main as sweep_main
@@ -301,6 +301,7 @@ def test_a_column_of_mixed_types_and_a_yaml_that_does_not_parse_are_one_line(tmp
     assert capsys.readouterr().err.startswith(f"error: {y}: not valid YAML (line 3: ")
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_sigterm_exits_143_after_saving(student_dir, caches, tmp_path):
     import os
     import signal
@@ -324,6 +325,7 @@ def test_a_run_stopped_by_sigterm_exits_143_after_saving(student_dir, caches, tm
     assert list(run.glob("step-*")) and not (run / "final").exists()
 
 
+@pytest.mark.slow
 def test_a_torchrun_peer_that_dies_is_one_line_on_the_surviving_rank(student_dir, caches, tmp_path):
     import os
     import signal

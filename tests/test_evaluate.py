@@ -83,7 +83,7 @@ def test_earlier_results_survive_a_bad_argument_or_a_failed_run(tok, tmp_path, c
     out = tmp_path / "results.jsonl"
     earlier = json.dumps({"index": 0, "prompt": "p", "output": "o", "extracted": "1", "gold": "1", "correct": True})
     out.write_text(earlier + "\n")                # an earlier evaluate's results
-    assert main(["--model", str(d), "--max-new-tokens", "0", "--out", str(out), "--no-progress"]) == 2
+    assert main(["--model", str(d), "--max-new-tokens", "0", "--out", str(out), "--no-progress"]) == 1
     assert "--max-new-tokens must be >= 1, got 0" in capsys.readouterr().err
     assert main(["--model", str(d), "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(out),
                  "--no-progress"]) == 1

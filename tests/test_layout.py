@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kava_common", "kava_demo", "stage1_extract", "stage2_train")
+PACKAGES = ("kava", "kava_common", "kava_demo", "stage1_extract", "stage2_train")
 MAX_FUNCTION_LINES = 60
 
 

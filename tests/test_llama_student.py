@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kava_common import save_pretrained, tiny
-from stage2_train.__main__ import cli
+from stage2_train.__main__ import main as cli
 from stage2_train.evaluate import main as evaluate_main
 from stage2_train.sweep import main as sweep_main
 
@@ -44,6 +44,7 @@ def metrics(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_llama_student_from_a_qwen2_cache_trains_resumes_and_evaluates(llama_student, logit_caches, tmp_path,
                                                                          capsys):
     cache = str(logit_caches["qwen"])
@@ -77,6 +78,7 @@ def test_a_llama_student_from_a_qwen2_cache_trains_resumes_and_evaluates(llama_s
     assert len(rows) == 4 and all(json.loads(r)["prompt"].startswith("Question: ") for r in rows)
 
 
+@pytest.mark.slow
 def test_a_sweep_over_a_llama_student(llama_student, logit_caches, tmp_path, capsys):
     spec = tmp_path / "sweep.yaml"
     spec.write_text(

@@ -607,6 +607,7 @@ def test_the_trainers_collectives_reduce_tensors_on_its_device(monkeypatch):
     assert seen == [torch.device("meta")] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("find_unused", [True, False])
 def test_accumulate_under_ddp_averages_over_micro_batches_and_ranks_with_an_empty_last_batch(tmp_path, find_unused):
     import torch.multiprocessing as mp

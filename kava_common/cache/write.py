@@ -181,6 +181,18 @@ def remove_partial_files(cache_dir: Path, shards) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` is running. On Windows os.kill would end the process, so the
+    process is opened by id instead (one that cannot be opened for another reason counts as
+    running: its files are kept)."""
+    if os.name == "nt":
+        import ctypes
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
+        if handle:
+            code = ctypes.c_ulong()
+            ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+            ctypes.windll.kernel32.CloseHandle(handle)
+            return code.value == 259                                          # STILL_ACTIVE
+        return ctypes.windll.kernel32.GetLastError() != 87                    # 87: no such process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,0 +1,1 @@
+"""kava: one command for every part of the toolkit (`kava --help`)."""
