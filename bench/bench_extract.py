@@ -43,7 +43,8 @@ import threading
 import time
 from pathlib import Path
 
-import kava_common  # before torch: kava_common sets its allocator options
+import kava_common
+kava_common.set_process_defaults()  # before torch is imported
 import torch
 
 from kava_common import cache as kcache

@@ -40,7 +40,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from kava_common import save_pretrained, tiny  # before torch: kava_common sets its allocator options
+import kava_common
+kava_common.set_process_defaults()  # before torch is imported
+from kava_common import save_pretrained, tiny
 import numpy as np
 import torch
 import yaml

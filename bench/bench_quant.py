@@ -24,7 +24,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from kava_common import tiny  # before torch: kava_common sets its allocator options
+import kava_common
+kava_common.set_process_defaults()  # before torch is imported
+from kava_common import tiny
 import torch
 
 from kava_common.cache import open_cache

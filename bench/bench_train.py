@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 import psutil
-import kava_common  # before torch: kava_common sets its allocator options
+import kava_common
+kava_common.set_process_defaults()  # before torch is imported
 import torch
 
 from kava_common import save_pretrained, tiny

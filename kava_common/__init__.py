@@ -1,4 +1,10 @@
-"""The contract between kava's stages: cache format, prompt template, data, KV geometry."""
+"""The contract between kava's stages: cache format, prompt template, data, KV geometry.
+
+The rule of this package: it is the contract and what the contract needs, nothing more. It
+imports no stage (tests/test_layout.py checks), and importing it changes nothing in the
+process: settings that shape the process (torch's allocator, below) are applied by the entry
+points, the stage packages and the benchmarks, once, before they import torch.
+"""
 
 import functools
 import os
@@ -7,14 +13,16 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# With this set, torch's CPU allocator asks for transparent huge pages (madvise) for tensors of
-# 2 MB and more: one page fault per 2 MB instead of per 4 KB when a large tensor is allocated,
-# which the CPU path does every step (glibc hands allocations above 32 MB back to the OS).
-# torch reads it once, at its first allocation, so it is set here, on import, before the stages
-# import torch. It speeds up CPU steps and teacher forwards by a quarter or more (figures in
-# docs/benchmarks.md). No effect on a GPU's memory or where the kernel's THP mode is "never".
-# THP_MEM_ALLOC_ENABLE=0 turns it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+def set_process_defaults() -> None:
+    """Settings of the process that torch reads at its first allocation, so to be applied
+    before torch is imported: THP_MEM_ALLOC_ENABLE=1 makes torch's CPU allocator ask for
+    transparent huge pages (madvise) for tensors of 2 MB and more, one page fault per 2 MB
+    instead of per 4 KB for the large tensors a CPU step allocates each time (glibc hands
+    allocations above 32 MB back to the OS); it speeds up CPU steps and teacher forwards by a
+    quarter or more (docs/benchmarks.md), and does nothing for a GPU's memory or where the
+    kernel's THP mode is "never". A value already set (THP_MEM_ALLOC_ENABLE=0) is kept."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 class KavaError(Exception):

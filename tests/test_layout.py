@@ -39,3 +39,22 @@ def test_no_function_longer_than_a_screen():
                     if n > MAX_FUNCTION_LINES:
                         long.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
     assert long == []
+
+
+def test_importing_the_contract_changes_nothing_in_the_process():
+    """kava_common is the contract: importing it (every module of it) sets no environment
+    variable and imports no stage; the entry points' packages apply the process settings."""
+    import subprocess
+    import sys
+    mods = sorted({".".join(p.relative_to(ROOT).with_suffix("").parts) for p in modules("kava_common")
+                   if p.name != "__main__.py"})
+    code = ("import os, sys; before = dict(os.environ); import " + ", ".join(m.removesuffix(".__init__") for m in mods)
+            + "; print(sorted(k for k in os.environ if os.environ.get(k) != before.get(k)), "
+              "sorted(m for m in sys.modules if m.split('.')[0] in ('stage1_extract', 'stage2_train', 'kava_demo', 'kava')))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[] []"
+    r = subprocess.run([sys.executable, "-c", "import os, stage2_train; print(os.environ['THP_MEM_ALLOC_ENABLE'])"],
+                       cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.stdout.strip() == "1"
