@@ -294,8 +294,11 @@ def bench_memory():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="cache,int4,memory,online")
-    p.add_argument("--steps", type=int, default=20, help="steps per timing in the cache part")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers in the cache part")
+    p.add_argument("--steps", type=int, default=60, help="steps per timing in the cache part (a timing "
+                   "much under 2 s on a 2-core CPU is mostly noise)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers in the cache part; default 0 with --device cpu (a worker then "
+                        "takes CPU time from the step it feeds), 1 on a GPU")
     p.add_argument("--online-steps", type=int, default=3)
     p.add_argument("--online-seq", type=int, default=256)
     p.add_argument("--online-reps", type=int, default=2, help="alternating offline/online runs")
@@ -309,11 +312,12 @@ def main(argv=None):
     root = Path(tempfile.mkdtemp(dir=Path("data_cache").resolve() if Path("data_cache").is_dir() else None))
     print(header(device=a.device))
     parts = a.parts.split(",")
+    workers = a.workers if a.workers is not None else int(a.device != "cpu")
     try:                    # the caches and runs made here go with the run, however it ends
         if "cache" in parts:
-            bench_cache(root / "tiny", a.steps, a.workers, a.device)
+            bench_cache(root / "tiny", a.steps, workers, a.device)
         if "int4" in parts:
-            bench_int4(root / "int4", a.steps, a.workers, a.device)
+            bench_int4(root / "int4", a.steps, workers, a.device)
         if "int4-real" in parts:
             bench_int4_real(root / "int4-real", a.online_steps, a.online_seq, max(a.online_reps, 4),
                             a.online_batch, a.device)
