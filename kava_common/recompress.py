@@ -119,7 +119,7 @@ def _write_shards(src, dest: Path, ident, layers: list[int], q, done: dict, prog
     from tqdm.auto import tqdm
     dtype = DTYPES[ident.kv_dtype]
     entries = []
-    for i, (sh, pe) in enumerate(tqdm(list(zip(src._shards, src.manifest["shards"])), desc="recompress",
+    for i, (sh, pe) in enumerate(tqdm(src.shards(), desc="recompress",
                                       unit="shard", disable=not progress, ascii=True)):
         if i in done:
             entries.append(done[i])

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kava_common import KavaError
-from kava_common.cache import open_cache
+from kava_common.cache import KVCache, KVQuant, open_cache
 from kava_common.data import load_fast_tokenizer
 from kava_common.geometry import KVGeometry
 from kava_common.vocab import describe as describe_vocab
-from kava_common.vocab import vocab_match
+from kava_common.vocab import VocabMatch, vocab_match
 
 from .align import parse_layer_map
 from .config import TrainConfig
@@ -33,7 +34,7 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
 def longest_answer(teachers, max_length: int) -> int:
     """The most cross-entropy targets of any sample (reasoning and final answer, plus EOS), in
     the caches' teacher tokens; the student's tokenizer may count somewhat differently."""
-    seg = np.concatenate([t["cache"].token_segments() for t in teachers])
+    seg = np.concatenate([t.cache.token_segments() for t in teachers])
     if not len(seg):
         return 1
     return int(min(max_length, (seg[:, 2, 1] - seg[:, 1, 0]).max() + 1))
@@ -53,14 +54,14 @@ def memory_estimate(cfg, teachers, dtype, device, world: int = 1) -> str:
     from .projector import bottleneck_params
     s_cfg = AutoConfig.from_pretrained(cfg.student)
     student = Shape.from_config(s_cfg)
-    read = [len(t["cache"].layers) if cfg.projector == "bottleneck" else len(t["distilled"]) for t in teachers]
-    kv_width = sum(n * t["heads"] * t["head_dim"] for n, t in zip(read, teachers))
+    read = [len(t.cache.layers) if cfg.projector == "bottleneck" else len(t.distilled) for t in teachers]
+    kv_width = sum(n * t.heads * t.head_dim for n, t in zip(read, teachers))
     proj = None
     if cfg.projector == "bottleneck":
         s_width = student.layers * student.kv_heads * student.head_dim
         proj = sum((1 if cfg.projector_shared else 2) * bottleneck_params(
-            *((n * t["heads"] * t["head_dim"], s_width) if cfg.direction == "teacher_to_student"
-              else (s_width, n * t["heads"] * t["head_dim"])), cfg.bottleneck_hidden)
+            *((n * t.heads * t.head_dim, s_width) if cfg.direction == "teacher_to_student"
+              else (s_width, n * t.heads * t.head_dim)), cfg.bottleneck_hidden)
             for n, t in zip(read, teachers))
     return describe(estimate(student, (1, 1, kv_width), cfg.batch_size, cfg.max_length, projector_params=proj,
                              answer_tokens=cfg.max_length if every_token_logits(cfg) else
@@ -81,7 +82,22 @@ def verify_caches(caches, echo) -> None:
          f"against their checksums in {time.perf_counter() - t0:.1f} s")
 
 
-def open_teachers(cfg: TrainConfig, echo=print):
+@dataclass(frozen=True)
+class Teacher:
+    """One teacher of a run, fixed once its cache is opened: the cache (only the layers the layer
+    map uses), how its K/V reach the student (`distilled`: per student layer, the (index into
+    those layers, weight) pairs it mixes), its geometry and how its vocabulary meets the student's."""
+    cache: KVCache
+    kv_quant: KVQuant | None        # set when the K/V come packed, to dequantize on the device
+    distilled: list[tuple[int, list[tuple[int, float]]]]   # (student layer, [(cache layer, weight)])
+    heads: int                      # KV heads
+    head_dim: int
+    fingerprint: str
+    path: str
+    vocab: VocabMatch
+
+
+def open_teachers(cfg: TrainConfig, echo=print) -> tuple[list[Teacher], KVGeometry]:
     """Open and check the caches, load the student, build the layer maps and projectors."""
     from transformers import AutoConfig
     caches = [open_cache(p, verify=True) for p in cfg.caches]
@@ -107,47 +123,47 @@ def open_teachers(cfg: TrainConfig, echo=print):
         remap = {ci: i for i, ci in enumerate(used)}
         cache = open_cache(c.path, layers=[m["layers"][ci] for ci in used], verify=True,
                            packed=cfg.kv_dequant == "device")
-        teachers.append({"cache": cache, "kv_quant": cache.kv_quant if cache.packed else None,
-                         "distilled": [(s, [(remap[ci], w) for ci, w in row]) for s, row in enumerate(lmap) if row],
-                         "heads": m["num_kv_heads"], "head_dim": m["head_dim"],
-                         "fingerprint": m["fingerprint"], "path": str(c.path),
-                         "vocab": vocab_match(c, s_tok, s_rows)})
-        echo(f"{c.path}: {describe_vocab(teachers[-1]['vocab'])}")
+        teachers.append(Teacher(
+            cache=cache, kv_quant=cache.kv_quant if cache.packed else None,
+            distilled=[(s, [(remap[ci], w) for ci, w in row]) for s, row in enumerate(lmap) if row],
+            heads=m["num_kv_heads"], head_dim=m["head_dim"], fingerprint=m["fingerprint"], path=str(c.path),
+            vocab=vocab_match(c, s_tok, s_rows)))
+        echo(f"{c.path}: {describe_vocab(teachers[-1].vocab)}")
     if cfg.layer_weights is not None and len(cfg.layer_weights) != s_geo.num_layers:
         raise ValueError(f"layer_weights has {len(cfg.layer_weights)} entries; the student has "
                          f"{s_geo.num_layers} layers")
     check_logit_caches(cfg, teachers)
     if cfg.loss == "relation" or cfg.relation_weight:
         for t in teachers:
-            r = cfg.relation_heads or min(t["heads"], s_geo.num_kv_heads)
-            widths = {"teacher": t["heads"] * t["head_dim"], "student": s_geo.num_kv_heads * s_geo.head_dim}
+            r = cfg.relation_heads or min(t.heads, s_geo.num_kv_heads)
+            widths = {"teacher": t.heads * t.head_dim, "student": s_geo.num_kv_heads * s_geo.head_dim}
             bad = [f"{side} {w}" for side, w in widths.items() if w % r]
             if bad:
                 raise ValueError(f"relation_heads {r}: the K/V widths per position ({', '.join(bad)} for "
-                                 f"{t['path']}) must divide by it")
+                                 f"{t.path}) must divide by it")
     return teachers, s_geo
 
 
-def check_logit_caches(cfg: TrainConfig, teachers: list[dict]) -> None:
+def check_logit_caches(cfg: TrainConfig, teachers: list[Teacher]) -> None:
     """What each cache must hold for the run's logit distillation (--kd-weight, --kd-method)
     and confidence weighting: top-K logits (topk, uld), the actual tokens' log-probabilities
     (chunk, confidence), and for topk a vocabulary the same as the student's or compatible
     with it (the teacher's token ids must be the student's)."""
     for t in teachers:
-        m, v = t["cache"].manifest, t["vocab"]
+        m, v = t.cache.manifest, t.vocab
         again = "; run stage 1 again with --logits-topk K"
         if cfg.kd_weight and cfg.kd_method in ("topk", "uld") and not m.get("logits_topk"):
-            raise ValueError(f"--kd-weight: {t['path']} was made without --logits-topk{again} to distil the "
+            raise ValueError(f"--kd-weight: {t.path} was made without --logits-topk{again} to distil the "
                              "teacher's logits")
         if cfg.kd_weight and cfg.kd_method == "chunk" and not m.get("token_logprobs"):
-            raise ValueError(f"--kd-method chunk: {t['path']} holds no token_logprobs (made without "
+            raise ValueError(f"--kd-method chunk: {t.path} holds no token_logprobs (made without "
                              f"--logits-topk, or by an older kava){again}")
         if cfg.kd_weight and cfg.kd_method == "topk" and not v.identity:
-            raise ValueError(f"--kd-method topk: the teacher of {t['path']} has another vocabulary than the "
+            raise ValueError(f"--kd-method topk: the teacher of {t.path} has another vocabulary than the "
                              f"student ({v.reason}), so its top-K ids name other tokens; use --kd-method uld "
                              "or chunk for logit distillation across vocabularies")
         if cfg.teacher_weighting == "confidence" and not m.get("token_logprobs"):
-            raise ValueError(f"--teacher-weighting confidence: {t['path']} holds no token_logprobs (made "
+            raise ValueError(f"--teacher-weighting confidence: {t.path} holds no token_logprobs (made "
                              f"without --logits-topk, or by an older kava){again}")
 
 

@@ -36,6 +36,18 @@ class Progress:
     kd_samples_skipped: int = 0   # samples left out of it (a compatible vocabulary tokenized them otherwise)
 
 
+@dataclass
+class RunState:
+    """What a checkpoint saves and a resume restores: the student (its weights), its tokenizer,
+    the projectors, the optimizer and scheduler state, and where the run stands."""
+    model: torch.nn.Module
+    tok: object
+    distiller: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    prog: Progress
+
+
 # What a run writes into its folder; --overwrite removes exactly these.
 RUN_FILES = ("metrics.jsonl", "config.yaml", "tensorboard", "final", "final.tmp")
 
@@ -81,20 +93,20 @@ def latest_checkpoint(run: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def save_checkpoint(run: Path, prog: Progress, model, tok, distiller, opt, sched, cfg, fps,
-                    rngs: list[dict]) -> Path:
-    """step-NNNNNN/ for `prog`, written atomically. rngs: each rank's RNG states (`rng_state`;
-    one for a lone process): under torchrun each rank's dropout draws its own numbers."""
+def save_checkpoint(run: Path, state: RunState, cfg, fps: list[str], rngs: list[dict]) -> Path:
+    """step-NNNNNN/ for `state.prog`, written atomically. rngs: each rank's RNG states
+    (`rng_state`; one for a lone process): under torchrun each rank's dropout draws its own numbers."""
     from safetensors.torch import save_file
 
     def fill(tmp: Path) -> None:
-        save_pretrained(model, tok, tmp / "student")
-        save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+        save_pretrained(state.model, state.tok, tmp / "student")
+        save_file({k: v.contiguous() for k, v in state.distiller.state_dict().items()},
+                  str(tmp / "projector.safetensors"))
+        torch.save({"optimizer": state.opt.state_dict(), "scheduler": state.sched.state_dict()}, tmp / "optimizer.pt")
         torch.save({"ranks": rngs}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"progress": asdict(prog), "fingerprints": fps,
+        (tmp / "state.json").write_text(json.dumps({"progress": asdict(state.prog), "fingerprints": fps,
                                                     "config": cfg.to_dict()}, indent=1))
-    return write_folder(run / f"step-{prog.step:06d}", fill)
+    return write_folder(run / f"step-{state.prog.step:06d}", fill)
 
 
 def write_folder(final: Path, fill) -> Path:
@@ -166,9 +178,69 @@ def checkpoint_problems(path: Path) -> list[str]:
     return problems
 
 
-def load_checkpoint(path: Path, model, distiller, opt, sched, rank: int, device: torch.device) -> Progress:
+def resume_point(cfg, run: Path, fingerprints: list[str], world: int, echo) -> tuple[Path, dict] | None:
+    """The checkpoint `cfg.resume` names (auto: the newest in `run` that passes its checks), and
+    the settings this run changes that a resume takes ({setting: (old, new)}); None when there
+    is nothing to resume. Refused in one line: another cache, a setting a resume must keep,
+    another number of processes."""
+    if not cfg.resume:
+        return None
+    path = checkpoint_to_resume(cfg.resume, run, echo)
+    if path is None:
+        return None
+    saved = read_state(path)
+    if saved["fingerprints"] != fingerprints:
+        raise KavaError(f"{path} was trained on caches {saved['fingerprints']}, this run uses {fingerprints}")
+    taken, refused = resume_changes(saved["config"], cfg)
+    if refused:
+        raise KavaError(f"--resume {path}: " + "; ".join(f"{k} was {old!r}, this run asks for {new!r}"
+                                                        for k, (old, new) in refused.items())
+                        + ". A resume keeps these; give the checkpoint's values or start a new run folder")
+    trained_by = saved["progress"].get("world_size", 1)
+    if trained_by != world:
+        how = f"torchrun --nproc-per-node {trained_by}" if trained_by > 1 else "no torchrun"
+        raise KavaError(f"--resume {path}: written by {trained_by} process(es) and this run has {world}; "
+                        f"each rank's place in the data order depends on that number, so resume with "
+                        f"{trained_by} ({how}), or start a new run folder")
+    return path, taken
+
+
+def checkpoint_to_resume(resume: str, run: Path, echo) -> Path | None:
+    """The checkpoint `--resume` names, checked (`checkpoint_problems`): with auto the newest in
+    `run` that passes, saying in one line why a newer one was passed over; refused, naming them,
+    when none passes."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir() or not any((path / n).exists() for n in ("state.json", RECORD)):
+            raise KavaError(f"--resume {resume}: no checkpoint there (expected state.json)")
+        problems = checkpoint_problems(path)
+        if problems:
+            raise KavaError(f"--resume {path}: {problems[0]}" + (f" (and {len(problems) - 1} more)"
+                                                                if len(problems) > 1 else ""))
+        return path
+    failed = []
+    for path in checkpoints(run)[::-1]:
+        problems = checkpoint_problems(path)
+        if not problems:
+            if not (path / RECORD).is_file():
+                echo(f"{path}: written without {RECORD} (an older kava); its files are not checked")
+            if failed:
+                echo(f"{failed[0][1]}; resuming from {path.name}, the newest checkpoint that passes its checks"
+                     + (f" ({len(failed) - 1} more passed over)" if len(failed) > 1 else ""))
+            return path
+        failed.append((path, problems[0]))
+    if failed:
+        raise KavaError(f"--resume auto: no checkpoint in {run} passes its checks: " + "; ".join(
+            f"{p.name}: {why}" for p, why in failed) + "; start again with --overwrite")
+    return None
+
+
+def load_checkpoint(path: Path, state: RunState, rank: int, device: torch.device) -> Progress:
+    """`path`'s weights, projectors, optimizer and scheduler state into `state`'s, this rank's RNG
+    states restored; returns the checkpoint's progress."""
     from safetensors.torch import load_file
-    state = json.loads((path / "state.json").read_text())
+    model = state.model
+    saved = json.loads((path / "state.json").read_text())
     sdir = path / "student"
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
@@ -182,13 +254,13 @@ def load_checkpoint(path: Path, model, distiller, opt, sched, rank: int, device:
         if unexpected or set(missing) - tied:
             raise KavaError(f"{sdir}: checkpoint does not fit the student (missing {missing}, "
                             f"unexpected {unexpected})")
-    distiller.load_state_dict(load_file(str(path / "projector.safetensors")))
+    state.distiller.load_state_dict(load_file(str(path / "projector.safetensors")))
     o = load_state(path / "optimizer.pt")
-    opt.load_state_dict(o["optimizer"])
-    sched.load_state_dict(o["scheduler"])
+    state.opt.load_state_dict(o["optimizer"])
+    state.sched.load_state_dict(o["scheduler"])
     rngs = load_state(path / "rng.pt")
     set_rng_state(rngs["ranks"][rank] if "ranks" in rngs else rngs, device)   # else: one process's
-    return Progress(**state["progress"])
+    return Progress(**saved["progress"])
 
 
 def load_state(path: Path) -> dict:
@@ -235,19 +307,22 @@ def set_rng_state(r: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def save_final(run: Path, model, tok, distiller, teachers, s_geo, cfg) -> None:
+def save_final(run: Path, state: RunState, teachers, s_geo, cfg) -> None:
+    """final/: the student (LoRA merged into it), its tokenizer, the projectors and what they map."""
     from safetensors.torch import save_file
 
     def fill(tmp: Path) -> None:
+        model = state.model
         student = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        save_pretrained(student, tok, tmp / "student")
-        save_file({k: v.contiguous() for k, v in distiller.state_dict().items()}, str(tmp / "projector.safetensors"))
+        save_pretrained(student, state.tok, tmp / "student")
+        save_file({k: v.contiguous() for k, v in state.distiller.state_dict().items()},
+                  str(tmp / "projector.safetensors"))
         (tmp / "projector.json").write_text(json.dumps({
             "kind": cfg.projector, "shared": cfg.projector_shared, "direction": cfg.direction,
             "fusion": cfg.fusion, "gate": cfg.gate,
             "student": {"num_kv_heads": s_geo.num_kv_heads, "head_dim": s_geo.head_dim},
-            "teachers": [{"cache": t["path"], "fingerprint": t["fingerprint"], "num_kv_heads": t["heads"],
-                          "head_dim": t["head_dim"], "layers": t["cache"].layers,
-                          "distilled": t["distilled"]} for t in teachers]}, indent=1))
+            "teachers": [{"cache": t.path, "fingerprint": t.fingerprint, "num_kv_heads": t.heads,
+                          "head_dim": t.head_dim, "layers": t.cache.layers,
+                          "distilled": t.distilled} for t in teachers]}, indent=1))
     write_folder(run / "final", fill)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kava_common import all_finite
@@ -45,11 +44,6 @@ def check_caches(caches: list[KVCache], dataset: str | None = None, split: str |
         raise ValueError("the caches do not fit this run:\n  " + "\n  ".join(problems))
 
 
-def cache_rows(cache: KVCache) -> np.ndarray:
-    """Data-set row of every sample of a cache, read from the shards' small metadata."""
-    return np.concatenate([s.small("rows") for s in cache._shards]) if len(cache) else np.zeros(0, np.int64)
-
-
 @dataclass
 class TeacherPlan:
     """What one teacher gives one sample, fixed once the sample is first read: the alignment of
@@ -81,7 +75,7 @@ class DistillData(torch.utils.data.Dataset):
                  kd_tokens: str = "answer"):
         self.caches, self.tok, self.max_length, self.align = caches, student_tok, max_length, align
         self.kv_tokens, self.kd_method, self.kd_tokens = kv_tokens, kd_method, kd_tokens
-        per_cache = [dict(zip(cache_rows(c).tolist(), range(len(c)))) for c in caches]
+        per_cache = [dict(zip(c.rows().tolist(), range(len(c)))) for c in caches]
         common = sorted(set(per_cache[0]).intersection(*per_cache[1:]))
         self.rows = common
         self.index = [tuple(m[r] for m in per_cache) for r in common]

@@ -20,22 +20,22 @@ from .student import StudentKV
 class Distiller(torch.nn.Module):
     """Projectors (one KVProjector per teacher) and the optional learned fusion gate."""
 
-    def __init__(self, cfg: TrainConfig, teachers: list[dict], s_geo: KVGeometry, n_student: int):
+    def __init__(self, cfg: TrainConfig, teachers: list, s_geo: KVGeometry, n_student: int):
         super().__init__()
         self.cfg, self.teachers, self.s_geo = cfg, teachers, s_geo
         projs = []
         for t in teachers:
-            n = len(t["distilled"])
+            n = len(t.distilled)
             if cfg.projector == "bottleneck":
-                theirs = (len(t["cache"].layers), t["heads"], t["head_dim"])
+                theirs = (len(t.cache.layers), t.heads, t.head_dim)
                 ours = (n, s_geo.num_kv_heads, s_geo.head_dim)
                 dims = (theirs, ours) if cfg.direction == "teacher_to_student" else (ours, theirs)
                 projs.append(BottleneckKV(*dims, cfg.bottleneck_hidden, cfg.bottleneck_dropout, cfg.projector_shared))
                 continue
             if cfg.direction == "teacher_to_student":
-                dims = (t["heads"], t["head_dim"], s_geo.num_kv_heads, s_geo.head_dim)
+                dims = (t.heads, t.head_dim, s_geo.num_kv_heads, s_geo.head_dim)
             else:
-                dims = (s_geo.num_kv_heads, s_geo.head_dim, t["heads"], t["head_dim"])
+                dims = (s_geo.num_kv_heads, s_geo.head_dim, t.heads, t.head_dim)
             projs.append(KVProjector(cfg.projector, n, *dims, shared=cfg.projector_shared))
         self.proj = torch.nn.ModuleList(projs)
         w = cfg.teacher_weights or [1.0] * len(teachers)
@@ -71,7 +71,7 @@ class Distiller(torch.nn.Module):
         if sample_w is not None:
             w = sample_w.mean(1)
         elif self.gate is not None:
-            layers = sorted({s for t in self.teachers for s, _ in t["distilled"]})
+            layers = sorted({s for t in self.teachers for s, _ in t.distilled})
             w = torch.softmax(self.gate[:, layers], dim=0).mean(1)
         else:
             w = self.fixed_w / self.fixed_w.sum()
@@ -86,7 +86,7 @@ class Distiller(torch.nn.Module):
         per_layer: dict[int, list] = {}
         for ti, (t, tb) in enumerate(zip(self.teachers, batch["teachers"])):
             if "kq" in tb:       # codes and groups moved, dequantized here (kv_dequant device)
-                k, v = dequantize_batch({n: x.to(device) for n, x in tb["kq"].items()}, t["kv_quant"])
+                k, v = dequantize_batch({n: x.to(device) for n, x in tb["kq"].items()}, t.kv_quant)
             else:
                 k, v = tb["k"].to(device, torch.float32), tb["v"].to(device, torch.float32)  # (B, L, H, Tt, D)
             if tb["A"] is not None:
@@ -122,7 +122,7 @@ class Distiller(torch.nn.Module):
     def _layer_pairs(self, ti: int, t: dict, k, v, cap, mask):
         """Per distilled student layer s: its K/V against the teacher's mapped layers, one
         side projected."""
-        for pi, (s, row) in enumerate(t["distilled"]):
+        for pi, (s, row) in enumerate(t.distilled):
             tk = sum(w * k[:, ci] for ci, w in row)                                  # (B, Ht, Ts, Dt)
             tv = sum(w * v[:, ci] for ci, w in row)
             sk, sv = cap.kv(s)                                                       # (B, Hs, Ts, Ds)
@@ -139,12 +139,12 @@ class Distiller(torch.nn.Module):
     def _bottleneck_pairs(self, ti: int, t: dict, k, v, cap, mask):
         """All layers through one bottleneck: per student layer (teacher_to_student) or per
         teacher layer (student_to_teacher, `layer` then numbers the teacher's stored layers)."""
-        kvs = [cap.kv(s) for s, _ in t["distilled"]]
+        kvs = [cap.kv(s) for s, _ in t.distilled]
         sk = torch.stack([a.float() for a, _ in kvs], 1)                             # (B, Ls, Hs, Ts, Ds)
         sv = torch.stack([b.float() for _, b in kvs], 1)
         if self.cfg.direction == "teacher_to_student":
             pk, pv = self.proj[ti](k, v)                                             # (B, Ls, Hs, Ts, Ds)
-            for i, (s, _) in enumerate(t["distilled"]):
+            for i, (s, _) in enumerate(t.distilled):
                 yield {"teacher": ti, "layer": s, "k": (pk[:, i], sk[:, i]), "v": (pv[:, i], sv[:, i]), "mask": mask}
         else:
             pk, pv = self.proj[ti](sk, sv)                                           # (B, Lt, Ht, Ts, Dt)
@@ -160,7 +160,7 @@ class Distiller(torch.nn.Module):
 
     def relation_heads(self, ti: int) -> int:
         """Relation heads of teacher `ti`'s pairs: the setting, or the smaller KV head count."""
-        return self.cfg.relation_heads or min(self.teachers[ti]["heads"], self.s_geo.num_kv_heads)
+        return self.cfg.relation_heads or min(self.teachers[ti].heads, self.s_geo.num_kv_heads)
 
     def _relation(self, pair: dict, weight=None):
         """The relation loss of a pair (teacher and student K/V, no projector): all of the K/V

@@ -54,7 +54,7 @@ def main(cfg: TrainConfig, echo=print) -> Path:
         echo(f"{world} processes (torchrun), one data-parallel rank each: global batch "
              f"{world} x {cfg.grad_accum} x {cfg.batch_size} samples")
     try:
-        run, stopped = _train(cfg, rank, world, echo)
+        run, stopped = _train(cfg, world, echo)
     except RuntimeError as e:
         if world > 1 and peer_lost(e):
             other = f"rank {1 - rank}" if world == 2 else "another rank"
@@ -77,14 +77,15 @@ def peer_lost(e: BaseException) -> bool:
         "Socket Timeout", "Connection refused"))
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, echo) -> tuple[Path, int | None]:
+def _train(cfg: TrainConfig, world: int, echo) -> tuple[Path, int | None]:
     """The run in cfg.out, started, resumed or continued, until max_steps or a stop signal."""
     run = Path(cfg.out)
     check_run_folder(run, cfg)
     tr = Trainer(cfg, echo=echo)               # checks the caches before loading the student
     tr.check_student_kv()
     resumed = tr.resume(run)
-    if rank == 0:                               # the run folder is rank 0's alone
+
+    def open_run() -> MetricsLog:              # the run folder is rank 0's alone
         if cfg.overwrite:
             clear_run(run)
         run.mkdir(parents=True, exist_ok=True)
@@ -92,9 +93,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, echo) -> tuple[Path, int | N
         (run / "config.yaml").write_text(yaml.safe_dump(dict(
             cfg.to_dict(), cache_fingerprints=tr.fingerprints, world_size=world,
             software=software_versions()), sort_keys=False))
-    tr.barrier()
-    log = MetricsLog(run / "metrics.jsonl", tr.prog.step if resumed else None, echo, cfg.report_to) \
-        if rank == 0 else None
+        return MetricsLog(run / "metrics.jsonl", tr.prog.step if resumed else None, echo, cfg.report_to)
+    log = tr.ranks.on_main(open_run)
     try:
         stopped = fit(tr, run, log)
     finally:
@@ -145,7 +145,7 @@ def fit(tr: Trainer, run: Path, log: MetricsLog) -> int | None:
                dynamic_ncols=True, ascii=True)
     t_last, tokens = time.perf_counter(), 0
     try:
-        while tr.prog.step < cfg.max_steps and not tr.any_rank(stop["signal"] is not None):
+        while tr.prog.step < cfg.max_steps and not tr.ranks.any(stop["signal"] is not None):
             out = tr.step()
             tokens += out.pop("tokens")
             bar.update(1)

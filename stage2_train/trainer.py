@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -18,11 +17,12 @@ from kava_common.device import resolve_device
 
 from .build import (lr_factor, make_optimizer, memory_estimate, open_teachers, precision_dtype,
                     set_trainable)
-from .checkpoint import (RECORD, Progress, checkpoint_problems, checkpoints, load_checkpoint, read_state,
-                         resume_changes, rng_state, save_checkpoint, save_final)
+from .checkpoint import (Progress, RunState, load_checkpoint, resume_point, rng_state, save_checkpoint,
+                         save_final)
 from .config import TrainConfig
 from .data import DistillData, collate
 from .distiller import Distiller, evaluate, train_step
+from .ranks import Torchrun, ranks_for
 from .student import StudentKV, load_student
 
 
@@ -41,79 +41,69 @@ def pad_id(tok) -> int:
 class Trainer:
     """Everything a stage-2 run holds. `model`/`tok` may be passed in already loaded
     (benchmarks); otherwise the student is loaded as `cfg` says. The caches are opened and
-    checked before the student is loaded."""
+    checked before the student is loaded. How the processes work together (one, or torchrun's
+    ranks) is `self.ranks`' business (stage2_train.ranks)."""
 
     def __init__(self, cfg: TrainConfig, model=None, tok=None, echo=print):
         self.cfg, self.echo = cfg, echo
-        import torch.distributed as dist
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = resolve_device(cfg.device) if model is None else next(model.parameters()).device
+        self.ranks = ranks_for(self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.teachers, self.s_geo = open_teachers(cfg, echo)
-        self.dtype = precision_dtype(cfg, self.device)
-        if model is None:
-            echo(f"{memory_estimate(cfg, self.teachers, self.dtype, self.device, self.world)} "
-                 f"at batch {cfg.batch_size} x {cfg.max_length} tokens")
-            model, tok = load_student(cfg.student, self.device, self.dtype, cfg.lora_r, cfg.lora_alpha,
-                                      cfg.gradient_checkpointing)
-        # DistributedDataParallel's reducer expects a sparse gradient for a sparse embedding,
-        # and a tied head makes its gradient dense: under torchrun the embedding stays dense
-        set_trainable(model, cfg, sparse_tied=self.world == 1)
-        self.model, self.tok = model.train(), tok
-        self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers).to(self.device)
-        echo(f"projectors ({cfg.projector}, {cfg.direction}): "
-             f"{sum(p.numel() for p in self.distiller.parameters()):,} trainable parameters")
-        self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t["distilled"]}), self.s_geo)
+        self._setup_teachers()
+        self._setup_student(model, tok)
         self._build_data()
-        self.opt = make_optimizer(cfg, model, self.distiller)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-        self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.fingerprints = [t["fingerprint"] for t in self.teachers]
-        self.prog = Progress(seed=cfg.seed, world_size=self.world)
+        self._setup_optimizer()
+        self.prog = Progress(seed=cfg.seed, world_size=self.ranks.world)
         self._it = None                      # the current epoch's loader
         self.bad_rows: set[int] = set()      # samples left out for non-finite teacher K/V
         self.skipped_steps = 0               # steps without an update (non-finite loss or gradients)
         self._skipped_in_a_row = 0
-        self.ddp = self._wrap_ddp() if self.world > 1 else None
+        self.fwd = self.ranks.wrap(self)     # a micro-batch's loss and parts
 
-    def _wrap_ddp(self):
-        """The student and the projectors in DistributedDataParallel: gradients averaged over
-        the ranks in buckets during the backward of each step's last micro-batch; no
-        device_ids, so the batch reaches the step as the loader gave it (the step moves what it
-        needs to the device itself). Which trainable parameters a step leaves out of its graph
-        follows from the settings alone (kv_weight 0, a layer weight of 0, the relation loss
-        leave projectors out), so one sample's graph tells whether DDP must search for unused
-        parameters on every backward (a walk of the graph, and PyTorch's note when it finds
-        none)."""
-        from torch.nn.parallel import DistributedDataParallel
-        self.in_graph = self.parameters_in_graph()
-        return DistributedDataParallel(_MicroBatch(self), device_ids=None,
-                                       find_unused_parameters=len(self.in_graph) < len(self.params),
-                                       gradient_as_bucket_view=True)
+    def _setup_teachers(self) -> None:
+        self.teachers, self.s_geo = open_teachers(self.cfg, self.echo)
+        self.fingerprints = [t.fingerprint for t in self.teachers]
 
-    def parameters_in_graph(self) -> list[torch.nn.Parameter]:
-        """The trainable parameters in the graph of one sample's loss (no backward is run; the
-        random number generators are left as they were)."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            used = graph_parameters(self.forward(self.first_sample())[0])
-        return [p for p in self.params if id(p) in used]
+    def _setup_student(self, model, tok) -> None:
+        """The student (loaded unless given), what of it trains, the projectors and the hooks
+        that capture its K/V."""
+        cfg = self.cfg
+        self.dtype = precision_dtype(cfg, self.device)
+        if model is None:
+            self.echo(f"{memory_estimate(cfg, self.teachers, self.dtype, self.device, self.ranks.world)} "
+                      f"at batch {cfg.batch_size} x {cfg.max_length} tokens")
+            model, tok = load_student(cfg.student, self.device, self.dtype, cfg.lora_r, cfg.lora_alpha,
+                                      cfg.gradient_checkpointing)
+        # DistributedDataParallel's reducer expects a sparse gradient for a sparse embedding,
+        # and a tied head makes its gradient dense: under torchrun the embedding stays dense
+        set_trainable(model, cfg, sparse_tied=self.ranks.world == 1)
+        self.model, self.tok = model.train(), tok
+        self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers).to(self.device)
+        self.echo(f"projectors ({cfg.projector}, {cfg.direction}): "
+                  f"{sum(p.numel() for p in self.distiller.parameters()):,} trainable parameters")
+        self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t.distilled}), self.s_geo)
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.opt = make_optimizer(cfg, self.model, self.distiller)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+
+    def state(self) -> RunState:
+        """What a checkpoint saves and a resume restores, whole."""
+        return RunState(self.model, self.tok, self.distiller, self.opt, self.sched, self.prog)
 
     def forward(self, batch) -> tuple[torch.Tensor, dict]:
-        """One micro-batch's loss (with its graph) and its parts (`train_step`); under
-        DistributedDataParallel a batch with no sample left (`empty`) gives a zero loss that
-        reaches every parameter a step's graph holds, so that every rank runs the backward that
-        averages."""
-        if batch.get("empty"):
-            return sum(p.view(-1)[0] for p in self.in_graph) * 0.0, {}
+        """One micro-batch's loss (with its graph) and its parts (`train_step`)."""
         return train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device, self.autocast)
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.data = DistillData([t["cache"] for t in self.teachers], self.tok, cfg.max_length, cfg.align,
-                                cfg.kv_tokens, [t["vocab"] for t in self.teachers],
+        self.data = DistillData([t.cache for t in self.teachers], self.tok, cfg.max_length, cfg.align,
+                                cfg.kv_tokens, [t.vocab for t in self.teachers],
                                 cfg.kd_method if cfg.kd_weight else None, cfg.kd_tokens)
         if len(self.data) <= cfg.eval_samples:
             raise ValueError(f"the caches share {len(self.data)} samples; need more than eval_samples "
@@ -158,17 +148,9 @@ class Trainer:
             persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.prog.epoch)))
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
-        """This process's micro-batches of an epoch: the epoch's micro-batches dealt round-robin
-        to the ranks (all of them for a lone process); the last few that would not give every
-        rank one are left out, so each optimizer step averages world x grad_accum of them."""
+        """This process's micro-batches of an epoch (`ranks.deal`: all of them for a lone process)."""
         batches = epoch_batches(len(self.train_set), self.cfg.batch_size, self.cfg.seed, epoch)
-        if self.world == 1:
-            return batches
-        if len(batches) < self.world:
-            raise KavaError(f"{len(self.train_set)} training samples make {len(batches)} micro-batch(es) of "
-                            f"--batch-size {self.cfg.batch_size}, fewer than the {self.world} torchrun ranks, "
-                            f"each of which needs one: lower --batch-size or the number of ranks")
-        return batches[:len(batches) - len(batches) % self.world][self.rank::self.world]
+        return self.ranks.deal(batches, len(self.train_set), self.cfg.batch_size)
 
     def micro_batches(self):
         """The run's next `grad_accum` micro-batches, on into the next epoch when one ends;
@@ -205,12 +187,11 @@ class Trainer:
         return out
 
     def accumulate(self, batches=None) -> tuple[dict, int]:
-        """The gradients of one step's micro-batches, averaged over them (and over the ranks
-        under torchrun: DistributedDataParallel averages once, in the backward of the last
-        micro-batch, which every rank therefore runs); returns the loss parts (with several
-        teachers `teacher_weights`, each teacher's mean over the step's samples) and the
-        tokens (of all ranks). Top-K ids dropped and samples left out of logit distillation
-        (compatible vocabularies) are counted in `prog`."""
+        """The gradients of one step's micro-batches, averaged over them (and over the ranks:
+        `ranks.accumulating`); returns the loss parts (with several teachers `teacher_weights`,
+        each teacher's mean over the step's samples) and the tokens (of all ranks). Top-K ids
+        dropped and samples left out of logit distillation (compatible vocabularies) are
+        counted in `prog`, samples left out for non-finite teacher K/V noted."""
         parts = dict.fromkeys(PARTS, 0.0)
         counts = dict.fromkeys(COUNTS, 0)
         n_teachers = len(getattr(self, "teachers", ()))
@@ -220,14 +201,11 @@ class Trainer:
         batches = self.micro_batches() if batches is None else batches
         found = []                              # samples left out (non-finite teacher K/V)
         for i, batch in enumerate(batches):
-            if self.world == 1:
-                self.note_bad_rows(batch["bad_rows"])
-            else:                               # noted once the ranks have exchanged them
-                found += batch["bad_rows"]
-            if batch.get("empty") and not (self.ddp and i == last):
+            found += batch["bad_rows"]
+            if batch.get("empty") and not self.ranks.runs_empty(i == last):
                 continue
-            with self.ddp.no_sync() if self.ddp and i < last else nullcontext():
-                loss, got = self.ddp(batch) if self.ddp else self.forward(batch)
+            with self.ranks.accumulating(i == last):
+                loss, got = self.fwd(batch)
                 (loss / n).backward()
             if batch.get("empty"):
                 continue
@@ -240,55 +218,19 @@ class Trainer:
             counts["samples"] += samples
             counts["kd_dropped"] += batch.get("kd_dropped", 0)
             counts["kd_skipped"] += batch.get("kd_skipped", 0)
-        if self.world > 1:
-            self.average_parts(parts, counts, weights, found)
+        new = [r for r in dict.fromkeys(found) if r not in self.bad_rows]
+        self.note_bad_rows(self.ranks.combine(parts, counts, weights, new))
         if weights:
             parts["teacher_weights"] = [w / max(counts["samples"], 1) for w in weights]
         self.prog.kd_ids_dropped += counts["kd_dropped"]
         self.prog.kd_samples_skipped += counts["kd_skipped"]
         return parts, counts["tokens"]
 
-    def average_parts(self, parts: dict, counts: dict, weights: list[float], bad_rows: list[int]) -> None:
-        """In place: the logged loss parts averaged over the ranks (each rank's finite check
-        then sees the same loss), the counts and the teacher weights' sums summed. Samples any
-        rank left out (`bad_rows`) are noted by every rank, so that rank 0 reports and counts
-        them all; they are exchanged only in a step that found one."""
-        import torch.distributed as dist
-        new = [r for r in dict.fromkeys(bad_rows) if r not in self.bad_rows]
-        t = torch.tensor([parts[k] for k in PARTS] + [float(counts[k]) for k in COUNTS] + [float(len(new))]
-                         + list(weights), device=self.device, dtype=torch.float64)
-        dist.all_reduce(t)
-        got = t.tolist()
-        if got[len(PARTS) + len(COUNTS)] > 0:
-            every = [None] * self.world
-            dist.all_gather_object(every, new)
-            self.note_bad_rows(sorted(set().union(*every)))
-        for k, v in zip(PARTS, got):
-            parts[k] = v / self.world
-        for k, v in zip(COUNTS, got[len(PARTS):]):
-            counts[k] = int(round(v))
-        weights[:] = got[len(PARTS) + len(COUNTS) + 1:]
-
-    def any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on any rank (a stop asked of one process stops them all at the
-        same step)."""
-        if self.world == 1:
-            return flag
-        import torch.distributed as dist
-        t = torch.tensor([float(flag)], device=self.device)   # NCCL reduces CUDA tensors only
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
     def close(self) -> None:
-        """Release DistributedDataParallel, which holds the process group, once training is
-        over (its module refers back to this trainer, so without this only the garbage
-        collector would free it)."""
-        self.ddp = None
+        """Training is over: release what holds the process group (DistributedDataParallel,
+        in a reference cycle with this trainer)."""
+        self.fwd = None
+        self.ranks.close()
 
     def note_bad_rows(self, rows: list[int]) -> None:
         for r in rows:
@@ -326,66 +268,18 @@ class Trainer:
         return {"lr_student": groups[0]["lr"] if len(groups) > 1 else 0.0, "lr_projector": groups[-1]["lr"]}
 
     def resume(self, run: Path) -> bool:
-        """Load the checkpoint `cfg.resume` names (auto: the newest in `run`); returns whether
-        one was loaded."""
-        cfg = self.cfg
-        if not cfg.resume:
+        """Load the checkpoint `cfg.resume` names (auto: the newest in `run` that passes its
+        checks; `checkpoint.resume_point`); returns whether one was loaded."""
+        found = resume_point(self.cfg, run, self.fingerprints, self.ranks.world, self.echo)
+        if found is None:
             return False
-        path = self.checkpoint_to_resume(run)
-        if path is None:
-            return False
-        saved = read_state(path)
-        if saved["fingerprints"] != self.fingerprints:
-            raise KavaError(f"{path} was trained on caches {saved['fingerprints']}, this run "
-                            f"uses {self.fingerprints}")
-        taken, refused = resume_changes(saved["config"], cfg)
-        if refused:
-            raise KavaError(f"--resume {path}: " + "; ".join(f"{k} was {old!r}, this run asks for {new!r}"
-                                                            for k, (old, new) in refused.items())
-                            + ". A resume keeps these; give the checkpoint's values or start a new run folder")
-        trained_by = saved["progress"].get("world_size", 1)
-        if trained_by != self.world:
-            how = f"torchrun --nproc-per-node {trained_by}" if trained_by > 1 else "no torchrun"
-            raise KavaError(f"--resume {path}: written by {trained_by} process(es) and this run has {self.world}; "
-                            f"each rank's place in the data order depends on that number, so resume with "
-                            f"{trained_by} ({how}), or start a new run folder")
-        self.prog = load_checkpoint(path, self.model, self.distiller, self.opt, self.sched, self.rank, self.device)
+        path, taken = found
+        self.prog = load_checkpoint(path, self.state(), self.ranks.rank, self.device)
         self.apply_optimizer_settings()
         self.echo(f"resumed from {path} at step {self.prog.step}" + (
             "; taken from this run: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in taken.items())
             if taken else ""))
         return True
-
-    def checkpoint_to_resume(self, run: Path) -> Path | None:
-        """The checkpoint `--resume` names, checked (`checkpoint_problems`): with auto the newest
-        in `run` that passes, saying in one line why a newer one was passed over; refused, naming
-        them, when none passes."""
-        cfg = self.cfg
-        if cfg.resume != "auto":
-            path = Path(cfg.resume)
-            if not path.is_dir() or not any((path / n).exists() for n in ("state.json", RECORD)):
-                raise KavaError(f"--resume {cfg.resume}: no checkpoint there (expected state.json)")
-            problems = checkpoint_problems(path)
-            if problems:
-                raise KavaError(f"--resume {path}: {problems[0]}" + (f" (and {len(problems) - 1} more)"
-                                                                    if len(problems) > 1 else ""))
-            return path
-        failed = []
-        for path in checkpoints(run)[::-1]:
-            problems = checkpoint_problems(path)
-            if not problems:
-                if not (path / RECORD).is_file():
-                    self.echo(f"{path}: written without {RECORD} (an older kava); its files are not checked")
-                if failed:
-                    self.echo(f"{failed[0][1]}; resuming from {path.name}, the newest checkpoint "
-                              f"that passes its checks" + (f" ({len(failed) - 1} more passed over)" if len(failed) > 1
-                                                           else ""))
-                return path
-            failed.append((path, problems[0]))
-        if failed:
-            raise KavaError(f"--resume auto: no checkpoint in {run} passes its checks: " + "; ".join(
-                f"{p.name}: {why}" for p, why in failed) + "; start again with --overwrite")
-        return None
 
     def apply_optimizer_settings(self) -> None:
         """After a checkpoint's optimizer and scheduler state are loaded, this run's learning
@@ -405,61 +299,19 @@ class Trainer:
 
     def save(self, run: Path) -> Path:
         """A checkpoint, written by rank 0 alone (the ranks hold equal weights); the others
-        wait until it is complete. Every rank checks the weights, so that a refusal stops all
-        of them rather than leaving the others waiting for rank 0."""
+        wait until it is complete. Every rank checks the weights first, so that a refusal stops
+        all of them rather than leaving the others waiting for rank 0. Every rank's RNG states
+        are saved: dropout draws other numbers on each rank, and a resume gives each its own."""
         path = run / f"step-{self.prog.step:06d}"
         self.check_weights_finite()
-        rngs = self.rng_states()
-        if self.rank == 0:
-            path = save_checkpoint(run, self.prog, self.model, self.tok, self.distiller, self.opt, self.sched,
-                                   self.cfg, self.fingerprints, rngs)
-        self.barrier()
-        return path
-
-    def rng_states(self) -> list[dict] | None:
-        """Every rank's RNG states, on rank 0 (None on the others): dropout draws other
-        numbers on each rank, and a resume must give each rank its own back."""
-        if self.world == 1:
-            return [rng_state(self.device)]
-        import torch.distributed as dist
-        got = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(rng_state(self.device), got, dst=0)
-        return got
+        rngs = self.ranks.gather(rng_state(self.device))
+        return self.ranks.on_main(lambda: save_checkpoint(run, self.state(), self.cfg, self.fingerprints, rngs),
+                                  default=path)
 
     def save_final(self, run: Path) -> None:
         self.check_weights_finite()
-        if self.rank == 0:
-            save_final(run, self.model, self.tok, self.distiller, self.teachers, self.s_geo, self.cfg)
-        self.barrier()
+        self.ranks.on_main(lambda: save_final(run, self.state(), self.teachers, self.s_geo, self.cfg))
 
 
-PARTS = ("loss", "loss_kv", "loss_ce", "loss_kd")        # loss parts, averaged over micro-batches and ranks
-COUNTS = ("tokens", "samples", "kd_dropped", "kd_skipped")  # summed
-
-
-def graph_parameters(loss: torch.Tensor) -> set[int]:
-    """ids of the leaf tensors whose gradients the backward of `loss` would accumulate."""
-    found, seen, todo = set(), set(), [loss.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if hasattr(fn, "variable"):                     # AccumulateGrad: a leaf
-            found.add(id(fn.variable))
-        todo.extend(f for f, _ in fn.next_functions)
-    return found
-
-
-class _MicroBatch(torch.nn.Module):
-    """The student and the projectors as one module whose forward is `Trainer.forward`, for
-    DistributedDataParallel: it sees every trainable parameter, and a forward before each
-    backward even where the step goes around the model's own forward (`ce_chunk`)."""
-
-    def __init__(self, trainer: Trainer):
-        super().__init__()
-        self.model, self.distiller = trainer.model, trainer.distiller
-        self._forward = trainer.forward
-
-    def forward(self, batch):
-        return self._forward(batch)
+PARTS = Torchrun.PARTS       # loss parts, averaged over micro-batches and ranks
+COUNTS = Torchrun.COUNTS     # summed

@@ -109,12 +109,13 @@ def test_the_tinyllama_config_fits_8gb_at_the_real_shapes(tmp_path):
     import torch
     from transformers import LlamaConfig
     from kava_common.tiny import TINYLLAMA_11B
-    from stage2_train.build import memory_estimate
+    from stage2_train.build import Teacher, memory_estimate
     LlamaConfig(**TINYLLAMA_11B).save_pretrained(tmp_path / "tinyllama")
     cfg = load_config(str(CONFIGS / "qwen2_7b_to_tinyllama.yaml"), {"caches": ["C"], "student": str(tmp_path / "tinyllama")})
     assert (cfg.loss, cfg.projector, cfg.direction, cfg.align) == ("mercator", "head", "student_to_teacher", "auto")
     cache = SimpleNamespace(layers=list(range(28)), token_segments=lambda: np.array([[[0, 10], [10, 900], [900, 901]]]))
-    teachers = [{"cache": cache, "distilled": [(s, [(0, 1.0)]) for s in range(22)], "heads": 4, "head_dim": 128}]
+    teachers = [Teacher(cache=cache, kv_quant=None, distilled=[(s, [(0, 1.0)]) for s in range(22)], heads=4,
+                        head_dim=128, fingerprint="f", path="C", vocab=None)]
 
     def estimate(c):
         text = memory_estimate(c, teachers, torch.bfloat16, torch.device("cuda"))

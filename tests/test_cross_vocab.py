@@ -182,7 +182,7 @@ def test_compatible_vocabularies_distil_as_the_same_tokenizer_does(padded_caches
         cfg = TrainConfig(student=str(student_dir), caches=[str(padded_caches[name])], out=str(tmp_path / name),
                           device="cpu", progress=False, kv_weight=0.0, ce_weight=0.0, kd_weight=1.0, eval_samples=8)
         tr = trainers[name] = Trainer(cfg, echo=lambda *a: None)
-        assert tr.teachers[0]["vocab"].kind == {"extra": "compatible", "same": "same"}[name]
+        assert tr.teachers[0].vocab.kind == {"extra": "compatible", "same": "same"}[name]
         batch = collate([tr.data[i] for i in range(6)], pad_id=tok.pad_token_id)
         with torch.no_grad():
             logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -229,7 +229,7 @@ def _llama_trainer(student_dir, cache, tmp_path, **kw):
 def test_uld_takes_the_teachers_distribution_where_both_have_read_the_same_text(student_dir, logit_caches, tok,
                                                                                tmp_path):
     tr = _llama_trainer(student_dir, logit_caches["llama"], tmp_path, kd_method="uld", kd_tokens="all")
-    assert tr.teachers[0]["vocab"].kind == "different"
+    assert tr.teachers[0].vocab.kind == "different"
     cache = open_cache(logit_caches["llama"])
     items = [tr.data[i] for i in range(4)]
     batch = collate(items, pad_id=tok.pad_token_id)

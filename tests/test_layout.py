@@ -58,3 +58,35 @@ def test_importing_the_contract_changes_nothing_in_the_process():
     r = subprocess.run([sys.executable, "-c", "import os, stage2_train; print(os.environ['THP_MEM_ALLOC_ENABLE'])"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.stdout.strip() == "1"
+
+
+def relative_imports(path):
+    """Modules of the same package that `path` imports (from .x import ..., at any depth)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_no_import_circle_in_a_package():
+    """Modules of one package import each other in one direction only (imports inside
+    functions too: a lazy import hides a circle, it does not remove it)."""
+    circles = []
+    for package in PACKAGES + ("kava_common/cache",):
+        folder = ROOT / package
+        deps = {p.stem: relative_imports(p) for p in folder.glob("*.py")}
+        for a, targets in deps.items():
+            for b in targets:
+                if a < b and a in deps.get(b, set()):
+                    circles.append(f"{package}: {a} <-> {b}")
+    assert circles == []
+
+
+def test_the_trainer_holds_no_collective_and_no_one_reads_a_caches_private_shards():
+    """torch.distributed is stage2_train.ranks' business; the cache's shards are read through
+    its public methods (rows(), shards(), kv(), ...) outside kava_common/cache/."""
+    assert "distributed" not in (ROOT / "stage2_train" / "trainer.py").read_text()
+    outside = [str(p.relative_to(ROOT)) for package in PACKAGES + ("bench", "tests") for p in modules(package)
+               if "kava_common/cache/" not in str(p) and p.name != "test_layout.py" and "._shards" in p.read_text()]
+    assert outside == []

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kava_common import cache as kc
-from kava_common.cache.read import _Shard
+from kava_common.cache.shard import Shard
 
 
 def _tensors():
@@ -94,7 +94,7 @@ def test_mapped_reader_equals_safe_open(tmp_path, how):
         layout, flat = _laid_out(tensors)
         kc.write_laid_out_shard(tmp_path, layout, flat, kc.ShardEntry(index=0))
     path = tmp_path / "shard-00000.safetensors"
-    shard = _Shard(path, "safetensors")
+    shard = Shard(path, "safetensors")
     with safe_open(str(path), framework="pt") as f:
         for name, t in tensors.items():
             whole = shard.read(name)
@@ -104,7 +104,7 @@ def test_mapped_reader_equals_safe_open(tmp_path, how):
                 assert got.shape == t[a:b].shape and torch.equal(got, t[a:b]), (name, a, b)
     got = shard.read("k.0", 1, 3)
     got.mul_(0)                                  # a private mapping: the file stays as written
-    assert torch.equal(_Shard(path, "safetensors").read("k.0", 1, 3), tensors["k.0"][1:3])
+    assert torch.equal(Shard(path, "safetensors").read("k.0", 1, 3), tensors["k.0"][1:3])
     with pytest.raises(KeyError, match="no tensor 'k.9'"):
         shard.read("k.9")
 

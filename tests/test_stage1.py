@@ -463,8 +463,9 @@ def test_token_segments_of_all_samples_and_longest_answer(teacher_dir, tmp_path)
     for i in range(7):
         assert [tuple(x) for x in seg[i]] == [c[i]["token_segments"][n] for n in ("question", "reasoning", "answer")]
     longest = max(c[i]["token_segments"]["answer"][1] - c[i]["token_segments"]["reasoning"][0] for i in range(7))
-    assert longest_answer([{"cache": c}], 10_000) == longest + 1            # + EOS
-    assert longest_answer([{"cache": c}], 5) == 5                           # capped at max_length
+    one = [SimpleNamespace(cache=c)]                                       # a Teacher, as far as it is read
+    assert longest_answer(one, 10_000) == longest + 1                       # + EOS
+    assert longest_answer(one, 5) == 5                                      # capped at max_length
 
 
 def test_tokenizing_and_forward_loop_run_with_the_heap_frozen(teacher_dir, tmp_path, tok, monkeypatch):

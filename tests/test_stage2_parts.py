@@ -482,7 +482,7 @@ def test_bottleneck_learns_a_cross_layer_mix_that_a_one_to_one_map_cannot():
 
 
 def test_graph_parameters_are_the_leaves_a_backward_reaches():
-    from stage2_train.trainer import graph_parameters
+    from stage2_train.ranks import graph_parameters
     a, b, c = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
     frozen = torch.ones(2)
     loss = (a * 2).sum() + (a * b).sum() + (frozen * 3).sum()
@@ -498,29 +498,27 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
     import weakref
     import torch.distributed as dist
     from kava_common.launch import end_distributed
-    from stage2_train.trainer import Trainer, _MicroBatch
-    from torch.nn.parallel import DistributedDataParallel
+    from stage2_train.checkpoint import Progress
+    from stage2_train.ranks import ranks_for
+    from stage2_train.trainer import Trainer
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     sizes = (("a", 3), ("b", 2), ("c", 4)) if find_unused else (("a", 3), ("b", 2))
     model = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.ones(n)) for k, n in sizes})
 
     def forward(batch):
-        if batch.get("empty"):
-            return Trainer.forward(me, batch)
         x = batch["x"]
         loss = (model["a"] * x).sum() + (model["b"].sum() * x[0] if batch.get("use_b") or not find_unused else 0.0)
         return loss, {"loss_kv": 1.0, "loss_ce": float(x[0]), "loss_kd": 0.0}
 
     said = []
-    me = types.SimpleNamespace(cfg=types.SimpleNamespace(grad_accum=2), world=world, device=torch.device("cpu"),
-                               bad_rows=set(), echo=said.append, params=list(model.values()), forward=forward)
-    me.model, me.distiller, me.in_graph = model, torch.nn.Module(), [model["a"], model["b"]]
-    from stage2_train.checkpoint import Progress
-    me.prog = Progress()
+    me = types.SimpleNamespace(cfg=types.SimpleNamespace(grad_accum=2), device=torch.device("cpu"), bad_rows=set(),
+                               echo=said.append, params=list(model.values()), forward=forward, model=model,
+                               distiller=torch.nn.Module(), prog=Progress())
+    me.ranks = ranks_for(me.device)
+    assert (me.ranks.rank, me.ranks.world) == (rank, world)
     me.note_bad_rows = lambda rows: Trainer.note_bad_rows(me, rows)
-    me.average_parts = lambda parts, counts, weights, rows: Trainer.average_parts(me, parts, counts, weights, rows)
-    me.ddp = DistributedDataParallel(_MicroBatch(me), find_unused_parameters=find_unused,
-                                     gradient_as_bucket_view=True)
+    me.fwd = me.ranks.wrap(me, in_graph=[model["a"], model["b"]])
+    assert me.fwd.find_unused_parameters == find_unused
     mask = torch.ones(1, 5)
     if rank == 0:
         batches = [{"x": torch.tensor([1.0, 2, 3]), "bad_rows": [], "attention_mask": mask},
@@ -529,7 +527,7 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
         batches = [{"x": torch.tensor([10.0, 20, 30]), "use_b": True, "bad_rows": [], "attention_mask": mask},
                    {"empty": True, "bad_rows": [7]}]
     parts, tokens = Trainer.accumulate(me, batches)
-    ddp = weakref.ref(me.ddp)
+    ddp = weakref.ref(me.fwd)
     Trainer.close(me)
     end_distributed()
     ended = {"ddp_freed": ddp() is None, "group_ended": not dist.is_initialized(), "bad_rows": sorted(me.bad_rows),
@@ -540,21 +538,16 @@ def _rank_accumulates(rank: int, world: int, init: str, out: str, find_unused: b
 
 
 def test_ranks_are_dealt_an_epochs_micro_batches_round_robin_and_too_few_are_refused():
-    import types
     from kava_common import KavaError
-    from stage2_train.trainer import Trainer
-
-    def me(n, batch_size, rank, world):
-        return types.SimpleNamespace(train_set=range(n), cfg=types.SimpleNamespace(batch_size=batch_size, seed=3),
-                                     rank=rank, world=world)
+    from stage2_train.ranks import Alone, deal
     every = epoch_batches(10, 3, 3, 0)              # 3 micro-batches of 3 (one sample left over)
-    assert len(every) == 3 and Trainer.rank_batches(me(10, 3, 0, 1), 0) == every
+    assert len(every) == 3 and Alone().deal(every, 10, 3) == every
     # 2 ranks: the third micro-batch would give rank 0 one more, so it is left out
-    assert Trainer.rank_batches(me(10, 3, 0, 2), 0) == [every[0]]
-    assert Trainer.rank_batches(me(10, 3, 1, 2), 0) == [every[1]]
+    assert deal(every, 0, 2, 10, 3) == [every[0]]
+    assert deal(every, 1, 2, 10, 3) == [every[1]]
     with pytest.raises(KavaError, match=r"4 training samples make 1 micro-batch\(es\) of --batch-size 4, fewer "
                                         r"than the 2 torchrun ranks"):
-        Trainer.rank_batches(me(4, 4, 1, 2), 0)
+        deal(epoch_batches(4, 4, 3, 0), 1, 2, 4, 4)
 
 
 @pytest.mark.parametrize("cuda", [True, False])
@@ -585,9 +578,8 @@ def test_init_distributed_starts_nccl_on_the_ranks_gpu_or_gloo_and_nothing_alone
 def test_the_trainers_collectives_reduce_tensors_on_its_device(monkeypatch):
     """NCCL reduces CUDA tensors only: the stop flag and the logged losses go to all_reduce on
     the trainer's device (here `meta`, which no CPU default would give)."""
-    import types
     import torch.distributed as dist
-    from stage2_train.trainer import Trainer
+    from stage2_train.ranks import Torchrun
     seen = []
 
     class Reduced(Exception):
@@ -598,12 +590,14 @@ def test_the_trainers_collectives_reduce_tensors_on_its_device(monkeypatch):
         raise Reduced
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    me = types.SimpleNamespace(world=2, device=torch.device("meta"), bad_rows=set())
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    ranks = Torchrun(torch.device("meta"))
     with pytest.raises(Reduced):
-        Trainer.any_rank(me, True)
+        ranks.any(True)
     with pytest.raises(Reduced):
-        Trainer.average_parts(me, {"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0},
-                              {"tokens": 7, "samples": 1, "kd_dropped": 0, "kd_skipped": 0}, [], [3])
+        ranks.combine({"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0},
+                      {"tokens": 7, "samples": 1, "kd_dropped": 0, "kd_skipped": 0}, [], [3])
     assert seen == [torch.device("meta")] * 2
 
 

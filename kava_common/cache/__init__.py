@@ -3,7 +3,10 @@
 - `format`: what a shard holds (tensors, layout, names, checksums)
 - `manifest`: a cache's identity, fingerprint and manifest.json
 - `write`: shards and sidecars written under temporary names and renamed; the manifest last
-- `read`: `open_cache(path)` -> `KVCache`, samples as torch tensors, files opened lazily
+- `shard`: one shard file read lazily (memory-mapped), checked against its entry when first opened
+- `read`: `open_cache(path)` -> `KVCache`, samples as torch tensors, files opened lazily; its
+  public methods (`rows()`, `shards()`, `tokens(i)`, `kv(i)`, ...) are how anything outside
+  this package reads a cache
 - `verify`: every shard re-hashed against the manifest
 - `quant`: int8/int4 K/V in groups (KIVI), quantized when a shard is written, dequantized on read
 

@@ -179,3 +179,43 @@ def shard_layout(meta: dict[str, torch.Tensor], layers: list[int], geometry: KVG
     if token_logprobs:
         specs.append(("token_logprobs", torch.float32, (n,)))
     return ShardLayout(specs, {"kava_schema": str(SCHEMA_VERSION)})
+
+
+_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def map_safetensors(path: Path):
+    """A private memory map of a safetensors file and {name: (dtype, shape, byte offset,
+    elements per row)}."""
+    import mmap
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        n = int.from_bytes(mm[:8], "little")
+        header = json.loads(mm[8:8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    index = {}
+    for name, h in header.items():
+        if h["dtype"] not in _FROM_ST:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {h['dtype']}, which a kava cache never holds")
+        shape = list(h["shape"])
+        index[name] = (_FROM_ST[h["dtype"]], shape, 8 + n + h["data_offsets"][0],
+                       int(np.prod(shape[1:], dtype=np.int64)))
+    return mm, index
+
+
+def shard_problem(f: Path, entry: dict) -> str | None:
+    """What is wrong with shard file `f` against its manifest entry (presence, size, checksum;
+    the whole file is hashed), or None."""
+    if not f.is_file():
+        return "missing (the manifest lists it)"
+    size = f.stat().st_size
+    if size != entry["bytes"]:
+        return f"{size} bytes, the manifest says {entry['bytes']}"
+    want = expected_checksum(entry)
+    algorithm = want.split(":")[0]
+    if checksum_file(f, algorithm) != want:
+        return f"{algorithm} checksum does not match the manifest"
+    return None

@@ -12,121 +12,10 @@ import numpy as np
 import torch
 
 from .. import KavaError
-from .format import _ST_DTYPES, MANIFEST, READABLE_SCHEMAS, expected_checksum
-from .verify import shard_problem
+from .format import MANIFEST, READABLE_SCHEMAS
+from .shard import Shard, check_shard
+from .verify import manifest_problems, shape_problems
 from .quant import PACKED, KVQuant, dequantize_k, dequantize_v, read_packed
-
-
-# (path, checksum, size, mtime) of shards already checked; DataLoader workers forked after a
-# check inherit it
-_VERIFIED: set[tuple] = set()
-
-
-def check_shard(path: Path, entry: dict) -> None:
-    """Raise KavaError, naming the file, when a shard is missing or its size or checksum is not
-    the manifest's (`shard_problem`). A shard is hashed once while its file stays as it was."""
-    key = None
-    if path.is_file():
-        st = path.stat()
-        key = (str(path.resolve()), expected_checksum(entry), st.st_size, st.st_mtime_ns)
-        if key in _VERIFIED:
-            return
-    problem = shard_problem(path, entry)
-    if problem:
-        raise KavaError(f"{path}: {problem}; the shard is not read (it changed, was cut short or "
-                        "removed after stage 1 wrote it; python -m kava_common.info CACHE --verify "
-                        "lists every bad shard)")
-    _VERIFIED.add(key)
-
-
-class _Shard:
-    """Lazy handle on one shard file; safe to use after fork (reopened per process).
-
-    A safetensors shard is memory-mapped and read through its header: a slice of a tensor is
-    a view of the mapped bytes (nothing is read until used), which costs a few microseconds
-    where `safe_open(...).get_slice` costs tens, and stage 2 reads L x 2 slices per sample.
-    The mapping is private (copy-on-write), so a caller writing into a view never changes the
-    file.
-    """
-
-    def __init__(self, path: Path, fmt: str, entry: dict | None = None):
-        """`entry`: the shard's manifest entry, to check the whole file against its size and
-        checksum when it is first opened in a process; None opens it unchecked."""
-        self.path, self.fmt, self.entry = path, fmt, entry
-        self._pid = None
-        self._f = None
-        self._index: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
-        self.meta: dict[str, np.ndarray] = {}
-
-    def _open(self):
-        if self._pid != os.getpid():
-            if self.entry is not None:
-                check_shard(self.path, self.entry)
-            if self.fmt == "safetensors":
-                self._f, self._index = _map_safetensors(self.path)
-            else:
-                import h5py
-                self._f = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-            self.meta = {}
-        return self._f
-
-    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        f = self._open()
-        if self.fmt == "safetensors":
-            if name not in self._index:
-                raise KeyError(f"{self.path}: no tensor {name!r}")
-            dtype, shape, pos, per_row = self._index[name]
-            a, b = slice(start, stop).indices(shape[0] if shape else 1)[:2]
-            b = max(a, b)
-            count = (b - a) * per_row
-            if count == 0:
-                return torch.empty((b - a, *shape[1:]), dtype=dtype)
-            t = torch.frombuffer(f, dtype=dtype, count=count, offset=pos + a * per_row * dtype.itemsize)
-            return t.view(b - a, *shape[1:]) if shape else t.view(())
-        ds = f[name]
-        arr = ds[()] if start is None else ds[start:stop]
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-        if ds.attrs.get("torch_dtype") == "bfloat16":
-            t = t.view(torch.bfloat16)
-        return t
-
-    def names(self) -> list[str]:
-        """The names of the shard's tensors."""
-        f = self._open()
-        return list(self._index) if self.fmt == "safetensors" else list(f.keys())
-
-    def small(self, name: str) -> np.ndarray:
-        """A per-sample metadata tensor, read once per process and kept."""
-        self._open()
-        if name not in self.meta:
-            self.meta[name] = self.read(name).numpy()
-        return self.meta[name]
-
-
-_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def _map_safetensors(path: Path):
-    """A private memory map of a safetensors file and {name: (dtype, shape, byte offset,
-    elements per row)}."""
-    import mmap
-    with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-    try:
-        n = int.from_bytes(mm[:8], "little")
-        header = json.loads(mm[8:8 + n])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    index = {}
-    for name, h in header.items():
-        if h["dtype"] not in _FROM_ST:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {h['dtype']}, which a kava cache never holds")
-        shape = list(h["shape"])
-        index[name] = (_FROM_ST[h["dtype"]], shape, 8 + n + h["data_offsets"][0],
-                       int(np.prod(shape[1:], dtype=np.int64)))
-    return mm, index
 
 
 class KVCache:
@@ -159,7 +48,7 @@ class KVCache:
         self.kv_dtype = kv_dtype or torch.float16
         self.packed = packed and self.kv_quant is not None
         fmt = self.manifest["format"]
-        self._shards = [_Shard(self.path / s["file"], fmt, s if verify else None)
+        self._shards = [Shard(self.path / s["file"], fmt, s if verify else None)
                         for s in self.manifest["shards"]]
         self._starts = [s["first_sample"] for s in self.manifest["shards"]]
 
@@ -174,7 +63,6 @@ class KVCache:
         """Check the manifest's counts and geometry, and every shard against the manifest's
         size, checksum and tensor shapes, now (KavaError naming the first problem); returns
         the bytes checked."""
-        from .verify import manifest_problems, shape_problems
         problems = manifest_problems(self.path / MANIFEST, self.manifest)
         for sh, entry in zip(self._shards, self.manifest["shards"]):
             check_shard(sh.path, entry)
@@ -183,12 +71,21 @@ class KVCache:
             raise KavaError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
         return sum(s["bytes"] for s in self.manifest["shards"])
 
-    def locate(self, i: int) -> tuple[_Shard, int]:
+    def locate(self, i: int) -> tuple[Shard, int]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for cache of {len(self)} samples")
         i %= len(self)
         s = bisect.bisect_right(self._starts, i) - 1
         return self._shards[s], i - self._starts[s]
+
+    def rows(self) -> np.ndarray:
+        """The data-set row of every sample, read from the shards' small metadata."""
+        return np.concatenate([sh.small("rows") for sh in self._shards] or [np.zeros(0, np.int64)])
+
+    def shards(self) -> list[tuple["Shard", dict]]:
+        """Every shard's reader (`read(name)`, `names()`, `small(name)`) beside its manifest entry,
+        in order: for tools that rewrite a cache shard by shard (recompress)."""
+        return list(zip(self._shards, self.manifest["shards"]))
 
     def token_segments(self) -> np.ndarray:
         """(n, 3, 2) [start, end) token spans of question, reasoning and answer, every sample."""

@@ -6,8 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from .format import MANIFEST, checksum_file, expected_checksum
+from .format import MANIFEST, map_safetensors, shard_problem
 from .quant import KVQuant
+from .shard import Shard
 
 
 def verify_cache(path: str | os.PathLike) -> list[str]:
@@ -32,8 +33,7 @@ def topk_problems(f: Path, m: dict, entry: dict) -> list[str]:
     manifest's teacher vocab_size where it records one), naming the first sample with one."""
     if not m.get("logits_topk"):
         return []
-    from .read import _Shard
-    sh = _Shard(f, m["format"])
+    sh = Shard(f, m["format"])
     ids, off = sh.read("topk_ids"), sh.small("sample_offsets")
     rows = m["teacher"].get("vocab_size")
     bad = (ids < 0).any(1) | ((ids >= rows).any(1) if rows else False)
@@ -45,21 +45,6 @@ def topk_problems(f: Path, m: dict, entry: dict) -> list[str]:
     lo, hi = int(mine.min()), int(mine.max())
     return [f"{f}: top-K ids outside the teacher's {rows or '?'} output rows (sample row {int(sh.small('rows')[j])}, "
             f"ids from {lo} to {hi})"]
-
-
-def shard_problem(f: Path, entry: dict) -> str | None:
-    """What is wrong with shard file `f` against its manifest entry (presence, size, checksum;
-    the whole file is hashed), or None."""
-    if not f.is_file():
-        return "missing (the manifest lists it)"
-    size = f.stat().st_size
-    if size != entry["bytes"]:
-        return f"{size} bytes, the manifest says {entry['bytes']}"
-    want = expected_checksum(entry)
-    algorithm = want.split(":")[0]
-    if checksum_file(f, algorithm) != want:
-        return f"{algorithm} checksum does not match the manifest"
-    return None
 
 
 def manifest_problems(where: Path, m: dict) -> list[str]:
@@ -121,8 +106,7 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
 def _shapes(f: Path, fmt: str) -> dict[str, tuple[list[int], str]]:
     """{tensor: (shape, dtype name)} from a shard's header."""
     if fmt == "safetensors":
-        from .read import _map_safetensors
-        mm, index = _map_safetensors(f)
+        mm, index = map_safetensors(f)
         try:
             return {k: (shape, str(dtype).replace("torch.", "")) for k, (dtype, shape, _, _) in index.items()}
         finally:

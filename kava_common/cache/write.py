@@ -17,7 +17,7 @@ import torch
 from .format import (ALIGN, MANIFEST, SCHEMA_VERSION, _STORED_AS_INT16, ShardLayout, checksum_bytes,
                      checksum_file, round_up, shard_name, sidecar_name)
 from .manifest import ShardEntry
-from .verify import shard_problem
+from .format import shard_problem
 
 
 def atomic_write_text(path: Path, text: str, sync: bool = False) -> None:
