@@ -48,10 +48,11 @@ kava_common.set_process_defaults()  # before torch is imported
 import torch
 
 from kava_common import cache as kcache
-from kava_common import save_pretrained, tiny
-from kava_common.data import load_rows
+from kava_common import save_pretrained
+from kava_demo import tiny
+from kava_common.data import load_rows, pad_id
 from kava_common.geometry import KVGeometry
-from kava_common.tiny import QWEN25_15B   # real shape, random weights
+from kava_demo.tiny import QWEN25_15B   # real shape, random weights
 from stage1_extract.config import ExtractConfig
 from stage1_extract.capture import KVCapture, teacher_forward
 from stage1_extract.extract import extract_teacher
@@ -68,7 +69,7 @@ def forward_only(cfg, model, tok, samples, partial: bool = False) -> float:
     so stage 1 over it is stage 1's own cost."""
     geometry = KVGeometry.from_config(model.config)
     bpt = geometry.bytes_per_token(cfg.kv_dtype, cfg.layers)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     last = max(cfg.layers) if cfg.layers else geometry.num_layers - 1
     grab = KVCapture("bench-teacher", geometry, stop_after=last) if partial else None
     t0 = time.perf_counter()
@@ -139,8 +140,7 @@ def build_case(name: str, tok, device: str, root: Path, tiny_samples: int = 2048
     t0 = time.perf_counter()
     nf4 = "-nf4" in name
     if name.startswith("tiny"):
-        cfg = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2,
-                               head_dim=64, intermediate=256, tok=tok)
+        cfg = tiny.demo_pair(tok)[0]
         model = tiny.build_model(cfg, seed=1)
         n, bs = tiny_samples, 16
     else:

@@ -28,9 +28,9 @@ import kava_common
 kava_common.set_process_defaults()  # before torch is imported
 import torch
 
-from kava_common import tiny
+from kava_demo import tiny
 from kava_common.data import Rows, load_fast_tokenizer, load_rows
-from kava_common.tiny import QWEN2_7B, QWEN25_05B, QWEN25_15B, TINYLLAMA_11B
+from kava_demo.tiny import QWEN2_7B, QWEN25_05B, QWEN25_15B, TINYLLAMA_11B
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
 from stage2_train.config import TrainConfig
@@ -73,11 +73,7 @@ def configs(shape: str, tok, pair: str = "qwen2.5-1.5b-0.5b"):
     if shape == "real":
         teacher, student, _ = PAIRS[pair]
         return Qwen2Config(**teacher), (LlamaConfig if "tinyllama" in pair else Qwen2Config)(**student)
-    t = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2, head_dim=64,
-                         intermediate=256, tok=tok)
-    s = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16,
-                         intermediate=128, tok=tok)
-    return t, s
+    return tiny.demo_pair(tok)
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ that file differs from the committed one (--allow-uncommitted for trials) and pr
    baseline (`baselines:`); an arm says which it trains (`student:`).
 4. Every student is scored by exact match per held-out problem. Per arm: mean exact match, the
    mean paired difference to its student's cross-entropy alone with a 95% bootstrap interval over
-   seeds and problems (stage2_train.stats.paired_bootstrap), and the held-out and shuffled K/V
+   seeds and problems (bench/stats.py, paired_bootstrap), and the held-out and shuffled K/V
    cosines.
 5. Validation split: the headroom check (logit KD against cross-entropy) and the ablations; each
    decision of `choose:` takes the candidate arm with the best paired difference there (of tied
@@ -42,17 +42,19 @@ from pathlib import Path
 
 import kava_common
 kava_common.set_process_defaults()  # before torch is imported
-from kava_common import save_pretrained, tiny
+from kava_common import save_pretrained
+from kava_demo import tiny
 import numpy as np
 import torch
 import yaml
 
-from kava_common.data import SYNTHETIC, load_rows, synthetic_problems
+from kava_common.data import load_rows
+from kava_common.synthetic import SYNTHETIC, synthetic_problems
 from kava_common.prompt import format_sample
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import main as extract
 from stage2_train.evaluate import evaluate
-from stage2_train.stats import paired_bootstrap
+from stats import paired_bootstrap
 from stage2_train.sweep import run_sweep
 
 from header import header

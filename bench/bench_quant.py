@@ -26,13 +26,13 @@ from pathlib import Path
 
 import kava_common
 kava_common.set_process_defaults()  # before torch is imported
-from kava_common import tiny
+from kava_demo import tiny
 import torch
 
 from kava_common.cache import open_cache
 from kava_common.data import load_rows
 from kava_common.recompress import RecompressArgs, recompress
-from kava_common.tiny import QWEN25_15B
+from kava_demo.tiny import QWEN25_15B
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
 

@@ -35,7 +35,8 @@ import kava_common
 kava_common.set_process_defaults()  # before torch is imported
 import torch
 
-from kava_common import save_pretrained, tiny
+from kava_common import save_pretrained
+from kava_demo import tiny
 from kava_common.data import load_rows
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
@@ -43,7 +44,7 @@ from stage1_extract.teacher import load_teacher, quantization_settings
 from stage2_train.config import TrainConfig
 from stage2_train.memory import GB, Shape, describe, estimate
 from stage2_train.trainer import Trainer, epoch_batches
-from kava_common.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
+from kava_demo.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
 
 from header import header
 
@@ -65,10 +66,8 @@ class BenchTrainer(Trainer):
 
 def build_tiny(root: Path, n: int):
     tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
-    t = tiny.build_model(tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2,
-                                          head_dim=64, intermediate=256, tok=tok), seed=1)
-    s = tiny.build_model(tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1,
-                                          head_dim=16, intermediate=128, tok=tok), seed=2)
+    tcfg, scfg = tiny.demo_pair(tok)
+    t, s = tiny.build_model(tcfg, seed=1), tiny.build_model(scfg, seed=2)
     sdir = save_pretrained(s, tok, root / "student")
     ecfg = ExtractConfig(teachers=["tiny"], max_samples=n, batch_size=16, max_length=256, device="cpu",
                          progress=False, out=str(root / "caches"))

@@ -3,7 +3,7 @@
     python bench/compare_arms.py data_cache/bench_learn_xtok merc_w30-merc_w10 both_fixed-merc_w10
 
 Each pair is `ARM-OTHER`; the difference is ARM minus OTHER, paired by seed and problem with the
-same bootstrap as bench_learn.py's tables (stage2_train.stats.paired_bootstrap). Reads only the
+same bootstrap as bench_learn.py's tables (bench/stats.py, paired_bootstrap). Reads only the
 eval.jsonl files the run wrote, so it trains and scores nothing. Comparisons chosen after a run has
 been seen are post hoc: report them as such, never as a registered result.
 """
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from stage2_train.stats import paired_bootstrap
+from stats import paired_bootstrap
 
 
 def arm_scores(root: Path, split: str, arm: str) -> list[list[bool]] | None:

@@ -3,7 +3,10 @@
 The rule of this package: it is the contract and what the contract needs, nothing more. It
 imports no stage (tests/test_layout.py checks), and importing it changes nothing in the
 process: settings that shape the process (torch's allocator, below) are applied by the entry
-points, the stage packages and the benchmarks, once, before they import torch.
+points, the stage packages and the benchmarks, once, before they import torch. Test and demo
+helpers (tiny models, tokenizers trained locally) live in kava_demo.tiny, benchmark-only code
+in bench/; the synthetic problems stay here (kava_common.synthetic) because stage 1 reads them
+as a data set (`--dataset synthetic`), and no package may import one above it.
 """
 
 import functools

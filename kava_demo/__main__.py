@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kava_common import save_pretrained, tiny
+from kava_common import save_pretrained
+from kava_demo import tiny
 from kava_common.cache import verify_cache
 from kava_common.cli import command, setting
 from kava_common.info import summary
@@ -23,11 +24,7 @@ def build_models(root: Path) -> tuple[Path, Path]:
     teacher, student = root / "teacher", root / "student"
     if not (teacher / "config.json").is_file() or not (student / "config.json").is_file():
         tok = tiny.train_tokenizer(tiny.corpus(2000), vocab_size=384)
-        # Every 4-bit linear's output width is a multiple of 32 (bitsandbytes' CPU kernel).
-        tcfg = tiny.tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2,
-                                head_dim=64, intermediate=256, tok=tok)
-        scfg = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1,
-                                head_dim=16, intermediate=128, tok=tok)
+        tcfg, scfg = tiny.demo_pair(tok)
         save_pretrained(tiny.build_model(tcfg, seed=1), tok, teacher)
         save_pretrained(tiny.build_model(scfg, seed=2), tok, student)
     return teacher, student

@@ -24,7 +24,7 @@ from kava_common import KavaError, check_output_folder, software_versions
 from kava_common import cache as kcache
 from kava_common.cache import CacheIdentity, CacheSample, ShardEntry
 from kava_common.cache.quant import stored_bytes_per_token
-from kava_common.data import Rows, load_rows, tokenizer_identity
+from kava_common.data import Rows, load_rows, pad_id, tokenizer_identity
 from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
 from kava_common.prompt import TEMPLATE_ID
@@ -355,13 +355,13 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
     order) and, with `topk` ((N, K) ids, (N, K) log-probs, (N,) log-probs), its top-K next-token
     log-probabilities and that of each actual next token; yields (samples, tokens) per batch."""
     samples, tok = job.samples, job.tok
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     lens = [len(samples[j].ids) for j in members]
     per_sample = {l: (k.split(lens), v.split(lens)) for l, (k, v) in bufs.items()}  # (n, H, D) each
     topk_rows = tuple(t.split(lens) for t in topk) if topk else None     # (n, K), (n, K), (n,) each
     with torch.inference_mode():
         for batch in length_sorted_batches(samples, members, cfg.batch_size):
-            ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad_id, cfg.padding_side)
+            ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad, cfg.padding_side)
             starts = sample_spans([lens[p] for p in batch], ids.shape[1], cfg.padding_side)
             dests = {l: ([ks[p] for p in batch], [vs[p] for p in batch]) for l, (ks, vs) in per_sample.items()}
             spans = [(b, s, lens[p]) for b, (p, s) in enumerate(zip(batch, starts))]

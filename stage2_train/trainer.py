@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kava_common import KavaError, all_finite
+from kava_common.data import pad_id
 from kava_common.device import resolve_device
 
 from .build import (lr_factor, make_optimizer, memory_estimate, open_teachers, precision_dtype,
@@ -31,11 +32,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
-
-
-def pad_id(tok) -> int:
-    """The id that pads a batch: the tokenizer's pad token, else its EOS, else 0."""
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
 class Trainer:

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from kava_common import save_pretrained, tiny
+from kava_common import save_pretrained
+from kava_demo import tiny
 from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import main as extract
 

@@ -108,7 +108,7 @@ def test_the_tinyllama_config_fits_8gb_at_the_real_shapes(tmp_path):
     import numpy as np
     import torch
     from transformers import LlamaConfig
-    from kava_common.tiny import TINYLLAMA_11B
+    from kava_demo.tiny import TINYLLAMA_11B
     from stage2_train.build import Teacher, memory_estimate
     LlamaConfig(**TINYLLAMA_11B).save_pretrained(tmp_path / "tinyllama")
     cfg = load_config(str(CONFIGS / "qwen2_7b_to_tinyllama.yaml"), {"caches": ["C"], "student": str(tmp_path / "tinyllama")})

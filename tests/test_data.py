@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from kava_common.data import load_rows, synthetic_problems
+from kava_common.data import load_rows
+from kava_common.synthetic import synthetic_problems
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "gsm8k"
 

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from kava_common import save_pretrained, tiny
+from kava_common import save_pretrained
+from kava_demo import tiny
 from kava_common.data import load_rows
 from kava_common.prompt import format_prompt
 from stage2_train.evaluate import evaluate, extract_answer, gold_answer, main

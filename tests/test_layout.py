@@ -90,3 +90,12 @@ def test_the_trainer_holds_no_collective_and_no_one_reads_a_caches_private_shard
     outside = [str(p.relative_to(ROOT)) for package in PACKAGES + ("bench", "tests") for p in modules(package)
                if "kava_common/cache/" not in str(p) and p.name != "test_layout.py" and "._shards" in p.read_text()]
     assert outside == []
+
+
+def test_the_contract_holds_no_test_or_benchmark_helper():
+    """Tiny model builders live in kava_demo.tiny and the benchmarks' statistics in bench/."""
+    assert not (ROOT / "kava_common" / "tiny.py").exists() and (ROOT / "kava_demo" / "tiny.py").is_file()
+    assert not (ROOT / "stage2_train" / "stats.py").exists() and (ROOT / "bench" / "stats.py").is_file()
+    stages = [str(p.relative_to(ROOT)) for package in ("kava_common", "stage1_extract", "stage2_train")
+              for p in modules(package) if "kava_demo" in imported(p)]
+    assert stages == []

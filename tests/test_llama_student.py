@@ -10,7 +10,8 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kava_common import save_pretrained, tiny
+from kava_common import save_pretrained
+from kava_demo import tiny
 from stage2_train.__main__ import main as cli
 from stage2_train.evaluate import main as evaluate_main
 from stage2_train.sweep import main as sweep_main

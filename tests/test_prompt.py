@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kava_common import tiny
+from kava_demo import tiny
 from kava_common.prompt import (SEGMENTS, encode_with_offsets, extract_final_answer, format_prompt,
                                 format_sample, token_spans, token_spans_batch)
 

@@ -533,7 +533,8 @@ def test_verify_checks_the_manifest_against_itself_and_its_shards(teacher_dir, t
 def test_changed_local_weights_give_a_new_cache(tok, tmp_path):
     """Bytes changed in the middle of a weight file (same size, same first and last MiB) make
     another fingerprint: the old cache is not reused."""
-    from kava_common import save_pretrained, tiny
+    from kava_common import save_pretrained
+    from kava_demo import tiny
     from stage1_extract.teacher import weights_identity
     config = tiny.tiny_config("qwen2", len(tok), hidden=64, layers=1, heads=4, kv_heads=2, intermediate=4096, tok=tok)
     t = save_pretrained(tiny.build_model(config), tok, tmp_path / "teacher")

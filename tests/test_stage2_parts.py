@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kava_common import tiny
+from kava_demo import tiny
 from kava_common.geometry import KVGeometry
 from stage2_train.align import (linear_alignment, overlap_alignment, parse_layer_map,
                                 proportional_layer_map, segment_alignment)
@@ -406,34 +406,6 @@ def test_topk_kd_loss_by_hand():
     p = torch.softmax(torch.tensor([math.log(0.5), math.log(0.3)]) / 2, 0) * 0.8
     want2 = 4 * (float((p * (p.log() - math.log(0.25))).sum()) + 0.2 * math.log(0.2 / 0.5))
     assert topk_kd_loss(uniform, ids, lps, one, temperature=2.0).item() == pytest.approx(want2, rel=1e-6)
-
-
-# --- paired confidence intervals ---------------------------------------------------------------
-
-def test_paired_bootstrap_by_hand_and_on_known_differences():
-    import numpy as np
-    from stage2_train.stats import paired_bootstrap
-    # one seed, two problems, the arm right on one more: resampled means are 0, 0.5 or 1 with
-    # chances 1/4, 1/2, 1/4, so the 95% interval runs from 0 to 1
-    r = paired_bootstrap([[1, 0]], [[0, 0]], n_boot=4000)
-    assert (r["diff"], r["low"], r["high"]) == (0.5, 0.0, 1.0)
-    # identical arms: no difference, whatever the draws
-    g = np.random.default_rng(0)
-    same = g.integers(0, 2, (5, 1000))
-    r = paired_bootstrap(same, same, n_boot=500)
-    assert (r["diff"], r["low"], r["high"]) == (0.0, 0.0, 0.0)
-    # the arm also solves a fixed 30% of the problems the base misses, every seed: +0.3, and the
-    # interval is about 0.3 +- 2 sqrt(0.21 / 1000) = +- 0.029; pairing removes the shared noise
-    base = g.integers(0, 2, (5, 1000)) * (g.random((1, 1000)) < 0.7)
-    arm = base.copy()
-    gain = np.zeros(1000, bool)
-    gain[:300] = True
-    base[:, gain], arm[:, gain] = 0, 1
-    r = paired_bootstrap(arm, base, n_boot=2000)
-    assert r["diff"] == 0.3 and 0.26 < r["low"] < 0.3 < r["high"] < 0.34, r
-    assert paired_bootstrap(arm, base, n_boot=2000) == r                   # same seed, same interval
-    with pytest.raises(ValueError, match="one shape"):
-        paired_bootstrap([[1, 0]], [[1, 0, 1]])
 
 
 def test_bottleneck_shapes_and_the_original_parameter_count():

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from kava_common import KavaError, tiny
+from kava_common import KavaError
+from kava_demo import tiny
 from kava_common.cache import open_cache
 from kava_common.info import main as info_main
 from kava_common.vocab import (check_texts, compare_vocabularies, teacher_tokenizer,

@@ -1,4 +1,5 @@
-"""Tiny models of real architectures and locally trained tokenizers, for tests and the demo.
+"""Tiny models of real architectures and locally trained tokenizers, for the demo, the tests and
+the benchmarks.
 
 Nothing here downloads anything: tokenizers are trained with `tokenizers` on text we generate,
 models are built from configs with random weights.
@@ -77,6 +78,17 @@ def build_model(config, seed: int = 0):
 
 def corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """Text of synthetic problems in the prompt template, for tokenizer training."""
-    from .data import synthetic_problems
-    from .prompt import format_sample
+    from kava_common.prompt import format_sample
+    from kava_common.synthetic import synthetic_problems
     return [format_sample(q, a).text for q, a in synthetic_problems(n, "train", seed)]
+
+
+def demo_pair(tok) -> tuple:
+    """The demo's teacher and student configs (Qwen2, tokenizer `tok`): a 4-layer teacher with 2
+    KV heads x head_dim 64 and a 2-layer student with 1 KV head x 16. Every 4-bit linear's output
+    width is a multiple of 32 (bitsandbytes' CPU kernel)."""
+    teacher = tiny_config("qwen2", len(tok), hidden=128, layers=4, heads=4, kv_heads=2, head_dim=64,
+                          intermediate=256, tok=tok)
+    student = tiny_config("qwen2", len(tok), hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16,
+                          intermediate=128, tok=tok)
+    return teacher, student
