@@ -113,16 +113,16 @@ def teacher_tokenizer(cache):
     """The tokenizer a cache was made with: its `tokenizer/` folder, else the name in its
     manifest; refused unless it hashes to the manifest's tokenizer hash."""
     from .data import load_fast_tokenizer, tokenizer_identity
-    m = cache.manifest
+    m = cache.meta
     folder = Path(cache.path) / TOKENIZER_DIR
-    where = folder if folder.is_dir() else m["tokenizer"]["name"]
+    where = folder if folder.is_dir() else m.tokenizer.name
     try:
         tok = load_fast_tokenizer(str(where), f"the tokenizer of {cache.path}")
     except KavaError as e:
         raise KavaError(f"{cache.path}: the cache holds no {TOKENIZER_DIR}/ folder and its teacher's tokenizer "
                         f"{where!r} cannot be loaded here ({e}); it is needed to compare vocabularies "
                         "with the student") from None
-    if tokenizer_identity(tok)["sha256"] != m["tokenizer"]["sha256"]:
+    if tokenizer_identity(tok)["sha256"] != m.tokenizer.sha256:
         raise KavaError(f"{cache.path}: the tokenizer at {where} is not the one the cache was made with "
                         "(its hash differs from the manifest's)")
     return tok
@@ -133,7 +133,7 @@ def vocab_match(cache, student_tok, student_rows: int | None = None, samples: in
     cache's first `samples` samples. The teacher's tokenizer is loaded only when the two
     differ."""
     from .data import tokenizer_identity
-    if cache.manifest["tokenizer"]["sha256"] == tokenizer_identity(student_tok)["sha256"]:
+    if cache.meta.tokenizer.sha256 == tokenizer_identity(student_tok)["sha256"]:
         return compare_vocabularies(student_tok, student_tok, student_rows)
     match = compare_vocabularies(teacher_tokenizer(cache), student_tok, student_rows)
     if match.kind == "compatible":

@@ -278,9 +278,10 @@ def finish_cache(cfg: ExtractConfig, job: TeacherJob, log) -> Path:
         dataset=job.dataset, geometry=job.geometry, entries=[entries[i] for i in range(len(job.shards))],
         skipped=job.skipped, stats=job.stats, software=software_versions())
     kcache.write_manifest(job.cache_dir, manifest)
-    nbad = len(manifest["bad_samples"])
-    log(f"[{job.name}] done: {manifest['num_samples']} samples, {manifest['num_tokens']} tokens, "
-        f"{_gb(manifest['total_bytes'])} in {len(job.shards)} shards"
+    m = kcache.Manifest.from_dict(manifest)
+    nbad = len(m.bad_samples)
+    log(f"[{job.name}] done: {m.num_samples} samples, {m.num_tokens} tokens, "
+        f"{_gb(m.total_bytes)} in {len(job.shards)} shards"
         f"{f', {nbad} bad samples recorded in the manifest' if nbad else ''} -> {job.cache_dir}")
     return job.cache_dir
 

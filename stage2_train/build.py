@@ -78,7 +78,7 @@ def memory_estimate(cfg, teachers, dtype, device, world: int = 1) -> str:
 def verify_caches(caches, echo) -> None:
     """Hash every shard of every cache against its manifest before anything trains on it."""
     t0, nbytes = time.perf_counter(), sum(c.verify() for c in caches)
-    echo(f"verified {sum(len(c.manifest['shards']) for c in caches)} shards ({nbytes / 1e9:.2f} GB) "
+    echo(f"verified {sum(len(c.meta.shards) for c in caches)} shards ({nbytes / 1e9:.2f} GB) "
          f"against their checksums in {time.perf_counter() - t0:.1f} s")
 
 
@@ -113,20 +113,20 @@ def open_teachers(cfg: TrainConfig, echo=print) -> tuple[list[Teacher], KVGeomet
     s_rows = s_config.get_text_config().vocab_size
     teachers = []
     for c in caches:
-        m = c.manifest
+        m = c.meta
         if cfg.projector == "bottleneck":       # every stored teacher layer into every student layer
-            lmap = [[(ci, 1.0) for ci in range(len(m["layers"]))] for _ in range(s_geo.num_layers)]
+            lmap = [[(ci, 1.0) for ci in range(len(m.layers))] for _ in range(s_geo.num_layers)]
         else:
-            lmap = parse_layer_map(cfg.layer_map, s_geo.num_layers, m["num_layers"], m["layers"])
+            lmap = parse_layer_map(cfg.layer_map, s_geo.num_layers, m.num_layers, m.layers)
         used = sorted({ci for row in lmap for ci, _ in row})
         # re-open with only the layers the map uses; the map then indexes that subset
         remap = {ci: i for i, ci in enumerate(used)}
-        cache = open_cache(c.path, layers=[m["layers"][ci] for ci in used], verify=True,
+        cache = open_cache(c.path, layers=[m.layers[ci] for ci in used], verify=True,
                            packed=cfg.kv_dequant == "device")
         teachers.append(Teacher(
             cache=cache, kv_quant=cache.kv_quant if cache.packed else None,
             distilled=[(s, [(remap[ci], w) for ci, w in row]) for s, row in enumerate(lmap) if row],
-            heads=m["num_kv_heads"], head_dim=m["head_dim"], fingerprint=m["fingerprint"], path=str(c.path),
+            heads=m.num_kv_heads, head_dim=m.head_dim, fingerprint=m.fingerprint, path=str(c.path),
             vocab=vocab_match(c, s_tok, s_rows)))
         echo(f"{c.path}: {describe_vocab(teachers[-1].vocab)}")
     if cfg.layer_weights is not None and len(cfg.layer_weights) != s_geo.num_layers:
@@ -150,19 +150,19 @@ def check_logit_caches(cfg: TrainConfig, teachers: list[Teacher]) -> None:
     (chunk, confidence), and for topk a vocabulary the same as the student's or compatible
     with it (the teacher's token ids must be the student's)."""
     for t in teachers:
-        m, v = t.cache.manifest, t.vocab
+        m, v = t.cache.meta, t.vocab
         again = "; run stage 1 again with --logits-topk K"
-        if cfg.kd_weight and cfg.kd_method in ("topk", "uld") and not m.get("logits_topk"):
+        if cfg.kd_weight and cfg.kd_method in ("topk", "uld") and not m.logits_topk:
             raise ValueError(f"--kd-weight: {t.path} was made without --logits-topk{again} to distil the "
                              "teacher's logits")
-        if cfg.kd_weight and cfg.kd_method == "chunk" and not m.get("token_logprobs"):
+        if cfg.kd_weight and cfg.kd_method == "chunk" and not m.token_logprobs:
             raise ValueError(f"--kd-method chunk: {t.path} holds no token_logprobs (made without "
                              f"--logits-topk, or by an older kava){again}")
         if cfg.kd_weight and cfg.kd_method == "topk" and not v.identity:
             raise ValueError(f"--kd-method topk: the teacher of {t.path} has another vocabulary than the "
                              f"student ({v.reason}), so its top-K ids name other tokens; use --kd-method uld "
                              "or chunk for logit distillation across vocabularies")
-        if cfg.teacher_weighting == "confidence" and not m.get("token_logprobs"):
+        if cfg.teacher_weighting == "confidence" and not m.token_logprobs:
             raise ValueError(f"--teacher-weighting confidence: {t.path} holds no token_logprobs (made "
                              f"without --logits-topk, or by an older kava){again}")
 

@@ -24,22 +24,22 @@ def check_caches(caches: list[KVCache], dataset: str | None = None, split: str |
     """Refuse caches that do not fit together or do not fit the run; name both sides."""
     problems = []
     for c in caches:
-        m = c.manifest
-        if m["prompt_template"] != TEMPLATE_ID:
-            problems.append(f"{c.path}: made with prompt template {m['prompt_template']!r}, but "
+        m = c.meta
+        if m.prompt_template != TEMPLATE_ID:
+            problems.append(f"{c.path}: made with prompt template {m.prompt_template!r}, but "
                             f"stage 2 formats samples with {TEMPLATE_ID!r}")
-        d = m["dataset"]
-        if dataset is not None and d["name"] != dataset:
-            problems.append(f"{c.path}: made from data set {d['name']!r}, but the run asks for {dataset!r}")
-        if split is not None and d["split"] != split:
-            problems.append(f"{c.path}: made from split {d['split']!r}, but the run asks for {split!r}")
-    ref = caches[0].manifest["dataset"]
+        d = m.dataset
+        if dataset is not None and d.name != dataset:
+            problems.append(f"{c.path}: made from data set {d.name!r}, but the run asks for {dataset!r}")
+        if split is not None and d.split != split:
+            problems.append(f"{c.path}: made from split {d.split!r}, but the run asks for {split!r}")
+    ref = caches[0].meta.dataset
     for c in caches[1:]:
-        d = c.manifest["dataset"]
-        if (d["name"], d["split"], d["content_sha256"]) != (ref["name"], ref["split"], ref["content_sha256"]):
-            problems.append(f"{c.path} was made from {d['name']} / {d['split']} ({d['rows']} rows, "
-                            f"hash {d['content_sha256'][:12]}) but {caches[0].path} from {ref['name']} / "
-                            f"{ref['split']} ({ref['rows']} rows, hash {ref['content_sha256'][:12]})")
+        d = c.meta.dataset
+        if (d.name, d.split, d.content_sha256) != (ref.name, ref.split, ref.content_sha256):
+            problems.append(f"{c.path} was made from {d.name} / {d.split} ({d.rows} rows, "
+                            f"hash {d.content_sha256[:12]}) but {caches[0].path} from {ref.name} / "
+                            f"{ref.split} ({ref.rows} rows, hash {ref.content_sha256[:12]})")
     if problems:
         raise ValueError("the caches do not fit this run:\n  " + "\n  ".join(problems))
 
@@ -80,7 +80,7 @@ class DistillData(torch.utils.data.Dataset):
         self.rows = common
         self.index = [tuple(m[r] for m in per_cache) for r in common]
         self.vocab = vocab if vocab is not None else [vocab_match(c, student_tok) for c in caches]
-        self.teacher_rows = [c.manifest["teacher"].get("vocab_size") for c in caches]
+        self.teacher_rows = [c.meta.teacher_vocab_size for c in caches]
         self._plan: dict[int, tuple] = {}
         if align == "identity" and not all(v.identity for v in self.vocab):
             bad = [f"{c.path} ({v.reason})" for c, v in zip(caches, self.vocab) if not v.identity]
@@ -224,9 +224,9 @@ class DistillData(torch.utils.data.Dataset):
         use = ~first[:n]
         if self.kd_tokens == "answer":
             use &= ends > s["char_segments"]["reasoning"][0]
-        eos, m = self.tok.eos_token_id, cache.manifest
+        eos = self.tok.eos_token_id
         text_end = len(s["text"])
-        eos_chunk = (eos is not None and m["tokenizer"].get("eos_token_id") is not None and not s["truncated"]
+        eos_chunk = (eos is not None and cache.meta.tokenizer.eos_token_id is not None and not s["truncated"]
                      and int(ids[-1]) == eos and int(offs[-1, 0]) == int(offs[-1, 1]) == text_end)
         renumber = torch.full((n + 1,), -1, dtype=torch.long)
         renumber[:n][use] = torch.arange(int(use.sum()))

@@ -3,6 +3,8 @@ and the held-out cosines beside their shuffled baseline."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,27 @@ from .losses import (answer_cross_entropy, answer_positions, chunk_kd_loss, chun
                      kv_loss, mean_cosine, relation_loss, topk_kd_loss, uld_loss)
 from .projector import BottleneckKV, KVProjector
 from .student import StudentKV
+
+
+class Pair(NamedTuple):
+    """What one teacher and one layer compare in a micro-batch: (projected, target) K and V,
+    (B, H, Ts, D) each, on the positions `mask` (B, Ts) keeps; `raw` (teacher K, teacher V,
+    student K, student V) unprojected, for the relation loss."""
+    teacher: int
+    layer: int             # the student's layer (the teacher's stored layer for a bottleneck into its space)
+    k: tuple
+    v: tuple
+    mask: torch.Tensor
+    raw: tuple | None = None
+
+
+def teacher_kv(tb: dict, quant, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher batch's K and V as float32 (B, L, H, Tt, D) on `device`, whether the loader gave
+    them dense (`k`, `v`) or packed (`kq`: int8/int4 codes and groups, dequantized here on the
+    device: --kv-dequant device)."""
+    if "kq" in tb:
+        return dequantize_batch({n: x.to(device) for n, x in tb["kq"].items()}, quant)
+    return tb["k"].to(device, torch.float32), tb["v"].to(device, torch.float32)
 
 
 class Distiller(torch.nn.Module):
@@ -78,17 +101,14 @@ class Distiller(torch.nn.Module):
         return [float(x) for x in w.detach()]
 
     def forward(self, batch: dict, cap: StudentKV, device,
-                sample_w: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
+                sample_w: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Pair]]:
         """K/V loss of a batch, and per (teacher, layer) the pairs compared (for metrics).
         `sample_w` (teachers, B): per-sample teacher weights (`sample_weights`)."""
         cfg, pairs = self.cfg, []
         attn = batch["attention_mask"].to(device).bool() & batch["kv_mask"].to(device)
         per_layer: dict[int, list] = {}
         for ti, (t, tb) in enumerate(zip(self.teachers, batch["teachers"])):
-            if "kq" in tb:       # codes and groups moved, dequantized here (kv_dequant device)
-                k, v = dequantize_batch({n: x.to(device) for n, x in tb["kq"].items()}, t.kv_quant)
-            else:
-                k, v = tb["k"].to(device, torch.float32), tb["v"].to(device, torch.float32)  # (B, L, H, Tt, D)
+            k, v = teacher_kv(tb, t.kv_quant, device)                              # (B, L, H, Tt, D)
             if tb["A"] is not None:
                 A = tb["A"].to(device)                                               # (B, Ts, Tt)
                 k = torch.einsum("bst,blhtd->blhsd", A, k)                           # (B, L, H, Ts, D)
@@ -97,23 +117,23 @@ class Distiller(torch.nn.Module):
             make = self._bottleneck_pairs if cfg.projector == "bottleneck" else self._layer_pairs
             for pair in make(ti, t, k, v, cap, mask):
                 pairs.append(pair)
-                per_layer.setdefault(pair["layer"], []).append(pair)
+                per_layer.setdefault(pair.layer, []).append(pair)
         lw = cfg.layer_weights
         total, norm = 0.0, 0.0
         for s, items in per_layer.items():
             w_layer = 1.0 if lw is None else float(lw[s])
             if w_layer == 0:
                 continue
-            tw = self.weights(s, [p["teacher"] for p in items], sample_w)
+            tw = self.weights(s, [p.teacher for p in items], sample_w)
             if cfg.fusion == "target" and len(items) > 1:
-                mask = torch.stack([p["mask"] for p in items]).all(0)
-                fk = sum(w * p["k"][0] for w, p in zip(tw, items))
-                fv = sum(w * p["v"][0] for w, p in zip(tw, items))
-                loss = self._kv(fk, items[0]["k"][1], fv, items[0]["v"][1], mask)
+                mask = torch.stack([p.mask for p in items]).all(0)
+                fk = sum(w * p.k[0] for w, p in zip(tw, items))
+                fv = sum(w * p.v[0] for w, p in zip(tw, items))
+                loss = self._kv(fk, items[0].k[1], fv, items[0].v[1], mask)
             elif sample_w is not None:          # per-sample weights, inside each loss's mean
-                loss = sum(self._kv(*p["k"], *p["v"], p["mask"], w) + self._relation(p, w) for w, p in zip(tw, items))
+                loss = sum(self._kv(*p.k, *p.v, p.mask, w) + self._relation(p, w) for w, p in zip(tw, items))
             else:
-                loss = sum(w * (self._kv(*p["k"], *p["v"], p["mask"]) + self._relation(p))
+                loss = sum(w * (self._kv(*p.k, *p.v, p.mask) + self._relation(p))
                            for w, p in zip(tw, items))
             total = total + w_layer * loss
             norm += w_layer
@@ -129,12 +149,10 @@ class Distiller(torch.nn.Module):
             sk, sv = sk.float(), sv.float()
             if self.cfg.direction == "teacher_to_student":
                 pk, pv = self.proj[ti](pi, tk, tv)
-                pair = {"teacher": ti, "layer": s, "k": (pk, sk), "v": (pv, sv), "mask": mask}
+                yield Pair(ti, s, (pk, sk), (pv, sv), mask, (tk, tv, sk, sv))
             else:
                 pk, pv = self.proj[ti](pi, sk, sv)
-                pair = {"teacher": ti, "layer": s, "k": (pk, tk), "v": (pv, tv), "mask": mask}
-            pair["raw"] = (tk, tv, sk, sv)      # unprojected, for the relation loss
-            yield pair
+                yield Pair(ti, s, (pk, tk), (pv, tv), mask, (tk, tv, sk, sv))
 
     def _bottleneck_pairs(self, ti: int, t: dict, k, v, cap, mask):
         """All layers through one bottleneck: per student layer (teacher_to_student) or per
@@ -145,11 +163,11 @@ class Distiller(torch.nn.Module):
         if self.cfg.direction == "teacher_to_student":
             pk, pv = self.proj[ti](k, v)                                             # (B, Ls, Hs, Ts, Ds)
             for i, (s, _) in enumerate(t.distilled):
-                yield {"teacher": ti, "layer": s, "k": (pk[:, i], sk[:, i]), "v": (pv[:, i], sv[:, i]), "mask": mask}
+                yield Pair(ti, s, (pk[:, i], sk[:, i]), (pv[:, i], sv[:, i]), mask)
         else:
             pk, pv = self.proj[ti](sk, sv)                                           # (B, Lt, Ht, Ts, Dt)
             for c in range(k.shape[1]):
-                yield {"teacher": ti, "layer": c, "k": (pk[:, c], k[:, c]), "v": (pv[:, c], v[:, c]), "mask": mask}
+                yield Pair(ti, c, (pk[:, c], k[:, c]), (pv[:, c], v[:, c]), mask)
 
     def _kv(self, pk, tk, pv, tv, mask, weight=None):
         c = self.cfg
@@ -162,17 +180,17 @@ class Distiller(torch.nn.Module):
         """Relation heads of teacher `ti`'s pairs: the setting, or the smaller KV head count."""
         return self.cfg.relation_heads or min(self.teachers[ti].heads, self.s_geo.num_kv_heads)
 
-    def _relation(self, pair: dict, weight=None):
+    def _relation(self, pair: Pair, weight=None):
         """The relation loss of a pair (teacher and student K/V, no projector): all of the K/V
         loss with `loss relation`, `relation_weight` times it beside another loss."""
         c = self.cfg
         w = 1.0 if c.loss == "relation" else c.relation_weight
         if not w:
             return 0.0
-        tk, tv, sk, sv = pair["raw"]
-        r = self.relation_heads(pair["teacher"])
-        return w * (c.k_weight * relation_loss(tk, sk, pair["mask"], r, weight)
-                    + c.v_weight * relation_loss(tv, sv, pair["mask"], r, weight))
+        tk, tv, sk, sv = pair.raw
+        r = self.relation_heads(pair.teacher)
+        return w * (c.k_weight * relation_loss(tk, sk, pair.mask, r, weight)
+                    + c.v_weight * relation_loss(tv, sv, pair.mask, r, weight))
 
 
 def logit_kd(logits, batch, pos, kd_mask, distiller, cfg, device, sample_w=None):
@@ -275,10 +293,9 @@ def evaluate(model, cap, distiller, loader, device, autocast) -> dict:
                   use_cache=False, logits_to_keep=1)
         _, pairs = distiller(batch, cap, device)
         for p in pairs:
-            for key in ("k", "v"):
-                pred, tgt = p[key]
-                sums[f"cos_{key}"].append(mean_cosine(pred, tgt, p["mask"]))
-                sums[f"cos_{key}_shuffled"].append(mean_cosine(pred, tgt, p["mask"], shuffle=g))
+            for key, (pred, tgt) in (("k", p.k), ("v", p.v)):
+                sums[f"cos_{key}"].append(mean_cosine(pred, tgt, p.mask))
+                sums[f"cos_{key}_shuffled"].append(mean_cosine(pred, tgt, p.mask, shuffle=g))
     model.train(was)
     distiller.train(was)
     return {**{k: _nanmean(v) for k, v in sums.items()}, "bad_eval_samples": len(bad), "bad_eval_rows": sorted(bad)}

@@ -111,7 +111,7 @@ def test_chunk_likelihoods_from_a_samples_token_logprobs():
     sample = {"char_offsets": torch.tensor(T_OFF), "token_logprobs": tl, "text": text, "truncated": False,
               "char_segments": {"question": (0, 3), "reasoning": (4, 15), "answer": (15, 15)}}
     ids = torch.tensor([5, 6, 7, 8, 9, 0])                                 # EOS (id 0) last
-    cache = types.SimpleNamespace(manifest={"tokenizer": {"eos_token_id": 0}})
+    cache = types.SimpleNamespace(meta=types.SimpleNamespace(tokenizer=types.SimpleNamespace(eos_token_id=0)))
     me = types.SimpleNamespace(tok=types.SimpleNamespace(eos_token_id=0), kd_tokens="all")
     chunk_of, lp = DistillData._chunks(me, ids, torch.tensor(S_OFF), sample, cache)
     # chunks " has" (teacher token 3: -0.3), " 12" (token 4: -0.4), " pens" (tokens 5, 6: -0.5 - 0.6),
@@ -390,7 +390,7 @@ def test_confidence_weights_each_samples_kv_loss(student_dir, logit_caches, tok,
     with torch.no_grad(), tr.cap:
         tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         both, pairs = tr.distiller(batch, tr.cap, tr.device, torch.tensor([[1.0] * 4, [0.0] * 4]))
-        alone = sum(tr.distiller._kv(*p["k"], *p["v"], p["mask"]) for p in pairs if p["teacher"] == 0) / 2
+        alone = sum(tr.distiller._kv(*p.k, *p.v, p.mask) for p in pairs if p.teacher == 0) / 2
         half, _ = tr.distiller(batch, tr.cap, tr.device, torch.full((2, 4), 0.5))
         fixed, _ = tr.distiller(batch, tr.cap, tr.device)
     assert both.item() == pytest.approx(alone.item(), rel=1e-6) and half.item() == pytest.approx(fixed.item(), rel=1e-6)

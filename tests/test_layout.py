@@ -99,3 +99,13 @@ def test_the_contract_holds_no_test_or_benchmark_helper():
     stages = [str(p.relative_to(ROOT)) for package in ("kava_common", "stage1_extract", "stage2_train")
               for p in modules(package) if "kava_demo" in imported(p)]
     assert stages == []
+
+
+def test_the_stages_read_a_cache_manifest_by_field():
+    """Outside kava_common, a cache's manifest is read through `KVCache.meta` (fields), never by
+    string key into the JSON object."""
+    import re
+    keyed = re.compile(r"manifest(\[|\.get\()")
+    found = [f"{p.relative_to(ROOT)}:{i}" for package in ("stage1_extract", "stage2_train", "kava", "kava_demo")
+             for p in modules(package) for i, line in enumerate(p.read_text().splitlines(), 1) if keyed.search(line)]
+    assert found == []

@@ -132,3 +132,26 @@ def test_each_shard_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeyp
     assert events == [("fsync", tmp), ("replace", tmp, str(final)),
                       ("replace", f"{sidecar}.{os.getpid()}.tmp", str(sidecar))]
     assert final.stat().st_size == entry.bytes and kc.ShardEntry.from_json(sidecar.read_text()) == entry
+
+
+def test_the_manifest_read_as_fields_equals_its_json_and_an_older_one_reads_with_defaults(caches, logit_caches):
+    import json
+    from kava_common.cache import open_cache
+    c = open_cache(caches["llama"])
+    m, raw = c.meta, json.loads((caches["llama"] / "manifest.json").read_text())
+    assert (m.fingerprint, m.layers, m.num_layers, m.num_kv_heads, m.head_dim, m.kv_dtype, m.num_samples) == (
+        raw["fingerprint"], raw["layers"], raw["num_layers"], raw["num_kv_heads"], raw["head_dim"], raw["kv_dtype"],
+        raw["num_samples"])
+    assert (m.dataset.name, m.dataset.split, m.dataset.rows, m.dataset.content_sha256) == (
+        raw["dataset"]["name"], "train", raw["dataset"]["rows"], raw["dataset"]["content_sha256"])
+    assert (m.tokenizer.sha256, m.tokenizer.bos_token_id, m.tokenizer.eos_token_id) == (
+        raw["tokenizer"]["sha256"], raw["tokenizer"]["bos_token_id"], raw["tokenizer"]["eos_token_id"])
+    assert (m.logits_topk, m.token_logprobs, m.kv_quant, m.shards, m.raw) == (0, False, None, raw["shards"], raw)
+    assert m.teacher_vocab_size == raw["teacher"]["vocab_size"]
+    lm = open_cache(logit_caches["qwen"]).meta
+    assert (lm.logits_topk, lm.token_logprobs) == (8, True)
+    # a manifest from before top-K logits, token_logprobs and BOS/EOS ids were recorded
+    old = {k: v for k, v in raw.items() if k not in ("logits_topk", "token_logprobs", "kv_quant")}
+    old["tokenizer"] = {k: v for k, v in raw["tokenizer"].items() if k in ("name", "sha256")}
+    o = kc.Manifest.from_dict(old)
+    assert (o.logits_topk, o.token_logprobs, o.kv_quant, o.tokenizer.eos_token_id) == (0, False, None, None)

@@ -865,8 +865,8 @@ def test_bottleneck_with_another_tokenizer_layer_weights_and_its_memory(student_
     tr.distiller.eval()
     with torch.no_grad():
         loss, pairs = tr.distiller(batch, tr.cap, torch.device("cpu"))
-    only_last = [p for p in pairs if p["layer"] == 1][0]
-    assert float(loss) == pytest.approx(float(tr.distiller._kv(*only_last["k"], *only_last["v"], only_last["mask"])),
+    only_last = [p for p in pairs if p.layer == 1][0]
+    assert float(loss) == pytest.approx(float(tr.distiller._kv(*only_last.k, *only_last.v, only_last.mask)),
                                         rel=1e-6)
 
 

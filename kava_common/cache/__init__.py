@@ -17,7 +17,8 @@ from .format import (ALIGN, CHECKSUM, FORMATS, MANIFEST, META_BYTES_PER_TOKEN, R
                      SCHEMA_VERSION, CacheSample, ShardLayout, checksum_bytes, checksum_file,
                      expected_checksum, round_up, shard_layout, shard_name, shard_tensors,
                      sidecar_name)
-from .manifest import CacheIdentity, ShardEntry, build_manifest, fingerprint, is_complete
+from .manifest import (CacheIdentity, DatasetRef, Manifest, ShardEntry, TokenizerRef, build_manifest,
+                       fingerprint, is_complete)
 from .quant import KV_QUANT, KVQuant, quantize_shard
 from .read import KVCache, open_cache
 from .verify import verify_cache
@@ -28,7 +29,8 @@ __all__ = [
     "ALIGN", "CHECKSUM", "FORMATS", "MANIFEST", "META_BYTES_PER_TOKEN", "READABLE_SCHEMAS",
     "SCHEMA_VERSION", "CacheSample", "ShardLayout", "checksum_bytes", "checksum_file",
     "expected_checksum", "round_up", "shard_layout", "shard_name", "shard_tensors", "sidecar_name",
-    "CacheIdentity", "ShardEntry", "build_manifest", "fingerprint", "is_complete",
+    "CacheIdentity", "DatasetRef", "Manifest", "ShardEntry", "TokenizerRef", "build_manifest", "fingerprint",
+    "is_complete",
     "KVCache", "open_cache", "verify_cache", "KV_QUANT", "KVQuant", "quantize_shard",
     "aligned_bytes", "atomic_write_text", "completed_shards", "remove_partial_files",
     "write_bytes", "write_laid_out_shard", "write_manifest", "write_shard",

@@ -4,14 +4,15 @@
 cache folder, so other settings give another folder and never a mix. `ShardEntry` is one
 shard's record (in its sidecar while stage 1 runs, in the manifest's `shards` at the end).
 `build_manifest` assembles manifest.json, written last: a cache is complete exactly when a
-manifest with its fingerprint exists.
+manifest with its fingerprint exists. `Manifest` is manifest.json read back as fields
+(`KVCache.meta`): what the stages read of a cache, by name rather than by key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -134,3 +135,69 @@ def is_complete(cache_dir: Path, fp: str) -> bool:
         return json.loads((Path(cache_dir) / MANIFEST).read_text()).get("fingerprint") == fp
     except (OSError, ValueError):
         return False
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """The data set a cache was made from: name, split, row count and a hash of its content."""
+    name: str
+    split: str
+    rows: int
+    content_sha256: str
+
+
+@dataclass(frozen=True)
+class TokenizerRef:
+    """The teacher's tokenizer: its name, a hash of its whole definition, its BOS and EOS ids
+    (None where it has none, or where an older cache did not record them)."""
+    name: str
+    sha256: str
+    vocab_size: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json as fields. Settings a cache made by an older kava lacks take the value
+    that cache implies (no top-K logits, no token_logprobs, unquantized K/V). `raw` is the
+    JSON object itself, for the cache's own tools (recompress, info)."""
+    fingerprint: str
+    schema_version: int
+    prompt_template: str
+    max_length: int
+    format: str
+    num_layers: int
+    layers: list[int]               # the teacher's stored layers
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: str
+    num_samples: int
+    num_tokens: int
+    total_bytes: int
+    teacher: dict                   # the model summary: name, architecture, quantization, vocab_size
+    dataset: DatasetRef
+    tokenizer: TokenizerRef
+    shards: list[dict]
+    kv_quant: dict | None = None
+    logits_topk: int = 0
+    token_logprobs: bool = False
+    bad_samples: list[dict] = field(default_factory=list)   # {"row", "reason"}: left out by stage 1
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, m: dict) -> "Manifest":
+        def pick(kind, d: dict):
+            return kind(**{f.name: d[f.name] for f in fields(kind) if f.name in d})
+        simple = {f.name: m[f.name] for f in fields(cls)
+                  if f.name in m and f.name not in ("dataset", "tokenizer", "raw")}
+        return cls(**dict(simple, logits_topk=m.get("logits_topk") or 0,
+                          token_logprobs=bool(m.get("token_logprobs")), dataset=pick(DatasetRef, m["dataset"]),
+                          tokenizer=pick(TokenizerRef, m["tokenizer"]), raw=m))
+
+    @property
+    def teacher_vocab_size(self) -> int | None:
+        """The teacher's output rows (its embedding may have more rows than its tokenizer has
+        tokens); None where the cache does not record them."""
+        return self.teacher.get("vocab_size")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from .. import KavaError
 from .format import MANIFEST, READABLE_SCHEMAS
+from .manifest import Manifest
 from .shard import Shard, check_shard
 from .verify import manifest_problems, shape_problems
 from .quant import PACKED, KVQuant, dequantize_k, dequantize_v, read_packed
@@ -51,6 +53,11 @@ class KVCache:
         self._shards = [Shard(self.path / s["file"], fmt, s if verify else None)
                         for s in self.manifest["shards"]]
         self._starts = [s["first_sample"] for s in self.manifest["shards"]]
+
+    @functools.cached_property
+    def meta(self) -> Manifest:
+        """The manifest as fields (`manifest` is the JSON object)."""
+        return Manifest.from_dict(self.manifest)
 
     @property
     def fingerprint(self) -> str:
