@@ -42,7 +42,7 @@ def gc_frozen():
     """Set everything alive now aside from Python's garbage collector until the block ends.
 
     With a model, its tokenizer and transformers loaded there are ~350k tracked objects (tiny
-    teacher), and a full collection walks them all (0.07-0.12 s on a 2-core machine),
+    teacher), and a full collection walks them all (a tenth of a second; docs/benchmarks.md),
     triggered now and then by the many small objects that tokenizing and the forward loop
     allocate. Frozen objects are skipped; new ones are collected as usual. A caller that
     froze objects itself is left alone."""

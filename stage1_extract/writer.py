@@ -94,8 +94,8 @@ class ShardItem:
 
 
 def suspect_layers(bufs: dict) -> list:
-    """Layers whose K or V buffer holds NaN or Inf somewhere (`all_finite`: one aminmax pass,
-    about 0.1 s per GB in any float dtype, where a float32 sum of a float16 buffer took 1 s)."""
+    """Layers whose K or V buffer holds NaN or Inf somewhere (`all_finite`: one aminmax pass in
+    the buffer's own dtype, ten times faster than a float32 sum of a float16 buffer)."""
     return [l for l, (k, v) in bufs.items() if not (all_finite(k) and all_finite(v))]
 
 
@@ -117,8 +117,8 @@ def finish_shard(item: ShardItem, samples: list[CacheSample], meta: dict, views:
 
     The writer must run no torch op: with libgomp, a parallel op on a second thread starts a
     second OpenMP team, and once there are more OpenMP threads than cores every thread of the
-    forward's team stops spin-waiting and sleeps between parallel regions (on a 2-core
-    machine, tiny teacher: one core idle for ~3.5 s of a ~11 s extraction, +15-30% wall).
+    forward's team stops spin-waiting and sleeps between parallel regions (a core then sits
+    idle for a third of an extraction on 2 cores; docs/benchmarks.md).
     With `quant` (a KVQuant), the K/V are quantized here too, and the shard serialised."""
     item = _screen(item, samples, meta, views, bufs, per_token)
     if quant is not None:

@@ -191,9 +191,9 @@ def sparse_tied_embedding(model) -> bool:
     sparse gradient (the rows of the batch's tokens only); returns whether it did.
 
     Dense, the embedding's gradient is a zero-filled vocab x hidden tensor that autograd then
-    adds to the head's, out of place: for Qwen2.5-0.5B (151,936 x 896, 545 MB in fp32) that
-    is 0.39 s of filling and 0.48 s of adding in a ~9 s CPU step, and two such transient
-    tensors at the peak of a GPU step. Sparse, its rows are added into the head's dense
+    adds to the head's, out of place: for Qwen2.5-0.5B (151,936 x 896, 545 MB in fp32) a tenth
+    of a CPU step goes to filling and adding it (docs/benchmarks.md), and two such transient
+    tensors sit at the peak of a GPU step. Sparse, its rows are added into the head's dense
     gradient. The head is in every step's graph (the answer's cross-entropy, or a zero-weight
     term when there is none), so the parameter's gradient is dense as before: the optimizer,
     clipping and checkpoints see no difference. An untied embedding keeps dense gradients
@@ -215,8 +215,8 @@ def make_optimizer(cfg, model, distiller):
     if cfg.optimizer == "adamw8bit":
         from kava_common import import_bitsandbytes
         return import_bitsandbytes().optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
-    # The fused kernel updates each tensor in one pass: on the CPU the AdamW step of a 0.5B
-    # student took 0.5 s instead of 3.4 s (bench/bench_train.py --parts online).
+    # The fused kernel updates each tensor in one pass, several times faster than the
+    # per-tensor loop on a CPU (docs/benchmarks.md).
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                 for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)

@@ -276,8 +276,8 @@ def dequantize_batch(packed: dict[str, torch.Tensor], q: KVQuant) -> tuple[torch
     # values' groups are per token, zero past a sample's end already; a key group can straddle it
     inside = torch.arange(t, device=kc.device) < packed["lengths"].to(kc.device)[:, None]
     k = k * inside[:, None, :, None, None].float()
-    # contiguous as a float cache's batch is: the loss's ops on transposed views made the whole
-    # CPU step 3-4% slower on the tiny benchmark models (bench_train --parts int4); the copy ~0.2%
+    # contiguous as a float cache's batch is: the loss's ops on transposed views cost more than
+    # the copy (docs/benchmarks.md)
     return k.transpose(2, 3).contiguous(), v.view(b, l, t, h, d).transpose(2, 3).contiguous()
 
 
