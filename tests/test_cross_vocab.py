@@ -197,6 +197,7 @@ def test_compatible_vocabularies_distil_as_the_same_tokenizer_does(padded_caches
     assert parts["extra"]["kd_samples_skipped"] == 0
 
 
+@pytest.mark.slow
 def test_a_sample_with_a_token_only_the_teacher_has_aligns_by_characters_and_is_left_out_of_kd(
         padded_teachers, tok, tmp_path):
     rows = [{"question": f"Ava has {n} pens. How many pens does Ava have now?", "answer": f"{n} pens.\n#### {n}"}
@@ -284,6 +285,7 @@ def test_chunk_likelihoods_of_a_batch_against_a_recomputation(student_dir, logit
     assert tr.step([batch])["loss_kd"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["uld", "chunk"])
 def test_a_student_learns_from_another_vocabularys_logits(student_dir, logit_caches, tmp_path, method):
     from test_stage2 import run
@@ -330,6 +332,7 @@ def _two(student_dir, logit_caches, out, **kw):
                        lr_projector=3e-3, **kw)
 
 
+@pytest.mark.slow
 def test_confidence_weights_train_log_and_resume_exactly(student_dir, logit_caches, tok, tmp_path):
     cfg = _two(student_dir, logit_caches, tmp_path / "a", teacher_weighting="confidence", confidence_temperature=0.3,
                kd_weight=1.0, kd_method="chunk", report_to="tensorboard")

@@ -85,6 +85,7 @@ def test_kava_extract_then_kava_train_on_the_tiny_models(teacher_dir, student_di
     assert r.returncode == 0 and r.stdout.startswith(f"cache        {cache}")
 
 
+@pytest.mark.slow
 def test_stage_1_and_2_run_without_posix_only_calls(teacher_dir, student_dir, tmp_path, monkeypatch):
     """As on Windows: fcntl (and msvcrt) unimportable, no os.O_DIRECT, mmap.MAP_PRIVATE or
     mmap.MAP_POPULATE. The cache is the same, shard for shard, and stage 2 trains on it."""

@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kava", "kava_common", "kava_demo", "stage1_extract", "stage2_train")
 MAX_FUNCTION_LINES = 60
@@ -41,6 +43,7 @@ def test_no_function_longer_than_a_screen():
     assert long == []
 
 
+@pytest.mark.slow
 def test_importing_the_contract_changes_nothing_in_the_process():
     """kava_common is the contract: importing it (every module of it) sets no environment
     variable and imports no stage; the entry points' packages apply the process settings."""

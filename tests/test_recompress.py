@@ -94,6 +94,7 @@ def test_a_quantized_parent_recompresses_from_its_dequantized_values(parent, tmp
         assert torch.equal(a[i]["k"], b[i]["k"]) and torch.equal(a[i]["v"], b[i]["v"])
 
 
+@pytest.mark.slow
 def test_top_k_logits_token_logprobs_and_the_tokenizer_travel_with_the_kv(teacher_dir, tmp_path):
     """A parent made with --logits-topk: the derived int8 cache is the direct extraction's, bit for
     bit (top-K and token_logprobs included), and holds the teacher's tokenizer/ folder."""

@@ -113,6 +113,7 @@ def test_forward_ends_after_the_last_stored_layer(teacher_dir, tmp_path, tok, to
         assert torch.equal(a[i]["k"], b[i]["k"]) and torch.equal(a[i]["v"], b[i]["v"])
 
 
+@pytest.mark.slow
 def test_layer_subset_and_reader_layer_selection(teacher_dir, tmp_path):
     (full,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=4))
     (sub,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=4, layers=[0, 2]))
@@ -127,6 +128,7 @@ def test_layer_subset_and_reader_layer_selection(teacher_dir, tmp_path):
         extract_main(cfg_for(teacher_dir, tmp_path, layers=[3]))
 
 
+@pytest.mark.slow
 def test_4bit_nf4_cache_close_to_unquantized(teacher_dir, tmp_path):
     (q,) = extract_main(cfg_for(teacher_dir, tmp_path, quantize=True, kv_dtype="float16", max_samples=6))
     (f,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=6))
@@ -166,6 +168,7 @@ def test_auto_takes_the_plain_4bit_path_on_a_cpu_with_amx():
         cpu_4bit_path("fast", True, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["plain", "packed"])
 def test_4bit_on_both_bitsandbytes_cpu_paths(narrow_teacher_dir, tmp_path, kernel):
     """Stage 1 in 4-bit on each CPU path of bitsandbytes. On the packed path the linears it
@@ -211,6 +214,7 @@ def test_packed_and_plain_4bit_paths_take_the_same_weights(narrow_teacher_dir):
     assert cos > 0.999, cos.item()
 
 
+@pytest.mark.slow
 def test_hdf5_and_safetensors_give_the_same_samples(teacher_dir, tmp_path):
     """... and a bfloat16 cache holds exactly the float32 cache's K/V rounded to bfloat16 (the
     capture converts while it copies)."""
@@ -231,6 +235,7 @@ def test_hdf5_and_safetensors_give_the_same_samples(teacher_dir, tmp_path):
         assert (a["text"], a["token_segments"], a["row"]) == (b["text"], b["token_segments"], b["row"])
 
 
+@pytest.mark.slow
 def test_direct_and_buffered_writes_give_identical_shards(teacher_dir, tmp_path):
     kw = dict(kv_dtype="float16", max_samples=7, shard_mb=0.05)      # several shards
     (a,) = extract_main(cfg_for(teacher_dir, tmp_path / "direct", **kw))
@@ -382,6 +387,7 @@ def test_geometry_disagreement_is_a_clear_error(teacher_dir, tmp_path, tok):
                         load_rows("synthetic", max_samples=10), model=model, tok=tok)
 
 
+@pytest.mark.slow
 def test_cli_two_teachers_and_bad_settings(teacher_dir, llama_dir, tmp_path, capsys):
     rc = cli(["--teacher", str(teacher_dir), "--teacher", str(llama_dir), "--dataset", "synthetic",
               "--max-samples", "4", "--out", str(tmp_path), "--no-quantize", "--no-progress"])
@@ -398,6 +404,7 @@ def test_cli_two_teachers_and_bad_settings(teacher_dir, llama_dir, tmp_path, cap
     assert "--batch-size must be >= 1, got 0" in err and "kv_dtype 'int3': choose one of float16, bfloat16, float32" in err
 
 
+@pytest.mark.slow
 def test_dataloader_workers_share_the_reader(teacher_dir, tmp_path):
     (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=6, shard_mb=0.05))
     c = open_cache(d)
@@ -411,6 +418,7 @@ def test_dataloader_workers_share_the_reader(teacher_dir, tmp_path):
 GSM8K = ROOT.parent / "shared" / "gsm8k" / "test.jsonl"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GSM8K.is_file(), reason="the real GSM8K is not at ../shared/gsm8k")
 def test_real_gsm8k_rows_by_path(teacher_dir, tmp_path):
     cfg = ExtractConfig(teachers=[str(teacher_dir)], dataset=str(GSM8K), split="test", max_samples=40,
@@ -468,6 +476,7 @@ def test_token_segments_of_all_samples_and_longest_answer(teacher_dir, tmp_path)
     assert longest_answer(one, 5) == 5                                      # capped at max_length
 
 
+@pytest.mark.slow
 def test_tokenizing_and_forward_loop_run_with_the_heap_frozen(teacher_dir, tmp_path, tok, monkeypatch):
     """Python's full garbage collections skip what was alive before tokenizing and before the
     forward loop (gc.freeze), and the heap is given back to the collector afterwards."""
@@ -494,6 +503,7 @@ def test_tokenizing_and_forward_loop_run_with_the_heap_frozen(teacher_dir, tmp_p
         gc.unfreeze()
 
 
+@pytest.mark.slow
 def test_resume_writes_again_a_finished_shard_that_changed(teacher_dir, tmp_path):
     """With the manifest gone (an interrupted run), a finished shard whose bytes changed but
     not its size is not taken as done: it is named, written again, and the cache verifies."""
@@ -517,6 +527,7 @@ def test_resume_writes_again_a_finished_shard_that_changed(teacher_dir, tmp_path
                            "k.0 is shaped [{t}, 2, 32], the manifest implies [{t}, 4, 32]"]),
     ({"num_samples": 40}, ["num_samples 40, but its shards hold 24"]),
 ])
+@pytest.mark.slow
 def test_verify_checks_the_manifest_against_itself_and_its_shards(teacher_dir, tmp_path, capsys, edit, expected):
     (d,) = extract_main(cfg_for(teacher_dir, tmp_path, max_samples=24, kv_dtype="float16"))
     m = json.loads((d / "manifest.json").read_text())
@@ -530,6 +541,7 @@ def test_verify_checks_the_manifest_against_itself_and_its_shards(teacher_dir, t
         assert e.format(t=tokens) in out, (e, out)
 
 
+@pytest.mark.slow
 def test_changed_local_weights_give_a_new_cache(tok, tmp_path):
     """Bytes changed in the middle of a weight file (same size, same first and last MiB) make
     another fingerprint: the old cache is not reused."""
@@ -603,6 +615,7 @@ def test_a_damaged_weights_file_is_one_line(teacher_dir, tmp_path, capsys, damag
     assert ("incomplete metadata" if damage == "truncated" else "no file named model.safetensors") in err
 
 
+@pytest.mark.slow
 def test_a_failed_shard_write_is_one_line_and_leaves_no_temporary_file(teacher_dir, tmp_path, monkeypatch, capsys):
     """A full disk (ENOSPC) while a shard is written, with --no-disk-check: one line naming the
     file, no .tmp left behind, and the shards finished before it stay for a resume."""
@@ -630,6 +643,7 @@ def test_a_failed_shard_write_is_one_line_and_leaves_no_temporary_file(teacher_d
     assert info_main([str(cache), "--verify"]) == 0
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_part_of_a_cache_is_refused(teacher_dir, tmp_path):
     """While one process holds a part of a cache, another started on it (a second terminal,
     a repeated --shard-index) is refused in one line; once the first is done, it completes."""
@@ -665,6 +679,7 @@ def test_device_gpu_is_one_line(teacher_dir, tmp_path, capsys):
     assert rc == 1 and "--device gpu: choose auto, cpu, cuda or cuda:N" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, padding_side", [("safetensors", "right"), ("hdf5", "left")])
 def test_topk_logprobs_equal_an_unbatched_forward(teacher_dir, tmp_path, tok, fmt, padding_side):
     """--logits-topk 5 with a layer subset, batches of 4 over mixed lengths: at every position
@@ -693,6 +708,7 @@ def test_topk_logprobs_equal_an_unbatched_forward(teacher_dir, tmp_path, tok, fm
     assert info_main([str(d), "--verify"]) == 0
 
 
+@pytest.mark.slow
 def test_topk_cache_resumes_to_the_same_files_and_keeps_old_fingerprints(teacher_dir, tmp_path):
     cfg = cfg_for(teacher_dir, tmp_path / "a", max_samples=12, logits_topk=3, shard_mb=0.05)
     (a,) = extract_main(cfg)
@@ -748,6 +764,7 @@ def test_torchrun_with_two_ranks_writes_one_cache_equal_to_one_process(teacher_d
 @pytest.mark.parametrize("kv_quant,fmt,group,span,sym", [
     ("int8", "safetensors", 8, "token", False), ("int4", "hdf5", 8, "head", False),
     ("int4", "safetensors", 64, "token", False), ("int8", "hdf5", 64, "token", True)])
+@pytest.mark.slow
 def test_quantized_cache_reads_back_the_float16_cache_quantized_by_hand(teacher_dir, tmp_path, kv_quant, fmt,
                                                                         group, span, sym, capsys):
     """The teacher has 2 KV heads x head_dim 32: groups of 8 stay inside a head either way; a

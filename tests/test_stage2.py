@@ -32,6 +32,7 @@ def run(student, caches, out, **kw):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_shared_tokenizer_learns_above_shuffled(student_dir, caches, tmp_path):
     # default direction (student into teacher space); measured K 0.22 vs shuffled 0.14, V 0.40 vs 0.22
     m = run(student_dir, [caches["qwen"]], tmp_path / "r", lr_projector=1e-2)
@@ -50,6 +51,7 @@ def test_shared_tokenizer_learns_above_shuffled(student_dir, caches, tmp_path):
     assert (final / "projector.safetensors").is_file() and (tmp_path / "r" / "step-000040").is_dir()
 
 
+@pytest.mark.slow
 def test_frozen_student_projector_alone_raises_cosine(student_dir, caches, tmp_path):
     before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(student_dir).state_dict().items()}
     # the student cannot move, so projecting the teacher into its space cannot collapse
@@ -72,6 +74,7 @@ def test_frozen_embeddings_stay_fixed_and_the_rest_trains(student_dir, caches, t
     assert "model.layers.0.self_attn.k_proj.weight" in moved and len(moved) > 10
 
 
+@pytest.mark.slow
 def test_two_tokenizers_llama_teacher_into_qwen2_student(student_dir, caches, tmp_path):
     # measured K 0.30 vs shuffled 0.09, V 0.55 vs 0.09
     m = run(student_dir, [caches["llama"]], tmp_path / "r", projector="mlp", lr_projector=1e-2)
@@ -79,6 +82,7 @@ def test_two_tokenizers_llama_teacher_into_qwen2_student(student_dir, caches, tm
     assert m[-1]["cos_v"] > m[-1]["cos_v_shuffled"] + 0.1, m[-1]
 
 
+@pytest.mark.slow
 def test_two_teachers_fused(student_dir, caches, tmp_path):
     m = run(student_dir, [caches["qwen"], caches["llama"]], tmp_path / "r", max_steps=20,
             fusion="target", gate="learned", direction="teacher_to_student")
@@ -102,6 +106,7 @@ def _as_if_saved_on_a_gpu(path: Path) -> None:
             z.writestr(info, data)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_the_same_losses(student_dir, caches, tmp_path):
     kw = dict(max_steps=8, log_every=1, save_every=0, grad_accum=2, batch_size=4)
     straight = run(student_dir, [caches["qwen"]], tmp_path / "a", **kw)
@@ -263,6 +268,7 @@ def test_config_file_overrides_and_unknown_keys(tmp_path, student_dir, caches, c
     assert "projector 'conv'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_8gb_options_lora_adamw8bit_checkpointing_resume(student_dir, caches, tmp_path):
     kw = dict(max_steps=4, log_every=1, batch_size=4, lora_r=4, optimizer="adamw8bit",
               gradient_checkpointing=True)
@@ -286,6 +292,7 @@ def test_8gb_options_lora_adamw8bit_checkpointing_resume(student_dir, caches, tm
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])      # LoRA merged in
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, dict(lora_r=4, gradient_checkpointing=True)])
 def test_chunked_cross_entropy_run_matches_whole(student_dir, caches, tmp_path, extra):
     """--ce-chunk changes where logits live, not what is learned: the same losses step by step
@@ -381,6 +388,7 @@ def cache_with_inf(src, dst, sample: int):
     return m["shards"][0]["rows"][0] + sample
 
 
+@pytest.mark.slow
 def test_a_sample_with_non_finite_teacher_kv_is_left_out_and_counted(student_dir, caches, tmp_path):
     bad = tmp_path / "bad-cache"
     row = cache_with_inf(caches["qwen"], bad, sample=3)
@@ -422,6 +430,7 @@ def flip_a_byte(path: Path, at: float = 0.7) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
 def test_stage2_refuses_a_shard_that_changed_naming_it(student_dir, teacher_dir, tmp_path, fmt):
     (cache,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=24,
@@ -570,6 +579,7 @@ def test_sweep_with_a_missing_student_is_one_line(caches, tmp_path, capsys):
     assert f"student '{tmp_path / 'nobody'}': no model config found" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["qwen", "llama"])
 def test_relation_loss_trains_without_a_projector(student_dir, caches, tmp_path, teacher):
     """--loss relation on a same-tokenizer and an other-tokenizer (aligned) cache: the relation
@@ -587,6 +597,7 @@ def test_relation_weight_adds_to_another_loss_and_bad_relation_heads_are_refused
         run(student_dir, [caches["qwen"]], tmp_path / "c", loss="relation", relation_heads=3)
 
 
+@pytest.mark.slow
 def test_logit_distillation_from_the_cache_lowers_the_kl(student_dir, logit_caches, tmp_path):
     m = run(student_dir, [logit_caches["qwen"]], tmp_path / "r", kd_weight=1.0, kv_weight=0.0, ce_weight=0.0,
             max_steps=30, log_every=10, lr_student=3e-3)
@@ -657,6 +668,7 @@ def test_ce_and_kd_tokens_all_take_every_next_token_as_target(student_dir, logit
     assert ans.sum() < tgt.sum() and answer.step([batch])["loss_ce"] == pytest.approx(float(want), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", ["teacher_to_student", "student_to_teacher"])
 def test_bottleneck_projector_trains_and_resumes_to_the_same_losses(student_dir, caches, tmp_path, direction):
     kw = dict(max_steps=6, log_every=1, save_every=0, batch_size=4, projector="bottleneck", direction=direction,
@@ -889,6 +901,7 @@ def int4_caches(tmp_path_factory, teacher_dir, llama_dir):
 
 
 # same tokenizer; another one (aligned); HDF5; value groups over both heads, with and without low
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["qwen", "llama", "qwen-hdf5", "qwen-g64", "qwen-sym"])
 def test_packed_batches_dequantize_on_the_device_to_the_loaders_values(int4_caches, tok, teacher):
     from kava_common.cache import open_cache
@@ -913,6 +926,7 @@ def test_packed_batches_dequantize_on_the_device_to_the_loaders_values(int4_cach
     assert moved / (b["k"].numel() * 4) == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.slow
 def test_stage2_from_an_int4_cache_dequantizes_on_the_device_or_in_the_loader(student_dir, int4_caches, tmp_path):
     dev = run(student_dir, [int4_caches["qwen"]], tmp_path / "d", max_steps=20, kv_dequant="device")
     load = run(student_dir, [int4_caches["qwen"]], tmp_path / "l", max_steps=20, kv_dequant="loader")

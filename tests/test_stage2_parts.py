@@ -425,6 +425,7 @@ def test_bottleneck_shapes_and_the_original_parameter_count():
     assert shared.k is shared.v and sum(p.numel() for p in shared.parameters()) == bottleneck_params(32, 32)
 
 
+@pytest.mark.slow
 def test_bottleneck_learns_a_cross_layer_mix_that_a_one_to_one_map_cannot():
     from stage2_train.align import proportional_layer_map
     from stage2_train.projector import BottleneckProjector, LinearProjector

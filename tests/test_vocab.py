@@ -92,6 +92,7 @@ def test_the_cache_keeps_its_teachers_tokenizer_and_checks_it(padded_teachers, t
         teacher_tokenizer(open_cache(path))
 
 
+@pytest.mark.slow
 def test_info_says_which_vocabulary_case_applies(padded_teachers, llama_dir, student_like, tmp_path, capsys):
     same = _cache(padded_teachers["same"], tmp_path / "s")
     compatible = _cache(padded_teachers["extra"], tmp_path / "c")
