@@ -222,3 +222,11 @@ def make_optimizer(cfg, model, distiller):
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def apply_optimizer_settings(opt, sched, cfg: TrainConfig) -> None:
+    """After a checkpoint's optimizer and scheduler state are loaded, this run's learning rates
+    and weight decay apply (the state holds the checkpoint's)."""
+    base = {"student": cfg.lr_student, "projector": cfg.lr_projector}
+    sched.base_lrs = [base[g["name"]] for g in opt.param_groups]
+    factor = lr_factor(sched.last_epoch, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    for g, lr in zip(opt.param_groups, sched.base_lrs):
+        g["lr"], g["weight_decay"] = lr * factor, cfg.weight_decay

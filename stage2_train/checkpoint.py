@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kava_common import KavaError, save_pretrained
+from kava_common import KavaError, all_finite, save_pretrained
 from kava_common.integrity import RECORD, folder_problems, record_folder
 
 from .config import RUN_CONTROL
@@ -91,6 +91,14 @@ def checkpoints(run: Path) -> list[Path]:
 def latest_checkpoint(run: Path) -> Path | None:
     steps = checkpoints(run)
     return steps[-1] if steps else None
+
+
+def check_finite(state: RunState) -> None:
+    """Nothing non-finite is ever saved: a NaN or Inf in any weight stops the run, naming it."""
+    for name, p in list(state.model.named_parameters()) + list(state.distiller.named_parameters()):
+        if not all_finite(p.detach()):
+            raise KavaError(f"step {state.prog.step}: weight {name} holds NaN or Inf; not saved, the "
+                            "last checkpoint is as it was; lower the learning rates")
 
 
 def save_checkpoint(run: Path, state: RunState, cfg, fps: list[str], rngs: list[dict]) -> Path:

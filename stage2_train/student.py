@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from kava_common import no_hf_progress_bars
+from kava_common import KavaError, no_hf_progress_bars
 from kava_common.data import load_fast_tokenizer
 from kava_common.geometry import KVGeometry
 
@@ -129,3 +129,13 @@ def load_student(name: str, device: torch.device, dtype: torch.dtype, lora_r: in
                 r=lora_r, lora_alpha=lora_alpha, task_type="CAUSAL_LM",
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     return model, tok
+
+
+def check_capture(cap: StudentKV, model, probe: dict, dtype: torch.dtype, name: str) -> None:
+    """The K/V the hooks capture must equal the student's own cache on one sample (`probe`, a
+    batch of one); KavaError naming the student otherwise."""
+    device = next(model.parameters()).device
+    worst = cap.check(model, probe["input_ids"].to(device), probe["attention_mask"].to(device))
+    if worst > (1e-3 if dtype == torch.float32 else 5e-2):
+        raise KavaError(f"student {name!r}: K/V captured by hooks differ from the model's cache by {worst:.2e}; "
+                        "this architecture's attention is not supported")

@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kava_common import KavaError, all_finite
+from kava_common import KavaError
 from kava_common.data import pad_id
 from kava_common.device import resolve_device
 
-from .build import (lr_factor, make_optimizer, memory_estimate, open_teachers, precision_dtype,
-                    set_trainable)
-from .checkpoint import (Progress, RunState, load_checkpoint, resume_point, rng_state, save_checkpoint,
-                         save_final)
+from .build import (apply_optimizer_settings, lr_factor, make_optimizer, memory_estimate, open_teachers,
+                    precision_dtype, set_trainable)
+from .checkpoint import (Progress, RunState, check_finite, load_checkpoint, resume_point, rng_state,
+                         save_checkpoint, save_final)
 from .config import TrainConfig
-from .data import DistillData, collate
+from .data import collate, split_data
 from .distiller import Distiller, evaluate, train_step
 from .ranks import Torchrun, ranks_for
-from .student import StudentKV, load_student
+from .student import StudentKV, check_capture, load_student
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -97,20 +97,11 @@ class Trainer:
         return train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device, self.autocast)
 
     def _build_data(self) -> None:
-        cfg = self.cfg
-        self.data = DistillData([t.cache for t in self.teachers], self.tok, cfg.max_length, cfg.align,
-                                cfg.kv_tokens, [t.vocab for t in self.teachers],
-                                cfg.kd_method if cfg.kd_weight else None, cfg.kd_tokens)
-        if len(self.data) <= cfg.eval_samples:
-            raise ValueError(f"the caches share {len(self.data)} samples; need more than eval_samples "
-                             f"({cfg.eval_samples}) so some are left to train on")
-        n_train = len(self.data) - cfg.eval_samples
-        self.train_set = torch.utils.data.Subset(self.data, range(n_train))
+        self.data, self.train_set, eval_set = split_data(self.cfg, self.teachers, self.tok)
         self.rank_batches(0)                    # too few micro-batches for the ranks: refused now
         self.collate = partial(collate, pad_id=pad_id(self.tok))
-        self.eval_loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(self.data, range(n_train, len(self.data))),
-            batch_size=cfg.batch_size, collate_fn=self.collate, generator=torch.Generator().manual_seed(0))
+        self.eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=self.cfg.batch_size, collate_fn=self.collate,
+                                                       generator=torch.Generator().manual_seed(0))
 
     def autocast(self):
         if self.dtype == torch.bfloat16:
@@ -123,12 +114,7 @@ class Trainer:
 
     def check_student_kv(self) -> None:
         """The K/V the hooks capture must equal the student's own cache on one sample."""
-        probe = self.first_sample()
-        worst = self.cap.check(self.model, probe["input_ids"].to(self.device),
-                               probe["attention_mask"].to(self.device))
-        if worst > (1e-3 if self.dtype == torch.float32 else 5e-2):
-            raise KavaError(f"student {self.cfg.student!r}: K/V captured by hooks differ from the model's "
-                            f"cache by {worst:.2e}; this architecture's attention is not supported")
+        check_capture(self.cap, self.model, self.first_sample(), self.dtype, self.cfg.student)
 
     def loader(self, batches: list[list[int]] | None = None, dataset=None):
         """Micro-batches read by `num_workers` DataLoader workers ahead of the step; by default
@@ -271,27 +257,11 @@ class Trainer:
             return False
         path, taken = found
         self.prog = load_checkpoint(path, self.state(), self.ranks.rank, self.device)
-        self.apply_optimizer_settings()
+        apply_optimizer_settings(self.opt, self.sched, self.cfg)
         self.echo(f"resumed from {path} at step {self.prog.step}" + (
             "; taken from this run: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in taken.items())
             if taken else ""))
         return True
-
-    def apply_optimizer_settings(self) -> None:
-        """After a checkpoint's optimizer and scheduler state are loaded, this run's learning
-        rates and weight decay apply (the state holds the checkpoint's)."""
-        base = {"student": self.cfg.lr_student, "projector": self.cfg.lr_projector}
-        self.sched.base_lrs = [base[g["name"]] for g in self.opt.param_groups]
-        factor = lr_factor(self.sched.last_epoch, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
-        for g, lr in zip(self.opt.param_groups, self.sched.base_lrs):
-            g["lr"], g["weight_decay"] = lr * factor, self.cfg.weight_decay
-
-    def check_weights_finite(self) -> None:
-        """Nothing non-finite is ever saved: a NaN or Inf in any weight stops the run."""
-        for name, p in list(self.model.named_parameters()) + list(self.distiller.named_parameters()):
-            if not all_finite(p.detach()):
-                raise KavaError(f"step {self.prog.step}: weight {name} holds NaN or Inf; not saved, the "
-                                "last checkpoint is as it was; lower the learning rates")
 
     def save(self, run: Path) -> Path:
         """A checkpoint, written by rank 0 alone (the ranks hold equal weights); the others
@@ -299,13 +269,13 @@ class Trainer:
         all of them rather than leaving the others waiting for rank 0. Every rank's RNG states
         are saved: dropout draws other numbers on each rank, and a resume gives each its own."""
         path = run / f"step-{self.prog.step:06d}"
-        self.check_weights_finite()
+        check_finite(self.state())
         rngs = self.ranks.gather(rng_state(self.device))
         return self.ranks.on_main(lambda: save_checkpoint(run, self.state(), self.cfg, self.fingerprints, rngs),
                                   default=path)
 
     def save_final(self, run: Path) -> None:
-        self.check_weights_finite()
+        check_finite(self.state())
         self.ranks.on_main(lambda: save_final(run, self.state(), self.teachers, self.s_geo, self.cfg))
 
 
