@@ -21,9 +21,8 @@ from .vocab import describe, vocab_match
 
 
 def summary(path: str) -> str:
-    c = open_cache(path)
-    m = c.manifest
-    t, q = m["teacher"], m["teacher"]["quantization"]
+    m = open_cache(path).meta
+    t, q = m.teacher, m.teacher["quantization"]
     quant = (f"{q['bits']}-bit {q['quant_type']}{' double-quant' if q.get('double_quant') else ''}"
              if q["method"] != "none" else f"unquantized {q['dtype']}")
     if q.get("cpu_kernel"):
@@ -31,23 +30,22 @@ def summary(path: str) -> str:
         quant += f", bitsandbytes CPU kernel {q['cpu_kernel']}" + (f" ({plain} linears plain)" if plain else "")
     return "\n".join([
         f"cache        {Path(path)}",
-        f"fingerprint  {m['fingerprint']}",
+        f"fingerprint  {m.fingerprint}",
         f"teacher      {t['name']} ({t['architecture']}, {quant})",
-        f"data         {m['dataset']['name']} split {m['dataset']['split']}, "
-        f"{m['dataset']['rows']} rows, template {m['prompt_template']}",
-        f"geometry     {m['num_layers']} layers (stored {len(m['layers'])}: {_ranges(m['layers'])}), "
-        f"{m['num_kv_heads']} KV heads, head_dim {m['head_dim']}, {m['kv_dtype']}, keys post-RoPE",
-        f"samples      {m['num_samples']} ({len(m['skipped_rows'])} rows skipped, "
-        f"{len(m['bad_samples'])} bad, {m['truncated_samples']} truncated at {m['max_length']} tokens)",
-        f"size         {m['total_bytes'] / 1e9:.3f} GB in {len(m['shards'])} {m['format']} shards, "
-        f"{m['num_tokens']} tokens, {m['kv_bytes_per_token']} K/V bytes per token "
-        f"({m['total_bytes'] / max(m['num_tokens'], 1):.0f} on disk with metadata)",
+        f"data         {m.dataset.name} split {m.dataset.split}, {m.dataset.rows} rows, template {m.prompt_template}",
+        f"geometry     {m.num_layers} layers (stored {len(m.layers)}: {_ranges(m.layers)}), "
+        f"{m.num_kv_heads} KV heads, head_dim {m.head_dim}, {m.kv_dtype}, keys post-RoPE",
+        f"samples      {m.num_samples} ({len(m.skipped_rows)} rows skipped, "
+        f"{len(m.bad_samples)} bad, {m.truncated_samples} truncated at {m.max_length} tokens)",
+        f"size         {m.total_bytes / 1e9:.3f} GB in {len(m.shards)} {m.format} shards, "
+        f"{m.num_tokens} tokens, {m.kv_bytes_per_token} K/V bytes per token "
+        f"({m.total_bytes / max(m.num_tokens, 1):.0f} on disk with metadata)",
         *_quant_lines(m),
     ])
 
 
-def _quant_lines(m: dict) -> list[str]:
-    q = m.get("kv_quant")
+def _quant_lines(m) -> list[str]:
+    q = m.kv_quant
     if not q:
         return []
     span = "over a token's KV heads" if q.get("v_span") == "token" else "inside each head"
@@ -55,7 +53,7 @@ def _quant_lines(m: dict) -> list[str]:
         span += ", symmetric"
     return [f"kv quant     int{q['bits']} {q['scheme']}, group {q['group']} (value groups {span}): "
             f"{q['bytes_per_token']} K/V bytes per "
-            f"token ({q['bytes_per_token'] / m['kv_bytes_per_token']:.3f}x {m['kv_dtype']}); reconstruction "
+            f"token ({q['bytes_per_token'] / m.kv_bytes_per_token:.3f}x {m.kv_dtype}); reconstruction "
             f"cosine K {q['k_cosine']:.5f}, V {q['v_cosine']:.5f} (first and last sample of each shard)"]
 
 
@@ -100,7 +98,7 @@ def info(args: InfoArgs) -> int:
             problems = verify_cache(path)
             for line in problems:
                 print(f"CORRUPT {line}")
-            n = len(open_cache(path).manifest["shards"])
+            n = len(open_cache(path).meta.shards)
             print(f"verify       FAILED: {len(problems)} problem(s) in the manifest or its {n} shards"
                   if problems else f"verify       ok: {n} shards match the manifest")
             status = status or int(bool(problems))

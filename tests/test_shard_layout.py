@@ -155,3 +155,16 @@ def test_the_manifest_read_as_fields_equals_its_json_and_an_older_one_reads_with
     old["tokenizer"] = {k: v for k, v in raw["tokenizer"].items() if k in ("name", "sha256")}
     o = kc.Manifest.from_dict(old)
     assert (o.logits_topk, o.token_logprobs, o.kv_quant, o.tokenizer.eos_token_id) == (0, False, None, None)
+
+
+def test_info_summary_reads_the_manifests_fields(caches):
+    import json
+    from kava_common.info import summary
+    raw = json.loads((caches["llama"] / "manifest.json").read_text())
+    lines = summary(str(caches["llama"])).splitlines()
+    assert lines[1] == f"fingerprint  {raw['fingerprint']}"
+    assert lines[3] == (f"data         {raw['dataset']['name']} split train, {raw['dataset']['rows']} rows, "
+                        f"template {raw['prompt_template']}")
+    assert lines[5] == (f"samples      {raw['num_samples']} ({len(raw['skipped_rows'])} rows skipped, "
+                        f"{len(raw['bad_samples'])} bad, {raw['truncated_samples']} truncated at {raw['max_length']} tokens)")
+    assert f"{raw['num_tokens']} tokens, {raw['kv_bytes_per_token']} K/V bytes per token" in lines[6]

@@ -184,6 +184,9 @@ class Manifest:
     logits_topk: int = 0
     token_logprobs: bool = False
     bad_samples: list[dict] = field(default_factory=list)   # {"row", "reason"}: left out by stage 1
+    skipped_rows: list[dict] = field(default_factory=list)  # data-set rows with nothing to learn from
+    truncated_samples: int = 0      # samples max_length cut
+    kv_bytes_per_token: int = 0     # stored K/V bytes per token, all stored layers (before --kv-quant)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
