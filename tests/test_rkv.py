@@ -1,0 +1,68 @@
+"""R-KV selection of chain-of-thought K/V (kava_common.rkv), by hand on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from kava_common.rkv import gather_slots, importance, redundancy, rkv_select, select
+
+
+def test_importance_is_the_answers_mean_attention_maxed_over_the_query_group():
+    k = torch.tensor([[[1.0], [0.0]]])                    # 1 KV head, 2 reasoning keys, head_dim 1
+    # query head 0 attends evenly; head 1 asks with q 2 then 0 (scale 1/sqrt(1))
+    q = torch.tensor([[[0.0], [0.0]], [[2.0], [0.0]]])    # (2 query heads, 2 answer tokens, 1)
+    e2 = math.exp(2)
+    head1 = [(e2 / (e2 + 1) + 0.5) / 2, (1 / (e2 + 1) + 0.5) / 2]
+    got = importance(q, k)
+    assert got.shape == (1, 2)
+    assert got[0].tolist() == pytest.approx([max(0.5, head1[0]), max(0.5, head1[1])], rel=1e-6)
+    # two KV heads, one query head each: no max across KV heads
+    k2 = torch.cat([k, torch.tensor([[[0.0], [1.0]]])])
+    got2 = importance(q, k2)
+    assert got2[0].tolist() == pytest.approx([0.5, 0.5]) and got2[1].tolist() == pytest.approx(
+        [(1 / (e2 + 1) + 0.5) / 2, (e2 / (e2 + 1) + 0.5) / 2], rel=1e-6)
+    # a padded key takes no attention
+    assert importance(q, k, torch.tensor([True, False]))[0].tolist() == pytest.approx([1.0, 0.0])
+    with pytest.raises(ValueError, match="3 query heads do not share 2 KV heads"):
+        importance(torch.zeros(3, 1, 1), k2)
+
+
+def test_redundancy_favours_a_key_unlike_the_others_and_ignores_padding():
+    k = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]]])   # keys 0 and 1 point the same way
+    # mean cosine to the others: 0.5, 0.5, 0 -> softmax of minus them
+    a, b = math.exp(-0.5), 1.0
+    assert redundancy(k)[0].tolist() == pytest.approx([a / (2 * a + b), a / (2 * a + b), b / (2 * a + b)], rel=1e-6)
+    # key 1 is padding: keys 0 and 2 have nothing alike left, and 1 gets nothing
+    assert redundancy(k, torch.tensor([True, False, True]))[0].tolist() == pytest.approx([0.5, 0.0, 0.5])
+
+
+def test_select_keeps_the_best_in_time_order_earlier_on_ties_and_marks_empty_slots():
+    assert select(torch.tensor([[0.1, 0.8, 0.9]]), 2)[0].tolist() == [[1, 2]]       # time order, not score order
+    assert select(torch.tensor([[0.3, 0.5, 0.5, 0.1]]), 2)[0].tolist() == [[1, 2]]
+    assert select(torch.tensor([[0.3, 0.5, 0.5, 0.1]]), 1)[0].tolist() == [[1]]     # a tie: the earlier token
+    index, mask = select(torch.tensor([[0.2, 0.7]]), 3)                              # fewer tokens than slots
+    assert index.tolist() == [[0, 1, -1]] and mask.tolist() == [[True, True, False]]
+    # padding is never selected, however high its score
+    index, mask = select(torch.tensor([[0.2, 9.0, 0.1]]), 3, torch.tensor([True, False, True]))
+    assert index.tolist() == [[0, 2, -1]] and mask.tolist() == [[True, True, False]]
+    x = torch.arange(6.0).view(1, 3, 2)
+    assert gather_slots(x, torch.tensor([[2, 0, -1]])).tolist() == [[[4.0, 5.0], [0.0, 1.0], [0.0, 0.0]]]
+
+
+def test_lambda_mixes_importance_and_redundancy_and_the_slots_are_the_keys_at_the_index():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, 5, 8, generator=g), torch.randn(2, 9, 8, generator=g), torch.randn(2, 9, 8, generator=g)
+    imp, red = importance(q, k), redundancy(k)
+    for lam in (0.0, 0.1, 1.0):
+        got = rkv_select(q, k, v, 4, lam)
+        want, _ = select(lam * imp + (1 - lam) * red, 4)
+        assert torch.equal(got["index"], want) and torch.equal(got["I"], imp)
+        for h in range(2):
+            assert torch.equal(got["k"][h], k[h, want[h]]) and torch.equal(got["v"][h], v[h, want[h]])
+    assert torch.equal(rkv_select(q, k, v, 4, 1.0)["index"], select(imp, 4)[0])       # importance only
+    assert torch.equal(rkv_select(q, k, v, 4, 0.0)["index"], select(red, 4)[0])       # redundancy only
+    short = rkv_select(q, k[:, :2], v[:, :2], 4)                                      # 2 reasoning tokens
+    assert short["mask"].tolist() == [[True, True, False, False]] * 2 and not short["k"][:, 2:].any()
+    with pytest.raises(ValueError, match=r"--rkv-lambda must lie in \[0, 1\], got 1.5"):
+        rkv_select(q, k, v, 4, 1.5)
