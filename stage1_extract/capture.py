@@ -165,3 +165,56 @@ def sample_spans(seqs_len: list[int], width: int, padding_side: str) -> list[int
     return [0 if padding_side == "right" else width - n for n in seqs_len]
 
 
+
+
+class QueryCapture:
+    """The teacher's post-RoPE queries at chosen positions of a batch, per layer, as its attention
+    computes them: a forward pre-hook on each attention module projects the hidden states of
+    those positions alone (`q_proj`) and rotates them with the layer's own cos/sin and its
+    module's `apply_rotary_pos_emb`. The forward itself is unchanged, and no attention matrix is
+    built (R-KV's importance needs only the answer's queries against the reasoning keys).
+
+    Use: `with QueryCapture(model, layers) as qc: qc.want(index); forward`, then `qc.got[layer]`
+    (B, query heads, P, head_dim) for `index` (B, P) long positions along the padded time axis."""
+
+    def __init__(self, model, layers: list[int]):
+        self.layers = sorted(layers)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.modules = {l: decoder.layers[l].self_attn for l in self.layers}
+        for l, m in self.modules.items():
+            if not hasattr(m, "q_proj") or getattr(m, "q_norm", None) is not None:
+                raise KavaError(f"layer {l}: {type(m).__name__} has no plain q_proj; R-KV query capture supports "
+                                "Qwen2- and Llama-style attention")
+        self.index: torch.Tensor | None = None
+        self.got: dict[int, torch.Tensor] = {}
+        self._handles = []
+
+    def want(self, index: torch.Tensor) -> None:
+        """The positions (B, P) whose queries the next forward keeps; clears what it holds."""
+        self.index, self.got = index, {}
+
+    def __enter__(self) -> "QueryCapture":
+        for l, m in self.modules.items():
+            self._handles.append(m.register_forward_pre_hook(functools.partial(self._take, l), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _take(self, layer: int, module, args, kwargs) -> None:
+        if self.index is None:
+            return
+        import sys
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+        idx = self.index.to(hidden.device)
+        b, p = idx.shape
+        with torch.no_grad():
+            h = torch.gather(hidden, 1, idx[..., None].expand(b, p, hidden.shape[-1]))
+            q = module.q_proj(h).view(b, p, -1, module.head_dim).transpose(1, 2)         # (B, Hq, P, D)
+            c = torch.gather(cos.expand(b, -1, -1), 1, idx[..., None].expand(b, p, cos.shape[-1]))
+            s = torch.gather(sin.expand(b, -1, -1), 1, idx[..., None].expand(b, p, sin.shape[-1]))
+            rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
+            self.got[layer] = rope(q, q, c, s)[0]

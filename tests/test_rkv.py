@@ -66,3 +66,36 @@ def test_lambda_mixes_importance_and_redundancy_and_the_slots_are_the_keys_at_th
     assert short["mask"].tolist() == [[True, True, False, False]] * 2 and not short["k"][:, 2:].any()
     with pytest.raises(ValueError, match=r"--rkv-lambda must lie in \[0, 1\], got 1.5"):
         rkv_select(q, k, v, 4, 1.5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_captured_answer_queries_are_the_queries_the_attention_uses(arch, monkeypatch):
+    """QueryCapture's post-RoPE queries at chosen positions of a padded batch equal the
+    query_states each attention layer computes there (recorded from the model's own RoPE call)."""
+    import sys
+    from kava_demo import tiny
+    from stage1_extract.capture import QueryCapture
+    cfg = tiny.tiny_config(arch, 97, hidden=64, layers=3, heads=4, kv_heads=2, head_dim=16, intermediate=96)
+    model = tiny.build_model(cfg, seed=3).eval()
+    attn = type(model.get_decoder().layers[0].self_attn)
+    mod = sys.modules[attn.__module__]
+    seen = []
+    real = mod.apply_rotary_pos_emb
+    monkeypatch.setattr(mod, "apply_rotary_pos_emb", lambda q, k, cos, sin, *a, **kw: seen.append(
+        real(q, k, cos, sin, *a, **kw)) or seen[-1])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 97, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :4] = 0                                       # left padding, as stage 1 pads
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    index = torch.tensor([[6, 7, 10], [8, 9, 10]])        # answer positions along the padded axis
+    with QueryCapture(model, [0, 2]) as qc:
+        qc.want(index)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    own = [s[0] for s in seen if s[0].shape[2] == 11]     # the layers' own calls (the capture's hold 3 positions)
+    assert len(own) == 3 and sorted(qc.got) == [0, 2]
+    for l in (0, 2):
+        want = torch.stack([own[l][b, :, index[b]] for b in range(2)])          # (B, Hq, P, D)
+        assert qc.got[l].shape == (2, 4, 3, 16)
+        assert torch.allclose(qc.got[l], want, atol=1e-6), (l, (qc.got[l] - want).abs().max())
