@@ -69,6 +69,9 @@ def _scheme(q: dict | None) -> dict | None:
 def recompress(a: RecompressArgs, log=print) -> Path:
     src = kc.open_cache(a.cache, verify=True)
     m = src.manifest
+    if m.get("rkv_slots"):
+        raise KavaError(f"{a.cache}: holds R-KV slots (--rkv-slots {m['rkv_slots']}), which recompress does not "
+                        "carry over; run stage 1 again with the settings wanted")
     if m.get("kv_quant") and a.kv_dtype is None:
         raise KavaError(f"{a.cache}: its K/V are quantized already; give --kv-dtype for the float values "
                         "the new cache starts from")

@@ -33,6 +33,8 @@ def importance(q_answer: torch.Tensor, k_reason: torch.Tensor, valid: torch.Tens
     h, tr, _ = k_reason.shape
     if hq % h:
         raise ValueError(f"{hq} query heads do not share {h} KV heads evenly")
+    if ta == 0:                                  # no answer (cut by max_length): nothing attends
+        return torch.zeros(h, tr, device=k_reason.device)
     group = hq // h
     k = k_reason.float().repeat_interleave(group, 0)                            # (Hq, Tr, D)
     logits = q_answer.float() @ k.transpose(1, 2) / math.sqrt(d)                 # (Hq, Ta, Tr)

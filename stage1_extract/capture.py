@@ -213,7 +213,8 @@ class QueryCapture:
         b, p = idx.shape
         with torch.no_grad():
             h = torch.gather(hidden, 1, idx[..., None].expand(b, p, hidden.shape[-1]))
-            q = module.q_proj(h).view(b, p, -1, module.head_dim).transpose(1, 2)         # (B, Hq, P, D)
+            hq = module.q_proj.out_features // module.head_dim
+            q = module.q_proj(h).view(b, p, hq, module.head_dim).transpose(1, 2)         # (B, Hq, P, D)
             c = torch.gather(cos.expand(b, -1, -1), 1, idx[..., None].expand(b, p, cos.shape[-1]))
             s = torch.gather(sin.expand(b, -1, -1), 1, idx[..., None].expand(b, p, sin.shape[-1]))
             rope = sys.modules[type(module).__module__].apply_rotary_pos_emb

@@ -38,6 +38,10 @@ class ExtractConfig:
     logits_topk: int = setting(0, "also store the teacher's top-K next-token log-probabilities and ids, and "
                                "the log-probability of the actual next token, at every position (for logit "
                                "distillation and confidence weighting; 0: none)")
+    rkv_slots: int = setting(0, "also store the chain of thought's K/V compressed to M slots per stored layer and "
+                             "KV head, chosen R-KV-style (importance to the answer and novelty; "
+                             "kava_common.rkv), for a latent-reasoning student; 0: none")
+    rkv_lambda: float = setting(0.1, "--rkv-slots: the weight of importance against redundancy, in [0, 1]")
     quantize: bool = setting(True, "run the teacher in 4-bit (bitsandbytes); --no-quantize: unquantized in --dtype")
     quant_type: str = setting("nf4", "4-bit data type", choices=("nf4", "fp4"))
     double_quant: bool = setting(False, "bitsandbytes nested quantization of the 4-bit scales")
@@ -84,6 +88,10 @@ class ExtractConfig:
             problems.append("--kv-quant-v-symmetric needs --kv-quant int8 or int4")
         if self.logits_topk < 0:
             problems.append(f"--logits-topk must be >= 0, got {self.logits_topk}")
+        if self.rkv_slots < 0:
+            problems.append(f"--rkv-slots must be >= 0, got {self.rkv_slots}")
+        if not 0.0 <= self.rkv_lambda <= 1.0:
+            problems.append(f"--rkv-lambda must lie in [0, 1], got {self.rkv_lambda}")
         if self.shard_mb <= 0:
             problems.append(f"--shard-mb must be > 0, got {self.shard_mb}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:

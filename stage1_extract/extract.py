@@ -28,10 +28,11 @@ from kava_common.data import Rows, load_rows, pad_id, tokenizer_identity
 from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
 from kava_common.prompt import TEMPLATE_ID
+from kava_common.rkv import rkv_select
 from kava_common.vocab import save_teacher_tokenizer
 
 from . import teacher as T
-from .capture import KVCapture, capture_topk, sample_spans, teacher_forward
+from .capture import KVCapture, QueryCapture, capture_topk, sample_spans, teacher_forward
 from .config import ExtractConfig
 from .samples import collate, length_sorted_batches, plan_shards, prepare_samples
 from .writer import BackgroundWriter, BufferPool, ShardItem, WriteStats, finish_shard
@@ -129,7 +130,8 @@ def plan_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None
         tokenizer_sha256=tok_id["sha256"], dataset=data_id, prompt_template=TEMPLATE_ID,
         max_length=cfg.max_length, layers=layers, kv_dtype=cfg.kv_dtype, format=cfg.format,
         shard_mb=cfg.shard_mb, logits_topk=cfg.logits_topk, token_logprobs=bool(cfg.logits_topk),
-        kv_quant=cfg.quant.describe() if cfg.quant else None)
+        kv_quant=cfg.quant.describe() if cfg.quant else None, rkv_slots=cfg.rkv_slots,
+        rkv_lambda=cfg.rkv_lambda if cfg.rkv_slots else 0.0)
     shards = plan_shards(samples, geometry.bytes_per_token(cfg.kv_dtype, layers), cfg.shard_mb * 1e6)
     return TeacherJob(
         name=name, geometry=geometry, layers=layers, tok=tok, samples=samples, skipped=skipped,
@@ -152,10 +154,15 @@ def estimate_and_check_disk(cfg: ExtractConfig, job: TeacherJob, todo: list[int]
         return n_tokens * stored_bytes_per_token(q, g.num_kv_heads, g.head_dim, len(job.layers),
                                                  tokens_per_sample=n_tokens)
 
+    # R-KV slots per sample: K and V of M slots and their index per stored layer and KV head, and
+    # a float32 importance per token, layer and KV head
+    rkv_sample = len(job.layers) * g.num_kv_heads * cfg.rkv_slots * (2 * g.head_dim * DTYPES[cfg.kv_dtype].itemsize + 4)
+    rkv_token = 4 * len(job.layers) * g.num_kv_heads if cfg.rkv_slots else 0
+
     def est(idx):
         return sum(kv_bytes(len(samples[j].ids)) + len(samples[j].ids) * (kcache.META_BYTES_PER_TOKEN
-                   + 8 * cfg.logits_topk + 4 * bool(cfg.logits_topk)) + len(samples[j].text.encode())
-                   for i in idx for j in job.shards[i])
+                   + 8 * cfg.logits_topk + 4 * bool(cfg.logits_topk) + rkv_token) + len(samples[j].text.encode())
+                   + rkv_sample for i in idx for j in job.shards[i])
     total_est, left_est = est(range(len(job.shards))), est(todo)
     free = shutil.disk_usage(job.cache_dir).free
     n_tokens = sum(len(s.ids) for s in samples)
@@ -316,7 +323,7 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
     pin = torch.device(model.device).type == "cuda"
     metas = {i: kcache.shard_tensors([samples[j] for j in job.shards[i]]) for i in todo}
     layouts = {i: kcache.shard_layout(metas[i], job.layers, job.geometry, kv_dtype, cfg.logits_topk,
-                                      job.identity.token_logprobs) for i in todo}
+                                      job.identity.token_logprobs, cfg.rkv_slots) for i in todo}
     pool = BufferPool(max(l.nbytes for l in layouts.values()), pin)
     t0, tokens = time.perf_counter(), 0
     try:
@@ -326,7 +333,8 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
             views = layouts[index].views(flat)
             bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in job.layers}
             topk = (views["topk_ids"], views["topk_logprobs"], views["token_logprobs"]) if cfg.logits_topk else None
-            for n_samples, n_tokens in run_batches(cfg, job, model, grab, members, bufs, topk):
+            rkv = rkv_views(views, job.layers) if cfg.rkv_slots else None
+            for n_samples, n_tokens in run_batches(cfg, job, model, grab, members, bufs, topk, rkv):
                 tokens += n_tokens
                 bar.update(n_samples)
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -350,29 +358,76 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
 
 
 def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, members: list[int],
-                bufs: dict, topk: tuple | None = None):
+                bufs: dict, topk: tuple | None = None, rkv: dict | None = None):
     """One shard's samples through the teacher in length-sorted batches, each sample's K/V
     captured into its rows of `bufs` ({layer: (K, V)}, (N, H, D) each, samples in data-set
-    order) and, with `topk` ((N, K) ids, (N, K) log-probs, (N,) log-probs), its top-K next-token
-    log-probabilities and that of each actual next token; yields (samples, tokens) per batch."""
+    order), with `topk` ((N, K) ids, (N, K) log-probs, (N,) log-probs) its top-K next-token
+    log-probabilities and that of each actual next token, and with `rkv` (`rkv_views`) its
+    chain of thought's R-KV slots; yields (samples, tokens) per batch."""
     samples, tok = job.samples, job.tok
     pad = pad_id(tok)
     lens = [len(samples[j].ids) for j in members]
     per_sample = {l: (k.split(lens), v.split(lens)) for l, (k, v) in bufs.items()}  # (n, H, D) each
     topk_rows = tuple(t.split(lens) for t in topk) if topk else None     # (n, K), (n, K), (n,) each
-    with torch.inference_mode():
+    queries = QueryCapture(model, job.layers) if rkv is not None else contextlib.nullcontext()
+    with torch.inference_mode(), queries:
         for batch in length_sorted_batches(samples, members, cfg.batch_size):
             ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad, cfg.padding_side)
             starts = sample_spans([lens[p] for p in batch], ids.shape[1], cfg.padding_side)
             dests = {l: ([ks[p] for p in batch], [vs[p] for p in batch]) for l, (ks, vs) in per_sample.items()}
             spans = [(b, s, lens[p]) for b, (p, s) in enumerate(zip(batch, starts))]
+            if rkv is not None:
+                queries.want(answer_positions([samples[members[p]] for p in batch], starts))
             out = teacher_forward(model, ids, mask, pos, grab.cache(dests, spans, *ids.shape), topk is not None)
             grab.check_complete()
             if topk_rows:
                 capture_topk(out.logits, spans, cfg.logits_topk, [topk_rows[0][p] for p in batch],
                              [topk_rows[1][p] for p in batch], ids, [topk_rows[2][p] for p in batch],
                              tok.eos_token_id)
+            if rkv is not None:
+                if torch.device(model.device).type == "cuda":
+                    torch.cuda.synchronize(model.device)      # the K/V copies into the buffers are done
+                for b, p in enumerate(batch):
+                    store_rkv(rkv, p, samples[members[p]], {l: (ks[p], vs[p]) for l, (ks, vs) in per_sample.items()},
+                              {l: q[b] for l, q in queries.got.items()}, cfg.rkv_slots, cfg.rkv_lambda, lens)
             yield len(batch), int(mask.sum())
+
+
+def rkv_views(views: dict, layers: list[int]) -> dict:
+    """A shard buffer's R-KV tensors by kind and layer; the importance starts at zero (tokens
+    outside a chain of thought keep it), as a reused buffer holds an earlier shard's bytes."""
+    rkv = {"k": {l: views[f"rkv_k.{l}"] for l in layers}, "v": {l: views[f"rkv_v.{l}"] for l in layers},
+           "importance": {l: views[f"rkv_importance.{l}"] for l in layers}, "index": views["rkv_index"],
+           "layers": list(layers)}
+    for t in rkv["importance"].values():
+        t.zero_()
+    return rkv
+
+
+def answer_positions(batch: list[CacheSample], starts: list[int]) -> torch.Tensor:
+    """(B, P) positions along the padded time axis of each sample's answer tokens, P the longest
+    answer (at least 1); a shorter answer repeats its first position, which `store_rkv` drops."""
+    spans = [s.token_segments[2] for s in batch]
+    width = max(1, max(b - a for a, b in spans))
+    # an answer max_length cut away (start == end == the sample's length) points at its last token
+    return torch.tensor([[st + min(a + min(i, max(b - a - 1, 0)), len(s.ids) - 1) for i in range(width)]
+                         for (a, b), st, s in zip(spans, starts, batch)], dtype=torch.long)
+
+
+def store_rkv(rkv: dict, p: int, sample: CacheSample, kv: dict, q: dict, slots: int, lam: float, lens: list[int]) -> None:
+    """Sample p's R-KV selection per stored layer (kava_common.rkv.rkv_select) into the shard's
+    views: its reasoning tokens' K/V (from the buffer, as stored) against its answer's queries
+    `q` ({layer: (query heads, P, D)}); slot indices become positions in the sample."""
+    (r0, r1), (a0, a1) = sample.token_segments[1], sample.token_segments[2]
+    first = sum(lens[:p])                                    # the sample's first row in the shard
+    for li, l in enumerate(rkv["layers"]):
+        k, v = kv[l]                                         # (T, H, D)
+        sel = rkv_select(q[l][:, :a1 - a0].float().cpu(), k[r0:r1].transpose(0, 1).float(),
+                         v[r0:r1].transpose(0, 1).float(), slots, lam)
+        rkv["k"][l][p] = sel["k"].to(rkv["k"][l].dtype)
+        rkv["v"][l][p] = sel["v"].to(rkv["v"][l].dtype)
+        rkv["index"][p, li] = torch.where(sel["mask"], sel["index"] + r0, -1).to(torch.int32)
+        rkv["importance"][l][first + r0:first + r1] = sel["I"].t()
 
 
 def main(cfg: ExtractConfig) -> list[Path]:

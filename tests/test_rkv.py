@@ -99,3 +99,60 @@ def test_captured_answer_queries_are_the_queries_the_attention_uses(arch, monkey
         want = torch.stack([own[l][b, :, index[b]] for b in range(2)])          # (B, Hq, P, D)
         assert qc.got[l].shape == (2, 4, 3, 16)
         assert torch.allclose(qc.got[l], want, atol=1e-6), (l, (qc.got[l] - want).abs().max())
+
+
+# 200: longer than any chain of thought here; max_length 220 cuts the longer samples' reasoning and answer
+@pytest.mark.parametrize("slots,max_length", [(8, 512), (200, 512), (8, 220)])
+def test_stage1_stores_rkv_slots_equal_to_a_recomputation_from_the_full_cache(teacher_dir, tmp_path, slots,
+                                                                              max_length):
+    """--rkv-slots M: per sample and stored layer, the slots, their positions and the importance
+    equal R-KV's selection recomputed from the full cache's keys and values and the answer's
+    queries of an unbatched forward; a chain of thought shorter than M keeps every token."""
+    from transformers import AutoModelForCausalLM
+    from kava_common import KavaError
+    from kava_common.cache import open_cache
+    from kava_common.recompress import RecompressArgs, recompress
+    from stage1_extract.capture import QueryCapture
+    from stage1_extract.config import ExtractConfig
+    from stage1_extract.extract import main as extract
+    cfg = ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=12, batch_size=5,
+                        quantize=False, device="cpu", progress=False, out=str(tmp_path), rkv_slots=slots,
+                        rkv_lambda=0.3, layers=[0, 2], max_length=max_length)
+    (path,) = extract(cfg)
+    c = open_cache(path, verify=True)
+    c.verify()
+    assert (c.meta.rkv_slots, c.meta.rkv_lambda) == (slots, 0.3)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    short = 0
+    for i in range(len(c)):
+        s, got = c[i], c.rkv(i)
+        (r0, r1), (a0, a1) = s["token_segments"]["reasoning"], s["token_segments"]["answer"]
+        with QueryCapture(model, [0, 2]) as qc, torch.no_grad():
+            qc.want(torch.arange(a0, a1)[None])
+            model(input_ids=s["input_ids"][None], use_cache=False)
+        kv = c.kv(i)
+        for li, l in enumerate([0, 2]):
+            want = rkv_select(qc.got[l][0], kv["k"][li][:, r0:r1].float(), kv["v"][li][:, r0:r1].float(), slots, 0.3)
+            assert torch.equal(got["index"][li], torch.where(want["mask"], want["index"] + r0, -1)), (i, l)
+            assert torch.equal(got["mask"][li], want["mask"])
+            assert torch.equal(got["k"][li].float(), want["k"]) and torch.equal(got["v"][li].float(), want["v"])
+            assert torch.allclose(got["importance"][li][:, r0:r1], want["I"], atol=1e-5)
+            assert not got["importance"][li][:, :r0].any() and not got["importance"][li][:, r1:].any()
+        short += r1 - r0 < slots
+        if r1 - r0 < slots:                                   # every reasoning token kept, the rest empty
+            assert got["mask"][0, 0].sum() == r1 - r0 and not got["k"][:, :, r1 - r0:].any()
+    assert c.meta.num_samples == 12 and short == (12 if slots == 200 else 0)
+    if max_length < 512:        # some answers cut away: their importance is 0, the slots still filled
+        cut = [i for i in range(len(c)) if c[i]["truncated"]]
+        assert 0 < len(cut) < 12 and all(c[i]["token_segments"]["answer"][0] == 220 for i in cut)
+        assert all(not c.rkv(i)["importance"].any() and c.rkv(i)["mask"].all() for i in cut)
+    if slots == 200 or max_length < 512:
+        return
+    with pytest.raises(KavaError, match="holds R-KV slots .* which recompress does not carry over"):
+        recompress(RecompressArgs(cache=str(path), kv_quant="int8", progress=False), log=lambda *a: None)
+    # without --rkv-slots, the cache and its fingerprint are as before
+    plain = ExtractConfig(**{**cfg.__dict__, "rkv_slots": 0, "out": str(tmp_path / "plain")})
+    (p2,) = extract(plain)
+    assert "rkv" not in open_cache(p2).meta.raw["identity"] and open_cache(p2).meta.rkv_slots == 0
+    with pytest.raises(KavaError, match="made without --rkv-slots"):
+        open_cache(p2).rkv(0)

@@ -166,18 +166,26 @@ class ShardLayout:
 
 
 def shard_layout(meta: dict[str, torch.Tensor], layers: list[int], geometry: KVGeometry,
-                 kv_dtype: torch.dtype, logits_topk: int = 0, token_logprobs: bool = False) -> ShardLayout:
+                 kv_dtype: torch.dtype, logits_topk: int = 0, token_logprobs: bool = False,
+                 rkv_slots: int = 0) -> ShardLayout:
     """The file layout of a shard: its metadata tensors, (N, H, D) K and V per stored layer,
-    with `logits_topk` K the (N, K) `topk_ids` (int32) and `topk_logprobs` (float32), and with
-    `token_logprobs` the (N,) float32 log-probabilities of the actual next tokens."""
+    with `logits_topk` K the (N, K) `topk_ids` (int32) and `topk_logprobs` (float32), with
+    `token_logprobs` the (N,) float32 log-probabilities of the actual next tokens, and with
+    `rkv_slots` M per stored layer the (n, H, M, D) `rkv_k`/`rkv_v`, the (N, H) float32
+    `rkv_importance`, and the (n, L, H, M) int32 `rkv_index` (n samples, L stored layers)."""
     n = int(meta["sample_offsets"][-1])
-    kv = (n, geometry.num_kv_heads, geometry.head_dim)
+    h, d = geometry.num_kv_heads, geometry.head_dim
     specs = [(k, t.dtype, tuple(t.shape)) for k, t in meta.items()]
-    specs += [(f"{kind}.{l}", kv_dtype, kv) for l in layers for kind in ("k", "v")]
+    specs += [(f"{kind}.{l}", kv_dtype, (n, h, d)) for l in layers for kind in ("k", "v")]
     if logits_topk:
         specs += [("topk_ids", torch.int32, (n, logits_topk)), ("topk_logprobs", torch.float32, (n, logits_topk))]
     if token_logprobs:
         specs.append(("token_logprobs", torch.float32, (n,)))
+    if rkv_slots:
+        ns = len(meta["rows"])
+        specs += [(f"{kind}.{l}", kv_dtype, (ns, h, rkv_slots, d)) for l in layers for kind in ("rkv_k", "rkv_v")]
+        specs += [(f"rkv_importance.{l}", torch.float32, (n, h)) for l in layers]
+        specs.append(("rkv_index", torch.int32, (ns, len(layers), h, rkv_slots)))
     return ShardLayout(specs, {"kava_schema": str(SCHEMA_VERSION)})
 
 

@@ -43,12 +43,16 @@ class CacheIdentity:
     logits_topk: int = 0          # top-K next-token log-probs stored beside the K/V (0: none)
     kv_quant: dict | None = None  # KVQuant.describe() of quantized K/V (None: kv_dtype as is)
     token_logprobs: bool = False  # the log-probability of each actual next token stored too
+    rkv_slots: int = 0            # R-KV slots of the reasoning K/V per layer and KV head (0: none)
+    rkv_lambda: float = 0.0       # R-KV's weight of importance against redundancy
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("logits_topk", "kv_quant", "token_logprobs"):   # caches without them keep their fingerprint
-            if not d[key]:
+        for key in ("logits_topk", "kv_quant", "token_logprobs", "rkv_slots"):   # caches without them keep
+            if not d[key]:                                                      # their fingerprint
                 del d[key]
+        if not self.rkv_slots:
+            del d["rkv_lambda"]
         return d
 
     @property
@@ -100,6 +104,7 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         "num_kv_heads": geometry.num_kv_heads, "num_attention_heads": geometry.num_attention_heads,
         "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype, "kv_quant": _quant_summary(identity, entries),
         "logits_topk": identity.logits_topk, "token_logprobs": identity.token_logprobs,
+        "rkv_slots": identity.rkv_slots, "rkv_lambda": identity.rkv_lambda if identity.rkv_slots else None,
         "logits_layout": ({"topk_ids": "int32 (tokens, K)", "topk_logprobs": "float32 (tokens, K), "
                            "log_softmax of the teacher's logits at position t, for token t+1",
                            **({"token_logprobs": "float32 (tokens,), the teacher's log-probability of "
@@ -183,6 +188,8 @@ class Manifest:
     kv_quant: dict | None = None
     logits_topk: int = 0
     token_logprobs: bool = False
+    rkv_slots: int = 0              # R-KV slots per layer and KV head (rkv_k/rkv_v/rkv_index); 0: none
+    rkv_lambda: float | None = None
     bad_samples: list[dict] = field(default_factory=list)   # {"row", "reason"}: left out by stage 1
     skipped_rows: list[dict] = field(default_factory=list)  # data-set rows with nothing to learn from
     truncated_samples: int = 0      # samples max_length cut
@@ -195,7 +202,7 @@ class Manifest:
             return kind(**{f.name: d[f.name] for f in fields(kind) if f.name in d})
         simple = {f.name: m[f.name] for f in fields(cls)
                   if f.name in m and f.name not in ("dataset", "tokenizer", "raw")}
-        return cls(**dict(simple, logits_topk=m.get("logits_topk") or 0,
+        return cls(**dict(simple, logits_topk=m.get("logits_topk") or 0, rkv_slots=m.get("rkv_slots") or 0,
                           token_logprobs=bool(m.get("token_logprobs")), dataset=pick(DatasetRef, m["dataset"]),
                           tokenizer=pick(TokenizerRef, m["tokenizer"]), raw=m))
 

@@ -140,6 +140,24 @@ class KVCache:
             out["token_logprobs"] = shard.read("token_logprobs", a, b)                         # (T,)
         return out
 
+    def rkv(self, i: int) -> dict:
+        """Sample i's R-KV slots (a cache made with --rkv-slots M), for the layers this reader
+        opened: `k`, `v` (L, H, M, D) in the stored dtype, `index` (L, H, M) long, the position in
+        the sample of each slot's token (-1: an empty slot, where the chain of thought had fewer
+        than M tokens; its K/V are zeros), `mask` (L, H, M) bool, the slots that hold a token, and
+        `importance` (L, H, T) float32, R-KV's importance of each token (0 outside the reasoning)."""
+        if not self.manifest.get("rkv_slots"):
+            raise KavaError(f"{self.path}: made without --rkv-slots; it holds no R-KV slots")
+        shard, j = self.locate(i)
+        off = shard.small("sample_offsets")
+        a, b = int(off[j]), int(off[j + 1])
+        where = [self.manifest["layers"].index(l) for l in self.layers]
+        index = shard.read("rkv_index", j, j + 1)[0][where].long()                               # (L, H, M)
+        return {"k": torch.stack([shard.read(f"rkv_k.{l}", j, j + 1)[0] for l in self.layers]),
+                "v": torch.stack([shard.read(f"rkv_v.{l}", j, j + 1)[0] for l in self.layers]),
+                "index": index, "mask": index >= 0,
+                "importance": torch.stack([shard.read(f"rkv_importance.{l}", a, b).t() for l in self.layers])}
+
     def __getitem__(self, i: int) -> dict:
         shard, j = self.locate(i)
         off = shard.small("sample_offsets")

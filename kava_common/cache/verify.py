@@ -90,6 +90,12 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
         want["topk_ids"] = want["topk_logprobs"] = (entry["tokens"], m["logits_topk"])
     if m.get("token_logprobs"):
         want["token_logprobs"] = (entry["tokens"],)
+    if m.get("rkv_slots"):
+        h, d, slots, n = m["num_kv_heads"], m["head_dim"], m["rkv_slots"], entry["num_samples"]
+        for l in m["layers"]:
+            want[f"rkv_k.{l}"] = want[f"rkv_v.{l}"] = (n, h, slots, d)
+            want[f"rkv_importance.{l}"] = (entry["tokens"], h)
+        want["rkv_index"] = (n, len(m["layers"]), h, slots)
     out = []
     for name, shape in want.items():
         got = shapes.get(name)
