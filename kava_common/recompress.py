@@ -20,6 +20,7 @@ from . import cache as kc
 from .cache.quant import KV_QUANT, KV_TENSORS, V_SPANS, KVQuant
 from .cli import command, setting
 from .geometry import DTYPES, KVGeometry
+from .rkv import choose
 from .vocab import TOKENIZER_DIR, save_teacher_tokenizer
 
 
@@ -35,6 +36,9 @@ class RecompressArgs:
     kv_quant_v_symmetric: bool = setting(False, "value groups store a scale only, codes centred on zero")
     layers: list[int] | None = setting(None, "stored layers to keep, e.g. 0,2,5 (default: all)")
     kv_dtype: str | None = setting(None, "float K/V dtype (default: the parent's)", choices=tuple(DTYPES))
+    rkv_slots: int | None = setting(None, "R-KV slots per layer and KV head, chosen again from the parent's stored "
+                                    "importance and keys (default: the parent's; 0 drops them)")
+    rkv_lambda: float | None = setting(None, "R-KV's weight of importance against redundancy (default: the parent's)")
     progress: bool = setting(True, "show a progress bar")
 
 
@@ -66,12 +70,31 @@ def _scheme(q: dict | None) -> dict | None:
     return {k: v for k, v in q.items() if k not in ("bytes_per_token", "k_cosine", "v_cosine")} if q else None
 
 
+def rkv_settings(a: RecompressArgs, m: dict) -> tuple[int, float]:
+    """The new cache's R-KV slots and lambda. Choosing slots again needs the parent's stored
+    importance and the float keys stage 1 chose from: a parent with R-KV slots, its K/V not
+    quantized, the float dtype kept (the importance was computed from keys in it)."""
+    has = m.get("rkv_slots") or 0
+    slots = has if a.rkv_slots is None else a.rkv_slots
+    lam = (m.get("rkv_lambda") if a.rkv_lambda is None else a.rkv_lambda) if slots else 0.0
+    if slots < 0 or not 0.0 <= (lam or 0.0) <= 1.0:
+        raise KavaError(f"--rkv-slots must be >= 0 and --rkv-lambda in [0, 1], got {slots} and {lam}")
+    if slots and not has:
+        raise KavaError(f"--rkv-slots {slots}: {a.cache} was made without --rkv-slots, so it holds no importance "
+                        "to choose slots from; run stage 1 with --rkv-slots")
+    if slots and m.get("kv_quant"):
+        raise KavaError(f"{a.cache}: its K/V are quantized, and R-KV slots are chosen from the float keys stage 1 "
+                        "saw; give --rkv-slots 0, or recompress from the float parent")
+    if slots and a.kv_dtype not in (None, m["kv_dtype"]):
+        raise KavaError(f"--kv-dtype {a.kv_dtype} with R-KV slots: the stored importance was computed from "
+                        f"{m['kv_dtype']} keys; keep the dtype or give --rkv-slots 0")
+    return slots, lam
+
+
 def recompress(a: RecompressArgs, log=print) -> Path:
     src = kc.open_cache(a.cache, verify=True)
     m = src.manifest
-    if m.get("rkv_slots"):
-        raise KavaError(f"{a.cache}: holds R-KV slots (--rkv-slots {m['rkv_slots']}), which recompress does not "
-                        "carry over; run stage 1 again with the settings wanted")
+    slots, lam = rkv_settings(a, m)
     if m.get("kv_quant") and a.kv_dtype is None:
         raise KavaError(f"{a.cache}: its K/V are quantized already; give --kv-dtype for the float values "
                         "the new cache starts from")
@@ -86,9 +109,11 @@ def recompress(a: RecompressArgs, log=print) -> Path:
         raise KavaError(f"--layers {missing}: {a.cache} stores layers {m['layers']}")
     parent = parent_identity(m)
     ident = kc.CacheIdentity(**{**asdict(parent), "layers": layers, "kv_dtype": a.kv_dtype or m["kv_dtype"],
-                                "kv_quant": q.describe() if q else None})
+                                "kv_quant": q.describe() if q else None, "rkv_slots": slots,
+                                "rkv_lambda": lam if slots else 0.0})
     if ident.fingerprint == parent.fingerprint:
-        raise KavaError("these settings give the parent cache itself; change --kv-quant, --layers or --kv-dtype")
+        raise KavaError("these settings give the parent cache itself; change --kv-quant, --layers, --kv-dtype "
+                        "or --rkv-slots")
     name = Path(a.cache).resolve().name
     stem = name[:-len(parent.fingerprint)] if name.endswith(parent.fingerprint) else name + "-"
     out = Path(a.out) if a.out else Path(a.cache).resolve().parent
@@ -128,6 +153,8 @@ def _write_shards(src, dest: Path, ident, layers: list[int], q, done: dict, prog
             entries.append(done[i])
             continue
         tensors = _float_shard(src, sh, layers, dtype)
+        if ident.rkv_slots:
+            tensors.update(_rkv_tensors(sh, tensors, layers, ident.rkv_slots, ident.rkv_lambda))
         e = kc.ShardEntry(index=i, fingerprint=ident.fingerprint, rows=pe["rows"], bad_samples=pe["bad_samples"],
                           num_samples=pe["num_samples"], tokens=pe["tokens"])
         if q is not None:
@@ -138,7 +165,8 @@ def _write_shards(src, dest: Path, ident, layers: list[int], q, done: dict, prog
 
 def _float_shard(src, sh, layers: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A parent shard's tensors with float K/V (N, H, D) of `layers` in `dtype`."""
-    names = [n for n in sh.names() if n.split(".")[0] not in KV_TENSORS and n != "k_group_offsets"]
+    names = [n for n in sh.names() if n.split(".")[0] not in KV_TENSORS and n != "k_group_offsets"
+             and not n.startswith("rkv_")]
     out = {n: sh.read(n).clone() for n in names}
     off = out["sample_offsets"].tolist()
     q = src.kv_quant
@@ -151,6 +179,28 @@ def _float_shard(src, sh, layers: list[int], dtype: torch.dtype) -> dict[str, to
                      for j in range(len(off) - 1)]
             k, v = (torch.cat([p[x] for p in parts]) for x in (0, 1))
         out[f"k.{l}"], out[f"v.{l}"] = k.contiguous(), v.contiguous()
+    return out
+
+
+def _rkv_tensors(sh, tensors: dict, layers: list[int], slots: int, lam: float) -> dict[str, torch.Tensor]:
+    """A shard's R-KV tensors chosen again (kava_common.rkv.choose) from the parent's stored
+    importance and the float K/V in `tensors`, as stage 1 chooses them."""
+    off, seg = tensors["sample_offsets"].tolist(), tensors["token_segments"].tolist()
+    n, (h, d) = len(off) - 1, tensors[f"k.{layers[0]}"].shape[1:]
+    out = {f"rkv_importance.{l}": sh.read(f"rkv_importance.{l}").clone() for l in layers}
+    index = torch.empty(n, len(layers), h, slots, dtype=torch.int32)
+    for li, l in enumerate(layers):
+        k, v = tensors[f"k.{l}"], tensors[f"v.{l}"]
+        rk, rv = torch.empty(n, h, slots, d, dtype=k.dtype), torch.empty(n, h, slots, d, dtype=v.dtype)
+        for j in range(n):
+            (r0, r1), a = seg[j][1], off[j]
+            imp = out[f"rkv_importance.{l}"][a + r0:a + r1].t()
+            sel = choose(imp, k[a + r0:a + r1].transpose(0, 1).float(), v[a + r0:a + r1].transpose(0, 1).float(),
+                         slots, lam)
+            rk[j], rv[j] = sel["k"].to(k.dtype), sel["v"].to(v.dtype)
+            index[j, li] = torch.where(sel["mask"], sel["index"] + r0, -1).to(torch.int32)
+        out[f"rkv_k.{l}"], out[f"rkv_v.{l}"] = rk, rv
+    out["rkv_index"] = index
     return out
 
 

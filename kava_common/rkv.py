@@ -76,9 +76,15 @@ def rkv_select(q_answer: torch.Tensor, k_reason: torch.Tensor, v_reason: torch.T
     """One layer of one sample: the selected slots `k`, `v` (H, M, D; zeros in an empty slot,
     which `mask` marks), `index` (H, M) into the reasoning tokens (-1: empty), `mask` (H, M), and
     the importance `I` (H, Tr) that recompress needs to select again without the teacher."""
+    return choose(importance(q_answer, k_reason, valid), k_reason, v_reason, slots, lam, valid)
+
+
+def choose(imp: torch.Tensor, k_reason: torch.Tensor, v_reason: torch.Tensor, slots: int, lam: float,
+           valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`rkv_select` from a given importance `imp` (H, Tr): what recompress does with the stored
+    importance to select again with another M or lambda, without the teacher."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"--rkv-lambda must lie in [0, 1], got {lam}")
-    imp = importance(q_answer, k_reason, valid)
     index, mask = select(lam * imp + (1 - lam) * redundancy(k_reason, valid), slots, valid)
     return {"k": gather_slots(k_reason, index), "v": gather_slots(v_reason, index), "index": index,
             "mask": mask, "I": imp}

@@ -111,7 +111,6 @@ def test_stage1_stores_rkv_slots_equal_to_a_recomputation_from_the_full_cache(te
     from transformers import AutoModelForCausalLM
     from kava_common import KavaError
     from kava_common.cache import open_cache
-    from kava_common.recompress import RecompressArgs, recompress
     from stage1_extract.capture import QueryCapture
     from stage1_extract.config import ExtractConfig
     from stage1_extract.extract import main as extract
@@ -148,11 +147,64 @@ def test_stage1_stores_rkv_slots_equal_to_a_recomputation_from_the_full_cache(te
         assert all(not c.rkv(i)["importance"].any() and c.rkv(i)["mask"].all() for i in cut)
     if slots == 200 or max_length < 512:
         return
-    with pytest.raises(KavaError, match="holds R-KV slots .* which recompress does not carry over"):
-        recompress(RecompressArgs(cache=str(path), kv_quant="int8", progress=False), log=lambda *a: None)
     # without --rkv-slots, the cache and its fingerprint are as before
     plain = ExtractConfig(**{**cfg.__dict__, "rkv_slots": 0, "out": str(tmp_path / "plain")})
     (p2,) = extract(plain)
     assert "rkv" not in open_cache(p2).meta.raw["identity"] and open_cache(p2).meta.rkv_slots == 0
     with pytest.raises(KavaError, match="made without --rkv-slots"):
         open_cache(p2).rkv(0)
+
+
+def _rkv_cfg(teacher, out, **kw):
+    from stage1_extract.config import ExtractConfig
+    return ExtractConfig(**{**dict(teachers=[str(teacher)], dataset="synthetic", out=str(out), max_samples=10,
+                                   batch_size=3, quantize=False, dtype="float32", kv_dtype="float16", shard_mb=0.2,
+                                   device="cpu", progress=False, layers=[0, 2]), **kw})
+
+
+def test_recompress_chooses_rkv_slots_again_as_stage1_would_without_the_teacher(teacher_dir, tmp_path):
+    """From a cache with R-KV slots (M 8, lambda 0.3), recompress with another M and lambda, a
+    layer subset, int8 K/V or no slots gives the very samples stage 1 writes with those settings."""
+    from kava_common import KavaError
+    from kava_common.cache import open_cache
+    from kava_common.recompress import RecompressArgs, recompress
+    from stage1_extract.extract import main as extract
+    (parent,) = extract(_rkv_cfg(teacher_dir, tmp_path / "parent", rkv_slots=8, rkv_lambda=0.3))
+    cases = [({"rkv_slots": 4, "rkv_lambda": 0.7}, {"rkv_slots": 4, "rkv_lambda": 0.7}),
+             ({"rkv_slots": 12}, {"rkv_slots": 12, "rkv_lambda": 0.3}),
+             ({"kv_quant": "int8", "kv_quant_group": 8}, {"rkv_slots": 8, "rkv_lambda": 0.3, "kv_quant": "int8",
+                                                           "kv_quant_group": 8}),
+             ({"rkv_slots": 0}, {})]
+    for i, (args, settings) in enumerate(cases):
+        derived = recompress(RecompressArgs(cache=str(parent), out=str(tmp_path / f"derived{i}"), progress=False,
+                                            **args), log=lambda *a: None)
+        (direct,) = extract(_rkv_cfg(teacher_dir, tmp_path / f"direct{i}", **settings))
+        assert derived.name == direct.name, args               # the same identity, so the same fingerprint
+        a, b = open_cache(derived), open_cache(direct)
+        assert len(a) == len(b) == 10
+        for i in range(10):                                    # sample for sample (a layer subset shards otherwise)
+            ka, kb = a.kv(i), b.kv(i)
+            assert all(torch.equal(ka[n], kb[n]) for n in ("input_ids", "k", "v")), (args, i)
+            if settings:
+                ra, rb = a.rkv(i), b.rkv(i)
+                assert all(torch.equal(ra[n], rb[n]) for n in ("k", "v", "index", "mask", "importance")), (args, i)
+        assert a.verify() > 0 and b.meta.rkv_slots == settings.get("rkv_slots", 0)
+    # a layer subset: the same slots as the whole cache's for that layer (stage 1 with fewer layers
+    # plans other shards, so other batches, whose padding moves float16 values by an ulp)
+    sub = open_cache(recompress(RecompressArgs(cache=str(parent), out=str(tmp_path / "sub"), progress=False,
+                                               rkv_slots=12, layers=[2]), log=lambda *a: None))
+    whole = open_cache(next((tmp_path / "derived1").iterdir()), layers=[2])
+    for i in range(10):
+        ra, rb = sub.rkv(i), whole.rkv(i)
+        assert all(torch.equal(ra[n], rb[n]) for n in ("k", "v", "index", "importance")) and ra["k"].shape[0] == 1
+    bad = [({"rkv_slots": 4, "kv_dtype": "float32"}, "importance was computed from float16 keys"),
+           ({"rkv_lambda": 1.5}, r"--rkv-lambda in \[0, 1\], got 8 and 1.5")]
+    for args, message in bad:
+        with pytest.raises(KavaError, match=message):
+            recompress(RecompressArgs(cache=str(parent), out=str(tmp_path / "bad"), progress=False, **args))
+    plain = tmp_path / "derived3" / next((tmp_path / "derived3").iterdir()).name
+    with pytest.raises(KavaError, match="made without --rkv-slots, so it holds no importance"):
+        recompress(RecompressArgs(cache=str(plain), rkv_slots=4, progress=False))
+    quantized = next((tmp_path / "derived2").iterdir())
+    with pytest.raises(KavaError, match="its K/V are quantized, and R-KV slots are chosen from the float keys"):
+        recompress(RecompressArgs(cache=str(quantized), kv_dtype="float16", progress=False))
