@@ -179,6 +179,8 @@ def _float_shard(src, sh, layers: list[int], dtype: torch.dtype) -> dict[str, to
                      for j in range(len(off) - 1)]
             k, v = (torch.cat([p[x] for p in parts]) for x in (0, 1))
         out[f"k.{l}"], out[f"v.{l}"] = k.contiguous(), v.contiguous()
+    if "hidden" in out:                       # --store-hidden: in the K/V's float dtype, as stage 1 stores it
+        out["hidden"] = out["hidden"].to(dtype)
     return out
 
 

@@ -219,3 +219,39 @@ class QueryCapture:
             s = torch.gather(sin.expand(b, -1, -1), 1, idx[..., None].expand(b, p, sin.shape[-1]))
             rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
             self.got[layer] = rope(q, q, c, s)[0]
+
+
+class HiddenCapture:
+    """The hidden state every decoder layer outputs (before the final norm) at one position per
+    sample of a batch: forward hooks on the layers; `want(index)` with `index` (B,) positions
+    along the padded time axis, then `got` (B, layers, hidden) after the forward."""
+
+    def __init__(self, model):
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.layers = list(decoder.layers)
+        self.index: torch.Tensor | None = None
+        self._got: list = []
+        self._handles = []
+
+    def want(self, index: torch.Tensor) -> None:
+        self.index, self._got = index, []
+
+    @property
+    def got(self) -> torch.Tensor:
+        return torch.stack(self._got, 1)
+
+    def __enter__(self) -> "HiddenCapture":
+        self._handles = [m.register_forward_hook(self._take) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _take(self, module, args, output) -> None:
+        if self.index is None:
+            return
+        h = output[0] if isinstance(output, tuple) else output                     # (B, T, hidden)
+        idx = self.index.to(h.device)
+        self._got.append(h[torch.arange(len(idx), device=h.device), idx].detach())

@@ -42,6 +42,8 @@ class ExtractConfig:
                              "KV head, chosen R-KV-style (importance to the answer and novelty; "
                              "kava_common.rkv), for a latent-reasoning student; 0: none")
     rkv_lambda: float = setting(0.1, "--rkv-slots: the weight of importance against redundancy, in [0, 1]")
+    store_hidden: bool = setting(False, "also store the hidden state every teacher layer outputs at the token before "
+                                 "the answer (the CODI target for a latent-reasoning student); every layer then runs")
     quantize: bool = setting(True, "run the teacher in 4-bit (bitsandbytes); --no-quantize: unquantized in --dtype")
     quant_type: str = setting("nf4", "4-bit data type", choices=("nf4", "fp4"))
     double_quant: bool = setting(False, "bitsandbytes nested quantization of the 4-bit scales")

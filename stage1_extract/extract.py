@@ -32,7 +32,7 @@ from kava_common.rkv import rkv_select
 from kava_common.vocab import save_teacher_tokenizer
 
 from . import teacher as T
-from .capture import KVCapture, QueryCapture, capture_topk, sample_spans, teacher_forward
+from .capture import HiddenCapture, KVCapture, QueryCapture, capture_topk, sample_spans, teacher_forward
 from .config import ExtractConfig
 from .samples import collate, length_sorted_batches, plan_shards, prepare_samples
 from .writer import BackgroundWriter, BufferPool, ShardItem, WriteStats, finish_shard
@@ -131,7 +131,7 @@ def plan_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None
         max_length=cfg.max_length, layers=layers, kv_dtype=cfg.kv_dtype, format=cfg.format,
         shard_mb=cfg.shard_mb, logits_topk=cfg.logits_topk, token_logprobs=bool(cfg.logits_topk),
         kv_quant=cfg.quant.describe() if cfg.quant else None, rkv_slots=cfg.rkv_slots,
-        rkv_lambda=cfg.rkv_lambda if cfg.rkv_slots else 0.0)
+        rkv_lambda=cfg.rkv_lambda if cfg.rkv_slots else 0.0, store_hidden=cfg.store_hidden)
     shards = plan_shards(samples, geometry.bytes_per_token(cfg.kv_dtype, layers), cfg.shard_mb * 1e6)
     return TeacherJob(
         name=name, geometry=geometry, layers=layers, tok=tok, samples=samples, skipped=skipped,
@@ -158,6 +158,8 @@ def estimate_and_check_disk(cfg: ExtractConfig, job: TeacherJob, todo: list[int]
     # a float32 importance per token, layer and KV head
     rkv_sample = len(job.layers) * g.num_kv_heads * cfg.rkv_slots * (2 * g.head_dim * DTYPES[cfg.kv_dtype].itemsize + 4)
     rkv_token = 4 * len(job.layers) * g.num_kv_heads if cfg.rkv_slots else 0
+    if cfg.store_hidden:       # every layer's hidden state at one token per sample
+        rkv_sample += g.num_layers * job.summary["hidden_size"] * DTYPES[cfg.kv_dtype].itemsize
 
     def est(idx):
         return sum(kv_bytes(len(samples[j].ids)) + len(samples[j].ids) * (kcache.META_BYTES_PER_TOKEN
@@ -318,12 +320,14 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
     stats = WriteStats()
     writer = BackgroundWriter(stats.write, cfg.writer_queue)
     bar = _progress_bar(cfg, job, todo)
-    # without top-K logits nothing after the last stored layer's K/V is needed
-    grab = KVCapture(job.name, job.geometry, stop_after=None if cfg.logits_topk else max(job.layers))
+    # without top-K logits or hidden states nothing after the last stored layer's K/V is needed
+    grab = KVCapture(job.name, job.geometry,
+                     stop_after=None if cfg.logits_topk or cfg.store_hidden else max(job.layers))
     pin = torch.device(model.device).type == "cuda"
     metas = {i: kcache.shard_tensors([samples[j] for j in job.shards[i]]) for i in todo}
     layouts = {i: kcache.shard_layout(metas[i], job.layers, job.geometry, kv_dtype, cfg.logits_topk,
-                                      job.identity.token_logprobs, cfg.rkv_slots) for i in todo}
+                                      job.identity.token_logprobs, cfg.rkv_slots,
+                                      job.summary["hidden_size"] if cfg.store_hidden else 0) for i in todo}
     pool = BufferPool(max(l.nbytes for l in layouts.values()), pin)
     t0, tokens = time.perf_counter(), 0
     try:
@@ -334,7 +338,8 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
             bufs = {l: (views[f"k.{l}"], views[f"v.{l}"]) for l in job.layers}
             topk = (views["topk_ids"], views["topk_logprobs"], views["token_logprobs"]) if cfg.logits_topk else None
             rkv = rkv_views(views, job.layers) if cfg.rkv_slots else None
-            for n_samples, n_tokens in run_batches(cfg, job, model, grab, members, bufs, topk, rkv):
+            hidden = views["hidden"] if cfg.store_hidden else None
+            for n_samples, n_tokens in run_batches(cfg, job, model, grab, members, bufs, topk, rkv, hidden):
                 tokens += n_tokens
                 bar.update(n_samples)
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -358,19 +363,22 @@ def run_shards(cfg: ExtractConfig, job: TeacherJob, model, todo: list[int]) -> W
 
 
 def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, members: list[int],
-                bufs: dict, topk: tuple | None = None, rkv: dict | None = None):
+                bufs: dict, topk: tuple | None = None, rkv: dict | None = None,
+                hidden: torch.Tensor | None = None):
     """One shard's samples through the teacher in length-sorted batches, each sample's K/V
     captured into its rows of `bufs` ({layer: (K, V)}, (N, H, D) each, samples in data-set
     order), with `topk` ((N, K) ids, (N, K) log-probs, (N,) log-probs) its top-K next-token
-    log-probabilities and that of each actual next token, and with `rkv` (`rkv_views`) its
-    chain of thought's R-KV slots; yields (samples, tokens) per batch."""
+    log-probabilities and that of each actual next token, with `rkv` (`rkv_views`) its
+    chain of thought's R-KV slots, and with `hidden` ((n, layers, hidden_size)) every layer's
+    output at the token before its answer; yields (samples, tokens) per batch."""
     samples, tok = job.samples, job.tok
     pad = pad_id(tok)
     lens = [len(samples[j].ids) for j in members]
     per_sample = {l: (k.split(lens), v.split(lens)) for l, (k, v) in bufs.items()}  # (n, H, D) each
     topk_rows = tuple(t.split(lens) for t in topk) if topk else None     # (n, K), (n, K), (n,) each
     queries = QueryCapture(model, job.layers) if rkv is not None else contextlib.nullcontext()
-    with torch.inference_mode(), queries:
+    states = HiddenCapture(model) if hidden is not None else contextlib.nullcontext()
+    with torch.inference_mode(), queries, states:
         for batch in length_sorted_batches(samples, members, cfg.batch_size):
             ids, mask, pos = collate([samples[members[p]].ids for p in batch], pad, cfg.padding_side)
             starts = sample_spans([lens[p] for p in batch], ids.shape[1], cfg.padding_side)
@@ -378,6 +386,8 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
             spans = [(b, s, lens[p]) for b, (p, s) in enumerate(zip(batch, starts))]
             if rkv is not None:
                 queries.want(answer_positions([samples[members[p]] for p in batch], starts))
+            if hidden is not None:
+                states.want(before_answer([samples[members[p]] for p in batch], starts))
             out = teacher_forward(model, ids, mask, pos, grab.cache(dests, spans, *ids.shape), topk is not None)
             grab.check_complete()
             if topk_rows:
@@ -390,7 +400,18 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
                 for b, p in enumerate(batch):
                     store_rkv(rkv, p, samples[members[p]], {l: (ks[p], vs[p]) for l, (ks, vs) in per_sample.items()},
                               {l: q[b] for l, q in queries.got.items()}, cfg.rkv_slots, cfg.rkv_lambda, lens)
+            if hidden is not None:
+                got = states.got.to(hidden.device, hidden.dtype)
+                for b, p in enumerate(batch):
+                    hidden[p] = got[b]
             yield len(batch), int(mask.sum())
+
+
+def before_answer(batch: list[CacheSample], starts: list[int]) -> torch.Tensor:
+    """(B,) the position along the padded time axis of the token before each sample's answer
+    (its last token where max_length cut the answer away)."""
+    return torch.tensor([st + min(max(s.token_segments[2][0] - 1, 0), len(s.ids) - 1)
+                         for s, st in zip(batch, starts)], dtype=torch.long)
 
 
 def rkv_views(views: dict, layers: list[int]) -> dict:

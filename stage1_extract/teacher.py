@@ -146,5 +146,6 @@ def model_summary(name: str, config) -> dict:
     output layer (`vocab_size`: top-K ids are below it) and a hash of its config."""
     return {"name": name, "architecture": (config.architectures or [config.model_type])[0],
             "model_type": config.model_type, "vocab_size": config.get_text_config().vocab_size,
+            "hidden_size": config.get_text_config().hidden_size,
             "config_sha256": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True,
                                                        default=str).encode()).hexdigest()[:32]}

@@ -208,3 +208,36 @@ def test_recompress_chooses_rkv_slots_again_as_stage1_would_without_the_teacher(
     quantized = next((tmp_path / "derived2").iterdir())
     with pytest.raises(KavaError, match="its K/V are quantized, and R-KV slots are chosen from the float keys"):
         recompress(RecompressArgs(cache=str(quantized), kv_dtype="float16", progress=False))
+
+
+def test_store_hidden_keeps_every_layers_output_at_the_token_before_the_answer(teacher_dir, tmp_path):
+    """--store-hidden: per sample (batched, padded), each decoder layer's output at the token
+    before the answer equals an unbatched forward's hidden states there (the last layer's,
+    after the final norm, as transformers reports it)."""
+    from transformers import AutoModelForCausalLM
+    from kava_common import KavaError
+    from kava_common.cache import open_cache
+    from kava_common.recompress import RecompressArgs, recompress
+    from stage1_extract.extract import main as extract
+    (path,) = extract(_rkv_cfg(teacher_dir, tmp_path, store_hidden=True, kv_dtype="float32", layers=[0]))
+    c = open_cache(path, verify=True)
+    c.verify()
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    n_layers = model.config.num_hidden_layers
+    for i in range(len(c)):
+        s, got = c[i], c.hidden(i)
+        at = s["token_segments"]["answer"][0] - 1
+        with torch.no_grad():
+            hs = model(input_ids=s["input_ids"][None], output_hidden_states=True, use_cache=False).hidden_states
+        assert got.shape == (n_layers, model.config.hidden_size)
+        for l in range(n_layers - 1):
+            assert torch.allclose(got[l], hs[l + 1][0, at], atol=1e-5), (i, l)
+        final = model.model.norm(got[-1][None])[0]
+        assert torch.allclose(final, hs[n_layers][0, at], atol=1e-5), i
+    # recompress carries them, in the new float dtype
+    derived = open_cache(recompress(RecompressArgs(cache=str(path), out=str(tmp_path / "d"), kv_dtype="float16",
+                                                   progress=False), log=lambda *a: None), verify=True)
+    assert derived.verify() > 0 and torch.equal(derived.hidden(3), c.hidden(3).half())
+    (plain,) = extract(_rkv_cfg(teacher_dir, tmp_path / "plain"))
+    with pytest.raises(KavaError, match="made without --store-hidden"):
+        open_cache(plain).hidden(0)

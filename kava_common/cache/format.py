@@ -167,12 +167,13 @@ class ShardLayout:
 
 def shard_layout(meta: dict[str, torch.Tensor], layers: list[int], geometry: KVGeometry,
                  kv_dtype: torch.dtype, logits_topk: int = 0, token_logprobs: bool = False,
-                 rkv_slots: int = 0) -> ShardLayout:
+                 rkv_slots: int = 0, hidden_size: int = 0) -> ShardLayout:
     """The file layout of a shard: its metadata tensors, (N, H, D) K and V per stored layer,
     with `logits_topk` K the (N, K) `topk_ids` (int32) and `topk_logprobs` (float32), with
     `token_logprobs` the (N,) float32 log-probabilities of the actual next tokens, and with
     `rkv_slots` M per stored layer the (n, H, M, D) `rkv_k`/`rkv_v`, the (N, H) float32
-    `rkv_importance`, and the (n, L, H, M) int32 `rkv_index` (n samples, L stored layers)."""
+    `rkv_importance`, and the (n, L, H, M) int32 `rkv_index` (n samples, L stored layers); with
+    `hidden_size` the (n, num_layers, hidden_size) `hidden` in the K/V dtype."""
     n = int(meta["sample_offsets"][-1])
     h, d = geometry.num_kv_heads, geometry.head_dim
     specs = [(k, t.dtype, tuple(t.shape)) for k, t in meta.items()]
@@ -186,6 +187,8 @@ def shard_layout(meta: dict[str, torch.Tensor], layers: list[int], geometry: KVG
         specs += [(f"{kind}.{l}", kv_dtype, (ns, h, rkv_slots, d)) for l in layers for kind in ("rkv_k", "rkv_v")]
         specs += [(f"rkv_importance.{l}", torch.float32, (n, h)) for l in layers]
         specs.append(("rkv_index", torch.int32, (ns, len(layers), h, rkv_slots)))
+    if hidden_size:
+        specs.append(("hidden", kv_dtype, (len(meta["rows"]), geometry.num_layers, hidden_size)))
     return ShardLayout(specs, {"kava_schema": str(SCHEMA_VERSION)})
 
 

@@ -45,11 +45,12 @@ class CacheIdentity:
     token_logprobs: bool = False  # the log-probability of each actual next token stored too
     rkv_slots: int = 0            # R-KV slots of the reasoning K/V per layer and KV head (0: none)
     rkv_lambda: float = 0.0       # R-KV's weight of importance against redundancy
+    store_hidden: bool = False    # every layer's hidden state at the token before the answer stored
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("logits_topk", "kv_quant", "token_logprobs", "rkv_slots"):   # caches without them keep
-            if not d[key]:                                                      # their fingerprint
+        for key in ("logits_topk", "kv_quant", "token_logprobs", "rkv_slots", "store_hidden"):   # caches without
+            if not d[key]:                                              # them keep their fingerprint
                 del d[key]
         if not self.rkv_slots:
             del d["rkv_lambda"]
@@ -105,6 +106,7 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype, "kv_quant": _quant_summary(identity, entries),
         "logits_topk": identity.logits_topk, "token_logprobs": identity.token_logprobs,
         "rkv_slots": identity.rkv_slots, "rkv_lambda": identity.rkv_lambda if identity.rkv_slots else None,
+        "store_hidden": identity.store_hidden,
         "logits_layout": ({"topk_ids": "int32 (tokens, K)", "topk_logprobs": "float32 (tokens, K), "
                            "log_softmax of the teacher's logits at position t, for token t+1",
                            **({"token_logprobs": "float32 (tokens,), the teacher's log-probability of "
@@ -190,6 +192,7 @@ class Manifest:
     token_logprobs: bool = False
     rkv_slots: int = 0              # R-KV slots per layer and KV head (rkv_k/rkv_v/rkv_index); 0: none
     rkv_lambda: float | None = None
+    store_hidden: bool = False      # `hidden` (n, num_layers, hidden_size): each layer's output before the answer
     bad_samples: list[dict] = field(default_factory=list)   # {"row", "reason"}: left out by stage 1
     skipped_rows: list[dict] = field(default_factory=list)  # data-set rows with nothing to learn from
     truncated_samples: int = 0      # samples max_length cut
@@ -203,6 +206,7 @@ class Manifest:
         simple = {f.name: m[f.name] for f in fields(cls)
                   if f.name in m and f.name not in ("dataset", "tokenizer", "raw")}
         return cls(**dict(simple, logits_topk=m.get("logits_topk") or 0, rkv_slots=m.get("rkv_slots") or 0,
+                          store_hidden=bool(m.get("store_hidden")),
                           token_logprobs=bool(m.get("token_logprobs")), dataset=pick(DatasetRef, m["dataset"]),
                           tokenizer=pick(TokenizerRef, m["tokenizer"]), raw=m))
 

@@ -158,6 +158,14 @@ class KVCache:
                 "index": index, "mask": index >= 0,
                 "importance": torch.stack([shard.read(f"rkv_importance.{l}", a, b).t() for l in self.layers])}
 
+    def hidden(self, i: int) -> torch.Tensor:
+        """Sample i's hidden state of every teacher layer (its output, before the final norm) at
+        the token before the answer: (num_layers, hidden_size), in a cache made with --store-hidden."""
+        if not self.manifest.get("store_hidden"):
+            raise KavaError(f"{self.path}: made without --store-hidden; it holds no hidden states")
+        shard, j = self.locate(i)
+        return shard.read("hidden", j, j + 1)[0]
+
     def __getitem__(self, i: int) -> dict:
         shard, j = self.locate(i)
         off = shard.small("sample_offsets")

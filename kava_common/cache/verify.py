@@ -96,6 +96,8 @@ def shape_problems(f: Path, m: dict, entry: dict) -> list[str]:
             want[f"rkv_k.{l}"] = want[f"rkv_v.{l}"] = (n, h, slots, d)
             want[f"rkv_importance.{l}"] = (entry["tokens"], h)
         want["rkv_index"] = (n, len(m["layers"]), h, slots)
+    if m.get("store_hidden"):
+        want["hidden"] = (entry["num_samples"], m["num_layers"], m["teacher"]["hidden_size"])
     out = []
     for name, shape in want.items():
         got = shapes.get(name)
