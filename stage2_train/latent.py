@@ -1,0 +1,99 @@
+"""Latent reasoning steps (CODI / PCCoT style, as KaVa trains them): instead of writing its chain
+of thought, the student reads the question and a begin-of-thought token, then takes M continuous
+steps, each one's input embedding made from the previous position's last hidden state through a
+small projection (`LatentHead`), and then the end-of-thought token and the answer.
+
+Two ways to compute the M latents:
+- `iters` 0: one after another, each a forward of one position over the cached prefix;
+- `iters` T > 0 (PCCoT's Jacobi iterations): all M at once, T times, each time every latent made
+  from the hidden state before it in the previous pass (the first pass starting from the
+  question's last hidden state). Attention is causal, so after T passes the first T + 1 latents
+  equal the sequential ones, and T >= M - 1 gives them all; fewer passes trade exactness for
+  fewer sequential forwards.
+
+Either way `latent_sequence` then runs the whole sequence once more, [question, bot, latents, eot,
+answer], so that the answer's logits and the K/V at the latent positions (what the K/V loss
+compares with the teacher's compressed slots) come from one forward with the gradient through
+every latent step.
+
+Batches are left-padded in the question, so that every sample's bot, latents and eot sit at the
+same positions; position ids count real tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LatentHead(torch.nn.Module):
+    """The last layer's hidden state -> the next latent input embedding: a two-layer MLP and a
+    LayerNorm, as CODI projects its continuous thoughts."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.LayerNorm(hidden))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _last_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, **kw):
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
+                output_hidden_states=True, **kw)
+    return out, out.hidden_states[-1]
+
+
+def latents(model, head: LatentHead, prefix: torch.Tensor, mask: torch.Tensor, m: int, iters: int = 0) -> torch.Tensor:
+    """The M latent embeddings (B, M, hidden) after `prefix` (B, Tp, hidden: the question's
+    embeddings, left-padded, then bot's) with attention `mask` (B, Tp)."""
+    if m < 1:
+        raise ValueError(f"--latent must be >= 1, got {m}")
+    if iters < 0:
+        raise ValueError(f"--jacobi-iters must be >= 0, got {iters}")
+    b, tp, _ = prefix.shape
+    ones = mask.new_ones(b, 1)
+    if iters == 0:                      # one after another, over the cached prefix
+        out, h = _last_hidden(model, prefix, mask, use_cache=True)
+        cache, full, steps = out.cache, mask, []
+        for _ in range(m):
+            e = head(h[:, -1:])
+            steps.append(e)
+            full = torch.cat([full, ones], 1)
+            out = model(inputs_embeds=e, attention_mask=full, position_ids=_positions(full)[:, -1:],
+                        cache=cache, use_cache=True, output_hidden_states=True)
+            cache, h = out.cache, out.hidden_states[-1]
+        return torch.cat(steps, 1)
+    # Jacobi: every latent from the position before it, all at once; the first pass starts
+    # from the prefix's last hidden state repeated (what the first latent will be)
+    full = torch.cat([mask, mask.new_ones(b, m)], 1)
+    _, h = _last_hidden(model, prefix, mask, use_cache=False)
+    z = head(h[:, -1:]).expand(b, m, -1)
+    for _ in range(iters):
+        _, h = _last_hidden(model, torch.cat([prefix, z], 1), full, use_cache=False)
+        z = head(h[:, tp - 1:tp - 1 + m])
+    return z
+
+
+def latent_sequence(prefix: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, suffix: torch.Tensor,
+                    suffix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+    """The whole input [prefix, latents, suffix] as embeddings and its attention mask, and the
+    slice of the latent positions along time. `suffix` (B, Ts, hidden): eot and the answer,
+    right-padded (`suffix_mask`)."""
+    b, tp, m = prefix.shape[0], prefix.shape[1], z.shape[1]
+    embeds = torch.cat([prefix, z, suffix], 1)
+    full = torch.cat([mask, mask.new_ones(b, m), suffix_mask], 1)
+    return embeds, full, slice(tp, tp + m)
+
+
+def run_latent(model, head: LatentHead, prefix: torch.Tensor, mask: torch.Tensor, suffix: torch.Tensor,
+               suffix_mask: torch.Tensor, m: int, iters: int = 0):
+    """The student's forward with M latent steps: (the model's output over the whole sequence,
+    the latents (B, M, hidden), the latent positions' slice)."""
+    z = latents(model, head, prefix, mask, m, iters)
+    embeds, full, where = latent_sequence(prefix, mask, z, suffix, suffix_mask)
+    return model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), use_cache=False), z, where
