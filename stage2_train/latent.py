@@ -97,3 +97,38 @@ def run_latent(model, head: LatentHead, prefix: torch.Tensor, mask: torch.Tensor
     z = latents(model, head, prefix, mask, m, iters)
     embeds, full, where = latent_sequence(prefix, mask, z, suffix, suffix_mask)
     return model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), use_cache=False), z, where
+
+
+def latent_kv_loss(student: dict[int, tuple[torch.Tensor, torch.Tensor]], slots_k: torch.Tensor,
+                   slots_v: torch.Tensor, mask: torch.Tensor, distilled: list, projector, loss: str = "mercator",
+                   alpha: float = 1.0, beta: float = 0.01, normalize: bool = False) -> torch.Tensor:
+    """The K/V loss at the M latent positions against the teacher's compressed slots, averaged
+    over the distilled student layers.
+
+    student: {student layer: (K, V)}, (B, Hs, M, Ds) each, the student's K/V at its latent
+    positions; slots_k, slots_v: (B, L, Ht, M, Dt), the teacher's R-KV slots of the L stored
+    layers (`KVCache.rkv`); mask (B, M): the slots that hold a token; `distilled`: per student
+    layer, (s, [(teacher layer index, weight), ...]), as for the full-sequence loss; `projector`:
+    a KVProjector taking the student's K/V into the teacher's space (student_to_teacher).
+    normalize: both sides divided by the teacher's standard deviation over the batch's filled
+    slots, per layer and for K and V apart, so that layers of larger K/V do not outweigh the rest.
+    """
+    from .losses import kv_loss
+    total = 0.0
+    for pi, (s, row) in enumerate(distilled):
+        tk = sum(w * slots_k[:, ci] for ci, w in row).float()                # (B, Ht, M, Dt)
+        tv = sum(w * slots_v[:, ci] for ci, w in row).float()
+        sk, sv = student[s]
+        pk, pv = projector(pi, sk.float(), sv.float())
+        if normalize:
+            pk, tk = _by_teacher_std(pk, tk, mask)
+            pv, tv = _by_teacher_std(pv, tv, mask)
+        total = total + kv_loss(loss, pk, tk, mask, alpha, beta) + kv_loss(loss, pv, tv, mask, alpha, beta)
+    return total / max(len(distilled), 1)
+
+
+def _by_teacher_std(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+    """Both divided by the target's standard deviation over the filled slots (no gradient)."""
+    filled = target.transpose(1, 2)[mask.bool()]                                # (N, H, D)
+    std = filled.std().detach().clamp(min=1e-6) if filled.numel() > 1 else target.new_tensor(1.0)
+    return pred / std, target / std

@@ -100,8 +100,13 @@ def relation_loss(teacher, student, mask, heads: int = 1, weight=None):
     return torch.where(rows, kl, kl.new_zeros(())).sum() / (rows.sum().clamp(min=1))
 
 
+def smooth_l1_loss(pred, target, mask, weight=None):
+    """Huber's loss with beta 1 (torch's smooth_l1): squared below 1, absolute above, per element."""
+    return _masked_mean(F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1), mask, weight)
+
+
 LOSSES = {"mercator": mercator_loss, "cosine": cosine_loss, "mse": mse_loss, "l1": l1_loss,
-          "relation": relation_loss}
+          "smooth_l1": smooth_l1_loss, "relation": relation_loss}
 
 
 def kv_loss(name: str, pred, target, mask, alpha: float = 1.0, beta: float = 0.01, weight=None):

@@ -91,3 +91,50 @@ def test_run_latent_is_the_whole_sequence_in_one_forward():
         out, z, where = run_latent(model, head, prefix, mask, suffix, torch.ones(1, 3, dtype=torch.long), 2)
         ref = model(inputs_embeds=torch.cat([prefix, z, suffix], 1)).logits
     assert torch.allclose(out.logits, ref, atol=1e-5) and (where.start, where.stop) == (5, 7)
+
+
+def _value(t: torch.Tensor) -> float:
+    return t.detach().item()
+
+
+def test_the_latent_kv_loss_by_hand():
+    """One student layer (1 KV head x 2) projected by an identity into a teacher layer mixed from
+    two stored layers; the second slot is empty (mask) and counts nothing."""
+    from stage2_train.latent import latent_kv_loss
+    from stage2_train.projector import KVProjector
+    proj = KVProjector("linear", 1, 1, 2, 1, 2)
+    with torch.no_grad():
+        for lin in (proj.k[0].proj, proj.v[0].proj):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+    sk = torch.tensor([[[[1.0, 2.0], [9.0, 9.0]]]])                 # (B 1, H 1, M 2, D 2)
+    sv = torch.tensor([[[[0.0, 1.0], [9.0, 9.0]]]])
+    slots_k = torch.zeros(1, 2, 1, 2, 2)                            # (B, L 2, H, M, D)
+    slots_k[0, 0, 0, 0] = torch.tensor([3.0, 2.0])
+    slots_k[0, 1, 0, 0] = torch.tensor([1.0, 6.0])
+    slots_v = torch.zeros(1, 2, 1, 2, 2)
+    slots_v[0, 0, 0, 0] = torch.tensor([2.0, 1.0])
+    mask = torch.tensor([[True, False]])
+    distilled = [(0, [(0, 0.5), (1, 0.5)])]                         # the teacher target: mean of both layers
+    # K target (2, 4), V target (1, 0.5): mse per element, mean over the one filled slot
+    want_mse = ((1 - 2) ** 2 + (2 - 4) ** 2) / 2 + ((0 - 1) ** 2 + (1 - 0.5) ** 2) / 2
+    got = latent_kv_loss({0: (sk, sv)}, slots_k, slots_v, mask, distilled, proj, "mse").item()
+    assert got == pytest.approx(want_mse)
+    def hub(d):                                                      # smooth L1 with beta 1
+        return 0.5 * d * d if abs(d) < 1 else abs(d) - 0.5
+    want_sl1 = (hub(-1) + hub(-2)) / 2 + (hub(-1) + hub(0.5)) / 2
+    assert _value(latent_kv_loss({0: (sk, sv)}, slots_k, slots_v, mask, distilled, proj, "smooth_l1")) == \
+        pytest.approx(want_sl1)
+    cos_k = (1 * 2 + 2 * 4) / (5 ** 0.5 * 20 ** 0.5)
+    cos_v = (0 * 1 + 1 * 0.5) / (1 * 1.25 ** 0.5)
+    want_merc = (1 - cos_k) + (1 - cos_v)                            # beta 0: direction only
+    assert _value(latent_kv_loss({0: (sk, sv)}, slots_k, slots_v, mask, distilled, proj, "mercator", beta=0.0)) == \
+        pytest.approx(want_merc, rel=1e-6)
+    # normalised: the filled slot's K target (2, 4) has std sqrt(2), V's (1, 0.5) std sqrt(0.125)
+    want_norm = ((1 - 2) ** 2 + (2 - 4) ** 2) / 2 / 2 + ((0 - 1) ** 2 + (1 - 0.5) ** 2) / 2 / 0.125
+    assert _value(latent_kv_loss({0: (sk, sv)}, slots_k, slots_v, mask, distilled, proj, "mse", normalize=True)) == \
+        pytest.approx(want_norm, rel=1e-6)
+    # the gradient reaches the student's latent K/V and the projector
+    sk.requires_grad_(True)
+    latent_kv_loss({0: (sk, sv)}, slots_k, slots_v, mask, distilled, proj, "mse").backward()
+    assert sk.grad[0, 0, 0].abs().sum() > 0 and not sk.grad[0, 0, 1].any()   # the empty slot: no gradient
