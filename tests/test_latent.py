@@ -138,3 +138,51 @@ def test_the_latent_kv_loss_by_hand():
     sk.requires_grad_(True)
     latent_kv_loss({0: (sk, sv)}, slots_k, slots_v, mask, distilled, proj, "mse").backward()
     assert sk.grad[0, 0, 0].abs().sum() > 0 and not sk.grad[0, 0, 1].any()   # the empty slot: no gradient
+
+
+def test_latent_data_tokenizes_question_thought_and_answer_and_stacks_the_slots(teacher_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kava_common import KavaError
+    from kava_common.cache import open_cache
+    from kava_common.prompt import format_prompt
+    from stage1_extract.config import ExtractConfig
+    from stage1_extract.extract import main as extract
+    from stage2_train.latent_data import BOT, EOT, LatentData, add_thought_tokens, collate_latent
+    base = dict(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=6, batch_size=3, quantize=False,
+                device="cpu", progress=False, layers=[1, 2])
+    (path,) = extract(ExtractConfig(**base, out=str(tmp_path / "c"), rkv_slots=5))
+    c = open_cache(path)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    rows = len(tok)
+    bot, eot = add_thought_tokens(tok, model)
+    assert (bot, eot) == (rows, rows + 1) and model.get_input_embeddings().num_embeddings >= rows + 2
+    assert add_thought_tokens(tok, model) == (bot, eot) and len(tok) == rows + 2          # added once
+    tok.save_pretrained(tmp_path / "tok")
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert again.convert_tokens_to_ids([BOT, EOT]) == [bot, eot]
+    assert again(f"a{BOT}b", add_special_tokens=False)["input_ids"][1] == bot           # one token, not split
+    data = LatentData(c, tok, bot, eot)
+    from kava_common.data import load_rows
+    rows6 = load_rows("synthetic", "train", 6)
+    for i in range(6):
+        it = data[i]
+        q, a = rows6.questions[c.text(i)["row"]], rows6.answers[c.text(i)["row"]]
+        assert it["question"][-1] == bot and tok.decode(it["question"][:-1]) == format_prompt(q.strip())
+        assert it["suffix"][0] == eot and it["suffix"][-1] == tok.eos_token_id
+        assert tok.decode(it["suffix"][1:-1]).strip() == a[a.rfind("####"):].strip()
+        assert tok.decode(it["cot"]) == a[:a.rfind("####")].strip()
+        r = c.rkv(i)
+        assert torch.equal(it["slots_k"], r["k"]) and torch.equal(it["slot_mask"], r["mask"][0, 0])
+    batch = collate_latent([data[0], data[1]], pad_id=0)
+    lq = [len(data[0]["question"]), len(data[1]["question"])]
+    width = max(lq)
+    for b in range(2):     # questions left-padded, suffixes right-padded
+        assert batch["question_mask"][b].tolist() == [0] * (width - lq[b]) + [1] * lq[b]
+        assert batch["question_ids"][b, width - lq[b]:].tolist() == data[b]["question"]
+        n = len(data[b]["suffix"])
+        assert batch["suffix_ids"][b, :n].tolist() == data[b]["suffix"] and batch["suffix_mask"][b].sum() == n
+    assert batch["slots_k"].shape == (2, 2, 2, 5, 32) and batch["slot_mask"].shape == (2, 5)
+    (plain,) = extract(ExtractConfig(**base, out=str(tmp_path / "p")))
+    with pytest.raises(KavaError, match="made without --rkv-slots; a latent student"):
+        LatentData(open_cache(plain), tok, bot, eot)

@@ -166,24 +166,25 @@ class KVCache:
         shard, j = self.locate(i)
         return shard.read("hidden", j, j + 1)[0]
 
+    def text(self, i: int) -> dict:
+        """Sample i's text, segments and row, without reading any K/V: `row`, `text`,
+        `token_segments` and `char_segments` ({segment: (start, end)}), `truncated`."""
+        shard, j = self.locate(i)
+        toff = shard.small("text_offsets")
+        names = self.manifest["segments"]
+        return {
+            "row": int(shard.small("rows")[j]),
+            "text": bytes(shard.small("text_bytes")[toff[j]:toff[j + 1]]).decode("utf-8"),
+            "token_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, shard.small("token_segments")[j])},
+            "char_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, shard.small("char_segments")[j])},
+            "truncated": bool(shard.small("truncated")[j]),
+        }
+
     def __getitem__(self, i: int) -> dict:
         shard, j = self.locate(i)
         off = shard.small("sample_offsets")
         a, b = int(off[j]), int(off[j + 1])
-        toff = shard.small("text_offsets")
-        text = bytes(shard.small("text_bytes")[toff[j]:toff[j + 1]]).decode("utf-8")
-        segs = shard.small("token_segments")[j]
-        csegs = shard.small("char_segments")[j]
-        names = self.manifest["segments"]
-        return {
-            **self.kv(i),
-            "row": int(shard.small("rows")[j]),
-            "text": text,
-            "char_offsets": shard.read("char_offsets", a, b),
-            "token_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, segs)},
-            "char_segments": {n: (int(s), int(e)) for n, (s, e) in zip(names, csegs)},
-            "truncated": bool(shard.small("truncated")[j]),
-        }
+        return {**self.kv(i), **self.text(i), "char_offsets": shard.read("char_offsets", a, b)}
 
 
 def open_cache(path: str | os.PathLike, layers: list[int] | None = None, verify: bool = False,

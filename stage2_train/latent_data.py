@@ -1,0 +1,74 @@
+"""What a latent-reasoning student trains on, from a cache made with --rkv-slots: per sample the
+question (the prompt, in the student's tokens, then begin-of-thought), the written chain of
+thought (for the optional cross-entropy that keeps the student's teacher mode), end-of-thought
+and the final answer line, and the teacher's compressed chain-of-thought K/V (R-KV slots)."""
+
+from __future__ import annotations
+
+import torch
+
+from kava_common import KavaError
+
+BOT, EOT = "<|begin_of_thought|>", "<|end_of_thought|>"
+
+
+def add_thought_tokens(tok, model=None) -> tuple[int, int]:
+    """The begin- and end-of-thought tokens, added to the student's tokenizer as special tokens
+    where it lacks them (saved with it), and rows for them in the model's input embedding (and a
+    tied head); returns their ids."""
+    missing = [t for t in (BOT, EOT) if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    if model is not None and model.get_input_embeddings().num_embeddings < len(tok):
+        model.resize_token_embeddings(len(tok))
+    bot, eot = tok.convert_tokens_to_ids([BOT, EOT])
+    return bot, eot
+
+
+class LatentData(torch.utils.data.Dataset):
+    """The samples of one cache with R-KV slots, tokenized for the student `tok`."""
+
+    def __init__(self, cache, tok, bot_id: int, eot_id: int):
+        if not cache.meta.rkv_slots:
+            raise KavaError(f"{cache.path}: made without --rkv-slots; a latent student learns from the teacher's "
+                            "compressed chain-of-thought K/V: run stage 1 with --rkv-slots M")
+        if tok.eos_token_id is None:
+            raise KavaError("the student's tokenizer has no EOS token to end the answer with")
+        self.cache, self.tok, self.bot, self.eot = cache, tok, bot_id, eot_id
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.cache.text(i)
+        text, (r0, r1) = s["text"], s["char_segments"]["reasoning"]
+        enc = self.tok
+        question = enc(text[:r0].rstrip(" "), add_special_tokens=True)["input_ids"]      # the prompt as evaluate builds it
+        cot = enc(text[r0:r1], add_special_tokens=False)["input_ids"]
+        answer = enc(text[r1:], add_special_tokens=False)["input_ids"] + [enc.eos_token_id]   # "\n#### N", EOS
+        r = self.cache.rkv(i)
+        return {"question": question + [self.bot], "cot": cot, "suffix": [self.eot] + answer,
+                "slots_k": r["k"], "slots_v": r["v"], "slot_mask": r["mask"][0, 0], "row": s["row"]}
+
+
+def collate_latent(items: list[dict], pad_id: int) -> dict:
+    """A batch: questions left-padded (so that every sample's latents sit at the same positions),
+    the suffix (end-of-thought, answer, EOS) and the written chain of thought right-padded, the
+    slots stacked: `slots_k`, `slots_v` (B, L, H, M, D), `slot_mask` (B, M)."""
+    def pad(seqs, left: bool):
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for b, x in enumerate(seqs):
+            where = slice(width - len(x), width) if left else slice(0, len(x))
+            ids[b, where], mask[b, where] = torch.tensor(x, dtype=torch.long), 1
+        return ids, mask
+
+    q, qm = pad([it["question"] for it in items], left=True)
+    s, sm = pad([it["suffix"] for it in items], left=False)
+    c, cm = pad([it["cot"] or [pad_id] for it in items], left=False)
+    cm[[b for b, it in enumerate(items) if not it["cot"]]] = 0
+    return {"question_ids": q, "question_mask": qm, "suffix_ids": s, "suffix_mask": sm, "cot_ids": c, "cot_mask": cm,
+            "slots_k": torch.stack([it["slots_k"] for it in items]),
+            "slots_v": torch.stack([it["slots_v"] for it in items]),
+            "slot_mask": torch.stack([it["slot_mask"] for it in items]), "rows": [it["row"] for it in items]}
