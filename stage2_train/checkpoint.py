@@ -57,7 +57,7 @@ RUN_FILES = ("metrics.jsonl", "config.yaml", "tensorboard", "final", "final.tmp"
 FIXED_ON_RESUME = ("student", "caches", "dataset", "split", "batch_size", "grad_accum", "optimizer",
                    "freeze_student", "freeze_embeddings", "lora_r", "lora_alpha", "max_length",
                    "projector", "projector_shared", "direction", "layer_map", "align", "fusion",
-                   "gate", "teacher_weights", "eval_samples", "seed", "precision")
+                   "gate", "teacher_weights", "eval_samples", "seed", "precision", "latent")
 
 
 def run_files(run: Path) -> list[str]:

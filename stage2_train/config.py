@@ -64,6 +64,12 @@ class TrainConfig:
     relation_heads: int = setting(0, "relation heads of the relation loss (0: the smaller KV head count)")
     kv_tokens: str = setting("all", "positions of the K/V loss: all tokens, or the reasoning only (the "
                              "answer's working, before ####)", choices=("all", "reasoning"))
+    latent: int = setting(0, "a latent-reasoning student: M continuous steps between the question and the answer "
+                          "in place of a written chain of thought, their K/V taught by the teacher's R-KV slots "
+                          "(a cache made with --rkv-slots); 0: the full-sequence distillation")
+    jacobi_iters: int = setting(3, "--latent: parallel (Jacobi) passes over the M latents; 0: one after another")
+    latent_normalize: bool = setting(False, "--latent: divide the K/V loss's both sides by the teacher slots' std, "
+                                     "per layer")
     alpha: float = setting(1.0, "mercator: weight of (1 - cos)")
     beta: float = setting(0.01, "mercator: weight of the log-norm MSE")
     k_weight: float = setting(1.0, "weight of the K loss")
@@ -138,6 +144,7 @@ class TrainConfig:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
         p += self._loss_problems()
         p += self._teacher_problems()
+        p += self._latent_problems()
         if self.freeze_student and self.lora_r:
             p.append("freeze_student and lora_r contradict each other")
         if self.freeze_embeddings and (self.freeze_student or self.lora_r):
@@ -148,6 +155,27 @@ class TrainConfig:
             p.append(f"eval_samples must be >= 1, got {self.eval_samples}")
         if p:
             raise ValueError("invalid stage-2 settings:\n  " + "\n  ".join(p))
+
+    def _latent_problems(self) -> list[str]:
+        """What a latent-reasoning run (--latent M) supports: one teacher, the student projected
+        into its space per layer, no logit distillation, no chunked or checkpointed forward."""
+        if self.latent < 0 or self.jacobi_iters < 0:
+            return [f"latent and jacobi_iters must be >= 0, got {self.latent} and {self.jacobi_iters}"]
+        if not self.latent:
+            return []
+        p = []
+        if len(self.caches) != 1:
+            p.append(f"latent takes one teacher's cache, got {len(self.caches)}")
+        if self.kd_weight or self.ce_chunk:
+            p.append("latent trains on the answer's cross-entropy and the K/V loss: drop kd_weight and ce_chunk")
+        if self.gradient_checkpointing:
+            p.append("latent with gradient_checkpointing is not supported (the latent steps' K/V would be "
+                     "captured from the recomputation); drop gradient_checkpointing")
+        if self.projector == "bottleneck" or self.direction != "student_to_teacher" or self.loss == "relation" \
+                or self.relation_weight:
+            p.append("latent projects the student's K/V into the teacher's slots per layer: projector linear, "
+                     "head or mlp, direction student_to_teacher, no relation loss")
+        return p
 
     def _teacher_problems(self) -> list[str]:
         """The checks of how several teachers are combined: fusion, gate, weights."""

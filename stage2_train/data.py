@@ -44,11 +44,12 @@ def check_caches(caches: list[KVCache], dataset: str | None = None, split: str |
         raise ValueError("the caches do not fit this run:\n  " + "\n  ".join(problems))
 
 
-def split_data(cfg, teachers: list, tok) -> tuple["DistillData", torch.utils.data.Subset, torch.utils.data.Subset]:
-    """The samples the caches share, as (all, training, held-out): the last `eval_samples` are
-    held out; refused when nothing would be left to train on."""
-    data = DistillData([t.cache for t in teachers], tok, cfg.max_length, cfg.align, cfg.kv_tokens,
-                       [t.vocab for t in teachers], cfg.kd_method if cfg.kd_weight else None, cfg.kd_tokens)
+def split_data(cfg, teachers: list, tok, data=None) -> tuple:
+    """The samples the caches share (or `data`), as (all, training, held-out): the last
+    `eval_samples` are held out; refused when nothing would be left to train on."""
+    if data is None:
+        data = DistillData([t.cache for t in teachers], tok, cfg.max_length, cfg.align, cfg.kv_tokens,
+                           [t.vocab for t in teachers], cfg.kd_method if cfg.kd_weight else None, cfg.kd_tokens)
     if len(data) <= cfg.eval_samples:
         raise ValueError(f"the caches share {len(data)} samples; need more than eval_samples "
                          f"({cfg.eval_samples}) so some are left to train on")

@@ -132,3 +132,76 @@ def _by_teacher_std(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     filled = target.transpose(1, 2)[mask.bool()]                                # (N, H, D)
     std = filled.std().detach().clamp(min=1e-6) if filled.numel() > 1 else target.new_tensor(1.0)
     return pred / std, target / std
+
+
+def _latent_forward(model, cap, head, batch: dict, cfg, device, autocast):
+    """The whole latent sequence once, its K/V captured: (output, latent slice, suffix ids, mask)."""
+    emb = model.get_input_embeddings()
+    q, qm = batch["question_ids"].to(device), batch["question_mask"].to(device)
+    s, sm = batch["suffix_ids"].to(device), batch["suffix_mask"].to(device)
+    with autocast():
+        prefix, suffix = emb(q), emb(s)
+        z = latents(model, head, prefix, qm, cfg.latent, cfg.jacobi_iters)
+        embeds, full, where = latent_sequence(prefix, qm, z, suffix, sm)
+        with cap:                     # the K/V of this forward only, not of the latent passes
+            out = model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), use_cache=False)
+    return out, where, s, sm
+
+
+def _answer_ce(logits: torch.Tensor, where: slice, s: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the answer after the latents: the positions of end-of-thought and the
+    answer predict the answer's tokens and EOS."""
+    pred = logits[:, where.stop:where.stop + s.shape[1] - 1]
+    keep = sm[:, 1:].bool()
+    return torch.nn.functional.cross_entropy(pred[keep].float(), s[:, 1:][keep])
+
+
+def _latent_pairs(cap, teacher, where: slice) -> dict:
+    return {l: tuple(x[:, :, where] for x in cap.kv(l)) for l, _ in teacher.distilled}
+
+
+def latent_train_step(model, cap, distiller, batch: dict, cfg, device, autocast):
+    """One micro-batch of a latent run (--latent M): the answer's cross-entropy after the M
+    latent steps plus kv_weight times the K/V loss at the latent positions against the teacher's
+    R-KV slots; returns the loss and its parts, as `distiller.train_step` does."""
+    out, where, s, sm = _latent_forward(model, cap, distiller.latent_head, batch, cfg, device, autocast)
+    ce = _answer_ce(out.logits, where, s, sm)
+    kv = 0.0
+    if cfg.kv_weight:
+        t = distiller.teachers[0]
+        with autocast():
+            kv = latent_kv_loss(_latent_pairs(cap, t, where), batch["slots_k"].to(device), batch["slots_v"].to(device),
+                                batch["slot_mask"].to(device), t.distilled, distiller.proj[0], cfg.loss, cfg.alpha,
+                                cfg.beta, cfg.latent_normalize)
+    loss = cfg.kv_weight * kv + cfg.ce_weight * ce
+    return loss, {"loss_kv": float(kv.detach()) if torch.is_tensor(kv) else float(kv), "loss_ce": float(ce.detach()),
+                  "loss_kd": 0.0}
+
+
+@torch.no_grad()
+def latent_evaluate(model, cap, distiller, loader, cfg, device, autocast) -> dict:
+    """Held-out metrics of a latent run: the cosine of the projected student K (V) at the latent
+    positions to the teacher's slots, beside the same against shuffled slots, over filled slots,
+    and the answer's cross-entropy after the latents (`eval_loss_ce`)."""
+    from .losses import mean_cosine
+    was = model.training
+    model.eval()
+    distiller.eval()
+    g = torch.Generator().manual_seed(1234)
+    sums = {"cos_k": [], "cos_v": [], "cos_k_shuffled": [], "cos_v_shuffled": [], "eval_loss_ce": []}
+    t = distiller.teachers[0]
+    for batch in loader:
+        out, where, s, sm = _latent_forward(model, cap, distiller.latent_head, batch, cfg, device, autocast)
+        sums["eval_loss_ce"].append(float(_answer_ce(out.logits, where, s, sm)))
+        mask = batch["slot_mask"].to(device)
+        for pi, (layer, row) in enumerate(t.distilled):
+            sk, sv = _latent_pairs(cap, t, where)[layer]
+            pk, pv = distiller.proj[0](pi, sk.float(), sv.float())
+            for key, pred, slots in (("k", pk, batch["slots_k"]), ("v", pv, batch["slots_v"])):
+                tgt = sum(w * slots[:, ci] for ci, w in row).to(device).float()
+                sums[f"cos_{key}"].append(mean_cosine(pred, tgt, mask))
+                sums[f"cos_{key}_shuffled"].append(mean_cosine(pred, tgt, mask, shuffle=g))
+    model.train(was)
+    distiller.train(was)
+    return {k: sum(v) / len(v) if v else float("nan") for k, v in sums.items()} | {"bad_eval_samples": 0,
+                                                                                     "bad_eval_rows": []}

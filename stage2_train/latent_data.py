@@ -71,4 +71,7 @@ def collate_latent(items: list[dict], pad_id: int) -> dict:
     return {"question_ids": q, "question_mask": qm, "suffix_ids": s, "suffix_mask": sm, "cot_ids": c, "cot_mask": cm,
             "slots_k": torch.stack([it["slots_k"] for it in items]),
             "slots_v": torch.stack([it["slots_v"] for it in items]),
-            "slot_mask": torch.stack([it["slot_mask"] for it in items]), "rows": [it["row"] for it in items]}
+            "slot_mask": torch.stack([it["slot_mask"] for it in items]), "rows": [it["row"] for it in items],
+            # the written tokens (question, thought markers, answer) as one sequence, for what every
+            # batch offers the trainer: its sample and token counts, and the K/V capture check
+            "input_ids": torch.cat([q, s], 1), "attention_mask": torch.cat([qm, sm], 1), "bad_rows": []}

@@ -23,6 +23,8 @@ from .checkpoint import (Progress, RunState, check_finite, load_checkpoint, resu
 from .config import TrainConfig
 from .data import collate, split_data
 from .distiller import Distiller, evaluate, train_step
+from .latent import LatentHead, latent_evaluate, latent_train_step
+from .latent_data import LatentData, add_thought_tokens, collate_latent
 from .ranks import Torchrun, ranks_for
 from .student import StudentKV, check_capture, load_student
 
@@ -72,11 +74,15 @@ class Trainer:
                       f"at batch {cfg.batch_size} x {cfg.max_length} tokens")
             model, tok = load_student(cfg.student, self.device, self.dtype, cfg.lora_r, cfg.lora_alpha,
                                       cfg.gradient_checkpointing)
+        # a latent student reads begin/end-of-thought tokens: rows for them before what trains is set
+        self.thought_ids = add_thought_tokens(tok, model) if cfg.latent else None
         # DistributedDataParallel's reducer expects a sparse gradient for a sparse embedding,
         # and a tied head makes its gradient dense: under torchrun the embedding stays dense
         set_trainable(model, cfg, sparse_tied=self.ranks.world == 1)
         self.model, self.tok = model.train(), tok
         self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers).to(self.device)
+        if cfg.latent:                   # trained and saved with the projectors
+            self.distiller.latent_head = LatentHead(model.config.get_text_config().hidden_size).to(self.device)
         self.echo(f"projectors ({cfg.projector}, {cfg.direction}): "
                   f"{sum(p.numel() for p in self.distiller.parameters()):,} trainable parameters")
         self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t.distilled}), self.s_geo)
@@ -93,13 +99,16 @@ class Trainer:
         return RunState(self.model, self.tok, self.distiller, self.opt, self.sched, self.prog)
 
     def forward(self, batch) -> tuple[torch.Tensor, dict]:
-        """One micro-batch's loss (with its graph) and its parts (`train_step`)."""
-        return train_step(self.model, self.cap, self.distiller, batch, self.cfg, self.device, self.autocast)
+        """One micro-batch's loss (with its graph) and its parts (`train_step`, or
+        `latent_train_step` for a latent student)."""
+        step = latent_train_step if self.cfg.latent else train_step
+        return step(self.model, self.cap, self.distiller, batch, self.cfg, self.device, self.autocast)
 
     def _build_data(self) -> None:
-        self.data, self.train_set, eval_set = split_data(self.cfg, self.teachers, self.tok)
+        latent = LatentData(self.teachers[0].cache, self.tok, *self.thought_ids) if self.cfg.latent else None
+        self.data, self.train_set, eval_set = split_data(self.cfg, self.teachers, self.tok, latent)
         self.rank_batches(0)                    # too few micro-batches for the ranks: refused now
-        self.collate = partial(collate, pad_id=pad_id(self.tok))
+        self.collate = partial(collate_latent if latent else collate, pad_id=pad_id(self.tok))
         self.eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=self.cfg.batch_size, collate_fn=self.collate,
                                                        generator=torch.Generator().manual_seed(0))
 
@@ -237,7 +246,11 @@ class Trainer:
     def evaluate(self) -> dict:
         """The held-out metrics (`distiller.evaluate`); held-out samples left out for non-finite
         teacher K/V are named once and counted in `bad_eval_samples`."""
-        out = evaluate(self.model, self.cap, self.distiller, self.eval_loader, self.device, self.autocast)
+        if self.cfg.latent:
+            out = latent_evaluate(self.model, self.cap, self.distiller, self.eval_loader, self.cfg, self.device,
+                                  self.autocast)
+        else:
+            out = evaluate(self.model, self.cap, self.distiller, self.eval_loader, self.device, self.autocast)
         rows = out.pop("bad_eval_rows")
         if rows and not getattr(self, "_bad_eval_said", False):
             self._bad_eval_said = True
