@@ -54,6 +54,8 @@ class EvalResult:
     n: int                 # rows scored (those with a gold `####` answer)
     correct: int
     unscored: int = 0      # rows without a gold `####` answer: generated and written, not scored
+    forward_passes: float = float("nan")   # per problem, on average
+    seconds: float = float("nan")          # wall time per problem, on average
 
     @property
     def accuracy(self) -> float:
@@ -61,15 +63,18 @@ class EvalResult:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], max_new_tokens: int, device) -> list[str]:
-    """Greedy continuations of a batch of prompts (left-padded), cut at EOS."""
+def generate(model, tok, prompts: list[str], max_new_tokens: int, device) -> tuple[list[str], list[int]]:
+    """Greedy continuations of a batch of prompts (left-padded), cut at EOS, and the forward
+    passes each took: one per generated token (the prompt's pass gives the first)."""
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
+    counts = [(row.index(tok.eos_token_id) + 1) if tok.eos_token_id in row else len(row) for row in new]
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True), counts
 
 
 EVAL_KEYS = {"index", "prompt", "output", "extracted", "gold", "correct"}
@@ -113,7 +118,10 @@ def check_finite_weights(model, name: str) -> None:
 def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", max_samples: int | None = None,
              batch_size: int = 16, max_new_tokens: int = 256, out: str | Path | None = None,
              seed: int = 0, device: str = "auto", progress: bool = True, model=None, tok=None,
-             overwrite: bool = False) -> EvalResult:
+             overwrite: bool = False, latent: int = 0, jacobi_iters: int = 3) -> EvalResult:
+    """Exact match of greedy answers; with `latent` M the student answers after M latent steps
+    (its LatentHead read from beside it), else it writes its answer out."""
+    import time
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
     from kava_common.data import load_fast_tokenizer
@@ -126,24 +134,33 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
             model = AutoModelForCausalLM.from_pretrained(model_path).to(dev)
     check_finite_weights(model, model_path)
     model.eval()
+    head = None
+    if latent:
+        from .latent import load_latent_head
+        head = load_latent_head(model_path, model.config.get_text_config().hidden_size, dev)
     rows = load_rows(dataset, split, max_samples, seed=seed)
     tmp = Path(str(out) + ".tmp") if out else None
     out_f = open(tmp, "w", encoding="ascii") if out else None    # renamed into place when complete
-    correct, unscored, done = 0, 0, False
+    correct, unscored, done, passes, t0 = 0, 0, False, 0, time.perf_counter()
     bar = tqdm(total=len(rows), desc="evaluate", unit="sample", disable=not progress, ascii=True)
     try:
         for i in range(0, len(rows), batch_size):
             qs, golds = rows.questions[i:i + batch_size], rows.answers[i:i + batch_size]
             prompts = [format_prompt(q) for q in qs]
-            outs = generate(model, tok, prompts, max_new_tokens, dev)
-            for j, (p, o, g) in enumerate(zip(prompts, outs, golds)):
+            if head is not None:
+                from .latent import latent_generate
+                outs, counts = latent_generate(model, tok, head, prompts, latent, jacobi_iters, max_new_tokens, dev)
+            else:
+                outs, counts = generate(model, tok, prompts, max_new_tokens, dev)
+            passes += sum(counts)
+            for j, (p, o, g, c) in enumerate(zip(prompts, outs, golds, counts)):
                 pred, gold = extract_answer(o), gold_answer(g)
                 ok = (pred is not None and pred == gold) if gold is not None else None
                 correct += bool(ok)
                 unscored += gold is None
                 if out_f:
                     out_f.write(json.dumps({"index": i + j, "prompt": p, "output": o, "extracted": pred,
-                                            "gold": gold, "correct": ok}) + "\n")
+                                            "gold": gold, "correct": ok, "forward_passes": c}) + "\n")
             bar.update(len(qs))
             bar.set_postfix_str(f"acc {correct / max(1, min(i + batch_size, len(rows)) - unscored):.3f}")
         done = True
@@ -155,7 +172,8 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
                 os.replace(tmp, out)
             else:
                 tmp.unlink(missing_ok=True)
-    return EvalResult(len(rows) - unscored, correct, unscored)
+    n = max(len(rows), 1)
+    return EvalResult(len(rows) - unscored, correct, unscored, passes / n, (time.perf_counter() - t0) / n)
 
 
 @dataclass
@@ -172,12 +190,17 @@ class EvalConfig:
     overwrite: bool = setting(False, "replace an --out that evaluate did not write (never a model's, cache's or "
                               "run's own file)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    latent: int = setting(0, "a latent student (stage 2 --latent): answer after M latent steps, beside a decode that "
+                          "writes its answer out (per-sample JSONL of that one in OUT with -written)")
+    jacobi_iters: int = setting(3, "--latent: parallel passes over the latents; 0: one after another")
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):
         p = coerce_settings(self)
         if p:
             raise ValueError("invalid evaluate settings:\n  " + "\n  ".join(p))
+        if self.latent < 0 or self.jacobi_iters < 0:
+            p.append(f"--latent and --jacobi-iters must be >= 0, got {self.latent} and {self.jacobi_iters}")
         if not self.model:
             p.append("--model: give a folder or hub id")
         for name in ("batch_size", "max_new_tokens"):
@@ -190,10 +213,18 @@ class EvalConfig:
 def run(a: EvalConfig) -> None:
     out = a.out or (str(Path(a.model) / f"eval-{a.split}.jsonl") if Path(a.model).is_dir() else None)
     r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
-                 a.seed, a.device, a.progress, overwrite=a.overwrite)
-    print(f"exact match {r.correct}/{r.n} = {r.accuracy:.4f} on {a.dataset} {a.split}"
+                 a.seed, a.device, a.progress, overwrite=a.overwrite, latent=a.latent, jacobi_iters=a.jacobi_iters)
+    how = f" after {a.latent} latent steps" if a.latent else ""
+    print(f"exact match{how} {r.correct}/{r.n} = {r.accuracy:.4f} on {a.dataset} {a.split}, "
+          f"{r.forward_passes:.1f} forward passes and {r.seconds * 1000:.0f} ms per problem"
           + (f"; {r.unscored} rows without a gold #### answer were not scored" if r.unscored else "")
           + (f"; per-sample results in {out}" if out else ""))
+    if a.latent:                        # the same student writing its answer out, for comparison
+        written = str(Path(out).with_name(Path(out).stem + "-written.jsonl")) if out else None
+        w = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, written,
+                     a.seed, a.device, a.progress, overwrite=a.overwrite)
+        print(f"exact match written out {w.correct}/{w.n} = {w.accuracy:.4f}, {w.forward_passes:.1f} forward passes "
+              f"and {w.seconds * 1000:.0f} ms per problem" + (f"; per-sample results in {written}" if written else ""))
 
 
 main = command(EvalConfig, run, prog="python -m stage2_train.evaluate", description=__doc__.split("\n\n")[1],

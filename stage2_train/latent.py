@@ -22,6 +22,8 @@ same positions; position ids count real tokens only.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -205,3 +207,63 @@ def latent_evaluate(model, cap, distiller, loader, cfg, device, autocast) -> dic
     distiller.train(was)
     return {k: sum(v) / len(v) if v else float("nan") for k, v in sums.items()} | {"bad_eval_samples": 0,
                                                                                      "bad_eval_rows": []}
+
+
+@torch.no_grad()
+def latent_generate(model, tok, head: LatentHead, prompts: list[str], m: int, iters: int, max_new_tokens: int,
+                    device) -> tuple[list[str], list[int]]:
+    """Greedy answers after M latent steps, for a batch of prompts: (texts, forward passes per
+    prompt). A prompt reads begin-of-thought, the M latents, end-of-thought, then generates until
+    EOS. Forward passes: the latents' (1 + M one after another, 1 + T with Jacobi passes), one
+    over [prompt, latents, end-of-thought] that gives the first answer token, one per further
+    token."""
+    from .latent_data import BOT, EOT
+    bot, eot = tok.convert_tokens_to_ids([BOT, EOT])
+    if tok.unk_token_id is not None and tok.unk_token_id in (bot, eot):
+        raise ValueError("the model's tokenizer has no begin/end-of-thought tokens: not a latent student")
+    ids = [tok(p, add_special_tokens=True)["input_ids"] + [bot] for p in prompts]
+    width = max(len(x) for x in ids)
+    q = torch.full((len(ids), width), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    qm = torch.zeros(len(ids), width, dtype=torch.long)
+    for b, x in enumerate(ids):
+        q[b, width - len(x):], qm[b, width - len(x):] = torch.tensor(x), 1
+    q, qm = q.to(device), qm.to(device)
+    emb = model.get_input_embeddings()
+    prefix = emb(q)
+    z = latents(model, head, prefix, qm, m, iters)
+    passes = (1 + m) if iters == 0 else (1 + iters)
+    full = torch.cat([qm, qm.new_ones(len(ids), m + 1)], 1)
+    out = model(inputs_embeds=torch.cat([prefix, z, emb(torch.full_like(q[:, :1], eot))], 1), attention_mask=full,
+                position_ids=_positions(full), use_cache=True)
+    cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
+    tokens, done = [[] for _ in ids], torch.zeros(len(ids), dtype=torch.bool, device=device)
+    counts = [passes + 1] * len(ids)
+    for step in range(max_new_tokens):
+        for b in range(len(ids)):
+            if not done[b]:
+                tokens[b].append(int(nxt[b]))
+        done |= nxt == tok.eos_token_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        for b in range(len(ids)):
+            counts[b] += not bool(done[b])
+        full = torch.cat([full, full.new_ones(len(ids), 1)], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=full, position_ids=_positions(full)[:, -1:], cache=cache,
+                    use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
+    return [tok.decode(x, skip_special_tokens=True) for x in tokens], counts
+
+
+def load_latent_head(model_path: str, hidden: int, device) -> LatentHead:
+    """The LatentHead saved beside a latent student (`RUN/final/projector.safetensors`)."""
+    from safetensors.torch import load_file
+    from kava_common import KavaError
+    f = Path(model_path).parent / "projector.safetensors"
+    weights = {k[len("latent_head."):]: v for k, v in (load_file(str(f)).items() if f.is_file() else ())
+               if k.startswith("latent_head.")}
+    if not weights:
+        raise KavaError(f"--latent: {f} holds no latent head; give the student a latent run saved "
+                        "(RUN/final/student, beside RUN/final/projector.safetensors)")
+    head = LatentHead(hidden)
+    head.load_state_dict(weights)
+    return head.to(device).eval()

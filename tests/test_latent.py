@@ -227,6 +227,15 @@ def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, rkv_cach
     tok = AutoTokenizer.from_pretrained(final)
     assert tok.convert_tokens_to_ids([BOT, EOT]) == [len(tok) - 2, len(tok) - 1]
     assert AutoModelForCausalLM.from_pretrained(final).get_input_embeddings().num_embeddings >= len(tok)
+    # answers after the latent steps, and written out, by the same student
+    from stage2_train.evaluate import EvalConfig, run as evaluate_run
+    evaluate_run(EvalConfig(model=str(final), split="test", max_samples=4, batch_size=2, max_new_tokens=8, latent=4,
+                            jacobi_iters=1, device="cpu", progress=False, out=str(tmp_path / "eval.jsonl")))
+    lat = [json.loads(l) for l in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    wrote = [json.loads(l) for l in (tmp_path / "eval-written.jsonl").read_text().splitlines()]
+    assert len(lat) == len(wrote) == 4
+    assert all(3 <= r["forward_passes"] <= 1 + 1 + 8 for r in lat)        # Jacobi 1 + 1 passes, then <= 8 tokens
+    assert all(1 <= r["forward_passes"] <= 8 for r in wrote)
     # stopped after step 3's checkpoint (max_steps 3), then resumed to 12
     train(_latent_cfg(student_dir, rkv_cache, tmp_path / "b", max_steps=3), echo=lambda *a: None)
     train(_latent_cfg(student_dir, rkv_cache, tmp_path / "b", max_steps=12, save_every=0, resume="auto"),
@@ -248,3 +257,41 @@ def test_latent_settings_are_checked():
                         ({"jacobi_iters": -1}, "latent and jacobi_iters must be >= 0")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("iters", [0, 3])
+def test_latent_decoding_equals_a_step_by_step_reference(tok, iters):
+    """Batched, padded, cached latent decoding gives the tokens of a reference that runs the
+    whole sequence again for every latent and every answer token, one prompt at a time; its
+    forward passes are counted as the model runs them."""
+    import copy
+    from stage2_train.latent import latent_generate
+    from stage2_train.latent_data import add_thought_tokens
+    tok = copy.deepcopy(tok)
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, intermediate=64,
+                           tok=tok)
+    model = tiny.build_model(cfg, seed=7).eval()
+    bot, eot = add_thought_tokens(tok, model)
+    torch.manual_seed(1)
+    head = LatentHead(32).eval()
+    prompts = ["Question: Ava has 3 pens.\nAnswer:", "Question: Ben has 12 stamps and gives 2 away.\nAnswer:"]
+    m, max_new = 3, 6
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    texts, counts = latent_generate(model, tok, head, prompts, m, iters, max_new, torch.device("cpu"))
+    hook.remove()
+    emb = model.get_input_embeddings()
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            seq = emb(torch.tensor([tok(p)["input_ids"] + [bot]]))
+            seq = torch.cat([seq, _by_hand(model, head, seq, m), emb(torch.tensor([[eot]]))], 1)
+            out = []
+            for _ in range(max_new):
+                nxt = int(model(inputs_embeds=seq).logits[0, -1].argmax())
+                out.append(nxt)
+                if nxt == tok.eos_token_id:
+                    break
+                seq = torch.cat([seq, emb(torch.tensor([[nxt]]))], 1)
+        assert texts[b] == tok.decode(out, skip_special_tokens=True), b
+        assert counts[b] == (1 + m if iters == 0 else 1 + iters) + len(out)
+    assert len(calls) == max(counts)           # the longest answer's passes: the batch runs them all
