@@ -68,6 +68,9 @@ class TrainConfig:
                           "in place of a written chain of thought, their K/V taught by the teacher's R-KV slots "
                           "(a cache made with --rkv-slots); 0: the full-sequence distillation")
     jacobi_iters: int = setting(3, "--latent: parallel (Jacobi) passes over the M latents; 0: one after another")
+    latent_cot_weight: float = setting(0.0, "--latent: weight of the cross-entropy on the written chain of thought "
+                                       "and answer (the student keeps its teacher mode, as in KaVa), logged as "
+                                       "loss_cot")
     latent_normalize: bool = setting(False, "--latent: divide the K/V loss's both sides by the teacher slots' std, "
                                      "per layer")
     alpha: float = setting(1.0, "mercator: weight of (1 - cos)")
@@ -163,7 +166,7 @@ class TrainConfig:
             return [f"latent and jacobi_iters must be >= 0, got {self.latent} and {self.jacobi_iters}"]
         if not self.latent:
             return []
-        p = []
+        p = [] if self.latent_cot_weight >= 0 else [f"latent_cot_weight must be >= 0, got {self.latent_cot_weight}"]
         if len(self.caches) != 1:
             p.append(f"latent takes one teacher's cache, got {len(self.caches)}")
         if self.kd_weight or self.ce_chunk:

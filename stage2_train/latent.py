@@ -175,9 +175,20 @@ def latent_train_step(model, cap, distiller, batch: dict, cfg, device, autocast)
             kv = latent_kv_loss(_latent_pairs(cap, t, where), batch["slots_k"].to(device), batch["slots_v"].to(device),
                                 batch["slot_mask"].to(device), t.distilled, distiller.proj[0], cfg.loss, cfg.alpha,
                                 cfg.beta, cfg.latent_normalize)
-    loss = cfg.kv_weight * kv + cfg.ce_weight * ce
+    cot = written_cross_entropy(model, batch, device, autocast) if cfg.latent_cot_weight else 0.0
+    loss = cfg.kv_weight * kv + cfg.ce_weight * ce + cfg.latent_cot_weight * cot
     return loss, {"loss_kv": float(kv.detach()) if torch.is_tensor(kv) else float(kv), "loss_ce": float(ce.detach()),
-                  "loss_kd": 0.0}
+                  "loss_kd": 0.0, "loss_cot": float(cot.detach()) if torch.is_tensor(cot) else 0.0}
+
+
+def written_cross_entropy(model, batch: dict, device, autocast) -> torch.Tensor:
+    """The student's cross-entropy on the written chain of thought and answer after the question
+    (no thought tokens, no latents): what keeps its teacher mode."""
+    ids, mask = batch["written_ids"].to(device), batch["written_mask"].to(device)
+    target = batch["written_ce"].to(device)[:, 1:].bool()
+    with autocast():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits[target].float(), ids[:, 1:][target])
 
 
 @torch.no_grad()

@@ -65,6 +65,12 @@ def collate_latent(items: list[dict], pad_id: int) -> dict:
         return ids, mask
 
     q, qm = pad([it["question"] for it in items], left=True)
+    # the written sequence (question, chain of thought, answer) and the tokens it predicts: the
+    # thought's and the answer's
+    w, wm = pad([it["question"][:-1] + it["cot"] + it["suffix"][1:] for it in items], left=False)
+    wce = torch.zeros_like(wm)
+    for b, it in enumerate(items):
+        wce[b, len(it["question"]) - 1:len(it["question"]) - 1 + len(it["cot"]) + len(it["suffix"]) - 1] = 1
     s, sm = pad([it["suffix"] for it in items], left=False)
     c, cm = pad([it["cot"] or [pad_id] for it in items], left=False)
     cm[[b for b, it in enumerate(items) if not it["cot"]]] = 0
@@ -74,4 +80,5 @@ def collate_latent(items: list[dict], pad_id: int) -> dict:
             "slot_mask": torch.stack([it["slot_mask"] for it in items]), "rows": [it["row"] for it in items],
             # the written tokens (question, thought markers, answer) as one sequence, for what every
             # batch offers the trainer: its sample and token counts, and the K/V capture check
-            "input_ids": torch.cat([q, s], 1), "attention_mask": torch.cat([qm, sm], 1), "bad_rows": []}
+            "input_ids": torch.cat([q, s], 1), "attention_mask": torch.cat([qm, sm], 1), "bad_rows": [],
+            "written_ids": w, "written_mask": wm, "written_ce": wce}

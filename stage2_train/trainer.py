@@ -202,7 +202,7 @@ class Trainer:
                 continue
             parts["loss"] += loss.item() / n
             for k in PARTS[1:]:
-                parts[k] += got[k] / n
+                parts[k] += got.get(k, 0.0) / n
             samples = len(batch["attention_mask"])
             weights = [w + x * samples for w, x in zip(weights, got.get("teacher_weights", ()))]
             counts["tokens"] += int(batch["attention_mask"].sum())

@@ -227,6 +227,13 @@ def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, rkv_cach
     tok = AutoTokenizer.from_pretrained(final)
     assert tok.convert_tokens_to_ids([BOT, EOT]) == [len(tok) - 2, len(tok) - 1]
     assert AutoModelForCausalLM.from_pretrained(final).get_input_embeddings().num_embeddings >= len(tok)
+    # with the written chain of thought's cross-entropy beside: logged, and in the loss
+    train(_latent_cfg(student_dir, rkv_cache, tmp_path / "cot", max_steps=2, save_every=0, latent_cot_weight=0.5),
+          echo=lambda *a: None)
+    for r in (json.loads(l) for l in (tmp_path / "cot" / "metrics.jsonl").read_text().splitlines()):
+        assert r["loss_cot"] > 0 and r["loss"] == pytest.approx(3.0 * r["loss_kv"] + r["loss_ce"] + 0.5 * r["loss_cot"],
+                                                                rel=1e-5)
+    assert all(r["loss_cot"] == 0.0 for r in straight)
     # answers after the latent steps, and written out, by the same student
     from stage2_train.evaluate import EvalConfig, run as evaluate_run
     evaluate_run(EvalConfig(model=str(final), split="test", max_samples=4, batch_size=2, max_new_tokens=8, latent=4,
@@ -295,3 +302,26 @@ def test_latent_decoding_equals_a_step_by_step_reference(tok, iters):
         assert texts[b] == tok.decode(out, skip_special_tokens=True), b
         assert counts[b] == (1 + m if iters == 0 else 1 + iters) + len(out)
     assert len(calls) == max(counts)           # the longest answer's passes: the batch runs them all
+
+
+def test_the_written_sequence_and_its_cross_entropy_by_hand():
+    from stage2_train.latent import written_cross_entropy
+    from stage2_train.latent_data import collate_latent
+    slots = torch.zeros(1, 1, 2, 1)
+    items = [{"question": [5, 6, 90], "cot": [7, 8], "suffix": [91, 9, 2], "slots_k": slots, "slots_v": slots,
+              "slot_mask": torch.ones(2, dtype=torch.bool), "row": 0},
+             {"question": [5, 90], "cot": [], "suffix": [91, 3, 2], "slots_k": slots, "slots_v": slots,
+              "slot_mask": torch.ones(2, dtype=torch.bool), "row": 1}]
+    b = collate_latent(items, pad_id=0)
+    # question without begin-of-thought, the thought, the answer without end-of-thought; right-padded
+    assert b["written_ids"].tolist() == [[5, 6, 7, 8, 9, 2], [5, 3, 2, 0, 0, 0]]
+    assert b["written_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    assert b["written_ce"].tolist() == [[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0]]
+    model, _ = _model()
+    with torch.no_grad():
+        got = written_cross_entropy(model, b, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+        lp0 = torch.log_softmax(model(input_ids=b["written_ids"][:1]).logits[0], -1)
+        lp1 = torch.log_softmax(model(input_ids=b["written_ids"][1:, :3]).logits[0], -1)
+    # every predicted token: positions 1..5 of row 0 predict 7 8 9 2 ... from position 1 on; row 1 predicts 3, 2
+    terms = [lp0[1, 7], lp0[2, 8], lp0[3, 9], lp0[4, 2], lp1[0, 3], lp1[1, 2]]
+    assert float(got) == pytest.approx(float(-sum(terms) / len(terms)), rel=1e-5)
