@@ -43,7 +43,8 @@ from stage1_extract.extract import extract_teacher
 from stage1_extract.teacher import load_teacher, quantization_settings
 from stage2_train.config import TrainConfig
 from stage2_train.memory import GB, Shape, describe, estimate
-from stage2_train.trainer import Trainer, epoch_batches
+from stage2_train.data import epoch_batches
+from stage2_train.trainer import Trainer
 from kava_demo.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
 
 from header import header
@@ -61,7 +62,8 @@ class BenchTrainer(Trainer):
 
     def bench_loader(self, n_batches: int, workers: int):
         self.cfg.num_workers = workers
-        return self.loader(epoch_batches(len(self.data), self.cfg.batch_size, 0, 0)[:n_batches], self.data)
+        return self.feed.loader(self.prog, epoch_batches(len(self.data), self.cfg.batch_size, 0, 0)[:n_batches],
+                                self.data)
 
 
 def build_tiny(root: Path, n: int):

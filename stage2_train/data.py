@@ -44,6 +44,57 @@ def check_caches(caches: list[KVCache], dataset: str | None = None, split: str |
         raise ValueError("the caches do not fit this run:\n  " + "\n  ".join(problems))
 
 
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled micro-batches of one epoch; a function of (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
+
+
+
+class Feed:
+    """A run's training micro-batches: each epoch's order (`epoch_batches`), this process's share
+    of it (`ranks.deal`), read ahead by `num_workers` DataLoader workers, and where the run
+    stands in it (`prog.epoch`, `prog.micro`, which checkpoints keep)."""
+
+    def __init__(self, train_set, collate_fn, cfg, ranks):
+        self.train_set, self.collate, self.cfg, self.ranks = train_set, collate_fn, cfg, ranks
+        self._it = None                         # the current epoch's loader
+        self.epoch(0)                           # too few micro-batches for the ranks: refused now
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of an epoch (all of them for a lone process)."""
+        batches = epoch_batches(len(self.train_set), self.cfg.batch_size, self.cfg.seed, epoch)
+        return self.ranks.deal(batches, len(self.train_set), self.cfg.batch_size)
+
+    def loader(self, prog, batches: list[list[int]] | None = None, dataset=None):
+        """Micro-batches read ahead of the step; by default the rest of the current epoch (from
+        prog.micro on)."""
+        cfg = self.cfg
+        if batches is None:
+            batches = self.epoch(prog.epoch)[prog.micro:]
+        # a loader's own generator: creating its iterator then draws nothing from torch's global
+        # RNG, whose state a checkpoint restores (dropout would differ after a resume otherwise)
+        return iter(torch.utils.data.DataLoader(
+            self.train_set if dataset is None else dataset, batch_sampler=batches, collate_fn=self.collate,
+            num_workers=cfg.num_workers, prefetch_factor=2 if cfg.num_workers else None,
+            persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + prog.epoch)))
+
+    def take(self, prog):
+        """The run's next `grad_accum` micro-batches, on into the next epoch when one ends;
+        `prog` counts them, so a checkpoint knows where the data stands."""
+        for _ in range(self.cfg.grad_accum):
+            if self._it is None:
+                self._it = self.loader(prog)
+            batch = next(self._it, None)
+            if batch is None:                   # epoch done: the next one's order
+                prog.epoch, prog.micro = prog.epoch + 1, 0
+                self._it = self.loader(prog)
+                batch = next(self._it)
+            prog.micro += 1
+            yield batch
+
+
 def split_data(cfg, teachers: list, tok, data=None) -> tuple:
     """The samples the caches share (or `data`), as (all, training, held-out): the last
     `eval_samples` are held out; refused when nothing would be left to train on."""

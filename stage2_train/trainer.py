@@ -21,19 +21,12 @@ from .build import (apply_optimizer_settings, lr_factor, make_optimizer, memory_
 from .checkpoint import (Progress, RunState, check_finite, load_checkpoint, resume_point, rng_state,
                          save_checkpoint, save_final)
 from .config import TrainConfig
-from .data import collate, split_data
+from .data import Feed, collate, split_data
 from .distiller import Distiller, evaluate, train_step
 from .latent import LatentHead, latent_evaluate, latent_train_step
 from .latent_data import LatentData, add_thought_tokens, collate_latent
 from .ranks import Torchrun, ranks_for
 from .student import StudentKV, check_capture, load_student
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled micro-batches of one epoch; a function of (seed, epoch) alone."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
 
 
 class Trainer:
@@ -54,7 +47,6 @@ class Trainer:
         self._build_data()
         self._setup_optimizer()
         self.prog = Progress(seed=cfg.seed, world_size=self.ranks.world)
-        self._it = None                      # the current epoch's loader
         self.bad_rows: set[int] = set()      # samples left out for non-finite teacher K/V
         self.skipped_steps = 0               # steps without an update (non-finite loss or gradients)
         self._skipped_in_a_row = 0
@@ -107,8 +99,8 @@ class Trainer:
     def _build_data(self) -> None:
         latent = LatentData(self.teachers[0].cache, self.tok, *self.thought_ids) if self.cfg.latent else None
         self.data, self.train_set, eval_set = split_data(self.cfg, self.teachers, self.tok, latent)
-        self.rank_batches(0)                    # too few micro-batches for the ranks: refused now
         self.collate = partial(collate_latent if latent else collate, pad_id=pad_id(self.tok))
+        self.feed = Feed(self.train_set, self.collate, self.cfg, self.ranks)   # refuses too few micro-batches now
         self.eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=self.cfg.batch_size, collate_fn=self.collate,
                                                        generator=torch.Generator().manual_seed(0))
 
@@ -124,38 +116,6 @@ class Trainer:
     def check_student_kv(self) -> None:
         """The K/V the hooks capture must equal the student's own cache on one sample."""
         check_capture(self.cap, self.model, self.first_sample(), self.dtype, self.cfg.student)
-
-    def loader(self, batches: list[list[int]] | None = None, dataset=None):
-        """Micro-batches read by `num_workers` DataLoader workers ahead of the step; by default
-        the rest of the current epoch (from prog.micro on)."""
-        cfg = self.cfg
-        if batches is None:
-            batches = self.rank_batches(self.prog.epoch)[self.prog.micro:]
-        # a loader's own generator: creating its iterator then draws nothing from torch's global
-        # RNG, whose state a checkpoint restores (dropout would differ after a resume otherwise)
-        return iter(torch.utils.data.DataLoader(
-            self.train_set if dataset is None else dataset, batch_sampler=batches, collate_fn=self.collate,
-            num_workers=cfg.num_workers, prefetch_factor=2 if cfg.num_workers else None,
-            persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.prog.epoch)))
-
-    def rank_batches(self, epoch: int) -> list[list[int]]:
-        """This process's micro-batches of an epoch (`ranks.deal`: all of them for a lone process)."""
-        batches = epoch_batches(len(self.train_set), self.cfg.batch_size, self.cfg.seed, epoch)
-        return self.ranks.deal(batches, len(self.train_set), self.cfg.batch_size)
-
-    def micro_batches(self):
-        """The run's next `grad_accum` micro-batches, on into the next epoch when one ends;
-        `prog` counts them, so a checkpoint knows where the data stands."""
-        for _ in range(self.cfg.grad_accum):
-            if self._it is None:
-                self._it = self.loader()
-            batch = next(self._it, None)
-            if batch is None:                       # epoch done: the next one's order
-                self.prog.epoch, self.prog.micro = self.prog.epoch + 1, 0
-                self._it = self.loader()
-                batch = next(self._it)
-            self.prog.micro += 1
-            yield batch
 
     def step(self, batches=None) -> dict:
         """One optimizer step over `grad_accum` micro-batches (default: the run's next ones);
@@ -189,7 +149,7 @@ class Trainer:
         weights = [0.0] * n_teachers if n_teachers > 1 else []   # summed over the step's samples
         n = self.cfg.grad_accum
         last = n - 1 if batches is None else len(batches) - 1
-        batches = self.micro_batches() if batches is None else batches
+        batches = self.feed.take(self.prog) if batches is None else batches
         found = []                              # samples left out (non-finite teacher K/V)
         for i, batch in enumerate(batches):
             found += batch["bad_rows"]

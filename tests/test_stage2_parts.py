@@ -12,7 +12,7 @@ from stage2_train.losses import (answer_cross_entropy, answer_positions, cosine_
 from stage2_train.projector import KVProjector, head_mix_init, make_projector
 from stage2_train.student import StudentKV, enable_checkpointing
 from stage2_train.build import lr_factor, sparse_tied_embedding
-from stage2_train.trainer import epoch_batches
+from stage2_train.data import epoch_batches
 
 
 def bhtd(rows):
