@@ -71,6 +71,9 @@ class TrainConfig:
     latent_cot_weight: float = setting(0.0, "--latent: weight of the cross-entropy on the written chain of thought "
                                        "and answer (the student keeps its teacher mode, as in KaVa), logged as "
                                        "loss_cot")
+    latent_hidden_weight: float = setting(0.0, "--latent: weight of CODI's hidden-state loss: each distilled student "
+                                          "layer's output at end-of-thought, projected, against the teacher's at the "
+                                          "token before its answer (a cache made with --store-hidden)")
     latent_normalize: bool = setting(False, "--latent: divide the K/V loss's both sides by the teacher slots' std, "
                                      "per layer")
     alpha: float = setting(1.0, "mercator: weight of (1 - cos)")
@@ -166,7 +169,8 @@ class TrainConfig:
             return [f"latent and jacobi_iters must be >= 0, got {self.latent} and {self.jacobi_iters}"]
         if not self.latent:
             return []
-        p = [] if self.latent_cot_weight >= 0 else [f"latent_cot_weight must be >= 0, got {self.latent_cot_weight}"]
+        p = [f"{n} must be >= 0, got {getattr(self, n)}" for n in ("latent_cot_weight", "latent_hidden_weight")
+             if getattr(self, n) < 0]
         if len(self.caches) != 1:
             p.append(f"latent takes one teacher's cache, got {len(self.caches)}")
         if self.kd_weight or self.ce_chunk:

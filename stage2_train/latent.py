@@ -137,7 +137,9 @@ def _by_teacher_std(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 def _latent_forward(model, cap, head, batch: dict, cfg, device, autocast):
-    """The whole latent sequence once, its K/V captured: (output, latent slice, suffix ids, mask)."""
+    """The whole latent sequence once, its K/V captured: (output, latent slice, suffix ids, mask).
+    With --latent-hidden-weight the output also holds `layer_outputs` {student layer: (B, hidden)},
+    each distilled layer's output at end-of-thought (before the final norm, as the teacher's)."""
     emb = model.get_input_embeddings()
     q, qm = batch["question_ids"].to(device), batch["question_mask"].to(device)
     s, sm = batch["suffix_ids"].to(device), batch["suffix_mask"].to(device)
@@ -145,8 +147,20 @@ def _latent_forward(model, cap, head, batch: dict, cfg, device, autocast):
         prefix, suffix = emb(q), emb(s)
         z = latents(model, head, prefix, qm, cfg.latent, cfg.jacobi_iters)
         embeds, full, where = latent_sequence(prefix, qm, z, suffix, sm)
-        with cap:                     # the K/V of this forward only, not of the latent passes
-            out = model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), use_cache=False)
+        grabbed, hooks = {}, []
+        if getattr(cfg, "latent_hidden_weight", 0):
+            blocks = model.get_decoder().layers
+            for layer in cap.layers:
+                hooks.append(blocks[layer].register_forward_hook(
+                    lambda mod, args, o, layer=layer: grabbed.__setitem__(layer, (o[0] if isinstance(o, tuple) else o)[
+                        :, where.stop])))
+        try:
+            with cap:                 # the K/V of this forward only, not of the latent passes
+                out = model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+    out.layer_outputs = grabbed
     return out, where, s, sm
 
 
@@ -176,9 +190,30 @@ def latent_train_step(model, cap, distiller, batch: dict, cfg, device, autocast)
                                 batch["slot_mask"].to(device), t.distilled, distiller.proj[0], cfg.loss, cfg.alpha,
                                 cfg.beta, cfg.latent_normalize)
     cot = written_cross_entropy(model, batch, device, autocast) if cfg.latent_cot_weight else 0.0
-    loss = cfg.kv_weight * kv + cfg.ce_weight * ce + cfg.latent_cot_weight * cot
-    return loss, {"loss_kv": float(kv.detach()) if torch.is_tensor(kv) else float(kv), "loss_ce": float(ce.detach()),
-                  "loss_kd": 0.0, "loss_cot": float(cot.detach()) if torch.is_tensor(cot) else 0.0}
+    hid = hidden_loss(out.layer_outputs, batch["hidden"].to(device), distiller.teachers[0], distiller.hidden_proj) \
+        if cfg.latent_hidden_weight else 0.0
+    loss = cfg.kv_weight * kv + cfg.ce_weight * ce + cfg.latent_cot_weight * cot + cfg.latent_hidden_weight * hid
+    return loss, {"loss_kv": _num(kv), "loss_ce": _num(ce), "loss_kd": 0.0, "loss_cot": _num(cot), "loss_hidden": _num(hid)}
+
+
+def _num(x) -> float:
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
+
+
+def hidden_loss(student: dict[int, torch.Tensor], hidden: torch.Tensor, teacher, proj) -> torch.Tensor:
+    """CODI's hidden-state loss: per distilled student layer s, its output at end-of-thought
+    (`student[s]`, (B, Hs)) projected into the teacher's width against the teacher's layer
+    outputs at the token before its answer (`hidden`, (B, teacher layers, Ht), as stage 1's
+    --store-hidden stores them) mixed as the layer map mixes K/V; smooth L1 with both sides
+    divided by the target's standard deviation over the batch, averaged over the layers."""
+    layers = teacher.cache.layers                       # the stored layers the map indexes
+    total = 0.0
+    for pi, (s, row) in enumerate(teacher.distilled):
+        target = sum(w * hidden[:, layers[ci]].float() for ci, w in row)            # (B, Ht)
+        pred = proj[pi](student[s].float())
+        std = target.std().detach().clamp(min=1e-6) if target.numel() > 1 else target.new_tensor(1.0)
+        total = total + torch.nn.functional.smooth_l1_loss(pred / std, target / std)
+    return total / max(len(teacher.distilled), 1)
 
 
 def written_cross_entropy(model, batch: dict, device, autocast) -> torch.Tensor:

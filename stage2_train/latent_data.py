@@ -35,6 +35,7 @@ class LatentData(torch.utils.data.Dataset):
         if tok.eos_token_id is None:
             raise KavaError("the student's tokenizer has no EOS token to end the answer with")
         self.cache, self.tok, self.bot, self.eot = cache, tok, bot_id, eot_id
+        self.hidden = bool(cache.meta.store_hidden)
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -48,7 +49,8 @@ class LatentData(torch.utils.data.Dataset):
         answer = enc(text[r1:], add_special_tokens=False)["input_ids"] + [enc.eos_token_id]   # "\n#### N", EOS
         r = self.cache.rkv(i)
         return {"question": question + [self.bot], "cot": cot, "suffix": [self.eot] + answer,
-                "slots_k": r["k"], "slots_v": r["v"], "slot_mask": r["mask"][0, 0], "row": s["row"]}
+                "slots_k": r["k"], "slots_v": r["v"], "slot_mask": r["mask"][0, 0], "row": s["row"],
+                **({"hidden": self.cache.hidden(i)} if self.hidden else {})}
 
 
 def collate_latent(items: list[dict], pad_id: int) -> dict:
@@ -81,4 +83,5 @@ def collate_latent(items: list[dict], pad_id: int) -> dict:
             # the written tokens (question, thought markers, answer) as one sequence, for what every
             # batch offers the trainer: its sample and token counts, and the K/V capture check
             "input_ids": torch.cat([q, s], 1), "attention_mask": torch.cat([qm, sm], 1), "bad_rows": [],
-            "written_ids": w, "written_mask": wm, "written_ce": wce}
+            "written_ids": w, "written_mask": wm, "written_ce": wce,
+            **({"hidden": torch.stack([it["hidden"] for it in items])} if "hidden" in items[0] else {})}

@@ -75,7 +75,7 @@ def deal(batches: list[list[int]], rank: int, world: int, n_samples: int, batch_
 class Torchrun(Alone):
     """The ranks of a torchrun launch. Collectives reduce tensors on the trainer's device (NCCL
     reduces CUDA tensors only)."""
-    PARTS = ("loss", "loss_kv", "loss_ce", "loss_kd", "loss_cot")   # averaged over the ranks
+    PARTS = ("loss", "loss_kv", "loss_ce", "loss_kd", "loss_cot", "loss_hidden")   # averaged over the ranks
     COUNTS = ("tokens", "samples", "kd_dropped", "kd_skipped")  # summed
 
     def __init__(self, device: torch.device):

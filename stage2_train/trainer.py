@@ -74,7 +74,16 @@ class Trainer:
         self.model, self.tok = model.train(), tok
         self.distiller = Distiller(cfg, self.teachers, self.s_geo, self.s_geo.num_layers).to(self.device)
         if cfg.latent:                   # trained and saved with the projectors
-            self.distiller.latent_head = LatentHead(model.config.get_text_config().hidden_size).to(self.device)
+            hidden = model.config.get_text_config().hidden_size
+            self.distiller.latent_head = LatentHead(hidden).to(self.device)
+            if cfg.latent_hidden_weight:     # CODI: each distilled layer's output into the teacher's width
+                t = self.teachers[0]
+                if not t.cache.meta.store_hidden:
+                    raise KavaError(f"--latent-hidden-weight: {t.path} was made without --store-hidden; run stage 1 "
+                                    "with it for the teacher's hidden states")
+                width = t.cache.meta.teacher["hidden_size"]
+                self.distiller.hidden_proj = torch.nn.ModuleList(
+                    torch.nn.Linear(hidden, width) for _ in t.distilled).to(self.device)
         self.echo(f"projectors ({cfg.projector}, {cfg.direction}): "
                   f"{sum(p.numel() for p in self.distiller.parameters()):,} trainable parameters")
         self.cap = StudentKV(model, sorted({s for t in self.teachers for s, _ in t.distilled}), self.s_geo)

@@ -209,7 +209,7 @@ def _latent_cfg(student_dir, cache, out, **kw):
 
 
 @pytest.mark.slow
-def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, rkv_cache, tmp_path):
+def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, teacher_dir, rkv_cache, tmp_path):
     """--latent 4 through stage 2: the K/V loss at the latent positions falls, the student saved
     with its thought tokens loads back, and a run resumed from step 3 logs the same numbers as
     one that ran straight through."""
@@ -234,6 +234,22 @@ def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, rkv_cach
         assert r["loss_cot"] > 0 and r["loss"] == pytest.approx(3.0 * r["loss_kv"] + r["loss_ce"] + 0.5 * r["loss_cot"],
                                                                 rel=1e-5)
     assert all(r["loss_cot"] == 0.0 for r in straight)
+    # CODI's hidden-state loss needs the teacher's hidden states, then is logged and in the loss
+    from kava_common import KavaError
+    with pytest.raises(KavaError, match="made without --store-hidden"):
+        train(_latent_cfg(student_dir, rkv_cache, tmp_path / "h0", max_steps=1, latent_hidden_weight=1.0),
+              echo=lambda *a: None)
+    from stage1_extract.config import ExtractConfig
+    from stage1_extract.extract import main as extract
+    (hcache,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=40, batch_size=8,
+                                      quantize=False, device="cpu", progress=False, rkv_slots=4, store_hidden=True,
+                                      out=str(tmp_path / "hc")))
+    train(_latent_cfg(student_dir, hcache, tmp_path / "h", max_steps=6, save_every=0, latent_hidden_weight=2.0),
+          echo=lambda *a: None)
+    hm = [json.loads(l) for l in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_hidden"] > 0 and r["loss"] == pytest.approx(
+        3.0 * r["loss_kv"] + r["loss_ce"] + 2.0 * r["loss_hidden"], rel=1e-5) for r in hm)
+    assert hm[-1]["loss_hidden"] < hm[0]["loss_hidden"]
     # answers after the latent steps, and written out, by the same student
     from stage2_train.evaluate import EvalConfig, run as evaluate_run
     evaluate_run(EvalConfig(model=str(final), split="test", max_samples=4, batch_size=2, max_new_tokens=8, latent=4,
@@ -325,3 +341,25 @@ def test_the_written_sequence_and_its_cross_entropy_by_hand():
     # every predicted token: positions 1..5 of row 0 predict 7 8 9 2 ... from position 1 on; row 1 predicts 3, 2
     terms = [lp0[1, 7], lp0[2, 8], lp0[3, 9], lp0[4, 2], lp1[0, 3], lp1[1, 2]]
     assert float(got) == pytest.approx(float(-sum(terms) / len(terms)), rel=1e-5)
+
+
+def test_codis_hidden_state_loss_by_hand():
+    """One student layer mapped to the second stored teacher layer (teacher layer 2), an
+    identity projection: smooth L1 between student and teacher outputs, both over the target's std."""
+    import types
+    from stage2_train.latent import hidden_loss
+    proj = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    with torch.no_grad():
+        proj[0].weight.copy_(torch.eye(2))
+        proj[0].bias.zero_()
+    student = {0: torch.tensor([[1.0, 2.0], [0.0, 0.0]])}
+    hidden = torch.zeros(2, 3, 2)                                   # (B, teacher layers, Ht)
+    hidden[:, 2] = torch.tensor([[1.0, 4.0], [2.0, 1.0]])
+    teacher = types.SimpleNamespace(cache=types.SimpleNamespace(layers=[0, 2]), distilled=[(0, [(1, 1.0)])])
+    std = torch.tensor([1.0, 4.0, 2.0, 1.0]).std()
+    diffs = [0.0, -2.0, -2.0, -1.0]                                 # student - teacher, per element
+    def sl1(d):
+        d = abs(d) / float(std)
+        return 0.5 * d * d if d < 1 else d - 0.5
+    want = sum(sl1(d) for d in diffs) / 4
+    assert float(hidden_loss(student, hidden, teacher, proj).detach()) == pytest.approx(want, rel=1e-6)

@@ -569,7 +569,7 @@ def test_the_trainers_collectives_reduce_tensors_on_its_device(monkeypatch):
     with pytest.raises(Reduced):
         ranks.any(True)
     with pytest.raises(Reduced):
-        ranks.combine({"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0, "loss_cot": 0.0},
+        ranks.combine({"loss": 1.0, "loss_kv": 0.5, "loss_ce": 0.5, "loss_kd": 0.0, "loss_cot": 0.0, "loss_hidden": 0.0},
                       {"tokens": 7, "samples": 1, "kd_dropped": 0, "kd_skipped": 0}, [], [3])
     assert seen == [torch.device("meta")] * 2
 
