@@ -39,6 +39,8 @@ class RecompressArgs:
     rkv_slots: int | None = setting(None, "R-KV slots per layer and KV head, chosen again from the parent's stored "
                                     "importance and keys (default: the parent's; 0 drops them)")
     rkv_lambda: float | None = setting(None, "R-KV's weight of importance against redundancy (default: the parent's)")
+    rkv_select: str | None = setting(None, "rkv or even (evenly spaced slots; default: the parent's)",
+                                     choices=("rkv", "even"))
     progress: bool = setting(True, "show a progress bar")
 
 
@@ -110,10 +112,11 @@ def recompress(a: RecompressArgs, log=print) -> Path:
     parent = parent_identity(m)
     ident = kc.CacheIdentity(**{**asdict(parent), "layers": layers, "kv_dtype": a.kv_dtype or m["kv_dtype"],
                                 "kv_quant": q.describe() if q else None, "rkv_slots": slots,
-                                "rkv_lambda": lam if slots else 0.0})
+                                "rkv_lambda": lam if slots else 0.0,
+                                "rkv_select": (a.rkv_select or m.get("rkv_select") or "rkv") if slots else "rkv"})
     if ident.fingerprint == parent.fingerprint:
         raise KavaError("these settings give the parent cache itself; change --kv-quant, --layers, --kv-dtype "
-                        "or --rkv-slots")
+                        "or the R-KV settings")
     name = Path(a.cache).resolve().name
     stem = name[:-len(parent.fingerprint)] if name.endswith(parent.fingerprint) else name + "-"
     out = Path(a.out) if a.out else Path(a.cache).resolve().parent
@@ -154,7 +157,7 @@ def _write_shards(src, dest: Path, ident, layers: list[int], q, done: dict, prog
             continue
         tensors = _float_shard(src, sh, layers, dtype)
         if ident.rkv_slots:
-            tensors.update(_rkv_tensors(sh, tensors, layers, ident.rkv_slots, ident.rkv_lambda))
+            tensors.update(_rkv_tensors(sh, tensors, layers, ident.rkv_slots, ident.rkv_lambda, ident.rkv_select))
         e = kc.ShardEntry(index=i, fingerprint=ident.fingerprint, rows=pe["rows"], bad_samples=pe["bad_samples"],
                           num_samples=pe["num_samples"], tokens=pe["tokens"])
         if q is not None:
@@ -184,7 +187,7 @@ def _float_shard(src, sh, layers: list[int], dtype: torch.dtype) -> dict[str, to
     return out
 
 
-def _rkv_tensors(sh, tensors: dict, layers: list[int], slots: int, lam: float) -> dict[str, torch.Tensor]:
+def _rkv_tensors(sh, tensors: dict, layers: list[int], slots: int, lam: float, how: str) -> dict[str, torch.Tensor]:
     """A shard's R-KV tensors chosen again (kava_common.rkv.choose) from the parent's stored
     importance and the float K/V in `tensors`, as stage 1 chooses them."""
     off, seg = tensors["sample_offsets"].tolist(), tensors["token_segments"].tolist()
@@ -198,7 +201,7 @@ def _rkv_tensors(sh, tensors: dict, layers: list[int], slots: int, lam: float) -
             (r0, r1), a = seg[j][1], off[j]
             imp = out[f"rkv_importance.{l}"][a + r0:a + r1].t()
             sel = choose(imp, k[a + r0:a + r1].transpose(0, 1).float(), v[a + r0:a + r1].transpose(0, 1).float(),
-                         slots, lam)
+                         slots, lam, how=how)
             rk[j], rv[j] = sel["k"].to(k.dtype), sel["v"].to(v.dtype)
             index[j, li] = torch.where(sel["mask"], sel["index"] + r0, -1).to(torch.int32)
         out[f"rkv_k.{l}"], out[f"rkv_v.{l}"] = rk, rv

@@ -71,21 +71,38 @@ def select(scores: torch.Tensor, slots: int, valid: torch.Tensor | None = None) 
     return index, index >= 0
 
 
+def even_slots(heads: int, tr: int, slots: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`slots` evenly spaced reasoning tokens of `tr` (the first and the last among them), the
+    same for every head; all of them and empty slots after when there are no more than `slots`."""
+    n = min(tr, slots)
+    kept = torch.arange(tr, device=device) if tr <= slots else \
+        torch.linspace(0, tr - 1, slots, device=device).round().long()
+    index = torch.full((heads, slots), -1, dtype=torch.long, device=device)
+    index[:, :n] = kept
+    return index, index >= 0
+
+
 def rkv_select(q_answer: torch.Tensor, k_reason: torch.Tensor, v_reason: torch.Tensor, slots: int,
-               lam: float = 0.1, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               lam: float = 0.1, valid: torch.Tensor | None = None, how: str = "rkv") -> dict[str, torch.Tensor]:
     """One layer of one sample: the selected slots `k`, `v` (H, M, D; zeros in an empty slot,
     which `mask` marks), `index` (H, M) into the reasoning tokens (-1: empty), `mask` (H, M), and
     the importance `I` (H, Tr) that recompress needs to select again without the teacher."""
-    return choose(importance(q_answer, k_reason, valid), k_reason, v_reason, slots, lam, valid)
+    return choose(importance(q_answer, k_reason, valid), k_reason, v_reason, slots, lam, valid, how)
 
 
 def choose(imp: torch.Tensor, k_reason: torch.Tensor, v_reason: torch.Tensor, slots: int, lam: float,
-           valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+           valid: torch.Tensor | None = None, how: str = "rkv") -> dict[str, torch.Tensor]:
     """`rkv_select` from a given importance `imp` (H, Tr): what recompress does with the stored
-    importance to select again with another M or lambda, without the teacher."""
+    importance to select again with another M or lambda, without the teacher. `how` "even":
+    evenly spaced tokens instead (the ablation of R-KV's choice), the importance kept all the same."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"--rkv-lambda must lie in [0, 1], got {lam}")
-    index, mask = select(lam * imp + (1 - lam) * redundancy(k_reason, valid), slots, valid)
+    if how == "even":
+        index, mask = even_slots(imp.shape[0], imp.shape[1], slots, imp.device)
+    elif how == "rkv":
+        index, mask = select(lam * imp + (1 - lam) * redundancy(k_reason, valid), slots, valid)
+    else:
+        raise ValueError(f"--rkv-select {how!r}: choose rkv or even")
     return {"k": gather_slots(k_reason, index), "v": gather_slots(v_reason, index), "index": index,
             "mask": mask, "I": imp}
 

@@ -42,6 +42,8 @@ class ExtractConfig:
                              "KV head, chosen R-KV-style (importance to the answer and novelty; "
                              "kava_common.rkv), for a latent-reasoning student; 0: none")
     rkv_lambda: float = setting(0.1, "--rkv-slots: the weight of importance against redundancy, in [0, 1]")
+    rkv_select: str = setting("rkv", "--rkv-slots: chosen by R-KV's score, or evenly spaced over the chain of "
+                              "thought (an ablation; the importance is stored either way)", choices=("rkv", "even"))
     store_hidden: bool = setting(False, "also store the hidden state every teacher layer outputs at the token before "
                                  "the answer (the CODI target for a latent-reasoning student); every layer then runs")
     quantize: bool = setting(True, "run the teacher in 4-bit (bitsandbytes); --no-quantize: unquantized in --dtype")

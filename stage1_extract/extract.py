@@ -131,7 +131,7 @@ def plan_teacher(cfg: ExtractConfig, name: str, rows: Rows, model=None, tok=None
         max_length=cfg.max_length, layers=layers, kv_dtype=cfg.kv_dtype, format=cfg.format,
         shard_mb=cfg.shard_mb, logits_topk=cfg.logits_topk, token_logprobs=bool(cfg.logits_topk),
         kv_quant=cfg.quant.describe() if cfg.quant else None, rkv_slots=cfg.rkv_slots,
-        rkv_lambda=cfg.rkv_lambda if cfg.rkv_slots else 0.0, store_hidden=cfg.store_hidden)
+        rkv_lambda=cfg.rkv_lambda if cfg.rkv_slots else 0.0, rkv_select=cfg.rkv_select, store_hidden=cfg.store_hidden)
     shards = plan_shards(samples, geometry.bytes_per_token(cfg.kv_dtype, layers), cfg.shard_mb * 1e6)
     return TeacherJob(
         name=name, geometry=geometry, layers=layers, tok=tok, samples=samples, skipped=skipped,
@@ -399,7 +399,8 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
                     torch.cuda.synchronize(model.device)      # the K/V copies into the buffers are done
                 for b, p in enumerate(batch):
                     store_rkv(rkv, p, samples[members[p]], {l: (ks[p], vs[p]) for l, (ks, vs) in per_sample.items()},
-                              {l: q[b] for l, q in queries.got.items()}, cfg.rkv_slots, cfg.rkv_lambda, lens)
+                              {l: q[b] for l, q in queries.got.items()}, cfg.rkv_slots, cfg.rkv_lambda, lens,
+                              cfg.rkv_select)
             if hidden is not None:
                 got = states.got.to(hidden.device, hidden.dtype)
                 for b, p in enumerate(batch):
@@ -435,7 +436,8 @@ def answer_positions(batch: list[CacheSample], starts: list[int]) -> torch.Tenso
                          for (a, b), st, s in zip(spans, starts, batch)], dtype=torch.long)
 
 
-def store_rkv(rkv: dict, p: int, sample: CacheSample, kv: dict, q: dict, slots: int, lam: float, lens: list[int]) -> None:
+def store_rkv(rkv: dict, p: int, sample: CacheSample, kv: dict, q: dict, slots: int, lam: float, lens: list[int],
+              how: str = "rkv") -> None:
     """Sample p's R-KV selection per stored layer (kava_common.rkv.rkv_select) into the shard's
     views: its reasoning tokens' K/V (from the buffer, as stored) against its answer's queries
     `q` ({layer: (query heads, P, D)}); slot indices become positions in the sample."""
@@ -444,7 +446,7 @@ def store_rkv(rkv: dict, p: int, sample: CacheSample, kv: dict, q: dict, slots: 
     for li, l in enumerate(rkv["layers"]):
         k, v = kv[l]                                         # (T, H, D)
         sel = rkv_select(q[l][:, :a1 - a0].float().cpu(), k[r0:r1].transpose(0, 1).float(),
-                         v[r0:r1].transpose(0, 1).float(), slots, lam)
+                         v[r0:r1].transpose(0, 1).float(), slots, lam, how=how)
         rkv["k"][l][p] = sel["k"].to(rkv["k"][l].dtype)
         rkv["v"][l][p] = sel["v"].to(rkv["v"][l].dtype)
         rkv["index"][p, li] = torch.where(sel["mask"], sel["index"] + r0, -1).to(torch.int32)

@@ -241,3 +241,30 @@ def test_store_hidden_keeps_every_layers_output_at_the_token_before_the_answer(t
     (plain,) = extract(_rkv_cfg(teacher_dir, tmp_path / "plain"))
     with pytest.raises(KavaError, match="made without --store-hidden"):
         open_cache(plain).hidden(0)
+
+
+def test_evenly_spaced_slots_and_their_cache_equal_stage1_by_recompress(teacher_dir, tmp_path):
+    """--rkv-select even: M evenly spaced reasoning tokens, the first and last among them, all of
+    a shorter chain; stage 1 with it equals recompress from an R-KV cache, and its fingerprint
+    differs from the R-KV cache's while the default keeps the fingerprint R-KV caches had."""
+    from kava_common.cache import open_cache
+    from kava_common.recompress import RecompressArgs, recompress
+    from kava_common.rkv import even_slots
+    from stage1_extract.extract import main as extract
+    assert even_slots(2, 10, 4)[0].tolist() == [[0, 3, 6, 9]] * 2
+    assert even_slots(1, 7, 3)[0].tolist() == [[0, 3, 6]]
+    index, mask = even_slots(1, 2, 4)
+    assert index.tolist() == [[0, 1, -1, -1]] and mask.tolist() == [[True, True, False, False]]
+    (rkv,) = extract(_rkv_cfg(teacher_dir, tmp_path / "rkv", rkv_slots=6))
+    (even,) = extract(_rkv_cfg(teacher_dir, tmp_path / "even", rkv_slots=6, rkv_select="even"))
+    assert open_cache(rkv).fingerprint != open_cache(even).fingerprint
+    assert "rkv_select" not in open_cache(rkv).meta.raw["identity"] and open_cache(even).meta.rkv_select == "even"
+    derived = open_cache(recompress(RecompressArgs(cache=str(rkv), out=str(tmp_path / "d"), rkv_select="even",
+                                                   progress=False), log=lambda *a: None))
+    e = open_cache(even)
+    assert derived.path.name == e.path.name
+    for i in range(len(e)):
+        a, b = derived.rkv(i), e.rkv(i)
+        assert all(torch.equal(a[n], b[n]) for n in ("k", "v", "index", "importance")), i
+        (r0, r1) = e.text(i)["token_segments"]["reasoning"]
+        assert b["index"][0, 0].tolist() == [x + r0 if x >= 0 else -1 for x in even_slots(1, r1 - r0, 6)[0][0].tolist()]

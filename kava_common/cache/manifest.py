@@ -45,6 +45,7 @@ class CacheIdentity:
     token_logprobs: bool = False  # the log-probability of each actual next token stored too
     rkv_slots: int = 0            # R-KV slots of the reasoning K/V per layer and KV head (0: none)
     rkv_lambda: float = 0.0       # R-KV's weight of importance against redundancy
+    rkv_select: str = "rkv"       # how the slots are chosen: rkv, or even (evenly spaced, an ablation)
     store_hidden: bool = False    # every layer's hidden state at the token before the answer stored
 
     def to_dict(self) -> dict:
@@ -54,6 +55,8 @@ class CacheIdentity:
                 del d[key]
         if not self.rkv_slots:
             del d["rkv_lambda"]
+        if not self.rkv_slots or self.rkv_select == "rkv":            # the default keeps its fingerprint
+            del d["rkv_select"]
         return d
 
     @property
@@ -106,6 +109,7 @@ def build_manifest(identity: CacheIdentity, *, teacher: dict, tokenizer: dict, d
         "head_dim": geometry.head_dim, "kv_dtype": identity.kv_dtype, "kv_quant": _quant_summary(identity, entries),
         "logits_topk": identity.logits_topk, "token_logprobs": identity.token_logprobs,
         "rkv_slots": identity.rkv_slots, "rkv_lambda": identity.rkv_lambda if identity.rkv_slots else None,
+        "rkv_select": identity.rkv_select if identity.rkv_slots else None,
         "store_hidden": identity.store_hidden,
         "logits_layout": ({"topk_ids": "int32 (tokens, K)", "topk_logprobs": "float32 (tokens, K), "
                            "log_softmax of the teacher's logits at position t, for token t+1",
@@ -192,6 +196,7 @@ class Manifest:
     token_logprobs: bool = False
     rkv_slots: int = 0              # R-KV slots per layer and KV head (rkv_k/rkv_v/rkv_index); 0: none
     rkv_lambda: float | None = None
+    rkv_select: str | None = None   # rkv | even
     store_hidden: bool = False      # `hidden` (n, num_layers, hidden_size): each layer's output before the answer
     bad_samples: list[dict] = field(default_factory=list)   # {"row", "reason"}: left out by stage 1
     skipped_rows: list[dict] = field(default_factory=list)  # data-set rows with nothing to learn from
