@@ -142,6 +142,7 @@ def test_the_latent_kv_loss_by_hand():
     assert sk.grad[0, 0, 0].abs().sum() > 0 and not sk.grad[0, 0, 1].any()   # the empty slot: no gradient
 
 
+@pytest.mark.slow
 def test_latent_data_tokenizes_question_thought_and_answer_and_stacks_the_slots(teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from kava_common import KavaError

@@ -102,6 +102,7 @@ def test_captured_answer_queries_are_the_queries_the_attention_uses(arch, monkey
 
 
 # 200: longer than any chain of thought here; max_length 220 cuts the longer samples' reasoning and answer
+@pytest.mark.slow
 @pytest.mark.parametrize("slots,max_length", [(8, 512), (200, 512), (8, 220)])
 def test_stage1_stores_rkv_slots_equal_to_a_recomputation_from_the_full_cache(teacher_dir, tmp_path, slots,
                                                                               max_length):
@@ -162,6 +163,7 @@ def _rkv_cfg(teacher, out, **kw):
                                    device="cpu", progress=False, layers=[0, 2]), **kw})
 
 
+@pytest.mark.slow
 def test_recompress_chooses_rkv_slots_again_as_stage1_would_without_the_teacher(teacher_dir, tmp_path):
     """From a cache with R-KV slots (M 8, lambda 0.3), recompress with another M and lambda, a
     layer subset, int8 K/V or no slots gives the very samples stage 1 writes with those settings."""
@@ -210,6 +212,7 @@ def test_recompress_chooses_rkv_slots_again_as_stage1_would_without_the_teacher(
         recompress(RecompressArgs(cache=str(quantized), kv_dtype="float16", progress=False))
 
 
+@pytest.mark.slow
 def test_store_hidden_keeps_every_layers_output_at_the_token_before_the_answer(teacher_dir, tmp_path):
     """--store-hidden: per sample (batched, padded), each decoder layer's output at the token
     before the answer equals an unbatched forward's hidden states there (the last layer's,
@@ -243,6 +246,7 @@ def test_store_hidden_keeps_every_layers_output_at_the_token_before_the_answer(t
         open_cache(plain).hidden(0)
 
 
+@pytest.mark.slow
 def test_evenly_spaced_slots_and_their_cache_equal_stage1_by_recompress(teacher_dir, tmp_path):
     """--rkv-select even: M evenly spaced reasoning tokens, the first and last among them, all of
     a shorter chain; stage 1 with it equals recompress from an R-KV cache, and its fingerprint
