@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .student import decoder_layers
+
 
 class LatentHead(torch.nn.Module):
     """The last layer's hidden state -> the next latent input embedding: a two-layer MLP and a
@@ -92,15 +94,6 @@ def latent_sequence(prefix: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, s
     return embeds, full, slice(tp, tp + m)
 
 
-def run_latent(model, head: LatentHead, prefix: torch.Tensor, mask: torch.Tensor, suffix: torch.Tensor,
-               suffix_mask: torch.Tensor, m: int, iters: int = 0):
-    """The student's forward with M latent steps: (the model's output over the whole sequence,
-    the latents (B, M, hidden), the latent positions' slice)."""
-    z = latents(model, head, prefix, mask, m, iters)
-    embeds, full, where = latent_sequence(prefix, mask, z, suffix, suffix_mask)
-    return model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), use_cache=False), z, where
-
-
 def latent_kv_loss(student: dict[int, tuple[torch.Tensor, torch.Tensor]], slots_k: torch.Tensor,
                    slots_v: torch.Tensor, mask: torch.Tensor, distilled: list, projector, loss: str = "mercator",
                    alpha: float = 1.0, beta: float = 0.01, normalize: bool = False) -> torch.Tensor:
@@ -118,8 +111,7 @@ def latent_kv_loss(student: dict[int, tuple[torch.Tensor, torch.Tensor]], slots_
     from .losses import kv_loss
     total = 0.0
     for pi, (s, row) in enumerate(distilled):
-        tk = sum(w * slots_k[:, ci] for ci, w in row).float()                # (B, Ht, M, Dt)
-        tv = sum(w * slots_v[:, ci] for ci, w in row).float()
+        tk, tv = mixed(slots_k, row), mixed(slots_v, row)                    # (B, Ht, M, Dt)
         sk, sv = student[s]
         pk, pv = projector(pi, sk.float(), sv.float())
         if normalize:
@@ -129,10 +121,20 @@ def latent_kv_loss(student: dict[int, tuple[torch.Tensor, torch.Tensor]], slots_
     return total / max(len(distilled), 1)
 
 
+def mixed(per_layer: torch.Tensor, row: list) -> torch.Tensor:
+    """The teacher's target for one student layer: its stored layers (axis 1 of `per_layer`)
+    mixed by the layer map's (index, weight) pairs, in float32."""
+    return sum(w * per_layer[:, ci].float() for ci, w in row)
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of `x`'s values, without gradient (1 for a single value)."""
+    return x.std().detach().clamp(min=1e-6) if x.numel() > 1 else x.new_tensor(1.0)
+
+
 def _by_teacher_std(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     """Both divided by the target's standard deviation over the filled slots (no gradient)."""
-    filled = target.transpose(1, 2)[mask.bool()]                                # (N, H, D)
-    std = filled.std().detach().clamp(min=1e-6) if filled.numel() > 1 else target.new_tensor(1.0)
+    std = _std(target.transpose(1, 2)[mask.bool()])                             # over (N, H, D)
     return pred / std, target / std
 
 
@@ -148,8 +150,8 @@ def _latent_forward(model, cap, head, batch: dict, cfg, device, autocast):
         z = latents(model, head, prefix, qm, cfg.latent, cfg.jacobi_iters)
         embeds, full, where = latent_sequence(prefix, qm, z, suffix, sm)
         grabbed, hooks = {}, []
-        if getattr(cfg, "latent_hidden_weight", 0):
-            blocks = model.get_decoder().layers
+        if cfg.latent_hidden_weight:
+            blocks = decoder_layers(model)
             for layer in cap.layers:
                 hooks.append(blocks[layer].register_forward_hook(
                     lambda mod, args, o, layer=layer: grabbed.__setitem__(layer, (o[0] if isinstance(o, tuple) else o)[
@@ -209,9 +211,8 @@ def hidden_loss(student: dict[int, torch.Tensor], hidden: torch.Tensor, teacher,
     layers = teacher.cache.layers                       # the stored layers the map indexes
     total = 0.0
     for pi, (s, row) in enumerate(teacher.distilled):
-        target = sum(w * hidden[:, layers[ci]].float() for ci, w in row)            # (B, Ht)
-        pred = proj[pi](student[s].float())
-        std = target.std().detach().clamp(min=1e-6) if target.numel() > 1 else target.new_tensor(1.0)
+        target = mixed(hidden[:, layers], row)                                       # (B, Ht)
+        pred, std = proj[pi](student[s].float()), _std(target)
         total = total + torch.nn.functional.smooth_l1_loss(pred / std, target / std)
     return total / max(len(teacher.distilled), 1)
 
@@ -241,12 +242,12 @@ def latent_evaluate(model, cap, distiller, loader, cfg, device, autocast) -> dic
     for batch in loader:
         out, where, s, sm = _latent_forward(model, cap, distiller.latent_head, batch, cfg, device, autocast)
         sums["eval_loss_ce"].append(float(_answer_ce(out.logits, where, s, sm)))
-        mask = batch["slot_mask"].to(device)
+        mask, pairs = batch["slot_mask"].to(device), _latent_pairs(cap, t, where)
         for pi, (layer, row) in enumerate(t.distilled):
-            sk, sv = _latent_pairs(cap, t, where)[layer]
+            sk, sv = pairs[layer]
             pk, pv = distiller.proj[0](pi, sk.float(), sv.float())
             for key, pred, slots in (("k", pk, batch["slots_k"]), ("v", pv, batch["slots_v"])):
-                tgt = sum(w * slots[:, ci] for ci, w in row).to(device).float()
+                tgt = mixed(slots.to(device), row)
                 sums[f"cos_{key}"].append(mean_cosine(pred, tgt, mask))
                 sums[f"cos_{key}_shuffled"].append(mean_cosine(pred, tgt, mask, shuffle=g))
     model.train(was)
@@ -263,17 +264,13 @@ def latent_generate(model, tok, head: LatentHead, prompts: list[str], m: int, it
     EOS. Forward passes: the latents' (1 + M one after another, 1 + T with Jacobi passes), one
     over [prompt, latents, end-of-thought] that gives the first answer token, one per further
     token."""
-    from .latent_data import BOT, EOT
+    from kava_common.data import pad_id
+    from .latent_data import BOT, EOT, pad_ids
     bot, eot = tok.convert_tokens_to_ids([BOT, EOT])
     if tok.unk_token_id is not None and tok.unk_token_id in (bot, eot):
         raise ValueError("the model's tokenizer has no begin/end-of-thought tokens: not a latent student")
     ids = [tok(p, add_special_tokens=True)["input_ids"] + [bot] for p in prompts]
-    width = max(len(x) for x in ids)
-    q = torch.full((len(ids), width), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    qm = torch.zeros(len(ids), width, dtype=torch.long)
-    for b, x in enumerate(ids):
-        q[b, width - len(x):], qm[b, width - len(x):] = torch.tensor(x), 1
-    q, qm = q.to(device), qm.to(device)
+    q, qm = (x.to(device) for x in pad_ids(ids, pad_id(tok), left=True))
     emb = model.get_input_embeddings()
     prefix = emb(q)
     z = latents(model, head, prefix, qm, m, iters)

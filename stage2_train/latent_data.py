@@ -53,18 +53,23 @@ class LatentData(torch.utils.data.Dataset):
                 **({"hidden": self.cache.hidden(i)} if self.hidden else {})}
 
 
+def pad_ids(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as (B, T) ids padded with `pad_id` on the left or the right, and their mask."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, x in enumerate(seqs):
+        where = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[b, where], mask[b, where] = torch.tensor(x, dtype=torch.long), 1
+    return ids, mask
+
+
 def collate_latent(items: list[dict], pad_id: int) -> dict:
     """A batch: questions left-padded (so that every sample's latents sit at the same positions),
     the suffix (end-of-thought, answer, EOS) and the written chain of thought right-padded, the
     slots stacked: `slots_k`, `slots_v` (B, L, H, M, D), `slot_mask` (B, M)."""
     def pad(seqs, left: bool):
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for b, x in enumerate(seqs):
-            where = slice(width - len(x), width) if left else slice(0, len(x))
-            ids[b, where], mask[b, where] = torch.tensor(x, dtype=torch.long), 1
-        return ids, mask
+        return pad_ids(seqs, pad_id, left)
 
     q, qm = pad([it["question"] for it in items], left=True)
     # the written sequence (question, chain of thought, answer) and the tokens it predicts: the

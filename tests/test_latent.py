@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kava_demo import tiny
-from stage2_train.latent import LatentHead, latent_sequence, latents, run_latent
+from stage2_train.latent import LatentHead, latent_sequence, latents
 
 
 def _model(arch="qwen2"):
@@ -85,14 +85,27 @@ def test_the_answers_gradient_reaches_every_latent_step_the_head_and_the_student
     assert float(model.get_decoder().layers[0].self_attn.q_proj.weight.grad.abs().sum()) > 0
 
 
-def test_run_latent_is_the_whole_sequence_in_one_forward():
+def test_the_latent_forward_is_the_whole_sequence_in_one_forward():
+    """The forward a latent step trains on: [question, bot, latents, eot, answer] at once, the
+    K/V captured from it alone."""
+    import types
+    from kava_common.geometry import KVGeometry
+    from stage2_train.latent import _latent_forward
+    from stage2_train.student import StudentKV
     model, head = _model()
     prefix, mask = _prefix(model, [[5, 6, 7, 8]])
-    suffix = model.get_input_embeddings()(torch.tensor([[2, 30, 31]]))
+    batch = {"question_ids": torch.tensor([[5, 6, 7, 8, 1]]), "question_mask": mask,
+             "suffix_ids": torch.tensor([[2, 30, 31]]), "suffix_mask": torch.ones(1, 3, dtype=torch.long)}
+    cap = StudentKV(model, [0, 1], KVGeometry.from_config(model.config))
+    cfg = types.SimpleNamespace(latent=2, jacobi_iters=0, latent_hidden_weight=0.0)
     with torch.no_grad():
-        out, z, where = run_latent(model, head, prefix, mask, suffix, torch.ones(1, 3, dtype=torch.long), 2)
+        out, where, _, _ = _latent_forward(model, cap, head, batch, cfg, torch.device("cpu"),
+                                           lambda: torch.autocast("cpu", enabled=False))
+        z = latents(model, head, prefix, mask, 2)
+        suffix = model.get_input_embeddings()(batch["suffix_ids"])
         ref = model(inputs_embeds=torch.cat([prefix, z, suffix], 1)).logits
     assert torch.allclose(out.logits, ref, atol=1e-5) and (where.start, where.stop) == (5, 7)
+    assert cap.kv(0)[0].shape[2] == 5 + 2 + 3                   # the K/V of the whole sequence, not of a latent pass
 
 
 def _value(t: torch.Tensor) -> float:
