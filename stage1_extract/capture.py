@@ -167,6 +167,11 @@ def sample_spans(seqs_len: list[int], width: int, padding_side: str) -> list[int
 
 
 
+def _decoder_layers(model):
+    """The teacher's decoder layers (a causal LM's `get_decoder()`, else its `model`)."""
+    return (model.get_decoder() if hasattr(model, "get_decoder") else model.model).layers
+
+
 class QueryCapture:
     """The teacher's post-RoPE queries at chosen positions of a batch, per layer, as its attention
     computes them: a forward pre-hook on each attention module projects the hidden states of
@@ -179,8 +184,8 @@ class QueryCapture:
 
     def __init__(self, model, layers: list[int]):
         self.layers = sorted(layers)
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self.modules = {l: decoder.layers[l].self_attn for l in self.layers}
+        blocks = _decoder_layers(model)
+        self.modules = {l: blocks[l].self_attn for l in self.layers}
         for l, m in self.modules.items():
             if not hasattr(m, "q_proj") or getattr(m, "q_norm", None) is not None:
                 raise KavaError(f"layer {l}: {type(m).__name__} has no plain q_proj; R-KV query capture supports "
@@ -227,8 +232,7 @@ class HiddenCapture:
     along the padded time axis, then `got` (B, layers, hidden) after the forward."""
 
     def __init__(self, model):
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self.layers = list(decoder.layers)
+        self.layers = list(_decoder_layers(model))
         self.index: torch.Tensor | None = None
         self._got: list = []
         self._handles = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import re
 import shutil
@@ -376,6 +377,7 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
     lens = [len(samples[j].ids) for j in members]
     per_sample = {l: (k.split(lens), v.split(lens)) for l, (k, v) in bufs.items()}  # (n, H, D) each
     topk_rows = tuple(t.split(lens) for t in topk) if topk else None     # (n, K), (n, K), (n,) each
+    firsts = [0, *itertools.accumulate(lens)]                            # each sample's first row
     queries = QueryCapture(model, job.layers) if rkv is not None else contextlib.nullcontext()
     states = HiddenCapture(model) if hidden is not None else contextlib.nullcontext()
     with torch.inference_mode(), queries, states:
@@ -399,7 +401,7 @@ def run_batches(cfg: ExtractConfig, job: TeacherJob, model, grab: KVCapture, mem
                     torch.cuda.synchronize(model.device)      # the K/V copies into the buffers are done
                 for b, p in enumerate(batch):
                     store_rkv(rkv, p, samples[members[p]], {l: (ks[p], vs[p]) for l, (ks, vs) in per_sample.items()},
-                              {l: q[b] for l, q in queries.got.items()}, cfg.rkv_slots, cfg.rkv_lambda, lens,
+                              {l: q[b] for l, q in queries.got.items()}, cfg.rkv_slots, cfg.rkv_lambda, firsts[p],
                               cfg.rkv_select)
             if hidden is not None:
                 got = states.got.to(hidden.device, hidden.dtype)
@@ -436,13 +438,13 @@ def answer_positions(batch: list[CacheSample], starts: list[int]) -> torch.Tenso
                          for (a, b), st, s in zip(spans, starts, batch)], dtype=torch.long)
 
 
-def store_rkv(rkv: dict, p: int, sample: CacheSample, kv: dict, q: dict, slots: int, lam: float, lens: list[int],
+def store_rkv(rkv: dict, p: int, sample: CacheSample, kv: dict, q: dict, slots: int, lam: float, first: int,
               how: str = "rkv") -> None:
     """Sample p's R-KV selection per stored layer (kava_common.rkv.rkv_select) into the shard's
     views: its reasoning tokens' K/V (from the buffer, as stored) against its answer's queries
-    `q` ({layer: (query heads, P, D)}); slot indices become positions in the sample."""
+    `q` ({layer: (query heads, P, D)}); slot indices become positions in the sample; `first`:
+    the sample's first row in the shard."""
     (r0, r1), (a0, a1) = sample.token_segments[1], sample.token_segments[2]
-    first = sum(lens[:p])                                    # the sample's first row in the shard
     for li, l in enumerate(rkv["layers"]):
         k, v = kv[l]                                         # (T, H, D)
         sel = rkv_select(q[l][:, :a1 - a0].float().cpu(), k[r0:r1].transpose(0, 1).float(),
