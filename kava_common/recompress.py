@@ -20,7 +20,7 @@ from . import cache as kc
 from .cache.quant import KV_QUANT, KV_TENSORS, V_SPANS, KVQuant
 from .cli import command, setting
 from .geometry import DTYPES, KVGeometry
-from .rkv import choose
+from .rkv import choose, stored_index
 from .vocab import TOKENIZER_DIR, save_teacher_tokenizer
 
 
@@ -203,7 +203,7 @@ def _rkv_tensors(sh, tensors: dict, layers: list[int], slots: int, lam: float, h
             sel = choose(imp, k[a + r0:a + r1].transpose(0, 1).float(), v[a + r0:a + r1].transpose(0, 1).float(),
                          slots, lam, how=how)
             rk[j], rv[j] = sel["k"].to(k.dtype), sel["v"].to(v.dtype)
-            index[j, li] = torch.where(sel["mask"], sel["index"] + r0, -1).to(torch.int32)
+            index[j, li] = stored_index(sel, r0)
         out[f"rkv_k.{l}"], out[f"rkv_v.{l}"] = rk, rv
     out["rkv_index"] = index
     return out

@@ -107,6 +107,12 @@ def choose(imp: torch.Tensor, k_reason: torch.Tensor, v_reason: torch.Tensor, sl
             "mask": mask, "I": imp}
 
 
+def stored_index(sel: dict[str, torch.Tensor], r0: int) -> torch.Tensor:
+    """A selection's slots as the cache stores them (`rkv_index`): positions in the sample (the
+    chain of thought starts at token `r0`), -1 for an empty slot, int32."""
+    return torch.where(sel["mask"], sel["index"] + r0, -1).to(torch.int32)
+
+
 def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (H, Tr, D) at `index` (H, M): (H, M, D), zeros where the index is -1."""
     got = torch.gather(x, 1, index.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))

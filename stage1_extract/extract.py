@@ -29,7 +29,7 @@ from kava_common.data import Rows, load_rows, pad_id, tokenizer_identity
 from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
 from kava_common.prompt import TEMPLATE_ID
-from kava_common.rkv import rkv_select
+from kava_common.rkv import rkv_select, stored_index
 from kava_common.vocab import save_teacher_tokenizer
 
 from . import teacher as T
@@ -451,7 +451,7 @@ def store_rkv(rkv: dict, p: int, sample: CacheSample, kv: dict, q: dict, slots: 
                          v[r0:r1].transpose(0, 1).float(), slots, lam, how=how)
         rkv["k"][l][p] = sel["k"].to(rkv["k"][l].dtype)
         rkv["v"][l][p] = sel["v"].to(rkv["v"][l].dtype)
-        rkv["index"][p, li] = torch.where(sel["mask"], sel["index"] + r0, -1).to(torch.int32)
+        rkv["index"][p, li] = stored_index(sel, r0)
         rkv["importance"][l][first + r0:first + r1] = sel["I"].t()
 
 
