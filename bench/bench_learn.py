@@ -134,20 +134,21 @@ def prepare(root: Path, reg: dict, log) -> dict:
     for name, spec in reg["teachers"].items():
         trained = spec.get("same_as", name)         # another stage-1 setting of a teacher already there
         tpath = build_teacher(root, f"teacher-{trained}", spec, task, toks[spec["tokenizer"]], log)
-        ev = tpath / ("eval-validation.jsonl" if n_eval == 200 else f"eval-validation-{n_eval}.jsonl")
-        r = evaluate(str(tpath), task["dataset"], "validation", n_eval, batch_size=100,
-                     max_new_tokens=task["max_new_tokens"], out=ev, device="cpu", progress=False) \
-            if not ev.is_file() else None
-        scores = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
-        log(f"  teacher {name}: exact match {np.mean(scores):.3f} on {n_eval} validation problems"
-            + ("" if r else " (scored before)"))
-        paths[f"teacher_{name}_acc"] = float(np.mean(scores))
-        (cache,) = extract(ExtractConfig(teachers=[str(tpath)], dataset=paths["student_data"],
+        paths[f"teacher_{name}"] = str(tpath)
+        paths[f"teacher_{name}_acc"] = teacher_accuracy(tpath, name, task, n_eval, False, log)
+        if reg["eval"].get("teachers_direct"):      # the same teacher without its chain of thought
+            paths[f"teacher_{name}_direct_acc"] = teacher_accuracy(tpath, name, task, n_eval, True, log)
+        data = answer_only_data(root, task, paths["student_data"]) if spec.get("answer_only") else paths["student_data"]
+        (cache,) = extract(ExtractConfig(teachers=[str(tpath)], dataset=data,
                                          max_samples=task["student_problems"],
                                          batch_size=32, max_length=256, device="cpu", progress=False,
                                          out=str(root / "caches"), **spec["stage1"]))
         paths[f"cache_{name}"] = str(cache)
     for name, spec in students(reg).items():
+        if "from_teacher" in spec:      # fine-tuned from that teacher: the same start for every seed
+            for seed in reg["seeds"]:
+                paths[student_key(name, seed)] = paths[f"teacher_{spec['from_teacher']}"]
+            continue
         tok = toks[spec["tokenizer"]]
         for seed in reg["seeds"]:
             init = root / (f"student-init-{seed}" if name == DEFAULT else f"student-{name}-init-{seed}")
@@ -156,6 +157,36 @@ def prepare(root: Path, reg: dict, log) -> dict:
                 save_pretrained(tiny.build_model(cfg, seed=1000 + seed), tok, init)
             paths[student_key(name, seed)] = str(init)
     return paths
+
+
+def teacher_accuracy(tpath: Path, name: str, task: dict, n: int, direct: bool, log) -> float:
+    """A teacher's exact match on the first `n` validation problems, scored once (kept beside
+    it); `direct`: without its chain of thought (evaluate --direct: the answer line begun for it)."""
+    ev = tpath / (f"eval-validation{'-direct' if direct else ''}" + ("" if n == 200 else f"-{n}") + ".jsonl")
+    r = evaluate(str(tpath), task["dataset"], "validation", n, batch_size=100, max_new_tokens=task["max_new_tokens"],
+                 out=ev, device="cpu", progress=False, direct=direct) if not ev.is_file() else None
+    scores = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
+    log(f"  teacher {name}: exact match {np.mean(scores):.3f} on {n} validation problems"
+        + (" without its chain of thought" if direct else "") + ("" if r else " (scored before)"))
+    return float(np.mean(scores))
+
+
+def answer_only_data(root: Path, task: dict, data: str) -> str:
+    """The student's training problems with each answer cut to its final `#### N` line (a jsonl
+    file in `root`): what a student without a chain of thought learns from."""
+    from kava_common.prompt import FINAL_MARK
+    path = root / f"student-{Path(data).stem}-{task['student_problems']}-answer-only.jsonl"
+    if not path.is_file():
+        rows = load_rows(data, "train", task["student_problems"])
+        lines = []
+        for i, (q, a) in enumerate(zip(rows.questions, rows.answers)):
+            if FINAL_MARK not in a:
+                raise SystemExit(f"error: {data} train row {i} has no {FINAL_MARK} line to keep as its answer")
+            lines.append(json.dumps({"question": q, "answer": a[a.rindex(FINAL_MARK):].strip()}) + "\n")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(lines))
+        tmp.rename(path)
+    return str(path)
 
 
 DEFAULT = "default"      # the one student of a registration without `students:`
@@ -277,8 +308,10 @@ def run_one(job: tuple) -> dict:
 
 def scored(ev: Path, row: dict, t0: float) -> dict:
     """A run's per-problem scores (its eval.jsonl) and held-out cosines (its results row)."""
-    per_problem = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
-    return {"scores": [bool(x) for x in per_problem], "wall": time.perf_counter() - t0,
+    per_problem = [json.loads(x) for x in ev.read_text().splitlines()]
+    passes = [r["forward_passes"] for r in per_problem if "forward_passes" in r]
+    return {"scores": [bool(r["correct"]) for r in per_problem], "wall": time.perf_counter() - t0,
+            "passes": float(np.mean(passes)) if len(passes) == len(per_problem) else float("nan"),
             **{c: float(row[c]) if row.get(c) not in (None, "") else float("nan") for c in COSINES}}
 
 
@@ -291,11 +324,23 @@ def score_trained(out: Path, sweep: dict, trained: Path, t0: float) -> dict:
     (row,) = list(csv.DictReader((trained / "results.csv").open()))
     ev = out / "eval.jsonl"
     if not ev.is_file():
-        e = sweep["eval"]
-        evaluate(str(trained / row["run"] / "final" / "student"), e["dataset"], e["split"], e["max_samples"],
-                 batch_size=e["batch_size"], max_new_tokens=e["max_new_tokens"], out=ev, device=e["device"],
-                 progress=False)
+        evaluate(str(trained / row["run"] / "final" / "student"), out=ev, progress=False, **sweep["eval"])
     return scored(ev, row, t0)
+
+
+def arm_sweep(root: Path, arm: str, seed: int, split: str, reg: dict, paths: dict, chosen: dict) -> dict:
+    """The one-point sweep that trains seed `seed` of `arm` and scores it on `split`."""
+    own = arm_settings(reg, arm, chosen)
+    settings = dict(reg["student"]["settings"], **{k: fill(v, paths) for k, v in own.items()})
+    return {"out": str(root / split / arm / f"seed-{seed}"),
+            "settings": dict(settings, student=paths[student_key(arm_student(reg, arm), seed)]),
+            "grid": {"seed": [seed]},
+            "eval": {"dataset": reg["task"]["dataset"], "split": split, "max_samples": reg["eval"][split],
+                     "batch_size": reg["eval"]["batch_size"], "max_new_tokens": reg["task"]["max_new_tokens"],
+                     "device": "cpu",
+                     # a latent student answers after its latent steps, as it trained
+                     **({"latent": settings["latent"], "jacobi_iters": settings.get("jacobi_iters", 3)}
+                        if settings.get("latent") else {})}}
 
 
 def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, pool, threads: int, log,
@@ -305,29 +350,24 @@ def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, po
     (arms built from them take the chosen arms' settings)."""
     jobs = []
     for arm in arms:
-        own = arm_settings(reg, arm, chosen or {})
-        settings = dict(reg["student"]["settings"], **{k: fill(v, paths) for k, v in own.items()})
         for seed in reg["seeds"]:
-            sweep = {"out": str(root / split / arm / f"seed-{seed}"),
-                     "settings": dict(settings, student=paths[student_key(arm_student(reg, arm), seed)]),
-                     "grid": {"seed": [seed]},
-                     "eval": {"dataset": reg["task"]["dataset"], "split": split, "max_samples": reg["eval"][split],
-                              "batch_size": reg["eval"]["batch_size"],
-                              "max_new_tokens": reg["task"]["max_new_tokens"], "device": "cpu"}}
             trained = root / reuse / arm / f"seed-{seed}" if reuse else None
+            sweep = arm_sweep(root, arm, seed, split, reg, paths, chosen or {})
             jobs.append((arm, seed, (root / split / arm / f"seed-{seed}", sweep, threads, trained)))
     done = {}
     for (arm, seed, _), r in zip(jobs, pool.map(run_one, [j for *_, j in jobs])):
         done[arm, seed] = r
-        log(f"    {split} {arm} seed {seed}: exact match {np.mean(r['scores']):.3f}, cos K {r['cos_k']:.3f} "
+        log(f"    {split} {arm} seed {seed}: exact match {np.mean(r['scores']):.3f}, "
+            f"{r.get('passes', float('nan')):.1f} forward passes, cos K {r['cos_k']:.3f} "
             f"(shuffled {r['cos_k_shuffled']:.3f}) [{r['wall']:.0f} s]")
     results = []
     for arm in arms:
         rs = [done[arm, seed] for seed in reg["seeds"]]
         results.append({"arm": arm, "what": reg["arms"][arm]["what"], "baseline": baseline(reg, arm),
                         "scores": np.array([r["scores"] for r in rs], dtype=np.float64),
-                        **{c: float(np.nanmean([r[c] for r in rs])) if any(r[c] == r[c] for r in rs)
-                           else float("nan") for c in COSINES}})
+                        **{c: float(np.nanmean([r.get(c, float("nan")) for r in rs]))
+                           if any(r.get(c, float("nan")) == r.get(c, float("nan")) for r in rs)
+                           else float("nan") for c in (*COSINES, "passes")}})
     return results
 
 
@@ -348,13 +388,16 @@ def compare(results: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> list[str]:
     f = lambda x: "-" if x != x else f"{x:.3f}"
-    lines = ["| arm | exact match (seed min-max) | paired diff to CE [95% CI] | cos K (shuffled) | cos V (shuffled) |",
-             "|---|---|---|---|---|"]
+    passes = any(r.get("passes", float("nan")) == r.get("passes", float("nan")) for r in rows)
+    lines = ["| arm | exact match (seed min-max) | paired diff to " + ("its baseline" if passes else "CE") +
+             " [95% CI] | cos K (shuffled) | cos V (shuffled) |" + (" forward passes per answer |" if passes else ""),
+             "|---|---|---|---|---|" + ("---|" if passes else "")]
     for r in rows:
         p = r.get("paired")
         diff = "(baseline)" if p is None else f"{p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]"
         lines.append(f"| {r['what']} | {r['acc']:.3f} ({r['acc_min']:.3f}-{r['acc_max']:.3f}) | {diff} | "
-                     f"{f(r['cos_k'])} ({f(r['cos_k_shuffled'])}) | {f(r['cos_v'])} ({f(r['cos_v_shuffled'])}) |")
+                     f"{f(r['cos_k'])} ({f(r['cos_k_shuffled'])}) | {f(r['cos_v'])} ({f(r['cos_v_shuffled'])}) |"
+                     + (f" {r['passes']:.1f} |" if passes else ""))
     return lines
 
 
@@ -477,7 +520,9 @@ def report(root: Path, reg: dict, paths: dict, sections, chosen: dict, pairs, wa
     lines = [f"Task {t['dataset']}: students see {t['student_problems']} problems, "
              f"{reg['student']['settings']['max_steps']} steps x batch {reg['student']['settings']['batch_size']}, "
              f"seeds {reg['seeds']}. Teachers ({reg['eval'].get('teachers', 200)} validation problems): "
-             + ", ".join(f"{n} {paths[f'teacher_{n}_acc']:.3f}" for n in reg["teachers"]) + "."]
+             + ", ".join(f"{n} {paths[f'teacher_{n}_acc']:.3f}" + (
+                 f" with its chain of thought, {paths[f'teacher_{n}_direct_acc']:.3f} without (--direct)"
+                 if f"teacher_{n}_direct_acc" in paths else "") for n in reg["teachers"]) + "."]
     for name, spec in reg["teachers"].items():
         if not spec["stage1"].get("logits_topk"):
             continue

@@ -21,8 +21,9 @@ from kava_common import KavaError, no_hf_progress_bars
 from kava_common.cli import coerce_settings, command, setting
 from kava_common.data import load_rows
 from kava_common.device import resolve_device
-from kava_common.prompt import extract_final_answer, format_prompt
+from kava_common.prompt import FINAL_MARK, extract_final_answer, format_prompt
 
+DIRECT = " " + FINAL_MARK       # what --direct puts after the prompt: the answer line, begun
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -35,6 +36,13 @@ def extract_answer(text: str) -> str | None:
         return normalize(m.group(0)) if m else (final or None)
     nums = _NUMBER.findall(text)
     return normalize(nums[-1]) if nums else None
+
+
+def direct_answer(output: str) -> str:
+    """What --direct scores of a continuation of `prompt ####`: its answer line up to the end of
+    the line or another `####` (a model that goes on to write its reasoning and a later answer
+    line would otherwise be scored on an answer it reasoned its way to)."""
+    return FINAL_MARK + output.split("\n")[0].split(FINAL_MARK)[0]
 
 
 def normalize(num: str) -> str:
@@ -118,9 +126,10 @@ def check_finite_weights(model, name: str) -> None:
 def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", max_samples: int | None = None,
              batch_size: int = 16, max_new_tokens: int = 256, out: str | Path | None = None,
              seed: int = 0, device: str = "auto", progress: bool = True, model=None, tok=None,
-             overwrite: bool = False, latent: int = 0, jacobi_iters: int = 3) -> EvalResult:
+             overwrite: bool = False, latent: int = 0, jacobi_iters: int = 3, direct: bool = False) -> EvalResult:
     """Exact match of greedy answers; with `latent` M the student answers after M latent steps
-    (its LatentHead read from beside it), else it writes its answer out."""
+    (its LatentHead read from beside it), else it writes its answer out; with `direct` the answer
+    line is begun for it (DIRECT after the prompt), so that it gives the number without reasoning."""
     import time
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
@@ -128,6 +137,8 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
     dev = resolve_device(device)
     if out is not None:
         check_out(Path(out), overwrite)
+    if latent and direct:
+        raise KavaError("--latent and --direct: a latent student answers after its latent steps; choose one")
     if model is None:
         tok = load_fast_tokenizer(model_path, "model")
         with no_hf_progress_bars():
@@ -146,7 +157,7 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
     try:
         for i in range(0, len(rows), batch_size):
             qs, golds = rows.questions[i:i + batch_size], rows.answers[i:i + batch_size]
-            prompts = [format_prompt(q) for q in qs]
+            prompts = [format_prompt(q) + (DIRECT if direct else "") for q in qs]
             if head is not None:
                 from .latent import latent_generate
                 outs, counts = latent_generate(model, tok, head, prompts, latent, jacobi_iters, max_new_tokens, dev)
@@ -154,7 +165,7 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
                 outs, counts = generate(model, tok, prompts, max_new_tokens, dev)
             passes += sum(counts)
             for j, (p, o, g, c) in enumerate(zip(prompts, outs, golds, counts)):
-                pred, gold = extract_answer(o), gold_answer(g)
+                pred, gold = extract_answer(direct_answer(o) if direct else o), gold_answer(g)
                 ok = (pred is not None and pred == gold) if gold is not None else None
                 correct += bool(ok)
                 unscored += gold is None
@@ -193,6 +204,8 @@ class EvalConfig:
     latent: int = setting(0, "a latent student (stage 2 --latent): answer after M latent steps, beside a decode that "
                           "writes its answer out (per-sample JSONL of that one in OUT with -written)")
     jacobi_iters: int = setting(3, "--latent: parallel passes over the latents; 0: one after another")
+    direct: bool = setting(False, "answer without a chain of thought: the prompt is followed by ' ####', so the "
+                           "model gives its number at once (the accuracy of a reasoning model without its reasoning)")
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):
@@ -213,8 +226,9 @@ class EvalConfig:
 def run(a: EvalConfig) -> None:
     out = a.out or (str(Path(a.model) / f"eval-{a.split}.jsonl") if Path(a.model).is_dir() else None)
     r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
-                 a.seed, a.device, a.progress, overwrite=a.overwrite, latent=a.latent, jacobi_iters=a.jacobi_iters)
-    how = f" after {a.latent} latent steps" if a.latent else ""
+                 a.seed, a.device, a.progress, overwrite=a.overwrite, latent=a.latent, jacobi_iters=a.jacobi_iters,
+                 direct=a.direct)
+    how = f" after {a.latent} latent steps" if a.latent else " without a chain of thought" if a.direct else ""
     print(f"exact match{how} {r.correct}/{r.n} = {r.accuracy:.4f} on {a.dataset} {a.split}, "
           f"{r.forward_passes:.1f} forward passes and {r.seconds * 1000:.0f} ms per problem"
           + (f"; {r.unscored} rows without a gold #### answer were not scored" if r.unscored else "")

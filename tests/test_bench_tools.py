@@ -74,3 +74,63 @@ def test_paired_bootstrap_by_hand_and_on_known_differences():
     assert paired_bootstrap(arm, base, n_boot=2000) == r                   # same seed, same interval
     with pytest.raises(ValueError, match="one shape"):
         paired_bootstrap([[1, 0]], [[1, 0, 1]])
+
+
+# --- bench_learn's latent-reasoning registration parts -------------------------------------------
+
+def test_answer_only_data_keeps_each_problem_with_its_final_line_only(tmp_path):
+    bl = load("bench_learn")
+    from kava_common.data import load_rows
+    task = {"dataset": "synthetic", "student_problems": 5}
+    path = bl.answer_only_data(tmp_path, task, "synthetic")
+    rows = load_rows("synthetic", "train", 5)
+    got = [json.loads(l) for l in Path(path).read_text().splitlines()]
+    assert got == [{"question": q, "answer": "#### " + a.rsplit("#### ", 1)[1]} for q, a in zip(rows.questions,
+                                                                                               rows.answers)]
+    assert bl.answer_only_data(tmp_path, task, "synthetic") == path          # made once
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q?", "answer": "no final line"}) + "\n")
+    with pytest.raises(SystemExit, match="bad.jsonl train row 0 has no #### line"):
+        bl.answer_only_data(tmp_path, {"dataset": str(bad), "student_problems": 1}, str(bad))
+
+
+def test_a_latent_arm_is_scored_after_its_latent_steps_and_others_write_out(tmp_path):
+    bl = load("bench_learn")
+    reg = {"task": {"dataset": "synthetic", "max_new_tokens": 40}, "seeds": [3],
+           "eval": {"validation": 10, "batch_size": 5},
+           "students": {"t": {"from_teacher": "qwen2"}},
+           "student": {"settings": {"max_steps": 5, "device": "cpu"}},
+           "arms": {"cot": {"what": "c", "caches": ["{cache_qwen2}"], "kv_weight": 0.0},
+                    "kava": {"what": "k", "caches": ["{cache_qwen2}"], "kv_weight": 1.0, "latent": 4,
+                             "jacobi_iters": 2}}}
+    paths = {"cache_qwen2": "C", "student_t_3": "T"}
+    cot = bl.arm_sweep(tmp_path, "cot", 3, "validation", reg, paths, {})
+    kava = bl.arm_sweep(tmp_path, "kava", 3, "validation", reg, paths, {})
+    assert cot["settings"] == {"max_steps": 5, "device": "cpu", "caches": ["C"], "kv_weight": 0.0, "student": "T"}
+    assert "latent" not in cot["eval"] and cot["out"] == str(tmp_path / "validation" / "cot" / "seed-3")
+    assert (kava["eval"]["latent"], kava["eval"]["jacobi_iters"]) == (4, 2)
+    assert kava["settings"]["latent"] == 4 and kava["eval"]["max_samples"] == 10
+
+
+def test_scores_carry_forward_passes_into_the_table(tmp_path):
+    import numpy as np
+    bl = load("bench_learn")
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("".join(json.dumps({"correct": c, "forward_passes": n}) + "\n" for c, n in
+                          [(True, 10), (False, 6), (True, 8)]))
+    r = bl.scored(ev, {}, 0.0)
+    assert r["scores"] == [True, False, True] and r["passes"] == 8.0
+    write_eval(ev, [1, 0])                       # written before forward passes were recorded
+    assert np.isnan(bl.scored(ev, {}, 0.0)["passes"])
+    rows = [{"arm": "a", "what": "base", "baseline": "a", "acc": 0.5, "acc_min": 0.4, "acc_max": 0.6, "passes": 76.0,
+             **{c: float("nan") for c in bl.COSINES}},
+            {"arm": "b", "what": "latent", "baseline": "a", "acc": 0.7, "acc_min": 0.7, "acc_max": 0.7, "passes": 9.5,
+             "paired": {"diff": 0.2, "low": 0.1, "high": 0.3}, **{c: float("nan") for c in bl.COSINES}}]
+    lines = bl.table(rows)
+    assert lines[0].endswith("| forward passes per answer |") and "paired diff to its baseline" in lines[0]
+    assert lines[2] == "| base | 0.500 (0.400-0.600) | (baseline) | - (-) | - (-) | 76.0 |"
+    assert lines[3] == "| latent | 0.700 (0.700-0.700) | +0.200 [+0.100, +0.300] | - (-) | - (-) | 9.5 |"
+    for r in rows:
+        r["passes"] = float("nan")
+    assert bl.table(rows)[0] == ("| arm | exact match (seed min-max) | paired diff to CE [95% CI] | cos K (shuffled) "
+                                 "| cos V (shuffled) |")

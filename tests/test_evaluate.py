@@ -125,3 +125,41 @@ def test_rows_without_a_gold_answer_are_not_scored_and_are_reported(tok, tmp_pat
     r = evaluate("m", str(data), "train", out=out, device="cpu", progress=False, model=KnownLM(tok, answers), tok=tok)
     assert (r.n, r.correct, r.unscored, r.accuracy) == (2, 1, 1, 0.5)
     assert [json.loads(l)["correct"] for l in out.read_text().splitlines()] == [True, None, False]
+
+
+@pytest.mark.parametrize("output,want", [
+    (" 12", "12"),
+    (" 13=<<13-2=11>>11 left.\nDoubled, 22.\n#### 22", "13"),   # reasoning after the begun line: not scored
+    (" 7 #### 9", "7"),                                           # a second answer line on the same line
+    (" 1,024\n", "1024"),
+    ("", None),
+])
+def test_direct_scores_the_begun_answer_line_only(output, want):
+    from stage2_train.evaluate import direct_answer
+    assert extract_answer(direct_answer(output)) == want
+
+
+def test_direct_begins_the_answer_line_and_scores_only_it(tok, tmp_path, capsys):
+    """--direct: the prompt ends in ' ####'; a model that answers at once is right, one that
+    writes its reasoning after the mark and then the right answer line is not."""
+    rows = load_rows("synthetic", "test", max_samples=4)
+    golds = [gold_answer(a) for a in rows.answers]
+    answers = {}
+    for i, q in enumerate(rows.questions):
+        p = (format_prompt(q) + " ####").strip()
+        answers[p] = (f" {golds[i]}" if i in (0, 2) else f" 3=<<1+2=3>>3\n#### {golds[i]}")
+    out = tmp_path / "d.jsonl"
+    r = evaluate("known", "synthetic", "test", max_samples=4, batch_size=2, out=out, device="cpu", progress=False,
+                 model=KnownLM(tok, answers), tok=tok, direct=True)
+    assert (r.n, r.correct) == (4, 2)
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [l["correct"] for l in lines] == [True, golds[1] == "3", True, golds[3] == "3"]
+    assert all(l["prompt"].endswith("\nAnswer: ####") for l in lines)
+    assert [l["extracted"] for l in lines] == [golds[0], "3", golds[2], "3"]
+    with pytest.raises(Exception, match="--latent and --direct"):
+        evaluate("known", "synthetic", "test", max_samples=1, device="cpu", progress=False,
+                 model=KnownLM(tok, answers), tok=tok, direct=True, latent=2)
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=1, heads=2, kv_heads=1, tok=tok)
+    d = save_pretrained(tiny.build_model(cfg), tok, tmp_path / "m")
+    assert main(["--model", str(d), "--max-samples", "3", "--max-new-tokens", "4", "--direct", "--no-progress"]) == 0
+    assert "exact match without a chain of thought 0/3" in capsys.readouterr().out
