@@ -214,6 +214,8 @@ def baseline(reg: dict, arm: str) -> str:
 
 def decisions(reg: dict) -> dict:
     """name -> candidate arms (`@other`: the arm decision `other` chose)."""
+    if "choose" not in reg and "choose_from" not in reg:    # every setting fixed before the run
+        return {}
     return reg.get("choose") or {"chosen": reg["choose_from"]}
 
 
@@ -434,7 +436,7 @@ def validate(root: Path, reg: dict, paths: dict, pool, threads: int, log) -> tup
     """The validation arms, in rounds: the arms whose decisions are made run, then every decision
     whose candidates have all run is taken; until every arm has run. Returns the raw results
     and {decision: chosen arm}."""
-    chosen, raw, pending = {}, [], list(reg["validation"])
+    chosen, raw, pending = {}, [], list(reg.get("validation") or [])
     while pending:
         ready = [a for a in pending if refs(reg, a) <= set(chosen)]
         if not ready:
@@ -486,8 +488,10 @@ def main(argv=None):
     threads = max(1, torch.get_num_threads() // a.workers)
     log(f"validation arms ({a.workers} runs side by side, {threads} thread(s) each)")
     raw, chosen = validate(root, reg, paths, pool, threads, log)
-    sections = [(f"validation ({reg['eval']['validation']} problems x {len(reg['seeds'])} seeds)", compare(raw))]
-    pairs = [("validation", *also(raw, reg, chosen))]
+    sections, pairs = [], []
+    if raw:              # a registration that fixes every setting beforehand has no validation arms
+        sections.append((f"validation ({reg['eval']['validation']} problems x {len(reg['seeds'])} seeds)", compare(raw)))
+        pairs.append(("validation", *also(raw, reg, chosen)))
     if a.phase == "all":
         log("test arms")
         arms = list(dict.fromkeys([*(resolve(x, chosen) for x in reg["test"]), *chosen.values()]))

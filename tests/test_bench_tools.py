@@ -134,3 +134,11 @@ def test_scores_carry_forward_passes_into_the_table(tmp_path):
         r["passes"] = float("nan")
     assert bl.table(rows)[0] == ("| arm | exact match (seed min-max) | paired diff to CE [95% CI] | cos K (shuffled) "
                                  "| cos V (shuffled) |")
+
+
+def test_a_registration_that_fixes_every_setting_has_no_validation_round(tmp_path):
+    bl = load("bench_learn")
+    reg = {"arms": {"a": {"what": "a"}}, "test": ["a"], "seeds": [0]}
+    assert bl.decisions(reg) == {}
+    assert bl.validate(tmp_path, reg, {}, pool=None, threads=1, log=print) == ([], {})
+    assert bl.decisions({"choose_from": ["a"]}) == {"chosen": ["a"]}
