@@ -142,3 +142,22 @@ def test_a_registration_that_fixes_every_setting_has_no_validation_round(tmp_pat
     assert bl.decisions(reg) == {}
     assert bl.validate(tmp_path, reg, {}, pool=None, threads=1, log=print) == ([], {})
     assert bl.decisions({"choose_from": ["a"]}) == {"chosen": ["a"]}
+
+
+def test_a_teacher_is_scored_with_and_without_its_chain_of_thought_once(tok, tmp_path):
+    from kava_common import save_pretrained
+    from kava_demo import tiny
+    bl = load("bench_learn")
+    cfg = tiny.tiny_config("qwen2", len(tok), hidden=32, layers=1, heads=2, kv_heads=1, tok=tok)
+    t = save_pretrained(tiny.build_model(cfg), tok, tmp_path / "teacher")
+    task = {"dataset": "synthetic", "max_new_tokens": 4}
+    said = []
+    for direct in (False, True):
+        acc = bl.teacher_accuracy(t, "t", task, 3, direct, said.append)
+        ev = t / ("eval-validation-direct-3.jsonl" if direct else "eval-validation-3.jsonl")
+        lines = [json.loads(l) for l in ev.read_text().splitlines()]
+        assert len(lines) == 3 and acc == sum(l["correct"] for l in lines) / 3
+        assert all(l["prompt"].endswith(" ####") == direct for l in lines)
+    assert said[1].endswith("on 3 validation problems without its chain of thought")
+    bl.teacher_accuracy(t, "t", task, 3, True, said.append)
+    assert said[2].endswith("without its chain of thought (scored before)")
