@@ -92,6 +92,9 @@ def add_settings(parser: argparse.ArgumentParser, cls) -> None:
             kw["metavar"] = m["metavar"]
         elem = (typing.get_args(tp) or (str,))[0] if typing.get_origin(tp) is list else None
         if tp is bool:
+            if f.name.startswith("no_"):    # argparse reads any --no-X flag as "false"
+                raise TypeError(f"{cls.__name__}.{f.name}: a yes/no setting may not begin with no_ "
+                                f"(--{f.name.replace('_', '-')} would set it to False); name what it turns on")
             kw["action"] = argparse.BooleanOptionalAction
         elif m.get("json") or tp is Any:
             kw["type"] = _json

@@ -63,3 +63,17 @@ def test_positional_list():
         paths: list[str] = setting(list, "paths", positional=True)
         verify: bool = setting(False, "check")
     assert parse_settings(P, ["a", "b", "--verify"], prog="p", description="d") == {"paths": ["a", "b"], "verify": True}
+
+
+def test_a_yes_no_setting_named_no_something_is_refused_when_the_parser_is_built():
+    import argparse
+    # argparse's --no-X form reads as False, so a setting `no_cot` could never be turned on
+    ns = argparse.ArgumentParser()
+    ns.add_argument("--no-cot", action=argparse.BooleanOptionalAction)
+    assert ns.parse_args(["--no-cot"]).no_cot is False
+
+    @dataclass
+    class Bad:
+        no_cot: bool = setting(False, "answer at once")
+    with pytest.raises(TypeError, match="Bad.no_cot: a yes/no setting may not begin with no_"):
+        settings_parser(Bad, prog="x", description="d")
