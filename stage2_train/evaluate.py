@@ -157,12 +157,8 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
     try:
         for i in range(0, len(rows), batch_size):
             qs, golds = rows.questions[i:i + batch_size], rows.answers[i:i + batch_size]
-            prompts = [format_prompt(q) + (DIRECT if direct else "") for q in qs]
-            if head is not None:
-                from .latent import latent_generate
-                outs, counts = latent_generate(model, tok, head, prompts, latent, jacobi_iters, max_new_tokens, dev)
-            else:
-                outs, counts = generate(model, tok, prompts, max_new_tokens, dev)
+            prompts, outs, counts = answer_batch(model, tok, head, qs, max_new_tokens, dev, latent, jacobi_iters,
+                                                 direct)
             passes += sum(counts)
             for j, (p, o, g, c) in enumerate(zip(prompts, outs, golds, counts)):
                 pred, gold = extract_answer(direct_answer(o) if direct else o), gold_answer(g)
@@ -185,6 +181,17 @@ def evaluate(model_path: str, dataset: str = "synthetic", split: str = "test", m
                 tmp.unlink(missing_ok=True)
     n = max(len(rows), 1)
     return EvalResult(len(rows) - unscored, correct, unscored, passes / n, (time.perf_counter() - t0) / n)
+
+
+def answer_batch(model, tok, head, questions: list[str], max_new_tokens: int, dev, latent: int = 0,
+                 jacobi_iters: int = 3, direct: bool = False) -> tuple[list[str], list[str], list[int]]:
+    """Prompts, greedy outputs and forward passes for a batch of questions: after `latent` steps
+    through `head`, with the answer line begun (`direct`), or written out."""
+    prompts = [format_prompt(q) + (DIRECT if direct else "") for q in questions]
+    if head is not None:
+        from .latent import latent_generate
+        return prompts, *latent_generate(model, tok, head, prompts, latent, jacobi_iters, max_new_tokens, dev)
+    return prompts, *generate(model, tok, prompts, max_new_tokens, dev)
 
 
 @dataclass
