@@ -178,15 +178,20 @@ def answer_only_data(root: Path, task: dict, data: str) -> str:
     path = root / f"student-{Path(data).stem}-{task['student_problems']}-answer-only.jsonl"
     if not path.is_file():
         rows = load_rows(data, "train", task["student_problems"])
-        lines = []
+        cut = []
         for i, (q, a) in enumerate(zip(rows.questions, rows.answers)):
             if FINAL_MARK not in a:
                 raise SystemExit(f"error: {data} train row {i} has no {FINAL_MARK} line to keep as its answer")
-            lines.append(json.dumps({"question": q, "answer": a[a.rindex(FINAL_MARK):].strip()}) + "\n")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(lines))
-        tmp.rename(path)
+            cut.append((q, a[a.rindex(FINAL_MARK):].strip()))
+        write_problems(path, cut)
     return str(path)
+
+
+def write_problems(path: Path, rows: list[tuple[str, str]]) -> None:
+    """(question, answer) pairs as a jsonl data set, put in place whole (a stopped run leaves none)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    tmp.rename(path)
 
 
 DEFAULT = "default"      # the one student of a registration without `students:`
@@ -253,10 +258,7 @@ def student_data(root: Path, task: dict) -> str:
     path = root / f"student-{task['dataset']}-{task['student_problems']}-slip{rate}.jsonl"
     if not path.is_file():
         steps, max_start, varied = SYNTHETIC[task["dataset"]]
-        rows = synthetic_problems(task["student_problems"], "train", 0, steps, max_start, rate, varied)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
-        tmp.rename(path)
+        write_problems(path, synthetic_problems(task["student_problems"], "train", 0, steps, max_start, rate, varied))
     return str(path)
 
 
