@@ -362,15 +362,14 @@ def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, po
     for (arm, seed, _), r in zip(jobs, pool.map(run_one, [j for *_, j in jobs])):
         done[arm, seed] = r
         log(f"    {split} {arm} seed {seed}: exact match {np.mean(r['scores']):.3f}, "
-            f"{r.get('passes', float('nan')):.1f} forward passes, cos K {r['cos_k']:.3f} "
+            f"{r['passes']:.1f} forward passes, cos K {r['cos_k']:.3f} "
             f"(shuffled {r['cos_k_shuffled']:.3f}) [{r['wall']:.0f} s]")
     results = []
     for arm in arms:
         rs = [done[arm, seed] for seed in reg["seeds"]]
         results.append({"arm": arm, "what": reg["arms"][arm]["what"], "baseline": baseline(reg, arm),
                         "scores": np.array([r["scores"] for r in rs], dtype=np.float64),
-                        **{c: float(np.nanmean([r.get(c, float("nan")) for r in rs]))
-                           if any(r.get(c, float("nan")) == r.get(c, float("nan")) for r in rs)
+                        **{c: float(np.nanmean([r[c] for r in rs])) if any(r[c] == r[c] for r in rs)
                            else float("nan") for c in (*COSINES, "passes")}})
     return results
 
@@ -392,7 +391,7 @@ def compare(results: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> list[str]:
     f = lambda x: "-" if x != x else f"{x:.3f}"
-    passes = any(r.get("passes", float("nan")) == r.get("passes", float("nan")) for r in rows)
+    passes = any(r["passes"] == r["passes"] for r in rows)      # NaN: eval files without forward passes
     lines = ["| arm | exact match (seed min-max) | paired diff to " + ("its baseline" if passes else "CE") +
              " [95% CI] | cos K (shuffled) | cos V (shuffled) |" + (" forward passes per answer |" if passes else ""),
              "|---|---|---|---|---|" + ("---|" if passes else "")]
