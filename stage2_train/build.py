@@ -56,7 +56,7 @@ def memory_estimate(cfg, teachers, dtype, device, world: int = 1) -> str:
     student = Shape.from_config(s_cfg)
     read = [len(t.cache.layers) if cfg.projector == "bottleneck" else len(t.distilled) for t in teachers]
     kv_width = sum(n * t.heads * t.head_dim for n, t in zip(read, teachers))
-    proj = None
+    proj = 0 if cfg.projector == "identity" else None
     if cfg.projector == "bottleneck":
         s_width = student.layers * student.kv_heads * student.head_dim
         proj = sum((1 if cfg.projector_shared else 2) * bottleneck_params(

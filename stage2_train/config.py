@@ -74,6 +74,11 @@ class TrainConfig:
     latent_hidden_weight: float = setting(0.0, "--latent: weight of CODI's hidden-state loss: each distilled student "
                                           "layer's output at end-of-thought, projected, against the teacher's at the "
                                           "token before its answer (a cache made with --store-hidden)")
+    latent_keys: str = setting("post_rope", "--latent: the keys the K/V loss compares. post_rope: as attention used "
+                               "them, the student's at its latent positions, the teacher's at its reasoning "
+                               "positions; pre_rope: both before RoPE (the teacher's rotation undone from its "
+                               "slots' positions), a slot matched by what it holds, not where it sat",
+                               choices=("post_rope", "pre_rope"))
     latent_normalize: bool = setting(False, "--latent: divide the K/V loss's both sides by the teacher slots' std, "
                                      "per layer")
     alpha: float = setting(1.0, "mercator: weight of (1 - cos)")
@@ -168,7 +173,8 @@ class TrainConfig:
         if self.latent < 0 or self.jacobi_iters < 0:
             return [f"latent and jacobi_iters must be >= 0, got {self.latent} and {self.jacobi_iters}"]
         if not self.latent:
-            return []
+            return ["latent_keys pre_rope compares the latent steps' keys: it needs latent"] \
+                if self.latent_keys != "post_rope" else []
         p = [f"{n} must be >= 0, got {getattr(self, n)}" for n in ("latent_cot_weight", "latent_hidden_weight")
              if getattr(self, n) < 0]
         if len(self.caches) != 1:
@@ -181,7 +187,7 @@ class TrainConfig:
         if self.projector == "bottleneck" or self.direction != "student_to_teacher" or self.loss == "relation" \
                 or self.relation_weight:
             p.append("latent projects the student's K/V into the teacher's slots per layer: projector linear, "
-                     "head or mlp, direction student_to_teacher, no relation loss")
+                     "head, mlp or identity, direction student_to_teacher, no relation loss")
         return p
 
     def _teacher_problems(self) -> list[str]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kava_common import KavaError
 from kava_common.cache.quant import dequantize_batch
 from kava_common.geometry import KVGeometry
 
@@ -59,7 +60,10 @@ class Distiller(torch.nn.Module):
                 dims = (t.heads, t.head_dim, s_geo.num_kv_heads, s_geo.head_dim)
             else:
                 dims = (s_geo.num_kv_heads, s_geo.head_dim, t.heads, t.head_dim)
-            projs.append(KVProjector(cfg.projector, n, *dims, shared=cfg.projector_shared))
+            try:
+                projs.append(KVProjector(cfg.projector, n, *dims, shared=cfg.projector_shared))
+            except ValueError as e:              # identity across geometries: name the cache
+                raise KavaError(f"{t.cache.path}: {e}") from None
         self.proj = torch.nn.ModuleList(projs)
         w = cfg.teacher_weights or [1.0] * len(teachers)
         self.register_buffer("fixed_w", torch.tensor(w, dtype=torch.float32))

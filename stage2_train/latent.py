@@ -174,8 +174,9 @@ def _answer_ce(logits: torch.Tensor, where: slice, s: torch.Tensor, sm: torch.Te
     return torch.nn.functional.cross_entropy(pred[keep].float(), s[:, 1:][keep])
 
 
-def _latent_pairs(cap, teacher, where: slice) -> dict:
-    return {l: tuple(x[:, :, where] for x in cap.kv(l)) for l, _ in teacher.distilled}
+def _latent_pairs(cap, teacher, where: slice, keys: str = "post_rope") -> dict:
+    """{distilled student layer: (K, V)} at the latent positions, K before or after RoPE (`keys`)."""
+    return {l: tuple(x[:, :, where] for x in cap.kv(l, rotated=keys == "post_rope")) for l, _ in teacher.distilled}
 
 
 def latent_train_step(model, cap, distiller, batch: dict, cfg, device, autocast):
@@ -188,9 +189,9 @@ def latent_train_step(model, cap, distiller, batch: dict, cfg, device, autocast)
     if cfg.kv_weight:
         t = distiller.teachers[0]
         with autocast():
-            kv = latent_kv_loss(_latent_pairs(cap, t, where), batch["slots_k"].to(device), batch["slots_v"].to(device),
-                                batch["slot_mask"].to(device), t.distilled, distiller.proj[0], cfg.loss, cfg.alpha,
-                                cfg.beta, cfg.latent_normalize)
+            kv = latent_kv_loss(_latent_pairs(cap, t, where, cfg.latent_keys), batch["slots_k"].to(device),
+                                batch["slots_v"].to(device), batch["slot_mask"].to(device), t.distilled,
+                                distiller.proj[0], cfg.loss, cfg.alpha, cfg.beta, cfg.latent_normalize)
     cot = written_cross_entropy(model, batch, device, autocast) if cfg.latent_cot_weight else 0.0
     hid = hidden_loss(out.layer_outputs, batch["hidden"].to(device), distiller.teachers[0], distiller.hidden_proj) \
         if cfg.latent_hidden_weight else 0.0
@@ -242,7 +243,7 @@ def latent_evaluate(model, cap, distiller, loader, cfg, device, autocast) -> dic
     for batch in loader:
         out, where, s, sm = _latent_forward(model, cap, distiller.latent_head, batch, cfg, device, autocast)
         sums["eval_loss_ce"].append(float(_answer_ce(out.logits, where, s, sm)))
-        mask, pairs = batch["slot_mask"].to(device), _latent_pairs(cap, t, where)
+        mask, pairs = batch["slot_mask"].to(device), _latent_pairs(cap, t, where, cfg.latent_keys)
         for pi, (layer, row) in enumerate(t.distilled):
             sk, sv = pairs[layer]
             pk, pv = distiller.proj[0](pi, sk.float(), sv.float())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from kava_common import KavaError
+from kava_common.rope import inverse_frequencies, unrotate
 
 BOT, EOT = "<|begin_of_thought|>", "<|end_of_thought|>"
 
@@ -28,7 +29,7 @@ def add_thought_tokens(tok, model=None) -> tuple[int, int]:
 class LatentData(torch.utils.data.Dataset):
     """The samples of one cache with R-KV slots, tokenized for the student `tok`."""
 
-    def __init__(self, cache, tok, bot_id: int, eot_id: int):
+    def __init__(self, cache, tok, bot_id: int, eot_id: int, keys: str = "post_rope"):
         if not cache.meta.rkv_slots:
             raise KavaError(f"{cache.path}: made without --rkv-slots; a latent student learns from the teacher's "
                             "compressed chain-of-thought K/V: run stage 1 with --rkv-slots M")
@@ -36,6 +37,13 @@ class LatentData(torch.utils.data.Dataset):
             raise KavaError("the student's tokenizer has no EOS token to end the answer with")
         self.cache, self.tok, self.bot, self.eot = cache, tok, bot_id, eot_id
         self.hidden = bool(cache.meta.store_hidden)
+        self.rope = None
+        if keys == "pre_rope":                 # the slots' keys un-rotated from their positions
+            self.rope = cache.meta.rope
+            try:
+                inverse_frequencies(self.rope, cache.meta.head_dim)
+            except ValueError as e:
+                raise KavaError(f"{cache.path}: latent_keys pre_rope: {e}; use latent_keys post_rope") from None
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -48,8 +56,9 @@ class LatentData(torch.utils.data.Dataset):
         cot = enc(text[r0:r1], add_special_tokens=False)["input_ids"]
         answer = enc(text[r1:], add_special_tokens=False)["input_ids"] + [enc.eos_token_id]   # "\n#### N", EOS
         r = self.cache.rkv(i)
+        k = r["k"] if self.rope is None else unrotate(r["k"].float(), r["index"], self.rope)
         return {"question": question + [self.bot], "cot": cot, "suffix": [self.eot] + answer,
-                "slots_k": r["k"], "slots_v": r["v"], "slot_mask": r["mask"][0, 0], "row": s["row"],
+                "slots_k": k, "slots_v": r["v"], "slot_mask": r["mask"][0, 0], "row": s["row"],
                 **({"hidden": self.cache.hidden(i)} if self.hidden else {})}
 
 

@@ -9,6 +9,9 @@ All take (B, H_in, T, D_in) and return (B, H_out, T, D_out).
           token the K (or V) of all layers concatenated, LayerNorm, Linear, SiLU, Dropout,
           Linear, split into the other side's layers and heads. Takes (B, L_in, H_in, T, D_in)
           and returns (B, L_out, H_out, T, D_out); no layer map applies.
+- identity: no weights, K/V compared as they are; both sides of the same heads and head_dim
+          (a student distilled from its own teacher mode, as KaVa's latent student is), so that
+          the loss moves the student's K/V rather than a projector fitted to them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-KINDS = ("linear", "head", "mlp", "bottleneck")
+KINDS = ("linear", "head", "mlp", "bottleneck", "identity")
 
 
 class LinearProjector(nn.Module):
@@ -55,6 +58,17 @@ class MLPProjector(nn.Module):
         b, _, t, _ = x.shape
         y = self.net(x.transpose(1, 2).reshape(b, t, -1))
         return y.view(b, t, self.h_out, self.d_out).transpose(1, 2)
+
+
+class IdentityProjector(nn.Module):
+    def __init__(self, h_in, d_in, h_out, d_out):
+        super().__init__()
+        if (h_in, d_in) != (h_out, d_out):
+            raise ValueError(f"projector identity needs the same KV heads and head_dim on both sides, got "
+                             f"{h_in} x {d_in} -> {h_out} x {d_out}: choose linear, head or mlp")
+
+    def forward(self, x):
+        return x
 
 
 class BottleneckProjector(nn.Module):
@@ -114,7 +128,8 @@ def head_mix_init(h_in: int, h_out: int) -> torch.Tensor:
 
 
 def make_projector(kind: str, h_in: int, d_in: int, h_out: int, d_out: int) -> nn.Module:
-    cls = {"linear": LinearProjector, "head": HeadProjector, "mlp": MLPProjector}.get(kind)
+    cls = {"linear": LinearProjector, "head": HeadProjector, "mlp": MLPProjector,
+           "identity": IdentityProjector}.get(kind)
     if cls is None:
         raise ValueError(f"projector {kind!r}: choose one of {KINDS}")
     return cls(h_in, d_in, h_out, d_out)

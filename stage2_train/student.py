@@ -71,8 +71,11 @@ class StudentKV:
         b, t, _ = x.shape
         return x.view(b, t, self.geometry.num_kv_heads, self.geometry.head_dim).transpose(1, 2)
 
-    def kv(self, layer: int):
+    def kv(self, layer: int, rotated: bool = True):
+        """K after RoPE (as attention used it; `rotated` False: before it) and V of `layer`."""
         k, v = self._heads(self._k[layer]), self._heads(self._v[layer])
+        if not rotated:
+            return k, v
         rope = self._rope.get(layer)
         if rope is None:
             raise RuntimeError("the attention layer got no position_embeddings; this student "

@@ -106,7 +106,8 @@ class Trainer:
         return step(self.model, self.cap, self.distiller, batch, self.cfg, self.device, self.autocast)
 
     def _build_data(self) -> None:
-        latent = LatentData(self.teachers[0].cache, self.tok, *self.thought_ids) if self.cfg.latent else None
+        latent = LatentData(self.teachers[0].cache, self.tok, *self.thought_ids, keys=self.cfg.latent_keys) \
+            if self.cfg.latent else None
         self.data, self.train_set, eval_set = split_data(self.cfg, self.teachers, self.tok, latent)
         self.collate = partial(collate_latent if latent else collate, pad_id=pad_id(self.tok))
         self.feed = Feed(self.train_set, self.collate, self.cfg, self.ranks)   # refuses too few micro-batches now

@@ -108,6 +108,31 @@ def test_the_latent_forward_is_the_whole_sequence_in_one_forward():
     assert cap.kv(0)[0].shape[2] == 5 + 2 + 3                   # the K/V of the whole sequence, not of a latent pass
 
 
+def test_the_students_keys_before_rope_are_k_proj_and_after_it_turned_at_their_positions():
+    """StudentKV.kv(rotated=False) is the k_proj output as heads; rotated, the same keys turned by
+    kava_common.rope at the positions the latent forward gives (real tokens counted, left pad not)."""
+    from kava_common.geometry import KVGeometry
+    from kava_common.rope import rotate
+    from stage2_train.latent import _positions
+    from stage2_train.student import StudentKV
+    model, _ = _model()
+    geo = KVGeometry.from_config(model.config)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [9, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    raw = {}
+    model.model.layers[1].self_attn.k_proj.register_forward_hook(lambda m, a, o: raw.__setitem__(1, o))
+    cap = StudentKV(model, [0, 1], geo)
+    with torch.no_grad(), cap:
+        model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
+    pre, v = cap.kv(1, rotated=False)
+    assert torch.equal(pre, raw[1].view(2, 5, 2, 8).transpose(1, 2))
+    post, v2 = cap.kv(1)
+    assert torch.equal(v, v2)
+    pos = _positions(mask).unsqueeze(1).expand(2, 2, 5)
+    assert torch.allclose(post, rotate(pre, pos, geo.rope), atol=1e-5)
+    assert not torch.allclose(post[1, :, 1:], pre[1, :, 1:], atol=1e-3)
+
+
 def _value(t: torch.Tensor) -> float:
     return t.detach().item()
 
@@ -202,6 +227,28 @@ def test_latent_data_tokenizes_question_thought_and_answer_and_stacks_the_slots(
     (plain,) = extract(ExtractConfig(**base, out=str(tmp_path / "p")))
     with pytest.raises(KavaError, match="made without --rkv-slots; a latent student"):
         LatentData(open_cache(plain), tok, bot, eot)
+    # keys before RoPE: each filled slot is the teacher's own k_proj output at the slot's token
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    got = {}
+    for l in (1, 2):
+        teacher.model.layers[l].self_attn.k_proj.register_forward_hook(
+            lambda m, a, o, l=l: got.__setitem__(l, o[0].view(-1, 2, 32).transpose(0, 1)))   # (H, T, D)
+    pre = LatentData(c, tok, bot, eot, keys="pre_rope")
+    filled = 0
+    for i in range(6):
+        with torch.no_grad():
+            teacher(input_ids=c[i]["input_ids"][None])
+        r, it = c.rkv(i), pre[i]
+        assert it["slots_k"].dtype == torch.float32 and torch.equal(it["slots_v"], r["v"])
+        for li, l in enumerate((1, 2)):
+            for h in range(2):
+                for m in range(5):
+                    p = int(r["index"][li, h, m])
+                    want = got[l][h, p] if p >= 0 else torch.zeros(32)
+                    assert torch.allclose(it["slots_k"][li, h, m], want, atol=3e-3 * float(want.abs().max()) + 1e-3)
+                    filled += p >= 0
+        assert not torch.allclose(it["slots_k"], r["k"].float(), atol=1e-2)     # the rotation was undone
+    assert filled > 0
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +331,24 @@ def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, teacher_
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+@pytest.mark.slow
+def test_a_student_taught_by_its_own_teacher_mode_through_no_projector(student_dir, teacher_dir, rkv_cache, tmp_path):
+    """KaVa's own setting: the teacher is the student, the K/V loss compares the latent steps' keys
+    before RoPE with the slots' un-rotated keys, no projector between. The loss falls; a student of
+    another geometry is refused, naming the cache."""
+    import json
+    from kava_common import KavaError
+    from stage2_train.train import main as train
+    with pytest.raises(KavaError, match=rf"{rkv_cache}: projector identity needs the same KV heads"):
+        train(_latent_cfg(student_dir, rkv_cache, tmp_path / "x", max_steps=1, projector="identity"),
+              echo=lambda *a: None)
+    train(_latent_cfg(teacher_dir, rkv_cache, tmp_path / "self", max_steps=8, save_every=0, projector="identity",
+                      latent_keys="pre_rope", lr_student=3e-3), echo=lambda *a: None)
+    rows = [json.loads(l) for l in (tmp_path / "self" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss_kv"]) for r in rows) and rows[-1]["loss_kv"] < rows[0]["loss_kv"]
+    assert rows[-1]["cos_k"] > rows[0]["cos_k"] and rows[-1]["cos_k"] > rows[-1]["cos_k_shuffled"]
+
+
 def test_latent_settings_are_checked():
     from stage2_train.config import TrainConfig
     base = dict(student="s", caches=["c"], latent=4)
@@ -291,9 +356,22 @@ def test_latent_settings_are_checked():
                         ({"caches": ["c", "d"]}, "latent takes one teacher's cache, got 2"),
                         ({"kd_weight": 1.0}, "drop kd_weight and ce_chunk"),
                         ({"direction": "teacher_to_student"}, "direction student_to_teacher"),
-                        ({"jacobi_iters": -1}, "latent and jacobi_iters must be >= 0")]:
+                        ({"jacobi_iters": -1}, "latent and jacobi_iters must be >= 0"),
+                        ({"latent": 0, "latent_keys": "pre_rope"}, "latent_keys pre_rope .* needs latent"),
+                        ({"projector": "bottleneck"}, "projector linear, head, mlp or identity")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**{**base, **kw})
+    assert TrainConfig(**base, projector="identity", latent_keys="pre_rope").latent_keys == "pre_rope"
+
+
+def test_the_identity_projector_passes_k_and_v_through_and_needs_one_geometry():
+    from stage2_train.projector import KVProjector
+    p = KVProjector("identity", 3, 2, 8, 2, 8)
+    k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    pk, pv = p(2, k, v)
+    assert pk is k and pv is v and sum(x.numel() for x in p.parameters()) == 0
+    with pytest.raises(ValueError, match=r"same KV heads and head_dim on both sides, got 1 x 16 -> 2 x 32"):
+        KVProjector("identity", 1, 1, 16, 2, 32)
 
 
 @pytest.mark.parametrize("iters", [0, 3])

@@ -202,6 +202,7 @@ class Manifest:
     skipped_rows: list[dict] = field(default_factory=list)  # data-set rows with nothing to learn from
     truncated_samples: int = 0      # samples max_length cut
     kv_bytes_per_token: int = 0     # stored K/V bytes per token, all stored layers (before --kv-quant)
+    rope: dict = field(default_factory=dict)    # the teacher's RoPE settings (keys are stored after RoPE)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
