@@ -26,7 +26,8 @@ that file differs from the committed one (--allow-uncommitted for trials) and pr
    chosen arms (`from_choice: NAME`: that arm's settings; `take: {NAME: [keys]}`: some of them),
    and runs once those decisions are made. Test split, once: the pre-registered arms and every
    chosen one, trained again or, with `reuse_validation_students: true`, the students trained for
-   validation scored on test. Writes results.md, results.json and results.png.
+   validation scored on test. Writes results-NAME.md, .json and .png in the root, NAME the
+   registration file's name (so that registrations sharing a root keep their own reports).
 """
 
 from __future__ import annotations
@@ -503,7 +504,8 @@ def main(argv=None):
     for split, lines, _ in pairs:
         for line in lines:
             log(f"{split}, {line}")
-    report(root, reg, paths, sections, chosen, [(s, rows) for s, _, rows in pairs], time.perf_counter() - t0, log)
+    report(root / f"results-{prereg.stem}", reg, paths, sections, chosen, [(s, rows) for s, _, rows in pairs],
+           time.perf_counter() - t0, log)
 
 
 def also(raw: list[dict], reg: dict, chosen: dict) -> tuple[list[str], list[dict]]:
@@ -520,7 +522,8 @@ def also(raw: list[dict], reg: dict, chosen: dict) -> tuple[list[str], list[dict
     return lines, rows
 
 
-def report(root: Path, reg: dict, paths: dict, sections, chosen: dict, pairs, wall: float, log) -> None:
+def report(out: Path, reg: dict, paths: dict, sections, chosen: dict, pairs, wall: float, log) -> None:
+    """The table, numbers and plot of a registration: `out` with .md, .json and .png."""
     t = reg["task"]
     lines = [f"Task {t['dataset']}: students see {t['student_problems']} problems, "
              f"{reg['student']['settings']['max_steps']} steps x batch {reg['student']['settings']['batch_size']}, "
@@ -549,14 +552,14 @@ def report(root: Path, reg: dict, paths: dict, sections, chosen: dict, pairs, wa
         lines += [f"{split}, {reg['arms'][r['arm']]['what']} - {reg['arms'][r['other']]['what']}: "
                   f"{r['paired']['diff']:+.3f} [{r['paired']['low']:+.3f}, {r['paired']['high']:+.3f}]" for r in rows]
     text = "\n".join(lines)
-    (root / "results.md").write_text(text + "\n")
-    (root / "results.json").write_text(json.dumps({"paths": paths, "chosen": chosen, "sections": [
+    Path(f"{out}.md").write_text(text + "\n")
+    Path(f"{out}.json").write_text(json.dumps({"paths": paths, "chosen": chosen, "sections": [
         {"title": s, "rows": rows} for s, rows in sections], "also_compare": [
         {"split": s, "rows": rows} for s, rows in pairs], "wall_s": wall}, indent=1))
-    plot(sections, root / "results.png")
+    plot(sections, Path(f"{out}.png"))
     log("")
     log(text)
-    log(f"\nwall time {wall:.0f} s; table {root / 'results.md'}, plot {root / 'results.png'}")
+    log(f"\nwall time {wall:.0f} s; table {out}.md, plot {out}.png")
 
 
 if __name__ == "__main__":

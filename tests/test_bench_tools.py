@@ -136,6 +136,27 @@ def test_scores_carry_forward_passes_into_the_table(tmp_path):
                                  "| cos V (shuffled) |")
 
 
+def test_registrations_sharing_a_root_keep_their_own_reports(tmp_path):
+    bl = load("bench_learn")
+    reg = {"task": {"dataset": "synthetic", "student_problems": 64}, "seeds": [0],
+           "student": {"settings": {"max_steps": 5, "batch_size": 2}}, "eval": {"teachers": 10},
+           "teachers": {"t": {"stage1": {}}}, "arms": {"a": {"what": "base"}, "b": {"what": "other"}}}
+    nan = {c: float("nan") for c in bl.COSINES}
+    for name, acc in (("one", 0.25), ("two", 0.75)):
+        rows = [{"arm": "a", "what": "base", "baseline": "a", "acc": 0.5, "acc_min": 0.5, "acc_max": 0.5,
+                 "passes": 6.0, **nan},
+                {"arm": "b", "what": "other", "baseline": "a", "acc": acc, "acc_min": acc, "acc_max": acc,
+                 "passes": 6.0, "paired": {"diff": acc - 0.5, "low": acc - 0.6, "high": acc - 0.4}, **nan}]
+        bl.report(tmp_path / f"results-{name}", reg, {"teacher_t_acc": 0.9}, [("test", rows)], {}, [], 1.0,
+                  log=lambda *a: None)
+    one, two = (tmp_path / "results-one.md").read_text(), (tmp_path / "results-two.md").read_text()
+    assert "| other | 0.250 (0.250-0.250) | -0.250 [-0.350, -0.150] |" in one
+    assert "| other | 0.750 (0.750-0.750) | +0.250 [+0.150, +0.350] |" in two
+    assert json.loads((tmp_path / "results-one.json").read_text())["sections"][0]["rows"][1]["acc"] == 0.25
+    assert (tmp_path / "results-one.png").stat().st_size > 0 and (tmp_path / "results-two.png").stat().st_size > 0
+    assert not (tmp_path / "results.md").exists()
+
+
 def test_a_registration_that_fixes_every_setting_has_no_validation_round(tmp_path):
     bl = load("bench_learn")
     reg = {"arms": {"a": {"what": "a"}}, "test": ["a"], "seeds": [0]}
