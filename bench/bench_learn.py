@@ -405,13 +405,22 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def diff_label(rows: list[dict]) -> str:
+    """The x axis of a section's plot: what its paired differences are taken against (the
+    baseline arm's description when every row shares one)."""
+    what = {r["arm"]: r["what"] for r in rows}
+    bases = {r["baseline"] for r in rows if "paired" in r}
+    base = what.get(bases.pop()) if len(bases) == 1 else None
+    return f"exact match minus {base or 'its baseline'} (paired, 95% CI)"
+
+
 def plot(sections: list[tuple[str, list[dict]]], png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 5), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], sections):
-        rows = [r for r in rows if "paired" in r]
+    for ax, (title, every) in zip(axes[0], sections):
+        rows = [r for r in every if "paired" in r]
         y = list(range(len(rows)))[::-1]
         d = [r["paired"]["diff"] for r in rows]
         err = [[r["paired"]["diff"] - r["paired"]["low"] for r in rows],
@@ -421,7 +430,7 @@ def plot(sections: list[tuple[str, list[dict]]], png: Path) -> None:
         ax.barh(y, d, xerr=err, capsize=4, color=colors)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(y, [r["what"] for r in rows], fontsize=8)
-        ax.set(xlabel="exact match minus cross-entropy alone (paired, 95% CI)", title=title)
+        ax.set(xlabel=diff_label(every), title=title)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -155,6 +155,9 @@ def test_registrations_sharing_a_root_keep_their_own_reports(tmp_path):
     assert json.loads((tmp_path / "results-one.json").read_text())["sections"][0]["rows"][1]["acc"] == 0.25
     assert (tmp_path / "results-one.png").stat().st_size > 0 and (tmp_path / "results-two.png").stat().st_size > 0
     assert not (tmp_path / "results.md").exists()
+    assert bl.diff_label(rows) == "exact match minus base (paired, 95% CI)"
+    assert bl.diff_label(rows + [dict(rows[1], arm="c", baseline="b")]) == \
+        "exact match minus its baseline (paired, 95% CI)"
 
 
 def test_a_registration_that_fixes_every_setting_has_no_validation_round(tmp_path):
