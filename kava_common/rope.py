@@ -41,6 +41,12 @@ def inverse_frequencies(rope: dict, head_dim: int) -> torch.Tensor:
     return inv
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(a, b) -> (-b, a) over the last axis's halves: the pair partner RoPE mixes in."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
 def rotate(x: torch.Tensor, positions: torch.Tensor, rope: dict, sign: float = 1.0) -> torch.Tensor:
     """x (..., T, D) rotated as RoPE rotates it at `positions` (..., T) (sign -1: the rotation
     undone), computed in float64 and returned in float32."""
@@ -49,8 +55,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rope: dict, sign: float = 1
     angle = torch.cat([angle, angle], -1)
     cos, sin = angle.cos(), sign * angle.sin()
     x = x.to(torch.float64)
-    half = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)                             # rotate_half
-    return (x * cos + half * sin).float()
+    return (x * cos + rotate_half(x) * sin).float()
 
 
 def unrotate(k: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor:

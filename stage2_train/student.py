@@ -15,11 +15,7 @@ import torch
 from kava_common import KavaError, no_hf_progress_bars
 from kava_common.data import load_fast_tokenizer
 from kava_common.geometry import KVGeometry
-
-
-def rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+from kava_common.rope import rotate_half
 
 
 def decoder_layers(model):
