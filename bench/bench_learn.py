@@ -299,16 +299,18 @@ def run_one(job: tuple) -> dict:
     """One seed of one arm: a one-point sweep (the student's initialisation differs by seed),
     trained and scored on `split`; a finished run is read back, not repeated. With `trained`,
     the folder of the same arm and seed trained for another split (same settings, checked), its
-    final student is scored on this split instead of training it again."""
+    final student is scored on this split instead of training it again. "trained": whether this
+    call trained it (a report's wall time covers only the runs trained in it)."""
     out, sweep, threads, trained = job
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if trained is not None and (trained / "results.csv").is_file():
-        return score_trained(out, sweep, trained, t0)
+        return dict(score_trained(out, sweep, trained, t0), trained=False)
+    finished = any(out.glob("*/result.json"))
     (out / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     (row,) = run_sweep(out / "sweep.yaml", echo=lambda m: None, progress=False)
-    return scored(out / row["run"] / "eval.jsonl", row, t0)
+    return dict(scored(out / row["run"] / "eval.jsonl", row, t0), trained=not finished)
 
 
 def scored(ev: Path, row: dict, t0: float) -> dict:
@@ -364,11 +366,12 @@ def run_arms(root: Path, arms: list[str], split: str, reg: dict, paths: dict, po
         done[arm, seed] = r
         log(f"    {split} {arm} seed {seed}: exact match {np.mean(r['scores']):.3f}, "
             f"{r['passes']:.1f} forward passes, cos K {r['cos_k']:.3f} "
-            f"(shuffled {r['cos_k_shuffled']:.3f}) [{r['wall']:.0f} s]")
+            f"(shuffled {r['cos_k_shuffled']:.3f}) [{r['wall']:.0f} s{'' if r['trained'] else ', read back'}]")
     results = []
     for arm in arms:
         rs = [done[arm, seed] for seed in reg["seeds"]]
         results.append({"arm": arm, "what": reg["arms"][arm]["what"], "baseline": baseline(reg, arm),
+                        "runs_trained": sum(r["trained"] for r in rs),
                         "scores": np.array([r["scores"] for r in rs], dtype=np.float64),
                         **{c: float(np.nanmean([r[c] for r in rs])) if any(r[c] == r[c] for r in rs)
                            else float("nan") for c in (*COSINES, "passes")}})
@@ -562,14 +565,18 @@ def report(out: Path, reg: dict, paths: dict, sections, chosen: dict, pairs, wal
         lines += [f"{split}, {reg['arms'][r['arm']]['what']} - {reg['arms'][r['other']]['what']}: "
                   f"{r['paired']['diff']:+.3f} [{r['paired']['low']:+.3f}, {r['paired']['high']:+.3f}]" for r in rows]
     text = "\n".join(lines)
+    # a re-run that reads every run back is quick: say how many runs the wall time paid for
+    runs = {"trained": sum(r.get("runs_trained", 0) for _, rows in sections for r in rows),
+            "all": len(reg["seeds"]) * sum(len(rows) for _, rows in sections)}
     Path(f"{out}.md").write_text(text + "\n")
     Path(f"{out}.json").write_text(json.dumps({"paths": paths, "chosen": chosen, "sections": [
         {"title": s, "rows": rows} for s, rows in sections], "also_compare": [
-        {"split": s, "rows": rows} for s, rows in pairs], "wall_s": wall}, indent=1))
+        {"split": s, "rows": rows} for s, rows in pairs], "wall_s": wall, "runs": runs}, indent=1))
     plot(sections, Path(f"{out}.png"))
     log("")
     log(text)
-    log(f"\nwall time {wall:.0f} s; table {out}.md, plot {out}.png")
+    log(f"\nwall time {wall:.0f} s ({runs['trained']} of {runs['all']} runs trained in it, the rest read back); "
+        f"table {out}.md, plot {out}.png")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_registrations_sharing_a_root_keep_their_own_reports(tmp_path):
         rows = [{"arm": "a", "what": "base", "baseline": "a", "acc": 0.5, "acc_min": 0.5, "acc_max": 0.5,
                  "passes": 6.0, **nan},
                 {"arm": "b", "what": "other", "baseline": "a", "acc": acc, "acc_min": acc, "acc_max": acc,
-                 "passes": 6.0, "paired": {"diff": acc - 0.5, "low": acc - 0.6, "high": acc - 0.4}, **nan}]
+                 "passes": 6.0, "runs_trained": 1, "paired": {"diff": acc - 0.5, "low": acc - 0.6, "high": acc - 0.4}, **nan}]
         bl.report(tmp_path / f"results-{name}", reg, {"teacher_t_acc": 0.9}, [("test", rows)], {}, [], 1.0,
                   log=lambda *a: None)
     one, two = (tmp_path / "results-one.md").read_text(), (tmp_path / "results-two.md").read_text()
@@ -155,9 +155,36 @@ def test_registrations_sharing_a_root_keep_their_own_reports(tmp_path):
     assert json.loads((tmp_path / "results-one.json").read_text())["sections"][0]["rows"][1]["acc"] == 0.25
     assert (tmp_path / "results-one.png").stat().st_size > 0 and (tmp_path / "results-two.png").stat().st_size > 0
     assert not (tmp_path / "results.md").exists()
+    assert json.loads((tmp_path / "results-two.json").read_text())["runs"] == {"trained": 1, "all": 2}
     assert bl.diff_label(rows) == "exact match minus base (paired, 95% CI)"
     assert bl.diff_label(rows + [dict(rows[1], arm="c", baseline="b")]) == \
         "exact match minus its baseline (paired, 95% CI)"
+
+
+def test_a_run_finished_before_is_read_back_and_counted_apart_from_the_trained(tmp_path, monkeypatch):
+    bl = load("bench_learn")
+    calls = []
+
+    def fake_sweep(path, echo, progress):         # a one-point sweep that trains its run
+        run = Path(path).parent / "seed-0"
+        calls.append((run / "result.json").is_file())
+        run.mkdir(exist_ok=True)
+        write_eval(run / "eval.jsonl", [1, 0, 1, 1])
+        (run / "result.json").write_text("{}")
+        return [{"run": "seed-0"}]
+
+    monkeypatch.setattr(bl, "run_sweep", fake_sweep)
+    out = tmp_path / "test" / "kava" / "seed-0"
+    first = bl.run_one((out, {"settings": {}}, 1, None))
+    again = bl.run_one((out, {"settings": {}}, 1, None))
+    assert calls == [False, True] and (first["trained"], again["trained"]) == (True, False)
+    assert first["scores"] == again["scores"] == [True, False, True, True]
+    assert yaml_load(out / "sweep.yaml") == {"settings": {}}
+
+
+def yaml_load(path: Path):
+    import yaml
+    return yaml.safe_load(path.read_text())
 
 
 def test_a_registration_that_fixes_every_setting_has_no_validation_round(tmp_path):
