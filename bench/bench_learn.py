@@ -499,21 +499,22 @@ def main(argv=None):
     paths = prepare(root, reg, log)
     if a.phase == "prepare":
         return
-    pool = ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn"))
-    threads = max(1, torch.get_num_threads() // a.workers)
-    log(f"validation arms ({a.workers} runs side by side, {threads} thread(s) each)")
-    raw, chosen = validate(root, reg, paths, pool, threads, log)
-    sections, pairs = [], []
-    if raw:              # a registration that fixes every setting beforehand has no validation arms
-        sections.append((f"validation ({reg['eval']['validation']} problems x {len(reg['seeds'])} seeds)", compare(raw)))
-        pairs.append(("validation", *also(raw, reg, chosen)))
-    if a.phase == "all":
-        log("test arms")
-        arms = list(dict.fromkeys([*(resolve(x, chosen) for x in reg["test"]), *chosen.values()]))
-        raw = run_arms(root, arms, "test", reg, paths, pool, threads, log,
-                       reuse="validation" if reg.get("reuse_validation_students") else None, chosen=chosen)
-        sections.append((f"test ({reg['eval']['test']} problems x {len(reg['seeds'])} seeds)", compare(raw)))
-        pairs.append(("test", *also(raw, reg, chosen)))
+    # shut down on the way out, so that the interpreter's exit does not find the pool's pipes closed
+    with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        threads = max(1, torch.get_num_threads() // a.workers)
+        log(f"validation arms ({a.workers} runs side by side, {threads} thread(s) each)")
+        raw, chosen = validate(root, reg, paths, pool, threads, log)
+        sections, pairs = [], []
+        if raw:              # a registration that fixes every setting beforehand has no validation arms
+            sections.append((f"validation ({reg['eval']['validation']} problems x {len(reg['seeds'])} seeds)", compare(raw)))
+            pairs.append(("validation", *also(raw, reg, chosen)))
+        if a.phase == "all":
+            log("test arms")
+            arms = list(dict.fromkeys([*(resolve(x, chosen) for x in reg["test"]), *chosen.values()]))
+            raw = run_arms(root, arms, "test", reg, paths, pool, threads, log,
+                           reuse="validation" if reg.get("reuse_validation_students") else None, chosen=chosen)
+            sections.append((f"test ({reg['eval']['test']} problems x {len(reg['seeds'])} seeds)", compare(raw)))
+            pairs.append(("test", *also(raw, reg, chosen)))
     for split, lines, _ in pairs:
         for line in lines:
             log(f"{split}, {line}")
