@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -179,12 +180,7 @@ def test_a_run_finished_before_is_read_back_and_counted_apart_from_the_trained(t
     again = bl.run_one((out, {"settings": {}}, 1, None))
     assert calls == [False, True] and (first["trained"], again["trained"]) == (True, False)
     assert first["scores"] == again["scores"] == [True, False, True, True]
-    assert yaml_load(out / "sweep.yaml") == {"settings": {}}
-
-
-def yaml_load(path: Path):
-    import yaml
-    return yaml.safe_load(path.read_text())
+    assert yaml.safe_load((out / "sweep.yaml").read_text()) == {"settings": {}}
 
 
 def test_a_registration_that_fixes_every_setting_has_no_validation_round(tmp_path):
