@@ -93,9 +93,13 @@ def end_distributed() -> None:
     (DistributedDataParallel's reducer) must be released first, which is why garbage
     reference cycles are collected here: a group that lives on until the interpreter shuts
     down can abort the process there, after its work is done (seen with gloo: SIGABRT,
-    "terminate called without an active exception")."""
+    "terminate called without an active exception"). The barrier keeps a rank from tearing
+    its connections down while another still exchanges its last collective over them (the
+    same abort, rarely, in the 2-rank gloo test; PyTorch's own distributed tests wait at a
+    barrier before destroy_process_group for the same reason)."""
     import gc
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         gc.collect()
+        dist.barrier()
         dist.destroy_process_group()

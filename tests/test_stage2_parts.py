@@ -548,6 +548,19 @@ def test_init_distributed_starts_nccl_on_the_ranks_gpu_or_gloo_and_nothing_alone
     assert len([c for c in calls if c[0] == "init"]) == 1
 
 
+def test_end_distributed_waits_for_every_rank_then_ends_the_group_and_does_nothing_alone(monkeypatch):
+    import torch.distributed as dist
+    from kava_common.launch import end_distributed
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: "destroy" not in calls)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    end_distributed()
+    assert calls == ["barrier", "destroy"]
+    end_distributed()                                   # ended: nothing more
+    assert calls == ["barrier", "destroy"]
+
+
 def test_the_trainers_collectives_reduce_tensors_on_its_device(monkeypatch):
     """NCCL reduces CUDA tensors only: the stop flag and the logged losses go to all_reduce on
     the trainer's device (here `meta`, which no CPU default would give)."""
