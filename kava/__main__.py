@@ -7,6 +7,7 @@
     kava plot METRICS     loss and cosine curves of a run
     kava info PATH ...    a cache's or run's summary; --verify checks it
     kava recompress ...   a smaller cache from a cache, without the teacher
+    kava slots CACHE      how much of the teacher's answer its chain of thought's K/V slots keep
     kava demo             the built-in demo, end to end
 
 Each command takes the settings of its `python -m` form (`kava COMMAND --help`), shares its
@@ -28,6 +29,7 @@ COMMANDS = {
     "plot": ("stage2_train.plot", "python -m stage2_train.plot"),
     "info": ("kava_common.info", "python -m kava_common.info"),
     "recompress": ("kava_common.recompress", "python -m kava_common.recompress"),
+    "slots": ("stage1_extract.slot_answers", "python -m stage1_extract.slot_answers"),
     "demo": ("kava_demo.__main__", "python -m kava_demo"),
 }
 

@@ -21,7 +21,7 @@ def test_kava_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     assert all(f"kava {name} " in out for name in COMMANDS)
     assert kava([]) == 2 and kava(["fly"]) == 2
-    assert "error: kava has no command 'fly'; it has extract, train, eval, sweep, plot, info, recompress, demo" \
+    assert "error: kava has no command 'fly'; it has extract, train, eval, sweep, plot, info, recompress, slots, demo" \
         in capsys.readouterr().err
 
 
@@ -46,6 +46,7 @@ def test_each_command_takes_the_settings_of_its_python_m_form(name, capsys):
     (["extract", "--teacher", "t", "--quant-type", "int3"], "quant_type 'int3': choose one of nf4, fp4"),
     (["eval", "--model", "m", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["recompress", "c", "--kv-quant", "int5"], "kv_quant 'int5': choose one of none, int8, int4"),
+    (["slots", "c", "--slots", "4,0"], "--slots 0: must be at least 1"),
     (["plot", "no-such/metrics.jsonl"], "no-such/metrics.jsonl"),
     (["sweep", "no-such.yaml"], "no-such.yaml"),
     (["info", "no-such-cache"], "no-such-cache"),

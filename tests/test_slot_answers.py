@@ -1,0 +1,112 @@
+"""stage1_extract.slot_answers: the teacher's answer read after its chain of thought's K/V slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def slot_cache(teacher_dir, tmp_path_factory):
+    """A float32 cache of every teacher layer with 6 R-KV slots (lambda 0.3)."""
+    from stage1_extract.config import ExtractConfig
+    from stage1_extract.extract import main as extract
+    cfg = ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=6, batch_size=3,
+                        quantize=False, dtype="float32", kv_dtype="float32", device="cpu", progress=False,
+                        out=str(tmp_path_factory.mktemp("slots")), rkv_slots=6, rkv_lambda=0.3)
+    (path,) = extract(cfg)
+    return path
+
+
+def _teacher(teacher_dir):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+
+
+def _scores(model, ids, positions, a0, a1):
+    """(all right, right, summed NLL) of the answer tokens from one forward over `ids` at `positions`."""
+    with torch.no_grad():
+        # the mask given: without it transformers reads a jump in the positions as a second sequence packed in
+        logits = model(input_ids=ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       position_ids=positions[None], use_cache=False).logits[0].float()
+    at = len(ids) - (a1 - a0)                     # where the answer starts in `ids`
+    pred, target = logits[at - 1:len(ids) - 1], ids[at:]
+    right = int((pred.argmax(-1) == target).sum())
+    return right == len(target), right, float(torch.nn.functional.cross_entropy(pred, target, reduction="sum"))
+
+
+@pytest.mark.slow
+def test_full_and_none_forms_equal_the_teacher_over_the_text_and_all_slots_equal_full(teacher_dir, slot_cache):
+    """`full`: the answer after the cached question and reasoning K/V scores as the teacher over
+    the whole text; `none`: as the teacher over the text without its chain of thought, the
+    answer at its own positions; more slots than reasoning tokens keep them all, so score as
+    `full`; the slots of the cache's M and lambda are the stored ones."""
+    from kava_common.cache import open_cache
+    from stage1_extract.slot_answers import answer_scores, past_kv
+    c, model = open_cache(slot_cache), _teacher(teacher_dir)
+    for i in range(len(c)):
+        s, stored = c[i], c.rkv(i)
+        (r0, r1), (a0, a1) = s["token_segments"]["reasoning"], s["token_segments"]["answer"]
+        ids, imp = s["input_ids"], stored["importance"]
+        full = answer_scores(model, ids, past_kv(s["k"], s["v"], r0, r1, imp, None, 0, 0.3, full=True), r1, a0, a1)
+        want = _scores(model, ids[:a1], torch.arange(a1), a0, a1)
+        assert full[:2] == want[:2] and full[2] == pytest.approx(want[2], rel=1e-4, abs=1e-5), i
+        keep = torch.cat([torch.arange(r0), torch.arange(r1, a1)])
+        none = answer_scores(model, ids, past_kv(s["k"], s["v"], r0, r1, imp, None, 0, 0.3, full=False), r1, a0, a1)
+        want = _scores(model, ids[keep], keep, a0, a1)
+        assert none[:2] == want[:2] and none[2] == pytest.approx(want[2], rel=1e-4, abs=1e-5), i
+        for how in ("rkv", "even"):
+            every = answer_scores(model, ids, past_kv(s["k"], s["v"], r0, r1, imp, how, r1 - r0, 0.3, full=False),
+                                  r1, a0, a1)
+            assert every[:2] == full[:2] and every[2] == pytest.approx(full[2], rel=1e-5, abs=1e-6), (i, how)
+        past = past_kv(s["k"], s["v"], r0, r1, imp, "rkv", 6, 0.3, full=False)
+        for layer, (k, v) in enumerate(past):
+            assert k.shape == (1, 2, r0 + 6, 32)
+            assert torch.equal(k[0, :, :r0], s["k"][layer, :, :r0]) and torch.equal(k[0, :, r0:], stored["k"][layer])
+            assert torch.equal(v[0, :, r0:], stored["v"][layer])
+
+
+@pytest.mark.slow
+def test_slot_answers_reports_each_form_and_refuses_what_it_cannot_score(teacher_dir, slot_cache, tmp_path, capsys):
+    """The command over the cache: one row per form, `full` every answer the teacher gets right
+    over the whole text, slots counted per layer and head; a cache of some layers, a teacher
+    with other weights and a cache without slots asked for R-KV slots are refused, naming them."""
+    import shutil
+    from kava_common.cache import open_cache
+    from stage1_extract.config import ExtractConfig
+    from stage1_extract.extract import main as extract
+    from stage1_extract.slot_answers import SlotAnswersArgs, main, slot_answers
+    res = slot_answers(SlotAnswersArgs(cache=str(slot_cache), slots=[2, 100], device="cpu", progress=False))
+    c, model = open_cache(slot_cache), _teacher(teacher_dir)
+    right = []
+    for i in range(len(c)):
+        s = c[i]
+        a0, a1 = s["token_segments"]["answer"]
+        right.append(_scores(model, s["input_ids"][:a1], torch.arange(a1), a0, a1)[0])
+    reasoning = [c[i]["token_segments"]["reasoning"] for i in range(len(c))]
+    assert res["samples"] == 6 and res["skipped"] == {} and res["lambda"] == 0.3
+    assert list(res["forms"]) == ["full", "rkv 2", "rkv 100", "even 2", "even 100", "none"]
+    assert res["forms"]["full"]["exact"] == pytest.approx(sum(right) / 6)
+    assert res["forms"]["rkv 100"]["exact"] == res["forms"]["full"]["exact"]
+    assert res["forms"]["full"]["slots"] == pytest.approx(sum(b - a for a, b in reasoning) / 6)
+    assert res["forms"]["rkv 2"]["slots"] == 2 and res["forms"]["none"]["slots"] == 0
+    assert main([str(slot_cache), "--slots", "2", "--select", "even", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| even 2 | 2.0 |" in out and out.count("\n| ") == 4      # header, full, even 2, none
+    (some,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=2, quantize=False,
+                                    device="cpu", progress=False, out=str(tmp_path / "some"), layers=[0, 2]))
+    assert main([str(some), "--select", "even", "--no-progress"]) == 1
+    assert "holds teacher layers [0, 2] of 3; the teacher's answer needs the K/V of every layer" in \
+        capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(teacher_dir, other)
+    w = other / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\1")
+    assert main([str(slot_cache), "--teacher", str(other), "--no-progress"]) == 1
+    assert f"teacher '{other}'" in (err := capsys.readouterr().err) and "is not the one that wrote the cache" in err
+    (plain,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=2, quantize=False,
+                                     device="cpu", progress=False, out=str(tmp_path / "plain")))
+    assert main([str(plain), "--no-progress"]) == 1
+    assert "made without --rkv-slots, so it holds no importance to choose R-KV slots by" in capsys.readouterr().err
+    assert main([str(slot_cache), "--slots", "0", "--select", "best"]) == 1
+    assert "--slots 0: must be at least 1; --select 'best': choose rkv or even" in capsys.readouterr().err
