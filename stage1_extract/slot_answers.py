@@ -30,6 +30,8 @@ from kava_common import KavaError
 from kava_common.cli import command, setting
 from kava_common.rkv import choose
 
+from .config import CPU_4BIT_KERNELS
+
 SELECTS = ("rkv", "even")
 
 
@@ -44,6 +46,9 @@ class SlotAnswersArgs:
     select: list[str] = setting(lambda: list(SELECTS), "how slots are chosen: rkv (R-KV's score), even (evenly spaced)")
     rkv_lambda: float | None = setting(None, "R-KV's weight of importance against redundancy (default: the cache's)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    cpu_4bit_kernel: str | None = setting(None, "bitsandbytes 4-bit path on a CPU: auto, packed or plain (default: "
+                                                "the one the cache was written on, plain where this CPU lacks it)",
+                                            choices=CPU_4BIT_KERNELS)
     progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self):
@@ -103,6 +108,11 @@ def answer_scores(model, ids: torch.Tensor, past: list[tuple[torch.Tensor, torch
     return right == len(target), right, nll
 
 
+def has_packed_kernel() -> bool:
+    from kava_common import import_bitsandbytes
+    return bool(import_bitsandbytes().functional.has_avx512bf16())
+
+
 def check_teacher(name: str, manifest) -> None:
     """Refuse a teacher whose weights are not the ones that wrote the cache."""
     from transformers import AutoConfig
@@ -115,8 +125,9 @@ def check_teacher(name: str, manifest) -> None:
 
 
 def slot_answers(a: SlotAnswersArgs, echo=print) -> dict:
-    """{form: {"exact", "tokens", "nll", "slots"}} over the samples read, plus "samples" and
-    "skipped" (sample: why)."""
+    """{"forms": {form: {"exact", "tokens", "nll", "slots"}}} over the samples read, beside
+    "samples", "skipped" (sample: why), "lambda" and "cpu_kernel" (the 4-bit CPU path taken;
+    None for a teacher that is not 4-bit or not on a CPU)."""
     from tqdm.auto import tqdm
     from kava_common.cache import open_cache
     from kava_common.device import resolve_device
@@ -136,8 +147,14 @@ def slot_answers(a: SlotAnswersArgs, echo=print) -> dict:
     name = a.teacher or m.raw["teacher"]["name"]
     check_teacher(name, m)
     quant = {k: v for k, v in m.raw["teacher"]["quantization"].items() if k not in ("cpu_plain_modules",)}
-    kernel = quant.pop("cpu_kernel", "auto")
+    written_on = quant.pop("cpu_kernel", None)
     device = resolve_device(a.device)
+    kernel = a.cpu_4bit_kernel or written_on or "auto"
+    if device.type == "cpu" and quant["method"] == "bitsandbytes" and a.cpu_4bit_kernel is None \
+            and kernel == "packed" and not has_packed_kernel():
+        kernel = "plain"
+        echo("the cache was written on bitsandbytes' packed 4-bit CPU path, which this CPU (no AVX512-BF16) "
+             "lacks: the teacher runs on the plain path (the same weights; bf16 rounding differs)")
     model = load_teacher(name, quant, device, m.raw["teacher"].get("revision"),
                          cpu_4bit_kernel=kernel if device.type == "cpu" else "auto")
     fs = forms(a)
@@ -165,13 +182,14 @@ def slot_answers(a: SlotAnswersArgs, echo=print) -> dict:
     read = n - len(skipped)
     if read == 0:
         raise KavaError(f"{a.cache}: none of the first {n} samples has an answer to score ({skipped[0]})")
-    return {"samples": read, "skipped": skipped, "lambda": lam,
+    return {"samples": read, "skipped": skipped, "lambda": lam, "cpu_kernel": quant.get("cpu_kernel"),
             "forms": {f: {"exact": t["exact"] / read, "tokens": t["right"] / t["tokens"], "nll": t["nll"] / t["tokens"],
                           "slots": t["slots"] / read} for f, t in sums.items()}}
 
 
 def report(res: dict, echo=print) -> None:
-    echo(f"{res['samples']} samples (R-KV lambda {res['lambda']}); the teacher reads its answer after the question "
+    path = f"; the teacher in 4-bit on bitsandbytes' {res['cpu_kernel']} CPU path" if res["cpu_kernel"] else ""
+    echo(f"{res['samples']} samples (R-KV lambda {res['lambda']}{path}); the teacher reads its answer after the question "
          "and its chain of thought's K/V in each form:")
     echo("| form | reasoning K/V per layer and head | answers right | answer tokens right | NLL per answer token |")
     echo("|---|---|---|---|---|")

@@ -110,3 +110,43 @@ def test_slot_answers_reports_each_form_and_refuses_what_it_cannot_score(teacher
     assert "made without --rkv-slots, so it holds no importance to choose R-KV slots by" in capsys.readouterr().err
     assert main([str(slot_cache), "--slots", "0", "--select", "best"]) == 1
     assert "--slots 0: must be at least 1; --select 'best': choose rkv or even" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["plain", "packed"])
+def test_a_4bit_teacher_reads_its_answer_on_either_cpu_path_and_falls_back_to_plain_saying_so(
+        teacher_dir, tmp_path, monkeypatch, kernel):
+    """A cache a 4-bit teacher wrote: the check loads it 4-bit on the path the cache was written
+    on (`full` then scores close to that teacher over the whole text), or on the plain path,
+    saying so, where this CPU has no packed kernel."""
+    from kava_common.cache import open_cache
+    from stage1_extract import slot_answers as sa
+    from stage1_extract.config import ExtractConfig
+    from stage1_extract.extract import main as extract
+    from stage1_extract.teacher import load_teacher
+    if kernel == "packed" and not sa.has_packed_kernel():
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes' packed 4-bit kernel cannot run here")
+    (path,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=4, batch_size=2,
+                                    quantize=True, cpu_4bit_kernel=kernel, kv_dtype="float16", device="cpu",
+                                    progress=False, out=str(tmp_path), rkv_slots=4))
+    said = []
+    res = sa.slot_answers(sa.SlotAnswersArgs(cache=str(path), slots=[4], device="cpu", progress=False),
+                          echo=said.append)
+    assert res["cpu_kernel"] == kernel and said == []
+    c = open_cache(path)
+    quant = {k: v for k, v in c.manifest["teacher"]["quantization"].items()
+             if k not in ("cpu_kernel", "cpu_plain_modules")}
+    model = load_teacher(str(teacher_dir), quant, torch.device("cpu"), cpu_4bit_kernel=kernel)
+    nll = tokens = 0
+    for i in range(len(c)):
+        s = c[i]
+        a0, a1 = s["token_segments"]["answer"]
+        nll += _scores(model, s["input_ids"][:a1], torch.arange(a1), a0, a1)[2]
+        tokens += a1 - a0
+    # the cached K/V (float16, from a padded batch) against one bf16 forward: close, not equal
+    assert res["forms"]["full"]["nll"] == pytest.approx(nll / tokens, rel=0.02)
+    if kernel == "packed":
+        monkeypatch.setattr(sa, "has_packed_kernel", lambda: False)
+        res = sa.slot_answers(sa.SlotAnswersArgs(cache=str(path), slots=[4], device="cpu", progress=False),
+                              echo=said.append)
+        assert res["cpu_kernel"] == "plain" and len(said) == 1 and "runs on the plain path" in said[0]
