@@ -169,6 +169,9 @@ def slot_answers(a: SlotAnswersArgs, echo=print) -> dict:
         if a0 <= r1:
             skipped[i] = "no token between the chain of thought and the answer"
             continue
+        if not (torch.isfinite(s["k"]).all() and torch.isfinite(s["v"]).all()):
+            skipped[i] = "its K/V hold NaN or Inf"
+            continue
         imp = c.rkv(i)["importance"] if m.rkv_slots else None
         for f, select, slots in fs:
             past = past_kv(s["k"], s["v"], r0, r1, imp, select, slots, lam, full=f == "full")

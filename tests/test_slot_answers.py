@@ -93,6 +93,23 @@ def test_slot_answers_reports_each_form_and_refuses_what_it_cannot_score(teacher
     assert main([str(slot_cache), "--slots", "2", "--select", "even", "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| even 2 | 2.0 |" in out and out.count("\n| ") == 4      # header, full, even 2, none
+    from kava_common.cache.read import KVCache
+    read = KVCache.__getitem__
+
+    def bad_k(self, i):                   # sample 4's keys hold a NaN: left out and said, never averaged in
+        s = read(self, i)
+        if i == 4:
+            s["k"] = s["k"].clone()
+            s["k"][1, 0, 3, 5] = float("nan")
+        return s
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KVCache, "__getitem__", bad_k)
+        res5 = slot_answers(SlotAnswersArgs(cache=str(slot_cache), slots=[2], select=["even"], device="cpu",
+                                            progress=False))
+        assert main([str(slot_cache), "--slots", "2", "--select", "even", "--no-progress"]) == 0
+    assert res5["samples"] == 5 and res5["skipped"] == {4: "its K/V hold NaN or Inf"}
+    assert res5["forms"]["full"]["exact"] == pytest.approx(sum(right[:4] + right[5:]) / 5)
+    assert "skipped 1 sample(s), e.g. sample 4: its K/V hold NaN or Inf" in capsys.readouterr().out
     (some,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=2, quantize=False,
                                     device="cpu", progress=False, out=str(tmp_path / "some"), layers=[0, 2]))
     assert main([str(some), "--select", "even", "--no-progress"]) == 1
