@@ -124,6 +124,26 @@ def check_teacher(name: str, manifest) -> None:
                         "give it with --teacher")
 
 
+def cache_teacher(m, teacher: str | None, device: torch.device, cpu_4bit_kernel: str | None = None, echo=print):
+    """The teacher that wrote the cache of manifest `m`, loaded as stage 1 ran it (4-bit on the
+    CPU path the cache was written on, plain where this CPU lacks it, said): (model, the
+    quantization as loaded). `teacher` names it where the manifest's name does not reach it."""
+    from .teacher import load_teacher
+    name = teacher or m.raw["teacher"]["name"]
+    check_teacher(name, m)
+    quant = {k: v for k, v in m.raw["teacher"]["quantization"].items() if k not in ("cpu_plain_modules",)}
+    written_on = quant.pop("cpu_kernel", None)
+    kernel = cpu_4bit_kernel or written_on or "auto"
+    if device.type == "cpu" and quant["method"] == "bitsandbytes" and cpu_4bit_kernel is None \
+            and kernel == "packed" and not has_packed_kernel():
+        kernel = "plain"
+        echo("the cache was written on bitsandbytes' packed 4-bit CPU path, which this CPU (no AVX512-BF16) "
+             "lacks: the teacher runs on the plain path (the same weights; bf16 rounding differs)")
+    model = load_teacher(name, quant, device, m.raw["teacher"].get("revision"),
+                         cpu_4bit_kernel=kernel if device.type == "cpu" else "auto")
+    return model, quant
+
+
 def slot_answers(a: SlotAnswersArgs, echo=print) -> dict:
     """{"forms": {form: {"exact", "tokens", "nll", "slots"}}} over the samples read, beside
     "samples", "skipped" (sample: why), "lambda" and "cpu_kernel" (the 4-bit CPU path taken;
@@ -131,7 +151,6 @@ def slot_answers(a: SlotAnswersArgs, echo=print) -> dict:
     from tqdm.auto import tqdm
     from kava_common.cache import open_cache
     from kava_common.device import resolve_device
-    from .teacher import load_teacher
     c = open_cache(a.cache)
     m = c.meta
     if m.raw["identity"].get("kv_quant"):
@@ -144,19 +163,7 @@ def slot_answers(a: SlotAnswersArgs, echo=print) -> dict:
         raise KavaError(f"{a.cache}: made without --rkv-slots, so it holds no importance to choose R-KV slots by; "
                         "--select even needs none")
     lam = a.rkv_lambda if a.rkv_lambda is not None else (m.rkv_lambda if m.rkv_slots else 0.1)
-    name = a.teacher or m.raw["teacher"]["name"]
-    check_teacher(name, m)
-    quant = {k: v for k, v in m.raw["teacher"]["quantization"].items() if k not in ("cpu_plain_modules",)}
-    written_on = quant.pop("cpu_kernel", None)
-    device = resolve_device(a.device)
-    kernel = a.cpu_4bit_kernel or written_on or "auto"
-    if device.type == "cpu" and quant["method"] == "bitsandbytes" and a.cpu_4bit_kernel is None \
-            and kernel == "packed" and not has_packed_kernel():
-        kernel = "plain"
-        echo("the cache was written on bitsandbytes' packed 4-bit CPU path, which this CPU (no AVX512-BF16) "
-             "lacks: the teacher runs on the plain path (the same weights; bf16 rounding differs)")
-    model = load_teacher(name, quant, device, m.raw["teacher"].get("revision"),
-                         cpu_4bit_kernel=kernel if device.type == "cpu" else "auto")
+    model, quant = cache_teacher(m, a.teacher, resolve_device(a.device), a.cpu_4bit_kernel, echo)
     fs = forms(a)
     sums = {f: {"exact": 0, "right": 0, "tokens": 0, "nll": 0.0, "slots": 0} for f, _, _ in fs}
     skipped, n = {}, min(a.samples, len(c))

@@ -208,3 +208,49 @@ def test_a_teacher_is_scored_with_and_without_its_chain_of_thought_once(tok, tmp
     assert said[1].endswith("on 3 validation problems without its chain of thought")
     bl.teacher_accuracy(t, "t", task, 3, True, said.append)
     assert said[2].endswith("without its chain of thought (scored before)")
+
+
+@pytest.mark.slow
+def test_latent_readout_gives_the_teacher_its_slots_its_students_latents_or_nothing(student_dir, teacher_dir, tmp_path,
+                                                                                   monkeypatch):
+    """bench/latent_readout.py on a tiny latent run: the teacher reading its own slots and nothing
+    scores as stage1_extract.slot_answers' `rkv M` and `none`; a projector that returned the very
+    slots would make the latents score as the slots; a student layer taught a mix of teacher
+    layers is refused."""
+    from types import SimpleNamespace
+    from kava_common import KavaError
+    from stage1_extract.config import ExtractConfig
+    from stage1_extract.extract import main as extract
+    from stage1_extract.slot_answers import SlotAnswersArgs, slot_answers
+    from stage2_train.config import TrainConfig
+    from stage2_train.train import main as train
+    ro = load("latent_readout")
+    (cache,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=12, batch_size=4,
+                                     quantize=False, dtype="float32", kv_dtype="float32", device="cpu", progress=False,
+                                     rkv_slots=4, rkv_lambda=0.3, out=str(tmp_path / "c")))
+    run = tmp_path / "run"
+    train(TrainConfig(student=str(teacher_dir), caches=[str(cache)], out=str(run), device="cpu", progress=False,
+                      eval_samples=4, batch_size=4, max_steps=3, log_every=1, save_every=0, latent=4, jacobi_iters=1,
+                      kv_weight=3.0), echo=lambda *a: None)
+    got = ro.readout(run, 8, progress=False)
+    ref = slot_answers(SlotAnswersArgs(cache=str(cache), samples=8, slots=[4], select=["rkv"], device="cpu",
+                                       progress=False))
+    assert got["samples"] == ref["samples"] == 8 and got["latent"] == 4
+    for form, name in (("slots", "rkv 4"), ("none", "none")):
+        assert got["forms"][form]["exact"] == ref["forms"][name]["exact"]
+        assert got["forms"][form]["nll"] == pytest.approx(ref["forms"][name]["nll"], rel=1e-5)
+    assert all(0.0 <= r["exact"] <= 1.0 and r["nll"] > 0 for r in got["forms"].values())
+
+    def the_slots(distiller, teacher, pairs, batch):
+        n = int(batch["slot_mask"][0].sum())
+        return {li: (batch["slots_k"][0, li][:, :n].float(), batch["slots_v"][0, li][:, :n].float())
+                for li in range(batch["slots_k"].shape[1])}
+    monkeypatch.setattr(ro, "project", the_slots)
+    perfect = ro.readout(run, 8, progress=False)
+    assert perfect["forms"]["latents"] == pytest.approx(perfect["forms"]["slots"], rel=1e-6)
+    mixed = SimpleNamespace(distilled=[(0, [(0, 0.5), (1, 0.5)])], cache=SimpleNamespace(layers=[0, 1]))
+    with pytest.raises(KavaError, match=r"student layer 0 is taught a mix of teacher layers"):
+        ro.one_to_one(mixed)
+    some = SimpleNamespace(distilled=[(0, [(0, 1.0)])], cache=SimpleNamespace(layers=[0, 1]))
+    with pytest.raises(KavaError, match=r"teaches teacher layers \[0\] of 2"):
+        ro.one_to_one(some)
