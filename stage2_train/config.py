@@ -81,6 +81,10 @@ class TrainConfig:
                                choices=("post_rope", "pre_rope"))
     latent_normalize: bool = setting(False, "--latent: divide the K/V loss's both sides by the teacher slots' std, "
                                      "per layer")
+    latent_contrast: float = setting(0.0, "--latent: a temperature > 0 makes the K/V loss contrastive (InfoNCE): "
+                                     "each latent's projected K (V) must be nearer, by cosine, to its own problem's "
+                                     "slot than to the same slot of the batch's other problems, so what all "
+                                     "problems' slots share cannot meet it; 0: the --loss match")
     alpha: float = setting(1.0, "mercator: weight of (1 - cos)")
     beta: float = setting(0.01, "mercator: weight of the log-norm MSE")
     k_weight: float = setting(1.0, "weight of the K loss")
@@ -173,10 +177,14 @@ class TrainConfig:
         if self.latent < 0 or self.jacobi_iters < 0:
             return [f"latent and jacobi_iters must be >= 0, got {self.latent} and {self.jacobi_iters}"]
         if not self.latent:
-            return ["latent_keys pre_rope compares the latent steps' keys: it needs latent"] \
-                if self.latent_keys != "post_rope" else []
-        p = [f"{n} must be >= 0, got {getattr(self, n)}" for n in ("latent_cot_weight", "latent_hidden_weight")
-             if getattr(self, n) < 0]
+            return (["latent_keys pre_rope compares the latent steps' keys: it needs latent"]
+                    if self.latent_keys != "post_rope" else []) + \
+                (["latent_contrast is a K/V loss at the latent steps: it needs latent"] if self.latent_contrast else [])
+        p = [f"{n} must be >= 0, got {getattr(self, n)}" for n in ("latent_cot_weight", "latent_hidden_weight",
+                                                                     "latent_contrast") if getattr(self, n) < 0]
+        if self.latent_contrast and self.batch_size < 2:
+            p.append(f"latent_contrast contrasts the problems of a micro-batch: batch_size must be >= 2, got "
+                     f"{self.batch_size}")
         if len(self.caches) != 1:
             p.append(f"latent takes one teacher's cache, got {len(self.caches)}")
         if self.kd_weight or self.ce_chunk:

@@ -96,7 +96,8 @@ def latent_sequence(prefix: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, s
 
 def latent_kv_loss(student: dict[int, tuple[torch.Tensor, torch.Tensor]], slots_k: torch.Tensor,
                    slots_v: torch.Tensor, mask: torch.Tensor, distilled: list, projector, loss: str = "mercator",
-                   alpha: float = 1.0, beta: float = 0.01, normalize: bool = False) -> torch.Tensor:
+                   alpha: float = 1.0, beta: float = 0.01, normalize: bool = False,
+                   contrast: float = 0.0) -> torch.Tensor:
     """The K/V loss at the M latent positions against the teacher's compressed slots, averaged
     over the distilled student layers.
 
@@ -107,6 +108,7 @@ def latent_kv_loss(student: dict[int, tuple[torch.Tensor, torch.Tensor]], slots_
     a KVProjector taking the student's K/V into the teacher's space (student_to_teacher).
     normalize: both sides divided by the teacher's standard deviation over the batch's filled
     slots, per layer and for K and V apart, so that layers of larger K/V do not outweigh the rest.
+    contrast > 0: `contrastive_kv` at that temperature in place of `loss`.
     """
     from .losses import kv_loss
     total = 0.0
@@ -114,11 +116,33 @@ def latent_kv_loss(student: dict[int, tuple[torch.Tensor, torch.Tensor]], slots_
         tk, tv = mixed(slots_k, row), mixed(slots_v, row)                    # (B, Ht, M, Dt)
         sk, sv = student[s]
         pk, pv = projector(pi, sk.float(), sv.float())
+        if contrast:
+            total = total + contrastive_kv(pk, tk, mask, contrast) + contrastive_kv(pv, tv, mask, contrast)
+            continue
         if normalize:
             pk, tk = _by_teacher_std(pk, tk, mask)
             pv, tv = _by_teacher_std(pv, tv, mask)
         total = total + kv_loss(loss, pk, tk, mask, alpha, beta) + kv_loss(loss, pv, tv, mask, alpha, beta)
     return total / max(len(distilled), 1)
+
+
+def contrastive_kv(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE across the batch's problems, per KV head and slot: pred and target (B, H, M, D),
+    mask (B, M) the filled slots. Problem b's prediction at (head, slot) scores every problem's
+    filled target there by cosine / temperature; the loss is the cross-entropy of picking its
+    own, averaged over the (problem, head, slot) rows that have another problem to be told from.
+    A component every problem's slot shares scores all alike, so only what tells this problem's
+    slot from the others' lowers the loss."""
+    p = torch.nn.functional.normalize(pred.float(), dim=-1, eps=1e-8)
+    t = torch.nn.functional.normalize(target.float(), dim=-1, eps=1e-8)
+    sim = torch.einsum("bhmd,chmd->hmbc", p, t) / temperature                 # (H, M, B, B)
+    filled = mask.bool().t()                                                   # (M, B)
+    logp = torch.log_softmax(sim.masked_fill(~filled[None, :, None, :], float("-inf")), -1)
+    own = logp.diagonal(dim1=-2, dim2=-1)                                      # (H, M, B)
+    rows = (filled & (filled.sum(1, keepdim=True) >= 2))[None].expand_as(own)  # others to be told from
+    if not rows.any():
+        return pred.sum() * 0.0
+    return -own[rows].mean()
 
 
 def mixed(per_layer: torch.Tensor, row: list) -> torch.Tensor:
@@ -191,7 +215,8 @@ def latent_train_step(model, cap, distiller, batch: dict, cfg, device, autocast)
         with autocast():
             kv = latent_kv_loss(_latent_pairs(cap, t, where, cfg.latent_keys), batch["slots_k"].to(device),
                                 batch["slots_v"].to(device), batch["slot_mask"].to(device), t.distilled,
-                                distiller.proj[0], cfg.loss, cfg.alpha, cfg.beta, cfg.latent_normalize)
+                                distiller.proj[0], cfg.loss, cfg.alpha, cfg.beta, cfg.latent_normalize,
+                                cfg.latent_contrast)
     cot = written_cross_entropy(model, batch, device, autocast) if cfg.latent_cot_weight else 0.0
     hid = hidden_loss(out.layer_outputs, batch["hidden"].to(device), distiller.teachers[0], distiller.hidden_proj) \
         if cfg.latent_hidden_weight else 0.0

@@ -180,6 +180,44 @@ def test_the_latent_kv_loss_by_hand():
     assert sk.grad[0, 0, 0].abs().sum() > 0 and not sk.grad[0, 0, 1].any()   # the empty slot: no gradient
 
 
+def test_the_contrastive_latent_kv_loss_by_hand():
+    """InfoNCE across 3 problems, 1 head, 2 slots, temperature 0.5: problem 2's second slot is
+    empty (never a candidate, never a row), and a row with no other problem counts nothing;
+    through latent_kv_loss it takes the place of --loss for K and V alike."""
+    import math
+    from stage2_train.latent import contrastive_kv, latent_kv_loss
+    from stage2_train.projector import KVProjector
+    pred = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]], [[[0.0, 1.0], [1.0, -1.0]]], [[[1.0, 1.0], [5.0, 5.0]]]])
+    target = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]]], [[[1.0, 1.0], [1.0, 0.0]]], [[[0.0, 3.0], [7.0, 7.0]]]])
+    mask = torch.tensor([[True, True], [True, True], [True, False]])
+    r2 = 2 ** -0.5
+
+    def row(cosines, own):                        # -log softmax(cos / 0.5)[own]
+        z = [c / 0.5 for c in cosines]
+        return -(z[own] - math.log(sum(math.exp(x) for x in z)))
+    # slot 0, targets (1, 0), (r2, r2), (0, 1) by direction; slot 1: (0, 1), (1, 0) (problem 2's is empty)
+    want = [row([1, r2, 0], 0), row([0, r2, 1], 1), row([r2, 1, r2], 2),
+            row([r2, r2], 0), row([-r2, r2], 1)]
+    got = contrastive_kv(pred, target, mask, 0.5)
+    assert got.item() == pytest.approx(sum(want) / 5, rel=1e-6)
+    alone = torch.tensor([[True, True], [True, False], [True, False]])      # slot 1: problem 0 alone
+    assert contrastive_kv(pred, target, alone, 0.5).item() == pytest.approx(sum(want[:3]) / 3, rel=1e-6)
+    assert contrastive_kv(pred, target, torch.tensor([[True, False], [False, False], [False, True]]), 0.5).item() == 0
+    # the loss of a prediction at its own target is below that of one at a shared direction
+    assert contrastive_kv(target, target, mask, 0.5) < contrastive_kv(torch.ones_like(target), target, mask, 0.5)
+    proj = KVProjector("linear", 1, 1, 2, 1, 2)
+    with torch.no_grad():
+        for lin in (proj.k[0].proj, proj.v[0].proj):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+    slots = target[:, None]                                                  # (B, L 1, H, M, D)
+    pred.requires_grad_(True)
+    loss = latent_kv_loss({0: (pred, pred)}, slots, slots, mask, [(0, [(0, 1.0)])], proj, "mse", contrast=0.5)
+    assert loss.item() == pytest.approx(2 * sum(want) / 5, rel=1e-6)           # K and V
+    loss.backward()
+    assert pred.grad[2, 0, 1].abs().sum() == 0 and pred.grad[0, 0, 0].abs().sum() > 0   # the empty slot: none
+
+
 @pytest.mark.slow
 def test_latent_data_tokenizes_question_thought_and_answer_and_stacks_the_slots(teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -358,7 +396,11 @@ def test_latent_settings_are_checked():
                         ({"direction": "teacher_to_student"}, "direction student_to_teacher"),
                         ({"jacobi_iters": -1}, "latent and jacobi_iters must be >= 0"),
                         ({"latent": 0, "latent_keys": "pre_rope"}, "latent_keys pre_rope .* needs latent"),
-                        ({"projector": "bottleneck"}, "projector linear, head, mlp or identity")]:
+                        ({"projector": "bottleneck"}, "projector linear, head, mlp or identity"),
+                        ({"latent_contrast": -0.1}, "latent_contrast must be >= 0, got -0.1"),
+                        ({"latent_contrast": 0.1, "batch_size": 1},
+                         "latent_contrast contrasts the problems of a micro-batch: batch_size must be >= 2, got 1"),
+                        ({"latent": 0, "latent_contrast": 0.1}, "latent_contrast is a K/V loss at the latent steps")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**{**base, **kw})
     assert TrainConfig(**base, projector="identity", latent_keys="pre_rope").latent_keys == "pre_rope"
