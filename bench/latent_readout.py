@@ -1,8 +1,8 @@
 """python bench/latent_readout.py RUN [--samples 500]
 
 Does a latent student's imitation of the teacher's slots carry the answer? For a finished latent
-run (stage 2 `--latent M` with a K/V loss, keys after RoPE, each teacher layer taught by one
-student layer), over the first samples of its cache, the teacher that wrote the cache reads its
+run (stage 2 `--latent M` with a K/V loss, each teacher layer taught by one student layer; keys
+taught before RoPE are rotated at their slots' positions), over the first samples of its cache, the teacher that wrote the cache reads its
 answer (teacher-forced, as `stage1_extract.slot_answers` does) after the question's K/V and, in
 place of its chain of thought:
 
@@ -64,6 +64,7 @@ def readout(run: Path, samples: int, progress: bool = True) -> dict:
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
     from kava_common.data import pad_id
+    from kava_common.rope import rotate
     from stage1_extract.slot_answers import answer_scores, cache_teacher
     from stage2_train.config import load_config
     from stage2_train.latent import _latent_forward, _latent_pairs
@@ -77,9 +78,8 @@ def readout(run: Path, samples: int, progress: bool = True) -> dict:
             saved.pop(extra, None)
         cfg = load_config(None, {**saved, "student": str(final / "student"), "out": out, "device": "cpu",
                                  "progress": False, "resume": None, "report_to": "none"})
-        if not cfg.latent or cfg.latent_keys != "post_rope":
-            raise KavaError(f"{run}: not a latent run with keys after RoPE (latent {cfg.latent}, "
-                            f"latent_keys {cfg.latent_keys})")
+        if not cfg.latent:
+            raise KavaError(f"{run}: not a latent run")
         tr = Trainer(cfg, echo=lambda *a: None)
     tr.distiller.load_state_dict(load_file(str(final / "projector.safetensors")))
     tr.model.eval()
@@ -110,6 +110,9 @@ def readout(run: Path, samples: int, progress: bool = True) -> dict:
             nll["student"] += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
             projected = project(tr.distiller, t, _latent_pairs(tr.cap, t, where, cfg.latent_keys), batch)
             r = c.rkv(i)
+            if cfg.latent_keys == "pre_rope":     # taught the slots' keys un-rotated: turned back where they sat
+                projected = {li: (rotate(k, r["index"][li][:, :k.shape[1]], c.meta.rope), v)
+                             for li, (k, v) in projected.items()}
             slots = {li: (r["k"][li][:, r["mask"][li][0]], r["v"][li][:, r["mask"][li][0]]) for li in layers}
             pasts = {"slots": slots, "latents": projected, "none": None,
                      "other latents": before if before is not None else projected}

@@ -215,14 +215,15 @@ def test_latent_readout_gives_the_teacher_its_slots_its_students_latents_or_noth
                                                                                    monkeypatch):
     """bench/latent_readout.py on a tiny latent run: the teacher reading its own slots and nothing
     scores as stage1_extract.slot_answers' `rkv M` and `none`; a projector that returned the very
-    slots would make the latents score as the slots; a student layer taught a mix of teacher
-    layers is refused."""
+    slots (un-rotated ones for a run taught keys before RoPE) puts them where the slots were; a
+    student layer taught a mix of teacher layers is refused."""
     from types import SimpleNamespace
     from kava_common import KavaError
     from stage1_extract.config import ExtractConfig
     from stage1_extract.extract import main as extract
     from stage1_extract.slot_answers import SlotAnswersArgs, slot_answers
     from stage2_train.config import TrainConfig
+    import torch
     from stage2_train.train import main as train
     ro = load("latent_readout")
     (cache,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=12, batch_size=4,
@@ -245,9 +246,31 @@ def test_latent_readout_gives_the_teacher_its_slots_its_students_latents_or_noth
         n = int(batch["slot_mask"][0].sum())
         return {li: (batch["slots_k"][0, li][:, :n].float(), batch["slots_v"][0, li][:, :n].float())
                 for li in range(batch["slots_k"].shape[1])}
+    import stage1_extract.slot_answers as sa
+    score = sa.answer_scores
+    pasts = []
+
+    def kept(model, ids, past, r1, a0, a1):
+        pasts.append(past)
+        return score(model, ids, past, r1, a0, a1)
     monkeypatch.setattr(ro, "project", the_slots)
-    perfect = ro.readout(run, 8, progress=False)
-    assert perfect["forms"]["latents"] == pytest.approx(perfect["forms"]["slots"], rel=1e-6)
+    monkeypatch.setattr(sa, "answer_scores", kept)
+    # the teacher's reads per sample: its slots, the latents, nothing, another sample's latents; a
+    # projector that gave the slots (un-rotated ones for a run taught keys before RoPE) puts the
+    # very keys and values where the slots were
+    pre = tmp_path / "pre"
+    train(TrainConfig(student=str(teacher_dir), caches=[str(cache)], out=str(pre), device="cpu", progress=False,
+                      eval_samples=4, batch_size=4, max_steps=1, log_every=1, save_every=0, latent=4, jacobi_iters=1,
+                      kv_weight=3.0, latent_keys="pre_rope"), echo=lambda *a: None)
+    for folder in (run, pre):
+        pasts.clear()
+        ro.readout(folder, 8, progress=False)
+        assert len(pasts) == 4 * 8
+        for i in range(8):
+            slots, latents, nothing = pasts[4 * i:4 * i + 3]
+            for (sk, sv), (lk, lv), (nk, _) in zip(slots, latents, nothing):
+                assert torch.allclose(lk, sk, atol=1e-5) and torch.equal(lv, sv), (folder.name, i)
+                assert nk.shape[2] + 4 == sk.shape[2]                    # nothing: the 4 slots left out
     mixed = SimpleNamespace(distilled=[(0, [(0, 0.5), (1, 0.5)])], cache=SimpleNamespace(layers=[0, 1]))
     with pytest.raises(KavaError, match=r"student layer 0 is taught a mix of teacher layers"):
         ro.one_to_one(mixed)
