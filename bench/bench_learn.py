@@ -536,11 +536,20 @@ def also(raw: list[dict], reg: dict, chosen: dict) -> tuple[list[str], list[dict
     return lines, rows
 
 
+def steps_text(reg: dict) -> str:
+    """The students' training length: the registration's steps x batch, and the arms that set
+    their own steps."""
+    base = reg["student"]["settings"]
+    own = [f"{arm} {spec['max_steps']}" for arm, spec in reg["arms"].items()
+           if spec.get("max_steps", base["max_steps"]) != base["max_steps"]]
+    return f"{base['max_steps']} steps x batch {base['batch_size']}" + (
+        f" ({', '.join(own)} steps: arms that set their own)" if own else "")
+
+
 def report(out: Path, reg: dict, paths: dict, sections, chosen: dict, pairs, wall: float, log) -> None:
     """The table, numbers and plot of a registration: `out` with .md, .json and .png."""
     t = reg["task"]
-    lines = [f"Task {t['dataset']}: students see {t['student_problems']} problems, "
-             f"{reg['student']['settings']['max_steps']} steps x batch {reg['student']['settings']['batch_size']}, "
+    lines = [f"Task {t['dataset']}: students see {t['student_problems']} problems, {steps_text(reg)}, "
              f"seeds {reg['seeds']}. Teachers ({reg['eval'].get('teachers', 200)} validation problems): "
              + ", ".join(f"{n} {paths[f'teacher_{n}_acc']:.3f}" + (
                  f" with its chain of thought, {paths[f'teacher_{n}_direct_acc']:.3f} without (--direct)"

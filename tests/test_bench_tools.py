@@ -156,6 +156,9 @@ def test_registrations_sharing_a_root_keep_their_own_reports(tmp_path):
     assert json.loads((tmp_path / "results-one.json").read_text())["sections"][0]["rows"][1]["acc"] == 0.25
     assert (tmp_path / "results-one.png").stat().st_size > 0 and (tmp_path / "results-two.png").stat().st_size > 0
     assert not (tmp_path / "results.md").exists()
+    assert one.startswith("Task synthetic: students see 64 problems, 5 steps x batch 2, seeds [0].")
+    longer = dict(reg, arms={"a": {"what": "base"}, "b": {"what": "other", "max_steps": 20}, "c": {"max_steps": 5}})
+    assert bl.steps_text(longer) == "5 steps x batch 2 (b 20 steps: arms that set their own)"
     assert json.loads((tmp_path / "results-two.json").read_text())["runs"] == {"trained": 1, "all": 2}
     assert bl.diff_label(rows) == "exact match minus base (paired, 95% CI)"
     assert bl.diff_label(rows + [dict(rows[1], arm="c", baseline="b")]) == \
