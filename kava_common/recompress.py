@@ -20,7 +20,7 @@ from . import cache as kc
 from .cache.quant import KV_QUANT, KV_TENSORS, V_SPANS, KVQuant
 from .cli import command, setting
 from .geometry import DTYPES, KVGeometry
-from .rkv import choose, stored_index
+from .rkv import SELECTS, choose, result_tokens, stored_index
 from .vocab import TOKENIZER_DIR, save_teacher_tokenizer
 
 
@@ -39,8 +39,8 @@ class RecompressArgs:
     rkv_slots: int | None = setting(None, "R-KV slots per layer and KV head, chosen again from the parent's stored "
                                     "importance and keys (default: the parent's; 0 drops them)")
     rkv_lambda: float | None = setting(None, "R-KV's weight of importance against redundancy (default: the parent's)")
-    rkv_select: str | None = setting(None, "rkv or even (evenly spaced slots; default: the parent's)",
-                                     choices=("rkv", "even"))
+    rkv_select: str | None = setting(None, "rkv, even (evenly spaced slots) or results (the calculator results' "
+                                     "tokens); default: the parent's", choices=SELECTS)
     progress: bool = setting(True, "show a progress bar")
 
 
@@ -192,6 +192,11 @@ def _rkv_tensors(sh, tensors: dict, layers: list[int], slots: int, lam: float, h
     importance and the float K/V in `tensors`, as stage 1 chooses them."""
     off, seg = tensors["sample_offsets"].tolist(), tensors["token_segments"].tolist()
     n, (h, d) = len(off) - 1, tensors[f"k.{layers[0]}"].shape[1:]
+    results = [None] * n
+    if how == "results":                     # each sample's text and token spans, as stage 1 read them
+        tb, to, co = tensors["text_bytes"].numpy().tobytes(), tensors["text_offsets"].tolist(), tensors["char_offsets"]
+        results = [result_tokens(tb[to[j]:to[j + 1]].decode("utf-8"), co[off[j]:off[j + 1]].tolist(), *seg[j][1])
+                   for j in range(n)]
     out = {f"rkv_importance.{l}": sh.read(f"rkv_importance.{l}").clone() for l in layers}
     index = torch.empty(n, len(layers), h, slots, dtype=torch.int32)
     for li, l in enumerate(layers):
@@ -201,7 +206,7 @@ def _rkv_tensors(sh, tensors: dict, layers: list[int], slots: int, lam: float, h
             (r0, r1), a = seg[j][1], off[j]
             imp = out[f"rkv_importance.{l}"][a + r0:a + r1].t()
             sel = choose(imp, k[a + r0:a + r1].transpose(0, 1).float(), v[a + r0:a + r1].transpose(0, 1).float(),
-                         slots, lam, how=how)
+                         slots, lam, how=how, results=results[j])
             rk[j], rv[j] = sel["k"].to(k.dtype), sel["v"].to(v.dtype)
             index[j, li] = stored_index(sel, r0)
         out[f"rkv_k.{l}"], out[f"rkv_v.{l}"] = rk, rv

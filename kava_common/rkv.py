@@ -21,6 +21,7 @@ teacher's queries.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -82,27 +83,68 @@ def even_slots(heads: int, tr: int, slots: int, device=None) -> tuple[torch.Tens
     return index, index >= 0
 
 
+SELECTS = ("rkv", "even", "results")
+
+
+def result_tokens(text: str, offsets, r0: int, r1: int) -> list[int]:
+    """The reasoning tokens (indices from the chain of thought's first token `r0`; it ends before
+    `r1`) that hold the first character of each calculator result, GSM8K's `<<48/2=24>>24`: the
+    character right after each `>>`. `offsets` (T, 2): each token's character span."""
+    spans = [(int(a), int(b)) for a, b in offsets[r0:r1]]
+    if not spans:
+        return []
+    start, end = spans[0][0], spans[-1][1]
+    found = []
+    for m in re.finditer(re.escape(">>"), text[start:end]):
+        c = start + m.end()                       # the result's first character
+        t = next((i for i, (a, b) in enumerate(spans) if a <= c < b), None)
+        if t is not None and t not in found:
+            found.append(t)
+    return found
+
+
+def result_slots(heads: int, results: list[int], slots: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calculator results' tokens as slots, in order and the same for every head: all of them
+    and empty slots after when there are no more than `slots`, else `slots` of them evenly spaced
+    (the first and the last among them)."""
+    n = min(len(results), slots)
+    got = torch.tensor(results, dtype=torch.long, device=device)
+    if len(results) > slots:
+        got = got[torch.linspace(0, len(results) - 1, slots, device=device).round().long()]
+    index = torch.full((heads, slots), -1, dtype=torch.long, device=device)
+    index[:, :n] = got[:n]
+    return index, index >= 0
+
+
 def rkv_select(q_answer: torch.Tensor, k_reason: torch.Tensor, v_reason: torch.Tensor, slots: int,
-               lam: float = 0.1, valid: torch.Tensor | None = None, how: str = "rkv") -> dict[str, torch.Tensor]:
+               lam: float = 0.1, valid: torch.Tensor | None = None, how: str = "rkv",
+               results: list[int] | None = None) -> dict[str, torch.Tensor]:
     """One layer of one sample: the selected slots `k`, `v` (H, M, D; zeros in an empty slot,
     which `mask` marks), `index` (H, M) into the reasoning tokens (-1: empty), `mask` (H, M), and
     the importance `I` (H, Tr) that recompress needs to select again without the teacher."""
-    return choose(importance(q_answer, k_reason, valid), k_reason, v_reason, slots, lam, valid, how)
+    return choose(importance(q_answer, k_reason, valid), k_reason, v_reason, slots, lam, valid, how, results)
 
 
 def choose(imp: torch.Tensor, k_reason: torch.Tensor, v_reason: torch.Tensor, slots: int, lam: float,
-           valid: torch.Tensor | None = None, how: str = "rkv") -> dict[str, torch.Tensor]:
+           valid: torch.Tensor | None = None, how: str = "rkv",
+           results: list[int] | None = None) -> dict[str, torch.Tensor]:
     """`rkv_select` from a given importance `imp` (H, Tr): what recompress does with the stored
     importance to select again with another M or lambda, without the teacher. `how` "even":
-    evenly spaced tokens instead (the ablation of R-KV's choice), the importance kept all the same."""
+    evenly spaced tokens instead (the ablation of R-KV's choice); "results": the tokens of the
+    chain of thought's calculator results (`results`, from `result_tokens`), one per step in
+    order, a target a latent student can reach step by step. The importance is kept either way."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"--rkv-lambda must lie in [0, 1], got {lam}")
     if how == "even":
         index, mask = even_slots(imp.shape[0], imp.shape[1], slots, imp.device)
+    elif how == "results":
+        if results is None:
+            raise ValueError("--rkv-select results needs the chain of thought's result tokens")
+        index, mask = result_slots(imp.shape[0], results, slots, imp.device)
     elif how == "rkv":
         index, mask = select(lam * imp + (1 - lam) * redundancy(k_reason, valid), slots, valid)
     else:
-        raise ValueError(f"--rkv-select {how!r}: choose rkv or even")
+        raise ValueError(f"--rkv-select {how!r}: choose {', '.join(SELECTS)}")
     return {"k": gather_slots(k_reason, index), "v": gather_slots(v_reason, index), "index": index,
             "mask": mask, "I": imp}
 

@@ -8,6 +8,7 @@ from kava_common.cache import FORMATS
 from kava_common.cache.quant import KV_QUANT, V_SPANS, KVQuant
 from kava_common.cli import choice_problems, coerce_settings, setting
 from kava_common.geometry import DTYPES
+from kava_common.rkv import SELECTS
 
 CPU_4BIT_KERNELS = ("auto", "packed", "plain")
 
@@ -42,8 +43,10 @@ class ExtractConfig:
                              "KV head, chosen R-KV-style (importance to the answer and novelty; "
                              "kava_common.rkv), for a latent-reasoning student; 0: none")
     rkv_lambda: float = setting(0.1, "--rkv-slots: the weight of importance against redundancy, in [0, 1]")
-    rkv_select: str = setting("rkv", "--rkv-slots: chosen by R-KV's score, or evenly spaced over the chain of "
-                              "thought (an ablation; the importance is stored either way)", choices=("rkv", "even"))
+    rkv_select: str = setting("rkv", "--rkv-slots: chosen by R-KV's score (rkv), evenly spaced over the chain of "
+                              "thought (even, an ablation), or the tokens of its calculator results, GSM8K's "
+                              "<<a*b=c>>c, one per step in order (results); the importance is stored either way",
+                              choices=SELECTS)
     store_hidden: bool = setting(False, "also store the hidden state every teacher layer outputs at the token before "
                                  "the answer (the CODI target for a latent-reasoning student); every layer then runs")
     quantize: bool = setting(True, "run the teacher in 4-bit (bitsandbytes); --no-quantize: unquantized in --dtype")

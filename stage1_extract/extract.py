@@ -29,7 +29,7 @@ from kava_common.data import Rows, load_rows, pad_id, tokenizer_identity
 from kava_common.device import resolve_device
 from kava_common.geometry import DTYPES, KVGeometry
 from kava_common.prompt import TEMPLATE_ID
-from kava_common.rkv import rkv_select, stored_index
+from kava_common.rkv import result_tokens, rkv_select, stored_index
 from kava_common.vocab import save_teacher_tokenizer
 
 from . import teacher as T
@@ -179,6 +179,11 @@ def estimate_and_check_disk(cfg: ExtractConfig, job: TeacherJob, todo: list[int]
         + (f"; {job.stats['truncated_samples']} samples cut at --max-length {cfg.max_length}"
            if job.stats["truncated_samples"] else "")
         + (f"; {len(job.skipped)} rows skipped (listed in the manifest)" if job.skipped else ""))
+    if cfg.rkv_slots and cfg.rkv_select == "results":
+        none = sum(not result_tokens(s.text, s.offsets, *s.token_segments[1]) for s in samples)
+        if none:
+            log(f"[{job.name}] --rkv-select results: {none} of {len(samples)} samples have no calculator result "
+                "('>>') in their chain of thought; their slots stay empty (masked), so they teach no K/V")
     if cfg.disk_check and left_est > free:
         raise KavaError(f"{job.cache_dir}: the cache needs about {_gb(left_est)} more but only {_gb(free)} "
                         "is free; free space, keep fewer --layers, use a smaller --kv-dtype, or pass "
@@ -445,10 +450,11 @@ def store_rkv(rkv: dict, p: int, sample: CacheSample, kv: dict, q: dict, slots: 
     `q` ({layer: (query heads, P, D)}); slot indices become positions in the sample; `first`:
     the sample's first row in the shard."""
     (r0, r1), (a0, a1) = sample.token_segments[1], sample.token_segments[2]
+    results = result_tokens(sample.text, sample.offsets, r0, r1) if how == "results" else None
     for li, l in enumerate(rkv["layers"]):
         k, v = kv[l]                                         # (T, H, D)
         sel = rkv_select(q[l][:, :a1 - a0].float().cpu(), k[r0:r1].transpose(0, 1).float(),
-                         v[r0:r1].transpose(0, 1).float(), slots, lam, how=how)
+                         v[r0:r1].transpose(0, 1).float(), slots, lam, how=how, results=results)
         rkv["k"][l][p] = sel["k"].to(rkv["k"][l].dtype)
         rkv["v"][l][p] = sel["v"].to(rkv["v"][l].dtype)
         rkv["index"][p, li] = stored_index(sel, r0)

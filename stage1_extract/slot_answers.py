@@ -28,11 +28,9 @@ import torch
 
 from kava_common import KavaError
 from kava_common.cli import command, setting
-from kava_common.rkv import choose
+from kava_common.rkv import SELECTS, choose, result_tokens
 
 from .config import CPU_4BIT_KERNELS
-
-SELECTS = ("rkv", "even")
 
 
 @dataclass
@@ -43,7 +41,8 @@ class SlotAnswersArgs:
                                         "its weights must be the ones that wrote the cache")
     samples: int = setting(1000, "the cache's first N samples")
     slots: list[int] = setting(lambda: [8], "slots per layer and KV head to try, e.g. 4,8,16")
-    select: list[str] = setting(lambda: list(SELECTS), "how slots are chosen: rkv (R-KV's score), even (evenly spaced)")
+    select: list[str] = setting(lambda: ["rkv", "even"], "how slots are chosen: rkv (R-KV's score), even (evenly "
+                                                        "spaced), results (the calculator results' tokens)")
     rkv_lambda: float | None = setting(None, "R-KV's weight of importance against redundancy (default: the cache's)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     cpu_4bit_kernel: str | None = setting(None, "bitsandbytes 4-bit path on a CPU: auto, packed or plain (default: "
@@ -53,7 +52,7 @@ class SlotAnswersArgs:
 
     def __post_init__(self):
         bad = [f"--slots {m}: must be at least 1" for m in self.slots if m < 1]
-        bad += [f"--select {s!r}: choose {' or '.join(SELECTS)}" for s in self.select if s not in SELECTS]
+        bad += [f"--select {s!r}: choose {', '.join(SELECTS)}" for s in self.select if s not in SELECTS]
         if self.samples < 1:
             bad.append(f"--samples {self.samples}: must be at least 1")
         if bad:
@@ -66,10 +65,11 @@ def forms(a: SlotAnswersArgs) -> list[tuple[str, str | None, int]]:
 
 
 def past_kv(k: torch.Tensor, v: torch.Tensor, r0: int, r1: int, imp: torch.Tensor | None, select: str | None,
-            slots: int, lam: float, full: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            slots: int, lam: float, full: bool, results: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (keys, values) (1, H, T, D) the answer reads: the tokens before the chain of
     thought (question and prompt, [0, r0)), then every reasoning token (`full`), M slots per KV
-    head (`select`), or none. k, v (L, H, T, D); imp (L, H, T) the stored importance."""
+    head (`select`), or none. k, v (L, H, T, D); imp (L, H, T) the stored importance; `results`
+    the calculator results' tokens (`kava_common.rkv.result_tokens`) for select `results`."""
     out = []
     for layer in range(k.shape[0]):
         ks, vs = [k[layer, :, :r0]], [v[layer, :, :r0]]
@@ -79,8 +79,8 @@ def past_kv(k: torch.Tensor, v: torch.Tensor, r0: int, r1: int, imp: torch.Tenso
         elif select is not None and r1 > r0:
             kr, vr = k[layer, :, r0:r1].float(), v[layer, :, r0:r1].float()
             i_r = imp[layer, :, r0:r1] if imp is not None else torch.zeros(kr.shape[:2])
-            sel = choose(i_r, kr, vr, slots, lam, how=select)
-            n = int(sel["mask"][0].sum())       # the same for every head: min(M, reasoning tokens)
+            sel = choose(i_r, kr, vr, slots, lam, how=select, results=results)
+            n = int(sel["mask"][0].sum())       # the same for every head: the filled slots
             ks.append(sel["k"][:, :n].to(k.dtype))
             vs.append(sel["v"][:, :n].to(v.dtype))
         out.append((torch.cat(ks, 1)[None], torch.cat(vs, 1)[None]))
@@ -180,8 +180,9 @@ def slot_answers(a: SlotAnswersArgs, echo=print) -> dict:
             skipped[i] = "its K/V hold NaN or Inf"
             continue
         imp = c.rkv(i)["importance"] if m.rkv_slots else None
+        results = result_tokens(s["text"], s["char_offsets"], r0, r1) if "results" in a.select else None
         for f, select, slots in fs:
-            past = past_kv(s["k"], s["v"], r0, r1, imp, select, slots, lam, full=f == "full")
+            past = past_kv(s["k"], s["v"], r0, r1, imp, select, slots, lam, full=f == "full", results=results)
             exact, right, nll = answer_scores(model, s["input_ids"], past, r1, a0, a1)
             t = sums[f]
             t["exact"] += exact

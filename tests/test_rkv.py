@@ -1,6 +1,7 @@
 """R-KV selection of chain-of-thought K/V (kava_common.rkv), by hand on small tensors."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -272,3 +273,60 @@ def test_evenly_spaced_slots_and_their_cache_equal_stage1_by_recompress(teacher_
         assert all(torch.equal(a[n], b[n]) for n in ("k", "v", "index", "importance")), i
         (r0, r1) = e.text(i)["token_segments"]["reasoning"]
         assert b["index"][0, 0].tolist() == [x + r0 if x >= 0 else -1 for x in even_slots(1, r1 - r0, 6)[0][0].tolist()]
+
+
+def test_result_tokens_are_those_holding_each_calculator_results_first_character():
+    """GSM8K's <<a op b=c>>c: the token that holds the character after each '>>', indices from the
+    chain of thought's first token; tokens outside it are not looked at; the results' slots keep
+    them in order, evenly spaced when there are more than M, the rest empty when fewer."""
+    from kava_common.rkv import result_slots, result_tokens
+    text = "Q?\nA: 8-3=<<8-3=5>>5 left.\n5*2=<<5*2=10>>10 now.\n#### 10"
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+|\n", text)]
+    # tokens: whitespace-split words, so ">>5" is one token starting at the '<<' block's end
+    r0 = next(i for i, (a, _) in enumerate(words) if text[a:].startswith("8-3"))
+    r1 = next(i for i, (a, _) in enumerate(words) if text[a:].startswith("####"))
+    got = result_tokens(text, words, r0, r1)
+    assert [text[slice(*words[r0 + t])] for t in got] == ["8-3=<<8-3=5>>5", "5*2=<<5*2=10>>10"]
+    chars = [(i, i + 1) for i in range(len(text))]                # one token per character
+    start = text.index("8-3")
+    got = result_tokens(text, chars, start, text.index("####"))
+    assert [text[start + t] for t in got] == ["5", "1"] and got == [text.index(">>5") + 2 - start,
+                                                                    text.index(">>10") + 2 - start]
+    assert result_tokens(text, chars, start, text.index(">>10") + 2) == [text.index(">>5") + 2 - start]
+    assert result_tokens(text, chars, 5, 5) == []
+    index, mask = result_slots(2, [3, 9], 4)
+    assert index.tolist() == [[3, 9, -1, -1]] * 2 and mask.tolist() == [[True, True, False, False]] * 2
+    assert result_slots(1, [1, 4, 6, 8, 11], 3)[0].tolist() == [[1, 6, 11]]
+    assert result_slots(1, [], 2)[0].tolist() == [[-1, -1]]
+
+
+@pytest.mark.slow
+def test_result_slots_in_stage1_equal_recompress_and_sit_on_the_results(teacher_dir, tmp_path):
+    """--rkv-select results: every stored slot is the token after a '>>' of the chain of thought,
+    in order, the same for every layer and head; stage 1 with it equals recompress from an R-KV
+    cache, sample for sample."""
+    from kava_common.cache import open_cache
+    from kava_common.recompress import RecompressArgs, recompress
+    from stage1_extract.extract import main as extract
+    (rkv,) = extract(_rkv_cfg(teacher_dir, tmp_path / "rkv", rkv_slots=3))
+    (res,) = extract(_rkv_cfg(teacher_dir, tmp_path / "res", rkv_slots=3, rkv_select="results"))
+    e = open_cache(res)
+    assert e.meta.rkv_select == "results" and e.fingerprint != open_cache(rkv).fingerprint
+    derived = open_cache(recompress(RecompressArgs(cache=str(rkv), out=str(tmp_path / "d"), rkv_select="results",
+                                                   progress=False), log=lambda *a: None))
+    assert derived.path.name == e.path.name
+    filled = 0
+    for i in range(len(e)):
+        a, b = derived.rkv(i), e.rkv(i)
+        assert all(torch.equal(a[n], b[n]) for n in ("k", "v", "index", "mask", "importance")), i
+        s = e[i]
+        (r0, r1), offs, text = s["token_segments"]["reasoning"], s["char_offsets"].tolist(), s["text"]
+        marks = [m.end() for m in re.finditer(">>", text[offs[r0][0]:offs[r1 - 1][1]])]
+        idx = b["index"][0, 0][b["mask"][0, 0]].tolist()
+        assert (b["index"] == b["index"][0, 0]).all()                  # every layer and head alike
+        assert len(idx) == min(3, len(marks)) and idx == sorted(idx)
+        for t in idx:                                                  # each holds a result's first character
+            assert any(offs[t][0] <= offs[r0][0] + c < offs[t][1] for c in marks), (i, t)
+        assert torch.equal(b["k"][0, 0, :len(idx)], s["k"][0, 0, idx])
+        filled += len(idx)
+    assert filled > 0

@@ -126,7 +126,7 @@ def test_slot_answers_reports_each_form_and_refuses_what_it_cannot_score(teacher
     assert main([str(plain), "--no-progress"]) == 1
     assert "made without --rkv-slots, so it holds no importance to choose R-KV slots by" in capsys.readouterr().err
     assert main([str(slot_cache), "--slots", "0", "--select", "best"]) == 1
-    assert "--slots 0: must be at least 1; --select 'best': choose rkv or even" in capsys.readouterr().err
+    assert "--slots 0: must be at least 1; --select 'best': choose rkv, even, results" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ class CacheIdentity:
     token_logprobs: bool = False  # the log-probability of each actual next token stored too
     rkv_slots: int = 0            # R-KV slots of the reasoning K/V per layer and KV head (0: none)
     rkv_lambda: float = 0.0       # R-KV's weight of importance against redundancy
-    rkv_select: str = "rkv"       # how the slots are chosen: rkv, or even (evenly spaced, an ablation)
+    rkv_select: str = "rkv"       # how the slots are chosen: rkv, even (evenly spaced, an ablation) or results
     store_hidden: bool = False    # every layer's hidden state at the token before the answer stored
 
     def to_dict(self) -> dict:
@@ -196,7 +196,7 @@ class Manifest:
     token_logprobs: bool = False
     rkv_slots: int = 0              # R-KV slots per layer and KV head (rkv_k/rkv_v/rkv_index); 0: none
     rkv_lambda: float | None = None
-    rkv_select: str | None = None   # rkv | even
+    rkv_select: str | None = None   # rkv | even | results
     store_hidden: bool = False      # `hidden` (n, num_layers, hidden_size): each layer's output before the answer
     bad_samples: list[dict] = field(default_factory=list)   # {"row", "reason"}: left out by stage 1
     skipped_rows: list[dict] = field(default_factory=list)  # data-set rows with nothing to learn from
