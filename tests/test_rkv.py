@@ -330,3 +330,19 @@ def test_result_slots_in_stage1_equal_recompress_and_sit_on_the_results(teacher_
         assert torch.equal(b["k"][0, 0, :len(idx)], s["k"][0, 0, idx])
         filled += len(idx)
     assert filled > 0
+
+
+@pytest.mark.slow
+def test_samples_without_calculator_results_are_counted_and_their_slots_left_empty(teacher_dir, tmp_path,
+                                                                                      monkeypatch):
+    import stage1_extract.extract as ex
+    from kava_common.cache import open_cache
+    from kava_common.data import load_rows
+    monkeypatch.setattr(ex, "result_tokens", lambda text, offsets, r0, r1: [])
+    said = []
+    cfg = _rkv_cfg(teacher_dir, tmp_path, rkv_slots=3, rkv_select="results", max_samples=4)
+    path = ex.extract_teacher(cfg, str(teacher_dir), load_rows("synthetic", None, 4, seed=cfg.seed), log=said.append)
+    assert any("--rkv-select results: 4 of 4 samples have no calculator result ('>>') in their chain of thought; "
+               "their slots stay empty (masked), so they teach no K/V" in s for s in said)
+    c = open_cache(path)
+    assert all(not c.rkv(i)["mask"].any() and (c.rkv(i)["index"] == -1).all() for i in range(4))
