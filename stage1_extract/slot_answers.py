@@ -118,7 +118,12 @@ def check_teacher(name: str, manifest) -> None:
     from transformers import AutoConfig
     from .teacher import weights_identity
     want = manifest.raw["teacher"].get("weights")
-    got = weights_identity(name, AutoConfig.from_pretrained(name))
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:        # a relative folder from elsewhere, a hub id offline, ...
+        raise KavaError(f"teacher {name!r} could not be loaded ({str(e).strip().splitlines()[0][:200]}); "
+                        "give its folder or hub id with --teacher") from None
+    got = weights_identity(name, config)
     if want and got != want:
         raise KavaError(f"teacher {name!r} ({got}) is not the one that wrote the cache ({want}); "
                         "give it with --teacher")

@@ -121,6 +121,9 @@ def test_slot_answers_reports_each_form_and_refuses_what_it_cannot_score(teacher
     w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\1")
     assert main([str(slot_cache), "--teacher", str(other), "--no-progress"]) == 1
     assert f"teacher '{other}'" in (err := capsys.readouterr().err) and "is not the one that wrote the cache" in err
+    assert main([str(slot_cache), "--teacher", str(tmp_path / "gone"), "--no-progress"]) == 1
+    assert f"teacher '{tmp_path / 'gone'}' could not be loaded (" in (err := capsys.readouterr().err) and \
+        err.rstrip().endswith("give its folder or hub id with --teacher") and "Traceback" not in err
     (plain,) = extract(ExtractConfig(teachers=[str(teacher_dir)], dataset="synthetic", max_samples=2, quantize=False,
                                      device="cpu", progress=False, out=str(tmp_path / "plain")))
     assert main([str(plain), "--no-progress"]) == 1
