@@ -65,17 +65,18 @@ def readout(run: Path, samples: int, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
     from kava_common.data import pad_id
     from kava_common.rope import rotate
-    from stage1_extract.slot_answers import answer_scores, cache_teacher
+    from stage1_extract.slot_answers import answer_scores, cache_teacher, with_question
     from stage2_train.config import load_config
     from stage2_train.latent import _latent_forward, _latent_pairs
     from stage2_train.latent_data import LatentData, collate_latent
     from stage2_train.trainer import Trainer
     final = run / "final"
     with tempfile.TemporaryDirectory() as out:
+        import dataclasses
         import yaml
-        saved = yaml.safe_load((run / "config.yaml").read_text())
-        for extra in ("cache_fingerprints", "software", "world_size"):     # what the run recorded beside its settings
-            saved.pop(extra, None)
+        from stage2_train.config import TrainConfig
+        settings = {f.name for f in dataclasses.fields(TrainConfig)}      # not what the run recorded beside them
+        saved = {k: v for k, v in yaml.safe_load((run / "config.yaml").read_text()).items() if k in settings}
         cfg = load_config(None, {**saved, "student": str(final / "student"), "out": out, "device": "cpu",
                                  "progress": False, "resume": None, "report_to": "none"})
         if not cfg.latent:
@@ -117,14 +118,7 @@ def readout(run: Path, samples: int, progress: bool = True) -> dict:
             pasts = {"slots": slots, "latents": projected, "none": None,
                      "other latents": before if before is not None else projected}
             for form, mid in pasts.items():
-                past = []
-                for li in range(len(layers)):
-                    k, v = [s["k"][li, :, :r0]], [s["v"][li, :, :r0]]
-                    if mid is not None:
-                        k.append(mid[li][0].to(s["k"].dtype))
-                        v.append(mid[li][1].to(s["v"].dtype))
-                    past.append((torch.cat(k, 1)[None], torch.cat(v, 1)[None]))
-                exact, _, lp = answer_scores(teacher, ids, past, r1, a0, a1)
+                exact, _, lp = answer_scores(teacher, ids, with_question(s["k"], s["v"], r0, mid), r1, a0, a1)
                 right[form] += exact
                 nll[form] += lp
         before = projected

@@ -95,7 +95,7 @@ def result_tokens(text: str, offsets, r0: int, r1: int) -> list[int]:
         return []
     start, end = spans[0][0], spans[-1][1]
     found = []
-    for m in re.finditer(re.escape(">>"), text[start:end]):
+    for m in re.finditer(">>", text[start:end]):
         c = start + m.end()                       # the result's first character
         t = next((i for i, (a, b) in enumerate(spans) if a <= c < b), None)
         if t is not None and t not in found:

@@ -70,19 +70,30 @@ def past_kv(k: torch.Tensor, v: torch.Tensor, r0: int, r1: int, imp: torch.Tenso
     thought (question and prompt, [0, r0)), then every reasoning token (`full`), M slots per KV
     head (`select`), or none. k, v (L, H, T, D); imp (L, H, T) the stored importance; `results`
     the calculator results' tokens (`kava_common.rkv.result_tokens`) for select `results`."""
+    if full:
+        return with_question(k, v, r0, {layer: (k[layer, :, r0:r1], v[layer, :, r0:r1]) for layer in range(len(k))})
+    if select is None or r1 <= r0:
+        return with_question(k, v, r0, None)
+    middle = {}
+    for layer in range(k.shape[0]):
+        kr, vr = k[layer, :, r0:r1].float(), v[layer, :, r0:r1].float()
+        i_r = imp[layer, :, r0:r1] if imp is not None else torch.zeros(kr.shape[:2])
+        sel = choose(i_r, kr, vr, slots, lam, how=select, results=results)
+        n = int(sel["mask"][0].sum())       # the same for every head: the filled slots
+        middle[layer] = (sel["k"][:, :n], sel["v"][:, :n])
+    return with_question(k, v, r0, middle)
+
+
+def with_question(k: torch.Tensor, v: torch.Tensor, r0: int, middle: dict | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) (1, H, T, D): the sample's K/V before its chain of thought
+    ([0, r0) of k, v (L, H, T, D)), then `middle` {layer: (K, V) (H, n, D)} in the cache's dtype
+    in place of the chain of thought (None: nothing)."""
     out = []
     for layer in range(k.shape[0]):
         ks, vs = [k[layer, :, :r0]], [v[layer, :, :r0]]
-        if full:
-            ks.append(k[layer, :, r0:r1])
-            vs.append(v[layer, :, r0:r1])
-        elif select is not None and r1 > r0:
-            kr, vr = k[layer, :, r0:r1].float(), v[layer, :, r0:r1].float()
-            i_r = imp[layer, :, r0:r1] if imp is not None else torch.zeros(kr.shape[:2])
-            sel = choose(i_r, kr, vr, slots, lam, how=select, results=results)
-            n = int(sel["mask"][0].sum())       # the same for every head: the filled slots
-            ks.append(sel["k"][:, :n].to(k.dtype))
-            vs.append(sel["v"][:, :n].to(v.dtype))
+        if middle is not None:
+            ks.append(middle[layer][0].to(k.dtype))
+            vs.append(middle[layer][1].to(v.dtype))
         out.append((torch.cat(ks, 1)[None], torch.cat(vs, 1)[None]))
     return out
 
