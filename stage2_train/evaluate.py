@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +198,8 @@ def answer_batch(model, tok, head, questions: list[str], max_new_tokens: int, de
 @dataclass
 class EvalConfig:
     """Settings of `python -m stage2_train.evaluate` (kava_common.cli)."""
-    model: str = setting("", "folder or hub id of a causal LM with its tokenizer")
+    model: str = setting("", "folder or hub id of a causal LM with its tokenizer, or a stage-2 run "
+                                 "or checkpoint folder (RUN, RUN/final, RUN/step-N: its student)")
     dataset: str = setting("synthetic", "gsm8k | synthetic | synthetic-hard | synthetic-varied | PATH")
     split: str = setting("test", "data set split")
     max_samples: int | None = setting(None, "first N problems only")
@@ -230,7 +232,24 @@ class EvalConfig:
             raise ValueError("invalid evaluate settings:\n  " + "\n  ".join(p))
 
 
+def student_of(model: str) -> str:
+    """The model a stage-2 run or checkpoint folder stands for: RUN -> RUN/final/student, RUN/final
+    or RUN/step-N -> its student/ (where the latent head is read from beside); a model folder or a
+    hub id as given."""
+    p = Path(model)
+    if not p.is_dir() or (p / "config.json").is_file():
+        return model
+    for sub in (p / "student", p / "final" / "student"):
+        if (sub / "config.json").is_file():
+            return str(sub)
+    return model
+
+
 def run(a: EvalConfig) -> None:
+    model = student_of(a.model)
+    if model != a.model:
+        print(f"--model {a.model} is a stage-2 run or checkpoint: evaluating its student, {model}")
+        a = dataclasses.replace(a, model=model)
     out = a.out or (str(Path(a.model) / f"eval-{a.split}.jsonl") if Path(a.model).is_dir() else None)
     r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
                  a.seed, a.device, a.progress, overwrite=a.overwrite, latent=a.latent, jacobi_iters=a.jacobi_iters,

@@ -163,3 +163,17 @@ def test_direct_begins_the_answer_line_and_scores_only_it(tok, tmp_path, capsys)
     d = save_pretrained(tiny.build_model(cfg), tok, tmp_path / "m")
     assert main(["--model", str(d), "--max-samples", "3", "--max-new-tokens", "4", "--direct", "--no-progress"]) == 0
     assert "exact match without a chain of thought 0/3" in capsys.readouterr().out
+
+
+def test_a_stage2_run_or_checkpoint_folder_stands_for_its_student(tmp_path):
+    from stage2_train.evaluate import student_of
+    run = tmp_path / "run"
+    for folder in (run / "final" / "student", run / "step-000003" / "student", tmp_path / "model"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    assert student_of(str(run)) == str(run / "final" / "student")
+    assert student_of(str(run / "final")) == str(run / "final" / "student")
+    assert student_of(str(run / "step-000003")) == str(run / "step-000003" / "student")
+    for given in (str(tmp_path / "model"), str(tmp_path / "empty"), "Qwen/Qwen2.5-0.5B"):
+        assert student_of(given) == given

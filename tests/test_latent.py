@@ -358,6 +358,12 @@ def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, teacher_
     assert len(lat) == len(wrote) == 4
     assert all(3 <= r["forward_passes"] <= 1 + 1 + 8 for r in lat)        # Jacobi 1 + 1 passes, then <= 8 tokens
     assert all(1 <= r["forward_passes"] <= 8 for r in wrote)
+    # the run folder and its final/ stand for the student saved in them, latent head and all
+    for name, folder in (("run", final.parent.parent), ("final", final.parent)):
+        evaluate_run(EvalConfig(model=str(folder), split="test", max_samples=4, batch_size=2, max_new_tokens=8,
+                                latent=4, jacobi_iters=1, device="cpu", progress=False,
+                                out=str(tmp_path / f"eval-{name}.jsonl")))
+        assert [json.loads(l) for l in (tmp_path / f"eval-{name}.jsonl").read_text().splitlines()] == lat
     # stopped after step 3's checkpoint (max_steps 3), then resumed to 12
     train(_latent_cfg(student_dir, rkv_cache, tmp_path / "b", max_steps=3), echo=lambda *a: None)
     train(_latent_cfg(student_dir, rkv_cache, tmp_path / "b", max_steps=12, save_every=0, resume="auto"),
