@@ -28,6 +28,10 @@ that file differs from the committed one (--allow-uncommitted for trials) and pr
    chosen one, trained again or, with `reuse_validation_students: true`, the students trained for
    validation scored on test. Writes results-NAME.md, .json and .png in the root, NAME the
    registration file's name (so that registrations sharing a root keep their own reports).
+
+The registration's `task: {device: cuda}` (default cpu) trains the teachers, runs stage 1 and
+scores every model on that device, and is the students' device unless their settings name one; a
+teacher may set its own `lr` (2e-3) and `batch` (32).
 """
 
 from __future__ import annotations
@@ -76,9 +80,12 @@ def check_prereg(path: Path, allow_uncommitted: bool) -> str:
     return rev + (" (uncommitted changes)" if changed or not rev else "")
 
 
-def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, seed: int, log) -> None:
-    """Plain next-token training on whole texts (ending in EOS), for the teachers."""
+def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, seed: int, log,
+             device: str = "cpu") -> None:
+    """Plain next-token training on whole texts (ending in EOS), for the teachers; the batches
+    are drawn on the CPU, so a seed gives the same batches on any device."""
     g = torch.Generator().manual_seed(seed)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
@@ -92,6 +99,7 @@ def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, se
         mask = torch.zeros((batch, width), dtype=torch.long)
         for b, i in enumerate(idx):
             ids[b, :len(enc[i])], mask[b, :len(enc[i])] = torch.tensor(enc[i]), 1
+        ids, mask = ids.to(device), mask.to(device)
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -115,7 +123,9 @@ def build_teacher(root: Path, name: str, spec: dict, task: dict, tok, log) -> Pa
     texts = [format_sample(q, a).text for q, a in zip(rows.questions, rows.answers)]
     log(f"  training teacher {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"{arch}) for {spec['steps']} steps on {len(texts)} problems")
-    train_lm(model, tok, texts, spec["steps"], 32, 2e-3, 0, log)
+    train_lm(model, tok, texts, spec["steps"], spec.get("batch", 32), spec.get("lr", 2e-3), 0, log,
+             task.get("device", "cpu"))
+    model.to("cpu")
     tmp = root / (name + ".tmp")
     save_pretrained(model, tok, tmp)
     tmp.rename(path)
@@ -142,7 +152,8 @@ def prepare(root: Path, reg: dict, log) -> dict:
         data = answer_only_data(root, task, paths["student_data"]) if spec.get("answer_only") else paths["student_data"]
         (cache,) = extract(ExtractConfig(teachers=[str(tpath)], dataset=data,
                                          max_samples=task["student_problems"],
-                                         batch_size=32, max_length=256, device="cpu", progress=False,
+                                         batch_size=32, max_length=256, device=task.get("device", "cpu"),
+                                         progress=False,
                                          out=str(root / "caches"), **spec["stage1"]))
         paths[f"cache_{name}"] = str(cache)
     for name, spec in students(reg).items():
@@ -165,7 +176,7 @@ def teacher_accuracy(tpath: Path, name: str, task: dict, n: int, direct: bool, l
     it); `direct`: without its chain of thought (evaluate --direct: the answer line begun for it)."""
     ev = tpath / (f"eval-validation{'-direct' if direct else ''}" + ("" if n == 200 else f"-{n}") + ".jsonl")
     r = evaluate(str(tpath), task["dataset"], "validation", n, batch_size=100, max_new_tokens=task["max_new_tokens"],
-                 out=ev, device="cpu", progress=False, direct=direct) if not ev.is_file() else None
+                 out=ev, device=task.get("device", "cpu"), progress=False, direct=direct) if not ev.is_file() else None
     scores = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
     log(f"  teacher {name}: exact match {np.mean(scores):.3f} on {n} validation problems"
         + (" without its chain of thought" if direct else "") + ("" if r else " (scored before)"))
@@ -339,12 +350,13 @@ def arm_sweep(root: Path, arm: str, seed: int, split: str, reg: dict, paths: dic
     """The one-point sweep that trains seed `seed` of `arm` and scores it on `split`."""
     own = arm_settings(reg, arm, chosen)
     settings = dict(reg["student"]["settings"], **{k: fill(v, paths) for k, v in own.items()})
+    settings.setdefault("device", reg["task"].get("device", "cpu"))     # unless the settings name one
     return {"out": str(root / split / arm / f"seed-{seed}"),
             "settings": dict(settings, student=paths[student_key(arm_student(reg, arm), seed)]),
             "grid": {"seed": [seed]},
             "eval": {"dataset": reg["task"]["dataset"], "split": split, "max_samples": reg["eval"][split],
                      "batch_size": reg["eval"]["batch_size"], "max_new_tokens": reg["task"]["max_new_tokens"],
-                     "device": "cpu",
+                     "device": settings["device"],
                      # a latent student answers after its latent steps, as it trained
                      **({"latent": settings["latent"], "jacobi_iters": settings.get("jacobi_iters", 3)}
                         if settings.get("latent") else {})}}

@@ -111,6 +111,13 @@ def test_a_latent_arm_is_scored_after_its_latent_steps_and_others_write_out(tmp_
     assert "latent" not in cot["eval"] and cot["out"] == str(tmp_path / "validation" / "cot" / "seed-3")
     assert (kava["eval"]["latent"], kava["eval"]["jacobi_iters"]) == (4, 2)
     assert kava["settings"]["latent"] == 4 and kava["eval"]["max_samples"] == 10
+    # the registration's device trains and scores the students unless their settings name one
+    on_gpu = dict(reg, task=dict(reg["task"], device="cuda"), student={"settings": {"max_steps": 5}})
+    gpu = bl.arm_sweep(tmp_path, "kava", 3, "validation", on_gpu, paths, {})
+    assert gpu["settings"]["device"] == gpu["eval"]["device"] == "cuda"
+    named = dict(on_gpu, student=reg["student"])
+    assert bl.arm_sweep(tmp_path, "kava", 3, "validation", named, paths, {})["eval"]["device"] == "cpu"
+    assert cot["eval"]["device"] == "cpu"
 
 
 def test_scores_carry_forward_passes_into_the_table(tmp_path):
@@ -280,3 +287,20 @@ def test_latent_readout_gives_the_teacher_its_slots_its_students_latents_or_noth
     some = SimpleNamespace(distilled=[(0, [(0, 1.0)])], cache=SimpleNamespace(layers=[0, 1]))
     with pytest.raises(KavaError, match=r"teaches teacher layers \[0\] of 2"):
         ro.one_to_one(some)
+
+
+def test_a_teacher_trains_with_its_own_lr_and_batch_on_the_registrations_device(tok, tmp_path, monkeypatch):
+    from kava_common.data import load_rows
+    bl = load("bench_learn")
+    seen, rows = [], load_rows("synthetic", "train", 6)
+    monkeypatch.setattr(bl, "train_lm", lambda model, tok, texts, steps, batch, lr, seed, log, device="cpu":
+                        seen.append((len(texts), steps, batch, lr, device)))
+    monkeypatch.setattr(bl, "load_rows", lambda *a, **k: rows)
+    spec = {"arch": "qwen2", "init_seed": 1, "steps": 7, "model": {"hidden": 32, "layers": 1, "heads": 2,
+                                                                     "kv_heads": 1, "head_dim": 16, "intermediate": 64}}
+    task = {"dataset": "synthetic", "teacher_problems": 6}
+    bl.build_teacher(tmp_path, "t-default", spec, task, tok, lambda *a: None)
+    path = bl.build_teacher(tmp_path, "t-own", dict(spec, lr=5e-4, batch=8), dict(task, device="meta"), tok,
+                            lambda *a: None)
+    assert seen == [(6, 7, 32, 2e-3, "cpu"), (6, 7, 8, 5e-4, "meta")]
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
