@@ -31,7 +31,9 @@ that file differs from the committed one (--allow-uncommitted for trials) and pr
 
 The registration's `task: {device: cuda}` (default cpu) trains the teachers, runs stage 1 and
 scores every model on that device, and is the students' device unless their settings name one; a
-teacher may set its own `lr` (2e-3) and `batch` (32).
+teacher may set its own `lr` (2e-3) and `batch` (32). A teacher's training settings are kept
+beside it (ROOT/teacher-NAME.settings.json): a re-run reuses it, and another registration that
+gives its name other settings in the same root is refused.
 """
 
 from __future__ import annotations
@@ -111,10 +113,35 @@ def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, se
     model.eval()
 
 
+# Beside a teacher's folder, not in it: stage 1 hashes every .json in the folder into the weights'
+# identity, so a file added there would make every cache of that teacher stale.
+TEACHER_RECORD = ".settings.json"           # teacher-NAME.settings.json: the settings it was trained with
+
+
+def teacher_record(spec: dict, task: dict) -> dict:
+    """What a teacher's training depends on (not its stage-1 settings or the device)."""
+    return {"arch": spec["arch"], "tokenizer": spec.get("tokenizer"), "init_seed": spec["init_seed"],
+            "steps": spec["steps"], "model": spec["model"], "lr": float(spec.get("lr", 2e-3)),
+            "batch": int(spec.get("batch", 32)), "dataset": task["dataset"],
+            "teacher_problems": task["teacher_problems"]}
+
+
 def build_teacher(root: Path, name: str, spec: dict, task: dict, tok, log) -> Path:
-    """A teacher trained from scratch (kept on disk: a re-run reuses it)."""
-    path = root / name
+    """A teacher trained from scratch, kept on disk with the settings it was trained with: a re-run
+    reuses it, a registration that gives the same name other settings is refused."""
+    path, want = root / name, teacher_record(spec, task)
+    rec = root / (name + TEACHER_RECORD)
     if (path / "config.json").is_file():
+        if not rec.is_file():           # trained before the settings were kept beside it
+            rec.write_text(json.dumps(want, indent=1) + "\n")
+            log(f"  {path}: its training settings were not recorded; recorded now as this registration gives them")
+            return path
+        have = json.loads(rec.read_text())
+        diff = [f"{k} {have.get(k)!r} there, {want.get(k)!r} here" for k in sorted(set(have) | set(want))
+                if have.get(k) != want.get(k)]
+        if diff:
+            raise SystemExit(f"error: {path} was trained with other settings ({'; '.join(diff)}); give this "
+                             "teacher another name, or another --root")
         return path
     arch = spec["arch"]
     cfg = tiny.tiny_config(arch, len(tok), tok=tok, **spec["model"])
@@ -123,12 +150,12 @@ def build_teacher(root: Path, name: str, spec: dict, task: dict, tok, log) -> Pa
     texts = [format_sample(q, a).text for q, a in zip(rows.questions, rows.answers)]
     log(f"  training teacher {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"{arch}) for {spec['steps']} steps on {len(texts)} problems")
-    train_lm(model, tok, texts, spec["steps"], spec.get("batch", 32), spec.get("lr", 2e-3), 0, log,
-             task.get("device", "cpu"))
+    train_lm(model, tok, texts, spec["steps"], want["batch"], want["lr"], 0, log, task.get("device", "cpu"))
     model.to("cpu")
     tmp = root / (name + ".tmp")
     save_pretrained(model, tok, tmp)
     tmp.rename(path)
+    rec.write_text(json.dumps(want, indent=1) + "\n")
     return path
 
 

@@ -304,3 +304,19 @@ def test_a_teacher_trains_with_its_own_lr_and_batch_on_the_registrations_device(
                             lambda *a: None)
     assert seen == [(6, 7, 32, 2e-3, "cpu"), (6, 7, 8, 5e-4, "meta")]
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert not list(path.glob("*settings*"))       # not in the folder, whose .json files stage 1 hashes
+    assert json.loads((tmp_path / "t-own.settings.json").read_text()) == {
+        "arch": "qwen2", "tokenizer": None, "init_seed": 1, "steps": 7, "model": spec["model"], "lr": 5e-4,
+        "batch": 8, "dataset": "synthetic", "teacher_problems": 6}
+    # the same settings on another device reuse it; other settings under its name are refused
+    said = []
+    assert bl.build_teacher(tmp_path, "t-own", dict(spec, lr=5e-4, batch=8), task, tok, said.append) == path
+    assert len(seen) == 2 and said == []
+    with pytest.raises(SystemExit, match=r"t-own was trained with other settings \(batch 8 there, 32 here; "
+                                         r"lr 0.0005 there, 0.002 here\)"):
+        bl.build_teacher(tmp_path, "t-own", spec, task, tok, said.append)
+    # a teacher trained before its settings were kept is reused, and they are recorded as given
+    (tmp_path / "t-own.settings.json").unlink()
+    assert bl.build_teacher(tmp_path, "t-own", spec, task, tok, said.append) == path
+    assert "not recorded; recorded now" in said[0] and len(seen) == 2
+    assert json.loads((tmp_path / "t-own.settings.json").read_text())["batch"] == 32
