@@ -118,6 +118,11 @@ def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, se
 TEACHER_RECORD = ".settings.json"           # teacher-NAME.settings.json: the settings it was trained with
 
 
+def task_device(task: dict) -> str:
+    """Where a registration trains its teachers, runs stage 1 and scores (`task: device`)."""
+    return task.get("device", "cpu")
+
+
 def teacher_record(spec: dict, task: dict) -> dict:
     """What a teacher's training depends on (not its stage-1 settings or the device)."""
     return {"arch": spec["arch"], "tokenizer": spec.get("tokenizer"), "init_seed": spec["init_seed"],
@@ -150,7 +155,7 @@ def build_teacher(root: Path, name: str, spec: dict, task: dict, tok, log) -> Pa
     texts = [format_sample(q, a).text for q, a in zip(rows.questions, rows.answers)]
     log(f"  training teacher {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"{arch}) for {spec['steps']} steps on {len(texts)} problems")
-    train_lm(model, tok, texts, spec["steps"], want["batch"], want["lr"], 0, log, task.get("device", "cpu"))
+    train_lm(model, tok, texts, spec["steps"], want["batch"], want["lr"], 0, log, task_device(task))
     model.to("cpu")
     tmp = root / (name + ".tmp")
     save_pretrained(model, tok, tmp)
@@ -179,7 +184,7 @@ def prepare(root: Path, reg: dict, log) -> dict:
         data = answer_only_data(root, task, paths["student_data"]) if spec.get("answer_only") else paths["student_data"]
         (cache,) = extract(ExtractConfig(teachers=[str(tpath)], dataset=data,
                                          max_samples=task["student_problems"],
-                                         batch_size=32, max_length=256, device=task.get("device", "cpu"),
+                                         batch_size=32, max_length=256, device=task_device(task),
                                          progress=False,
                                          out=str(root / "caches"), **spec["stage1"]))
         paths[f"cache_{name}"] = str(cache)
@@ -203,7 +208,7 @@ def teacher_accuracy(tpath: Path, name: str, task: dict, n: int, direct: bool, l
     it); `direct`: without its chain of thought (evaluate --direct: the answer line begun for it)."""
     ev = tpath / (f"eval-validation{'-direct' if direct else ''}" + ("" if n == 200 else f"-{n}") + ".jsonl")
     r = evaluate(str(tpath), task["dataset"], "validation", n, batch_size=100, max_new_tokens=task["max_new_tokens"],
-                 out=ev, device=task.get("device", "cpu"), progress=False, direct=direct) if not ev.is_file() else None
+                 out=ev, device=task_device(task), progress=False, direct=direct) if not ev.is_file() else None
     scores = [json.loads(x)["correct"] for x in ev.read_text().splitlines()]
     log(f"  teacher {name}: exact match {np.mean(scores):.3f} on {n} validation problems"
         + (" without its chain of thought" if direct else "") + ("" if r else " (scored before)"))
@@ -377,7 +382,7 @@ def arm_sweep(root: Path, arm: str, seed: int, split: str, reg: dict, paths: dic
     """The one-point sweep that trains seed `seed` of `arm` and scores it on `split`."""
     own = arm_settings(reg, arm, chosen)
     settings = dict(reg["student"]["settings"], **{k: fill(v, paths) for k, v in own.items()})
-    settings.setdefault("device", reg["task"].get("device", "cpu"))     # unless the settings name one
+    settings.setdefault("device", task_device(reg["task"]))     # unless the settings name one
     return {"out": str(root / split / arm / f"seed-{seed}"),
             "settings": dict(settings, student=paths[student_key(arm_student(reg, arm), seed)]),
             "grid": {"seed": [seed]},

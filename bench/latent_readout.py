@@ -2,9 +2,10 @@
 
 Does a latent student's imitation of the teacher's slots carry the answer? For a finished latent
 run (stage 2 `--latent M` with a K/V loss, each teacher layer taught by one student layer; keys
-taught before RoPE are rotated at their slots' positions), over the first samples of its cache, the teacher that wrote the cache reads its
-answer (teacher-forced, as `stage1_extract.slot_answers` does) after the question's K/V and, in
-place of its chain of thought:
+taught before RoPE are rotated at their slots' positions), over the first samples of its cache,
+the teacher that wrote the cache reads its answer (teacher-forced, as
+`stage1_extract.slot_answers` does) after the question's K/V and, in place of its chain of
+thought:
 
 - its own M slots, the target of the K/V loss;
 - the student's K/V at its M latent positions, through the run's projector into the teacher's
@@ -61,20 +62,19 @@ def project(distiller, teacher, pairs: dict, batch: dict) -> dict[int, tuple[tor
 
 
 def readout(run: Path, samples: int, progress: bool = True) -> dict:
+    import dataclasses
+    import yaml
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
     from kava_common.data import pad_id
     from kava_common.rope import rotate
-    from stage1_extract.slot_answers import answer_scores, cache_teacher, with_question
-    from stage2_train.config import load_config
+    from stage1_extract.slot_answers import answer_score, answer_scores, cache_teacher, with_question
+    from stage2_train.config import TrainConfig, load_config
     from stage2_train.latent import _latent_forward, _latent_pairs
     from stage2_train.latent_data import LatentData, collate_latent
     from stage2_train.trainer import Trainer
     final = run / "final"
     with tempfile.TemporaryDirectory() as out:
-        import dataclasses
-        import yaml
-        from stage2_train.config import TrainConfig
         settings = {f.name for f in dataclasses.fields(TrainConfig)}      # not what the run recorded beside them
         saved = {k: v for k, v in yaml.safe_load((run / "config.yaml").read_text()).items() if k in settings}
         cfg = load_config(None, {**saved, "student": str(final / "student"), "out": out, "device": "cpu",
@@ -105,10 +105,9 @@ def readout(run: Path, samples: int, progress: bool = True) -> dict:
                                                  tr.autocast)
             # the student's own answer: suffix [eot, between..., answer..., EOS]; position where.stop + j
             # predicts suffix token j + 1, so answer token a is predicted at where.stop + (a - r1)
-            logits = out.logits[0, where.stop + (a0 - r1):where.stop + (a1 - r1)].float()
-            target = ids[a0:a1]
-            right["student"] += bool((logits.argmax(-1) == target).all())
-            nll["student"] += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            exact, _, lp = answer_score(out.logits[0, where.stop + (a0 - r1):where.stop + (a1 - r1)], ids[a0:a1])
+            right["student"] += exact
+            nll["student"] += lp
             projected = project(tr.distiller, t, _latent_pairs(tr.cap, t, where, cfg.latent_keys), batch)
             r = c.rkv(i)
             if cfg.latent_keys == "pre_rope":     # taught the slots' keys un-rotated: turned back where they sat

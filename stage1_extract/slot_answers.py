@@ -112,11 +112,16 @@ def answer_scores(model, ids: torch.Tensor, past: list[tuple[torch.Tensor, torch
     seen = past[0][0].shape[2] + new.shape[1]
     out = model(input_ids=new, attention_mask=torch.ones(1, seen, dtype=torch.long, device=dev),
                 position_ids=torch.arange(r1, a1, device=dev)[None], cache=cache, use_cache=False)
-    logits = out.logits[0, a0 - 1 - r1:a1 - 1 - r1].float()          # the predictions of tokens a0 .. a1-1
-    target = ids[a0:a1].to(dev)
+    logits = out.logits[0, a0 - 1 - r1:a1 - 1 - r1]                  # the predictions of tokens a0 .. a1-1
+    return answer_score(logits, ids[a0:a1].to(dev))
+
+
+def answer_score(logits: torch.Tensor, target: torch.Tensor) -> tuple[bool, int, float]:
+    """(every answer token the top prediction, how many are, summed negative log-likelihood) of
+    the answer tokens `target` (n,) from the logits that predict them (n, vocab)."""
+    logits = logits.float()
     right = int((logits.argmax(-1) == target).sum())
-    nll = float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-    return right == len(target), right, nll
+    return right == len(target), right, float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
 
 
 def has_packed_kernel() -> bool:
