@@ -11,7 +11,8 @@
    loop to get the same K/V, as the seed did (goal <= 0.5 at real shapes: Qwen2.5-0.5B student,
    Qwen2.5-1.5B teacher, random weights).
 4. the peak-GPU-memory estimate for the seed's setting (0.5B student, 1.5B teacher cache,
-   batch 2, length 512) under the options that bring it below 7.5 GB.
+   batch 2, length 512) under the options that bring it below 7.5 GB, and for a latent 0.5B
+   student (--latent 8, micro-batch 8, GSM8K's typical and longest question).
 
     python bench/bench_train.py                      # all (the real-shape part takes a few minutes)
     python bench/bench_train.py --parts cache,memory
@@ -28,6 +29,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -42,7 +44,7 @@ from stage1_extract.config import ExtractConfig
 from stage1_extract.extract import extract_teacher
 from stage1_extract.teacher import load_teacher, quantization_settings
 from stage2_train.config import TrainConfig
-from stage2_train.memory import GB, Shape, describe, estimate
+from stage2_train.memory import GB, Latent, Shape, describe, estimate
 from stage2_train.data import epoch_batches
 from stage2_train.trainer import Trainer
 from kava_demo.tiny import QWEN25_05B, QWEN25_15B   # real shapes, random weights
@@ -290,6 +292,31 @@ def bench_memory():
             "fits only with typical answers" if typical["total"] < 7.5 * GB else "does not fit"
         print(f"  {name:<48} {e['total'] / GB:9.2f} GB {typical['total'] / GB:12.2f} GB  {verdict} in 7.5 GB")
     print("  (" + describe(estimate(s, kv, 2, 512, optimizer="adamw8bit", gradient_checkpointing=True)) + ")")
+    # A latent student (--latent 8) on GSM8K: a question of 235 characters on average (985 at
+    # most), about 100 Qwen tokens with the prompt (400 at most) at GSM8K's ~2.5 characters per
+    # token; eot, the answer line and EOS about 8; the written chain of thought 115 (300).
+    typical, longest = Latent(100, 8, 8, 0, 3), Latent(400, 8, 8, 0, 3)
+    print("memory: latent student (--latent 8, 8 R-KV slots), batch 8, GSM8K questions of ~100 tokens "
+          "(400 at most)")
+    latent_options = [("latent, Jacobi 3, bf16, AdamW", dict(), {}),
+                      ("latent, Jacobi 3, 8-bit AdamW", dict(optimizer="adamw8bit"), {}),
+                      ("latent, Jacobi 3, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit",
+                                                                            gradient_checkpointing=True), {}),
+                      ("latent, sequential, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit",
+                                                                              gradient_checkpointing=True),
+                       dict(iters=0)),
+                      ("latent, Jacobi 3, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True), {}),
+                      ("latent, Jacobi 3, 8-bit AdamW, ckpt, written CoT CE", dict(optimizer="adamw8bit",
+                                                                                   gradient_checkpointing=True),
+                       dict(written=(100 + 115 + 8, 400 + 300 + 8)))]
+    print(f"  {'':<52} {'longest':>10} {'typical':>12}")
+    for name, kw, lat in latent_options:
+        written = lat.get("written", (0, 0))
+        e_long, e_typ = (estimate(s, kv, 8, 0, latent=replace(shape, written=w, iters=lat.get("iters", 3)), **kw)
+                         for shape, w in ((longest, written[1]), (typical, written[0])))
+        verdict = "fits" if e_long["total"] < 7.5 * GB else \
+            "fits only with typical questions" if e_typ["total"] < 7.5 * GB else "does not fit"
+        print(f"  {name:<52} {e_long['total'] / GB:7.2f} GB {e_typ['total'] / GB:9.2f} GB  {verdict} in 7.5 GB")
 
 
 def main(argv=None):

@@ -103,9 +103,9 @@ def readout(run: Path, samples: int, progress: bool = True) -> dict:
         with torch.no_grad():
             out, where, sfx, _ = _latent_forward(tr.model, tr.cap, tr.distiller.latent_head, batch, cfg, tr.device,
                                                  tr.autocast)
-            # the student's own answer: suffix [eot, between..., answer..., EOS]; position where.stop + j
-            # predicts suffix token j + 1, so answer token a is predicted at where.stop + (a - r1)
-            exact, _, lp = answer_score(out.logits[0, where.stop + (a0 - r1):where.stop + (a1 - r1)], ids[a0:a1])
+            # the student's own answer: suffix [eot, between..., answer..., EOS]; the suffix's logits j
+            # predict suffix token j + 1, so answer token a is predicted at a - r1
+            exact, _, lp = answer_score(out.logits[0, a0 - r1:a1 - r1], ids[a0:a1])
             right["student"] += exact
             nll["student"] += lp
             projected = project(tr.distiller, t, _latent_pairs(tr.cap, t, where, cfg.latent_keys), batch)

@@ -46,9 +46,21 @@ def every_token_logits(cfg) -> bool:
     return (bool(cfg.ce_weight) and cfg.ce_tokens == "all") or (bool(cfg.kd_weight) and cfg.kd_tokens == "all")
 
 
+def latent_tokens(cfg, teacher):
+    """memory.Latent for a latent run on `teacher`'s cache: the longest question (and bot),
+    suffix (eot, answer, EOS) and written sequence (only with its cross-entropy) of any sample, in
+    the cache's teacher tokens (the student's tokenizer may count somewhat differently)."""
+    from .memory import Latent
+    seg = teacher.cache.token_segments()
+    if not len(seg):
+        return Latent(1 + 1, cfg.latent, 2, 0, cfg.jacobi_iters)
+    return Latent(int(seg[:, 1, 0].max()) + 1, cfg.latent, int((seg[:, 2, 1] - seg[:, 1, 1]).max()) + 2,
+                  int(seg[:, 2, 1].max()) + 1 if cfg.latent_cot_weight else 0, cfg.jacobi_iters)
+
+
 def memory_estimate(cfg, teachers, dtype, device, world: int = 1) -> str:
     """The estimate of memory.py for this run (all teachers' distilled layers together) on one
-    of `world` ranks."""
+    of `world` ranks, and the batch and token counts it assumed."""
     from transformers import AutoConfig
     from .memory import Shape, describe, estimate
     from .projector import bottleneck_params
@@ -63,7 +75,14 @@ def memory_estimate(cfg, teachers, dtype, device, world: int = 1) -> str:
             *((n * t.heads * t.head_dim, s_width) if cfg.direction == "teacher_to_student"
               else (s_width, n * t.heads * t.head_dim)), cfg.bottleneck_hidden)
             for n, t in zip(read, teachers))
+    latent = latent_tokens(cfg, teachers[0]) if cfg.latent else None
+    at = f"at batch {cfg.batch_size} x {latent.seq if latent else cfg.max_length} tokens"
+    if latent:
+        at += (f" ({latent.question} question, {latent.steps} latent, {latent.suffix} answer; the latents' "
+               f"forwards {latent.pass_tokens(cfg.gradient_checkpointing)} tokens"
+               + (f", the written chain of thought {latent.written}" if latent.written else "") + ")")
     return describe(estimate(student, (1, 1, kv_width), cfg.batch_size, cfg.max_length, projector_params=proj,
+                             latent=latent,
                              answer_tokens=cfg.max_length if every_token_logits(cfg) else
                              longest_answer(teachers, cfg.max_length), kd=bool(cfg.kd_weight),
                              precision="bf16" if dtype == torch.bfloat16 else "fp32",
@@ -72,7 +91,8 @@ def memory_estimate(cfg, teachers, dtype, device, world: int = 1) -> str:
                              cuda_context=0.5 * 1024 ** 3 if device.type == "cuda" else 0.0,
                              freeze="all" if cfg.freeze_student else
                              "embeddings" if cfg.freeze_embeddings else "none", ce_chunk=cfg.ce_chunk,
-                             dense_tied_embedding=world > 1 and bool(getattr(s_cfg, "tie_word_embeddings", False))))
+                             dense_tied_embedding=world > 1 and bool(getattr(s_cfg, "tie_word_embeddings", False)))) \
+        + " " + at
 
 
 def verify_caches(caches, echo) -> None:

@@ -189,9 +189,6 @@ class TrainConfig:
             p.append(f"latent takes one teacher's cache, got {len(self.caches)}")
         if self.kd_weight or self.ce_chunk:
             p.append("latent trains on the answer's cross-entropy and the K/V loss: drop kd_weight and ce_chunk")
-        if self.gradient_checkpointing:
-            p.append("latent with gradient_checkpointing is not supported (the latent steps' K/V would be "
-                     "captured from the recomputation); drop gradient_checkpointing")
         if self.projector == "bottleneck" or self.direction != "student_to_teacher" or self.loss == "relation" \
                 or self.relation_weight:
             p.append("latent projects the student's K/V into the teacher's slots per layer: projector linear, "

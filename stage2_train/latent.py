@@ -16,6 +16,12 @@ answer], so that the answer's logits and the K/V at the latent positions (what t
 compares with the teacher's compressed slots) come from one forward with the gradient through
 every latent step.
 
+Under gradient checkpointing transformers drops the K/V cache of every layer it checkpoints, so
+the sequential latents run without one there: each latent from a forward over the prefix and the
+latents before it (M forwards, the same values). The Jacobi passes use no cache and run as they
+are. The K/V the loss compares are captured in the last forward only, never from the backward's
+recomputation (`StudentKV.active`).
+
 Batches are left-padded in the question, so that every sample's bot, latents and eot sit at the
 same positions; position ids count real tokens only.
 """
@@ -47,9 +53,17 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _last_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, **kw):
+    # only the hidden states are read: the vocabulary's logits of the last position alone
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
-                output_hidden_states=True, **kw)
+                output_hidden_states=True, logits_to_keep=1, **kw)
     return out, out.hidden_states[-1]
+
+
+def checkpointing(model) -> bool:
+    """Whether a forward of `model` now runs under gradient checkpointing (which drops the
+    K/V cache): its decoder layers checkpoint, it trains and autograd records."""
+    return model.training and torch.is_grad_enabled() and \
+        any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model))
 
 
 def latents(model, head: LatentHead, prefix: torch.Tensor, mask: torch.Tensor, m: int, iters: int = 0) -> torch.Tensor:
@@ -61,6 +75,12 @@ def latents(model, head: LatentHead, prefix: torch.Tensor, mask: torch.Tensor, m
         raise ValueError(f"--jacobi-iters must be >= 0, got {iters}")
     b, tp, _ = prefix.shape
     ones = mask.new_ones(b, 1)
+    if iters == 0 and checkpointing(model):   # no cache survives checkpointing: the whole prefix each time
+        seq, full = prefix, mask
+        for _ in range(m):
+            _, h = _last_hidden(model, seq, full, use_cache=False)
+            seq, full = torch.cat([seq, head(h[:, -1:])], 1), torch.cat([full, ones], 1)
+        return seq[:, tp:]
     if iters == 0:                      # one after another, over the cached prefix
         out, h = _last_hidden(model, prefix, mask, use_cache=True)
         cache, full, steps = out.cache, mask, []
@@ -69,7 +89,7 @@ def latents(model, head: LatentHead, prefix: torch.Tensor, mask: torch.Tensor, m
             steps.append(e)
             full = torch.cat([full, ones], 1)
             out = model(inputs_embeds=e, attention_mask=full, position_ids=_positions(full)[:, -1:],
-                        cache=cache, use_cache=True, output_hidden_states=True)
+                        cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
             cache, h = out.cache, out.hidden_states[-1]
         return torch.cat(steps, 1)
     # Jacobi: every latent from the position before it, all at once; the first pass starts
@@ -164,7 +184,9 @@ def _by_teacher_std(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 def _latent_forward(model, cap, head, batch: dict, cfg, device, autocast):
     """The whole latent sequence once, its K/V captured: (output, latent slice, suffix ids, mask).
-    With --latent-hidden-weight the output also holds `layer_outputs` {student layer: (B, hidden)},
+    The output's logits are those of the suffix's positions alone (B, Ts, vocab: end-of-thought
+    and the answer, index j predicting suffix token j + 1), the rest are never computed. With
+    --latent-hidden-weight the output also holds `layer_outputs` {student layer: (B, hidden)},
     each distilled layer's output at end-of-thought (before the final norm, as the teacher's)."""
     emb = model.get_input_embeddings()
     q, qm = batch["question_ids"].to(device), batch["question_mask"].to(device)
@@ -182,7 +204,8 @@ def _latent_forward(model, cap, head, batch: dict, cfg, device, autocast):
                         :, where.stop])))
         try:
             with cap:                 # the K/V of this forward only, not of the latent passes
-                out = model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), use_cache=False)
+                out = model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), use_cache=False,
+                            logits_to_keep=s.shape[1])
         finally:
             for h in hooks:
                 h.remove()
@@ -190,10 +213,11 @@ def _latent_forward(model, cap, head, batch: dict, cfg, device, autocast):
     return out, where, s, sm
 
 
-def _answer_ce(logits: torch.Tensor, where: slice, s: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+def _answer_ce(logits: torch.Tensor, s: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the answer after the latents: the positions of end-of-thought and the
-    answer predict the answer's tokens and EOS."""
-    pred = logits[:, where.stop:where.stop + s.shape[1] - 1]
+    answer (`logits`, those of the suffix `s` as `_latent_forward` keeps them) predict the
+    answer's tokens and EOS."""
+    pred = logits[:, :s.shape[1] - 1]
     keep = sm[:, 1:].bool()
     return torch.nn.functional.cross_entropy(pred[keep].float(), s[:, 1:][keep])
 
@@ -208,7 +232,7 @@ def latent_train_step(model, cap, distiller, batch: dict, cfg, device, autocast)
     latent steps plus kv_weight times the K/V loss at the latent positions against the teacher's
     R-KV slots; returns the loss and its parts, as `distiller.train_step` does."""
     out, where, s, sm = _latent_forward(model, cap, distiller.latent_head, batch, cfg, device, autocast)
-    ce = _answer_ce(out.logits, where, s, sm)
+    ce = _answer_ce(out.logits, s, sm)
     kv = 0.0
     if cfg.kv_weight:
         t = distiller.teachers[0]
@@ -267,7 +291,7 @@ def latent_evaluate(model, cap, distiller, loader, cfg, device, autocast) -> dic
     t = distiller.teachers[0]
     for batch in loader:
         out, where, s, sm = _latent_forward(model, cap, distiller.latent_head, batch, cfg, device, autocast)
-        sums["eval_loss_ce"].append(float(_answer_ce(out.logits, where, s, sm)))
+        sums["eval_loss_ce"].append(float(_answer_ce(out.logits, s, sm)))
         mask, pairs = batch["slot_mask"].to(device), _latent_pairs(cap, t, where, cfg.latent_keys)
         for pi, (layer, row) in enumerate(t.distilled):
             sk, sv = pairs[layer]
@@ -303,7 +327,7 @@ def latent_generate(model, tok, head: LatentHead, prompts: list[str], m: int, it
     passes = (1 + m) if iters == 0 else (1 + iters)
     full = torch.cat([qm, qm.new_ones(len(ids), m + 1)], 1)
     out = model(inputs_embeds=torch.cat([prefix, z, emb(torch.full_like(q[:, :1], eot))], 1), attention_mask=full,
-                position_ids=_positions(full), use_cache=True)
+                position_ids=_positions(full), use_cache=True, logits_to_keep=1)
     cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
     tokens, done = [[] for _ in ids], torch.zeros(len(ids), dtype=torch.bool, device=device)
     counts = [passes + 1] * len(ids)

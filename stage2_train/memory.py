@@ -12,6 +12,12 @@ cross-entropy or distillation covers every token);
 the teacher K/V batch
 in fp32 with its aligned copy; and the CUDA context. It is an estimate: allocator fragmentation
 and kernel workspaces come on top.
+
+A latent run (`Latent`) keeps more in its graph: besides the forward over [question, bot, M
+latents, eot, answer], the forwards that made the latents (`Latent.pass_tokens`) and, with the
+written chain of thought's cross-entropy, a forward over question, chain of thought and answer,
+each with its activations counted as the main forward's are; its logits are the suffix's (and
+the written sequence's), its teacher K/V the M slots per layer.
 """
 
 from __future__ import annotations
@@ -45,19 +51,47 @@ class Shape:
                    kv, hd, c.vocab_size, params)
 
 
+@dataclass
+class Latent:
+    """A latent run's token counts per sample (the longest): `question` (question and bot),
+    `steps` (M), `suffix` (eot, answer, EOS), `written` (question, chain of thought, answer; 0
+    without its cross-entropy), and its Jacobi passes (`iters`, 0: one latent after another)."""
+    question: int
+    steps: int
+    suffix: int
+    written: int = 0
+    iters: int = 3
+
+    @property
+    def seq(self) -> int:
+        """The positions of the forward the losses read."""
+        return self.question + self.steps + self.suffix
+
+    def pass_tokens(self, gradient_checkpointing: bool) -> int:
+        """Positions the latents' own forwards keep for the backward: Jacobi, one over the
+        question and T over question and latents; one after another, the question and one
+        position per latent over the cache, or, under checkpointing (no cache), a forward over
+        the question and the latents before it for each latent."""
+        q, m = self.question, self.steps
+        if self.iters:
+            return q + self.iters * (q + m)
+        return m * q + m * (m - 1) // 2 if gradient_checkpointing else q + m
+
+
 def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: int,
              precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
              gradient_checkpointing: bool = False, projector_params: int | None = None,
              cuda_context: float = 0.5 * GB, answer_tokens: int | None = None,
              freeze: str = "none", ce_chunk: int = 0, kd: bool = False,
-             dense_tied_embedding: bool = False) -> dict[str, float]:
+             dense_tied_embedding: bool = False, latent: Latent | None = None) -> dict[str, float]:
     """Bytes per term and `total`. teacher_kv = (distilled layers, teacher KV heads, head_dim);
     freeze: none | embeddings (input embeddings fixed) | all (projector alone); answer_tokens:
     cross-entropy targets per sample (None: every position, the bound for long answers);
     ce_chunk: with chunked cross-entropy, the logits of one chunk of targets at a time; kd:
     logit distillation, whose fp32 log-softmax of the logits and its gradient come on top;
     dense_tied_embedding: a trainable input embedding tied to the head passes a dense
-    vocab x hidden gradient (under torchrun), held beside the head's until they are summed."""
+    vocab x hidden gradient (under torchrun), held beside the head's until they are summed.
+    latent: a latent run's token counts, in place of `seq` and `answer_tokens`."""
     answer_tokens = seq if answer_tokens is None else answer_tokens
     wb = 2 if precision == "bf16" else 4
     s = student
@@ -72,21 +106,32 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
     lt, ht, dt = teacher_kv
     if projector_params is None:       # linear K and V projectors per distilled layer
         projector_params = 2 * lt * (ht * dt + 1) * s.kv_heads * s.head_dim
+    if latent:
+        seq = latent.seq
     tokens = batch * seq
     kv_dim = s.kv_heads * s.head_dim
-    per_layer = tokens * (6 * s.hidden + 2 * kv_dim + 4 * s.intermediate) * wb
-    layer_input = tokens * s.hidden * wb
+    # every forward the backward goes through: the main one, and a latent run's others
+    graph = tokens + (batch * (latent.pass_tokens(gradient_checkpointing) + latent.written) if latent else 0)
+    per_layer = graph * (6 * s.hidden + 2 * kv_dim + 4 * s.intermediate) * wb
+    layer_input = graph * s.hidden * wb
     acts = (s.layers * layer_input + per_layer) if gradient_checkpointing else s.layers * per_layer
     acts += 2 * tokens * kv_dim * 4 * s.layers        # captured student K/V upcast for the loss
+    logit_bytes = s.vocab * (wb + 4 + 4 + (8 if kd else 0))
+    if latent:          # the suffix's logits, and the written sequence's for its cross-entropy
+        logits = batch * (latent.suffix + latent.written) * logit_bytes
+    elif ce_chunk:
+        logits = min(ce_chunk, batch * answer_tokens) * logit_bytes
+    else:
+        logits = batch * min(seq, batch * answer_tokens) * logit_bytes
     out = {
         "weights": s.params * wb + (trainable * wb if lora_r else 0),
         "gradients": trainable * wb,
         "optimizer": trainable * opt_b,
         "projector": projector_params * 4 * 4,         # weights, grads, two AdamW moments
         "activations": acts,
-        "logits": (min(ce_chunk, batch * answer_tokens) if ce_chunk else
-                   batch * min(seq, batch * answer_tokens)) * s.vocab * (wb + 4 + 4 + (8 if kd else 0)),
-        "teacher_kv": 2 * tokens * lt * 2 * ht * dt * 4,  # fp32 K and V, plus the aligned copy
+        "logits": logits,
+        # fp32 K and V, plus the aligned (or mixed) copy: every position's, or a latent run's M slots
+        "teacher_kv": 2 * batch * (latent.steps if latent else seq) * lt * 2 * ht * dt * 4,
         "cuda_context": cuda_context,
     }
     if dense_tied_embedding and freeze == "none" and not lora_r:

@@ -62,8 +62,7 @@ class Trainer:
         cfg = self.cfg
         self.dtype = precision_dtype(cfg, self.device)
         if model is None:
-            self.echo(f"{memory_estimate(cfg, self.teachers, self.dtype, self.device, self.ranks.world)} "
-                      f"at batch {cfg.batch_size} x {cfg.max_length} tokens")
+            self.echo(memory_estimate(cfg, self.teachers, self.dtype, self.device, self.ranks.world))
             model, tok = load_student(cfg.student, self.device, self.dtype, cfg.lora_r, cfg.lora_alpha,
                                       cfg.gradient_checkpointing)
         # a latent student reads begin/end-of-thought tokens: rows for them before what trains is set

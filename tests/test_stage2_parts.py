@@ -310,6 +310,40 @@ def test_memory_estimate_by_hand():
                                                 freeze="embeddings")
 
 
+def test_memory_estimate_of_a_latent_run_by_hand():
+    """A latent run keeps the latents' forwards in its graph (Jacobi: the question once, then T
+    times question and latents; one after another: one position per latent over the cache, or
+    under checkpointing the whole prefix per latent), the written sequence with its cross-entropy;
+    its logits are the suffix's, its teacher K/V the M slots."""
+    from types import SimpleNamespace
+    import numpy as np
+    from stage2_train.build import latent_tokens
+    from stage2_train.memory import Latent, Shape, estimate
+    s = Shape(layers=2, hidden=4, intermediate=8, heads=2, kv_heads=1, head_dim=2, vocab=10, params=1000)
+    jacobi = Latent(question=5, steps=3, suffix=2, written=0, iters=2)
+    assert jacobi.seq == 10 and jacobi.pass_tokens(False) == jacobi.pass_tokens(True) == 5 + 2 * 8
+    assert Latent(5, 3, 2, 0, iters=0).pass_tokens(False) == 5 + 3
+    assert Latent(5, 3, 2, 0, iters=0).pass_tokens(True) == 5 + 6 + 7
+    per_token_layer = (6 * 4 + 2 * 2 + 4 * 8) * 2                              # bf16
+    captured = 2 * 10 * 2 * 4 * 2                                             # the main forward's K/V, fp32
+    e = estimate(s, (1, 1, 2), batch=1, seq=512, cuda_context=0, latent=jacobi)
+    assert e["activations"] == 2 * (10 + 21) * per_token_layer + captured
+    assert e["logits"] == 2 * 10 * (2 + 4 + 4)                                # the suffix's positions
+    assert e["teacher_kv"] == 2 * 3 * 2 * 2 * 4                          # 3 slots of K and V (width 2), and the copy
+    seq_ckpt = estimate(s, (1, 1, 2), batch=1, seq=512, cuda_context=0, gradient_checkpointing=True,
+                        latent=Latent(5, 3, 2, written=20, iters=0))
+    graph = 10 + 18 + 20
+    assert seq_ckpt["activations"] == 2 * graph * 4 * 2 + graph * per_token_layer + captured
+    assert seq_ckpt["logits"] == (2 + 20) * 10 * (2 + 4 + 4)
+    # the token counts from the cache's segments (question, reasoning, answer), in teacher tokens
+    cache = SimpleNamespace(token_segments=lambda: np.array([[[0, 8], [9, 40], [40, 44]],
+                                                             [[0, 12], [12, 30], [30, 36]]]))
+    cfg = SimpleNamespace(latent=8, jacobi_iters=3, latent_cot_weight=0.0)
+    assert latent_tokens(cfg, SimpleNamespace(cache=cache)) == Latent(13, 8, 8, 0, 3)
+    cfg.latent_cot_weight = 1.0
+    assert latent_tokens(cfg, SimpleNamespace(cache=cache)) == Latent(13, 8, 8, 45, 3)
+
+
 def test_memory_estimate_counts_every_position_when_a_loss_covers_every_token():
     from types import SimpleNamespace
     from stage2_train.build import every_token_logits
