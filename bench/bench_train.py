@@ -308,12 +308,13 @@ def bench_memory():
                       ("latent, Jacobi 3, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True), {}),
                       ("latent, Jacobi 3, 8-bit AdamW, ckpt, written CoT CE", dict(optimizer="adamw8bit",
                                                                                    gradient_checkpointing=True),
-                       dict(written=(100 + 115 + 8, 400 + 300 + 8)))]
+                       dict(written=((100 + 115 + 8, 115 + 8), (400 + 300 + 8, 300 + 8))))]
     print(f"  {'':<52} {'longest':>10} {'typical':>12}")
     for name, kw, lat in latent_options:
-        written = lat.get("written", (0, 0))
-        e_long, e_typ = (estimate(s, kv, 8, 0, latent=replace(shape, written=w, iters=lat.get("iters", 3)), **kw)
-                         for shape, w in ((longest, written[1]), (typical, written[0])))
+        written = lat.get("written", ((0, None), (0, None)))
+        e_long, e_typ = (estimate(s, kv, 8, 0, latent=replace(shape, written=w, written_logits=read,
+                                                              iters=lat.get("iters", 3)), **kw)
+                         for shape, (w, read) in ((longest, written[1]), (typical, written[0])))
         verdict = "fits" if e_long["total"] < 7.5 * GB else \
             "fits only with typical questions" if e_typ["total"] < 7.5 * GB else "does not fit"
         print(f"  {name:<52} {e_long['total'] / GB:7.2f} GB {e_typ['total'] / GB:9.2f} GB  {verdict} in 7.5 GB")

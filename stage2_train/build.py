@@ -48,14 +48,17 @@ def every_token_logits(cfg) -> bool:
 
 def latent_tokens(cfg, teacher):
     """memory.Latent for a latent run on `teacher`'s cache: the longest question (and bot),
-    suffix (eot, answer, EOS) and written sequence (only with its cross-entropy) of any sample, in
-    the cache's teacher tokens (the student's tokenizer may count somewhat differently)."""
+    suffix (eot, answer, EOS) and written sequence (only with its cross-entropy) of any sample,
+    and the most positions a batch's written cross-entropy can read (from the shortest question's
+    end to the longest sequence's), in the cache's teacher tokens (the student's tokenizer may
+    count somewhat differently)."""
     from .memory import Latent
     seg = teacher.cache.token_segments()
     if not len(seg):
         return Latent(1 + 1, cfg.latent, 2, 0, cfg.jacobi_iters)
+    written = int(seg[:, 2, 1].max()) + 1 if cfg.latent_cot_weight else 0
     return Latent(int(seg[:, 1, 0].max()) + 1, cfg.latent, int((seg[:, 2, 1] - seg[:, 1, 1]).max()) + 2,
-                  int(seg[:, 2, 1].max()) + 1 if cfg.latent_cot_weight else 0, cfg.jacobi_iters)
+                  written, cfg.jacobi_iters, written - int(seg[:, 1, 0].min()) if written else None)
 
 
 def memory_estimate(cfg, teachers, dtype, device, world: int = 1) -> str:

@@ -270,11 +270,13 @@ def hidden_loss(student: dict[int, torch.Tensor], hidden: torch.Tensor, teacher,
 def written_cross_entropy(model, batch: dict, device, autocast) -> torch.Tensor:
     """The student's cross-entropy on the written chain of thought and answer after the question
     (no thought tokens, no latents): what keeps its teacher mode."""
+    from .losses import answer_cross_entropy, answer_positions
     ids, mask = batch["written_ids"].to(device), batch["written_mask"].to(device)
-    target = batch["written_ce"].to(device)[:, 1:].bool()
+    target = batch["written_ce"].to(device)
+    pos = answer_positions(target)        # logits only where some row has a target (not the question)
     with autocast():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits[target].float(), ids[:, 1:][target])
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=pos).logits
+    return answer_cross_entropy(logits, ids, target, pos)
 
 
 @torch.no_grad()

@@ -55,12 +55,15 @@ class Shape:
 class Latent:
     """A latent run's token counts per sample (the longest): `question` (question and bot),
     `steps` (M), `suffix` (eot, answer, EOS), `written` (question, chain of thought, answer; 0
-    without its cross-entropy), and its Jacobi passes (`iters`, 0: one latent after another)."""
+    without its cross-entropy) and the positions of it whose logits that cross-entropy reads
+    (`written_logits`, the chain of thought and answer; all of it if not given), and its Jacobi
+    passes (`iters`, 0: one latent after another)."""
     question: int
     steps: int
     suffix: int
     written: int = 0
     iters: int = 3
+    written_logits: int | None = None
 
     @property
     def seq(self) -> int:
@@ -118,7 +121,8 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
     acts += 2 * tokens * kv_dim * 4 * s.layers        # captured student K/V upcast for the loss
     logit_bytes = s.vocab * (wb + 4 + 4 + (8 if kd else 0))
     if latent:          # the suffix's logits, and the written sequence's for its cross-entropy
-        logits = batch * (latent.suffix + latent.written) * logit_bytes
+        written = latent.written if latent.written_logits is None else min(latent.written, latent.written_logits)
+        logits = batch * (latent.suffix + written) * logit_bytes
     elif ce_chunk:
         logits = min(ce_chunk, batch * answer_tokens) * logit_bytes
     else:

@@ -556,6 +556,18 @@ def test_the_written_sequence_and_its_cross_entropy_by_hand():
     # every predicted token: positions 1..5 of row 0 predict 7 8 9 2 ... from position 1 on; row 1 predicts 3, 2
     terms = [lp0[1, 7], lp0[2, 8], lp0[3, 9], lp0[4, 2], lp1[0, 3], lp1[1, 2]]
     assert float(got) == pytest.approx(float(-sum(terms) / len(terms)), rel=1e-5)
+    # where no row predicts from a position (the questions' first tokens) no logits are computed there
+    items[1]["question"] = [5, 4, 90]
+    b = collate_latent(items, pad_id=0)
+    asked = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: asked.append(kw.get("logits_to_keep")) or forward(*a, **kw)
+    with torch.no_grad():
+        got = written_cross_entropy(model, b, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+        lp1 = torch.log_softmax(model(input_ids=b["written_ids"][1:, :4]).logits[0], -1)
+    assert asked[0].tolist() == [1, 2, 3, 4]
+    terms = terms[:4] + [lp1[1, 3], lp1[2, 2]]
+    assert float(got) == pytest.approx(float(-sum(terms) / len(terms)), rel=1e-5)
 
 
 def test_codis_hidden_state_loss_by_hand():

@@ -335,13 +335,15 @@ def test_memory_estimate_of_a_latent_run_by_hand():
     graph = 10 + 18 + 20
     assert seq_ckpt["activations"] == 2 * graph * 4 * 2 + graph * per_token_layer + captured
     assert seq_ckpt["logits"] == (2 + 20) * 10 * (2 + 4 + 4)
+    read = estimate(s, (1, 1, 2), batch=1, seq=512, cuda_context=0, latent=Latent(5, 3, 2, 20, 0, written_logits=16))
+    assert read["logits"] == (2 + 16) * 10 * (2 + 4 + 4)                     # the written targets' logits alone
     # the token counts from the cache's segments (question, reasoning, answer), in teacher tokens
     cache = SimpleNamespace(token_segments=lambda: np.array([[[0, 8], [9, 40], [40, 44]],
                                                              [[0, 12], [12, 30], [30, 36]]]))
     cfg = SimpleNamespace(latent=8, jacobi_iters=3, latent_cot_weight=0.0)
     assert latent_tokens(cfg, SimpleNamespace(cache=cache)) == Latent(13, 8, 8, 0, 3)
-    cfg.latent_cot_weight = 1.0
-    assert latent_tokens(cfg, SimpleNamespace(cache=cache)) == Latent(13, 8, 8, 45, 3)
+    cfg.latent_cot_weight = 1.0                   # written: up to 44 + EOS; read from the 9th position on
+    assert latent_tokens(cfg, SimpleNamespace(cache=cache)) == Latent(13, 8, 8, 45, 3, written_logits=36)
 
 
 def test_memory_estimate_counts_every_position_when_a_loss_covers_every_token():
