@@ -26,13 +26,25 @@ def add_thought_tokens(tok, model=None) -> tuple[int, int]:
     return bot, eot
 
 
+def check_slots(cache, steps: int | None = None) -> None:
+    """A latent run takes M steps against M slots: KavaError naming the cache where it has no
+    R-KV slots, or (`steps` given) another number of them."""
+    have = cache.meta.rkv_slots
+    if not have:
+        raise KavaError(f"{cache.path}: made without --rkv-slots; a latent student learns from the teacher's "
+                        "compressed chain-of-thought K/V: run stage 1 with --rkv-slots M")
+    if steps is not None and have != steps:
+        raise KavaError(f"{cache.path}: holds {have} R-KV slots per layer and KV head, and --latent {steps} takes "
+                        f"{steps} latent steps against as many: give --latent {have}, or re-select {steps} slots "
+                        f"from the cache without the teacher (python -m kava_common.recompress {cache.path} "
+                        f"--rkv-slots {steps})")
+
+
 class LatentData(torch.utils.data.Dataset):
     """The samples of one cache with R-KV slots, tokenized for the student `tok`."""
 
     def __init__(self, cache, tok, bot_id: int, eot_id: int, keys: str = "post_rope"):
-        if not cache.meta.rkv_slots:
-            raise KavaError(f"{cache.path}: made without --rkv-slots; a latent student learns from the teacher's "
-                            "compressed chain-of-thought K/V: run stage 1 with --rkv-slots M")
+        check_slots(cache)
         if tok.eos_token_id is None:
             raise KavaError("the student's tokenizer has no EOS token to end the answer with")
         self.cache, self.tok, self.bot, self.eot = cache, tok, bot_id, eot_id

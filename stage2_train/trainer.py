@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .data import Feed, collate, split_data
 from .distiller import Distiller, evaluate, train_step
 from .latent import LatentHead, latent_evaluate, latent_train_step
-from .latent_data import LatentData, add_thought_tokens, collate_latent
+from .latent_data import LatentData, add_thought_tokens, check_slots, collate_latent
 from .ranks import Torchrun, ranks_for
 from .student import StudentKV, check_capture, load_student
 
@@ -43,6 +43,8 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self._setup_teachers()
+        if cfg.latent:                       # before the student loads: M steps against M slots
+            check_slots(self.teachers[0].cache, cfg.latent)
         self._setup_student(model, tok)
         self._build_data()
         self._setup_optimizer()

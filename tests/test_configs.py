@@ -124,3 +124,33 @@ def test_the_tinyllama_config_fits_8gb_at_the_real_shapes(tmp_path):
     trained = estimate(load_config(str(CONFIGS / "qwen2_7b_to_tinyllama.yaml"), {
         "caches": ["C"], "student": str(tmp_path / "tinyllama"), "freeze_embeddings": False}))
     assert 6.5 < fixed < 7.5 and trained - fixed == pytest.approx(32000 * 2048 * 4 / 1024 ** 3, abs=0.011)
+
+
+def test_the_latent_config_fits_8gb_at_the_real_shapes_only_with_checkpointing(tmp_path):
+    """configs/kava_latent_qwen25_0.5b.yaml at Qwen2.5-0.5B's published shape, its own cache (24
+    layers x 2 KV heads x 64, 8 slots) and GSM8K's longest question (~400 tokens with the prompt):
+    the estimate stage 2 prints is under 7.5 GB, and over it without gradient checkpointing."""
+    import re
+    from types import SimpleNamespace
+    import numpy as np
+    import torch
+    from transformers import Qwen2Config
+    from kava_demo.tiny import QWEN25_05B
+    from stage2_train.build import Teacher, memory_estimate
+    Qwen2Config(**QWEN25_05B).save_pretrained(tmp_path / "qwen")
+    over = {"caches": ["C"], "student": str(tmp_path / "qwen")}
+    cfg = load_config(str(CONFIGS / "kava_latent_qwen25_0.5b.yaml"), over)
+    assert (cfg.latent, cfg.jacobi_iters, cfg.latent_cot_weight, cfg.kv_weight) == (8, 3, 0.0, 10.0)
+    assert (cfg.loss, cfg.projector, cfg.direction, cfg.latent_keys) == ("mercator", "head", "student_to_teacher",
+                                                                         "post_rope")
+    cache = SimpleNamespace(layers=list(range(24)), token_segments=lambda: np.array([[[0, 399], [399, 700], [700, 708]]]))
+    teachers = [Teacher(cache=cache, kv_quant=None, distilled=[(s, [(s, 1.0)]) for s in range(24)], heads=2,
+                        head_dim=64, fingerprint="f", path="C", vocab=None)]
+
+    def estimate(c):
+        text = memory_estimate(c, teachers, torch.bfloat16, torch.device("cuda"))
+        assert "at batch 8 x 418 tokens (400 question, 8 latent, 10 answer; the latents' forwards 1624 tokens)" in text
+        return float(re.search(r"estimated peak memory ([0-9.]+) GB", text).group(1))
+    assert 4.0 < estimate(cfg) < 7.5
+    assert estimate(load_config(str(CONFIGS / "kava_latent_qwen25_0.5b.yaml"), {**over,
+                                                                                "gradient_checkpointing": False})) > 7.5

@@ -426,6 +426,56 @@ def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, teacher_
 
 
 @pytest.mark.slow
+def test_the_latent_config_trains_and_evaluates_a_tiny_student_through_the_command_line(teacher_dir, rkv_cache,
+                                                                                        tmp_path, capsys):
+    """configs/kava_latent_qwen25_0.5b.yaml (gradient checkpointing and all) on a tiny model and
+    its own cache, with what a CPU test needs over it: 4 slots, fp32, plain AdamW, 2 steps. It
+    trains, says what its memory estimate counted, and the run answers after its latent steps."""
+    import json
+    from stage2_train.__main__ import main as cli
+    from stage2_train.evaluate import main as evaluate_main
+    run = tmp_path / "kava"
+    over = dict(student=teacher_dir, cache=rkv_cache, out=run, dataset="synthetic-seed0", latent=4, precision="fp32",
+                optimizer="adamw", batch_size=4, grad_accum=1, max_steps=2, log_every=1, save_every=0,
+                warmup_steps=1, eval_samples=4, num_workers=0, device="cpu")
+    args = ["--config", "configs/kava_latent_qwen25_0.5b.yaml", "--no-progress"]
+    for k, v in over.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    assert cli(args) == 0
+    assert "4 latent" in capsys.readouterr().out
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and r["loss_kv"] > 0 for r in rows)
+    assert all(r["loss_cot"] == 0.0 for r in rows)
+    assert evaluate_main(["--model", str(run), "--latent", "4", "--split", "test", "--max-samples", "4",
+                          "--batch-size", "4", "--max-new-tokens", "8", "--device", "cpu", "--no-progress",
+                          "--out", str(tmp_path / "eval.jsonl")]) == 0
+    answers = [json.loads(l) for l in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and all(1 + 3 + 1 <= r["forward_passes"] <= 1 + 3 + 8 for r in answers)
+
+
+@pytest.mark.slow
+def test_a_latent_run_refuses_a_cache_of_another_slot_count_before_loading_the_student(student_dir, rkv_cache,
+                                                                                       tmp_path):
+    """--latent 8 against a cache of 4 slots: one message naming the cache, both counts and the
+    way out, before the student loads; the recompress it names makes a cache the run takes."""
+    import json
+    from kava_common import KavaError
+    from kava_common.recompress import RecompressArgs, recompress
+    from stage2_train.train import main as train
+    lines = []
+    with pytest.raises(KavaError, match=rf"{rkv_cache}: holds 4 R-KV slots per layer and KV head, and --latent 8 "
+                                        rf"takes 8 latent steps against as many: give --latent 4, or re-select 8 slots "
+                                        rf"from the cache without the teacher \(python -m kava_common.recompress "
+                                        rf"{rkv_cache} --rkv-slots 8\)"):
+        train(_latent_cfg(student_dir, rkv_cache, tmp_path / "x", max_steps=1, latent=8), echo=lines.append)
+    assert not any("estimated peak memory" in l for l in lines)
+    eight = recompress(RecompressArgs(cache=str(rkv_cache), out=str(tmp_path / "c8"), rkv_slots=8, progress=False),
+                       log=lambda *a: None)
+    train(_latent_cfg(student_dir, eight, tmp_path / "ok", max_steps=1, latent=8, save_every=0), echo=lambda *a: None)
+    assert json.loads((tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()[-1])["loss_kv"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("iters", [1, 0])
 def test_a_latent_run_under_gradient_checkpointing_logs_the_same_numbers(student_dir, rkv_cache, tmp_path, iters):
     """--latent with --gradient-checkpointing (what fits a real student on a small GPU): step by
