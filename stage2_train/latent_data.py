@@ -13,16 +13,27 @@ from kava_common.rope import inverse_frequencies, unrotate
 BOT, EOT = "<|begin_of_thought|>", "<|end_of_thought|>"
 
 
-def add_thought_tokens(tok, model=None) -> tuple[int, int]:
+def add_thought_tokens(tok, model=None, log=None) -> tuple[int, int]:
     """The begin- and end-of-thought tokens, added to the student's tokenizer as special tokens
     where it lacks them (saved with it), and rows for them in the model's input embedding (and a
-    tied head); returns their ids."""
+    tied head), said to `log`; returns their ids."""
+    from transformers.utils import logging as hf_logging
     missing = [t for t in (BOT, EOT) if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
-    if model is not None and model.get_input_embeddings().num_embeddings < len(tok):
-        model.resize_token_embeddings(len(tok))
+    resized = model is not None and model.get_input_embeddings().num_embeddings < len(tok)
+    if resized:
+        was = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()       # its notice of mean resizing: said below in kava's words
+        try:
+            model.resize_token_embeddings(len(tok))
+        finally:
+            hf_logging.set_verbosity(was)
     bot, eot = tok.convert_tokens_to_ids([BOT, EOT])
+    if missing and log:
+        log(f"added {' and '.join(missing)} to the student's tokenizer (ids {bot}, {eot}; saved with it), "
+            + ("new embedding rows drawn from the mean and covariance of the others" if resized else
+               "on embedding rows that no token used"))
     return bot, eot
 
 

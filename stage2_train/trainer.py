@@ -68,7 +68,7 @@ class Trainer:
             model, tok = load_student(cfg.student, self.device, self.dtype, cfg.lora_r, cfg.lora_alpha,
                                       cfg.gradient_checkpointing)
         # a latent student reads begin/end-of-thought tokens: rows for them before what trains is set
-        self.thought_ids = add_thought_tokens(tok, model) if cfg.latent else None
+        self.thought_ids = add_thought_tokens(tok, model, self.echo) if cfg.latent else None
         # DistributedDataParallel's reducer expects a sparse gradient for a sparse embedding,
         # and a tied head makes its gradient dense: under torchrun the embedding stays dense
         set_trainable(model, cfg, sparse_tied=self.ranks.world == 1)

@@ -283,10 +283,18 @@ def test_latent_data_tokenizes_question_thought_and_answer_and_stacks_the_slots(
     c = open_cache(path)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    rows = len(tok)
-    bot, eot = add_thought_tokens(tok, model)
+    rows, said = len(tok), []
+    bot, eot = add_thought_tokens(tok, model, said.append)
     assert (bot, eot) == (rows, rows + 1) and model.get_input_embeddings().num_embeddings >= rows + 2
-    assert add_thought_tokens(tok, model) == (bot, eot) and len(tok) == rows + 2          # added once
+    assert add_thought_tokens(tok, model, said.append) == (bot, eot) and len(tok) == rows + 2   # added once
+    assert said == [f"added {BOT} and {EOT} to the student's tokenizer (ids {bot}, {eot}; saved with it), "
+                    "new embedding rows drawn from the mean and covariance of the others"]
+    # a model whose embedding has rows to spare (as Qwen2.5's) keeps its size
+    spare = tiny.build_model(tiny.tiny_config("qwen2", rows + 8, hidden=32, layers=1, heads=4, kv_heads=2), seed=0)
+    fresh, said = AutoTokenizer.from_pretrained(teacher_dir), []
+    assert add_thought_tokens(fresh, spare, said.append) == (rows, rows + 1)
+    assert spare.get_input_embeddings().num_embeddings == rows + 8
+    assert said[0].endswith("(ids %d, %d; saved with it), on embedding rows that no token used" % (rows, rows + 1))
     tok.save_pretrained(tmp_path / "tok")
     again = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert again.convert_tokens_to_ids([BOT, EOT]) == [bot, eot]
