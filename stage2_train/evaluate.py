@@ -210,9 +210,11 @@ class EvalConfig:
     overwrite: bool = setting(False, "replace an --out that evaluate did not write (never a model's, cache's or "
                               "run's own file)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    latent: int = setting(0, "a latent student (stage 2 --latent): answer after M latent steps, beside a decode that "
-                          "writes its answer out (per-sample JSONL of that one in OUT with -written)")
-    jacobi_iters: int = setting(3, "--latent: parallel passes over the latents; 0: one after another")
+    latent: int | None = setting(None, "a latent student (stage 2 --latent): answer after M latent steps, beside a "
+                                 "decode that writes its answer out (per-sample JSONL of that one in OUT with "
+                                 "-written); default: a latent run's own M, else 0 (written out only)")
+    jacobi_iters: int | None = setting(None, "--latent: parallel passes over the latents; 0: one after another "
+                                       "(default: the run's own, else 3)")
     direct: bool = setting(False, "answer without a chain of thought: the prompt is followed by ' ####', so the "
                            "model gives its number at once (the accuracy of a reasoning model without its reasoning)")
     progress: bool = setting(True, "show a progress bar")
@@ -221,7 +223,7 @@ class EvalConfig:
         p = coerce_settings(self)
         if p:
             raise ValueError("invalid evaluate settings:\n  " + "\n  ".join(p))
-        if self.latent < 0 or self.jacobi_iters < 0:
+        if (self.latent or 0) < 0 or (self.jacobi_iters or 0) < 0:
             p.append(f"--latent and --jacobi-iters must be >= 0, got {self.latent} and {self.jacobi_iters}")
         if not self.model:
             p.append("--model: give a folder or hub id")
@@ -245,11 +247,48 @@ def student_of(model: str) -> str:
     return model
 
 
+def trained_latent(model: str) -> dict:
+    """`latent` and `jacobi_iters` of the stage-2 run whose student `model` is (RUN/final/student,
+    RUN/step-N/student: RUN/config.yaml), or {} for any other model."""
+    import yaml
+    p = Path(model)
+    saved = p.parent.parent / "config.yaml"
+    if p.name != "student" or not saved.is_file():
+        return {}
+    try:
+        cfg = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise KavaError(f"{saved}: unreadable ({e}); give --latent and --jacobi-iters") from None
+    return {k: int(cfg.get(k) or 0) for k in ("latent", "jacobi_iters") if k in cfg}
+
+
+def passes(iters: int) -> str:
+    return f"{iters} Jacobi pass{'' if iters == 1 else 'es'}" if iters else "one after another"
+
+
+def with_run_latent(a: EvalConfig, trained: dict) -> tuple[EvalConfig, list[str]]:
+    """--latent and --jacobi-iters not given: the run's own (a latent run answers as it trained),
+    else 0 and 3; given otherwise than the run trained: said."""
+    said = []
+    latent = a.latent if a.latent is not None else 0 if a.direct else trained.get("latent", 0)
+    iters = a.jacobi_iters if a.jacobi_iters is not None else trained.get("jacobi_iters", 3)
+    if trained.get("latent"):
+        how = f"{trained['latent']} latent steps, " + passes(trained.get("jacobi_iters", 3))
+        if latent and (latent, iters) != (trained["latent"], trained.get("jacobi_iters", 3)):
+            said.append(f"note: evaluating {latent} latent steps, {passes(iters)}; the run trained {how}")
+        elif latent and a.latent is None:
+            said.append(f"the run trained {how}: answering so (give --latent 0 for the written decode alone)")
+    return dataclasses.replace(a, latent=latent, jacobi_iters=iters), said
+
+
 def run(a: EvalConfig) -> None:
     model = student_of(a.model)
     if model != a.model:
         print(f"--model {a.model} is a stage-2 run or checkpoint: evaluating its student, {model}")
         a = dataclasses.replace(a, model=model)
+    a, said = with_run_latent(a, trained_latent(a.model))
+    for line in said:
+        print(line)
     out = a.out or (str(Path(a.model) / f"eval-{a.split}.jsonl") if Path(a.model).is_dir() else None)
     r = evaluate(a.model, a.dataset, a.split, a.max_samples, a.batch_size, a.max_new_tokens, out,
                  a.seed, a.device, a.progress, overwrite=a.overwrite, latent=a.latent, jacobi_iters=a.jacobi_iters,

@@ -366,7 +366,7 @@ def _latent_cfg(student_dir, cache, out, **kw):
 
 
 @pytest.mark.slow
-def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, teacher_dir, rkv_cache, tmp_path):
+def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, teacher_dir, rkv_cache, tmp_path, capsys):
     """--latent 4 through stage 2: the K/V loss at the latent positions falls, the student saved
     with its thought tokens loads back, and a run resumed from step 3 logs the same numbers as
     one that ran straight through."""
@@ -422,6 +422,21 @@ def test_a_latent_student_trains_saves_and_resumes_exactly(student_dir, teacher_
                                 latent=4, jacobi_iters=1, device="cpu", progress=False,
                                 out=str(tmp_path / f"eval-{name}.jsonl")))
         assert [json.loads(l) for l in (tmp_path / f"eval-{name}.jsonl").read_text().splitlines()] == lat
+    # not told --latent: the run's own steps and passes, said; --latent 0: the written decode alone;
+    # steps or passes other than the run's: evaluated, and said
+    capsys.readouterr()
+    evaluate_run(EvalConfig(model=str(final.parent.parent), split="test", max_samples=4, batch_size=2,
+                            max_new_tokens=8, device="cpu", progress=False, out=str(tmp_path / "eval-own.jsonl")))
+    assert "the run trained 4 latent steps, 1 Jacobi pass: answering so" in capsys.readouterr().out
+    assert [json.loads(l) for l in (tmp_path / "eval-own.jsonl").read_text().splitlines()] == lat
+    evaluate_run(EvalConfig(model=str(final), split="test", max_samples=4, batch_size=2, max_new_tokens=8, latent=0,
+                            device="cpu", progress=False, out=str(tmp_path / "eval-w.jsonl")))
+    assert [json.loads(l) for l in (tmp_path / "eval-w.jsonl").read_text().splitlines()] == wrote
+    assert not (tmp_path / "eval-w-written.jsonl").exists() and "latent steps" not in capsys.readouterr().out
+    evaluate_run(EvalConfig(model=str(final), split="test", max_samples=4, batch_size=2, max_new_tokens=8,
+                            jacobi_iters=0, device="cpu", progress=False, out=str(tmp_path / "eval-seq.jsonl")))
+    assert ("note: evaluating 4 latent steps, one after another; the run trained 4 latent steps, 1 Jacobi pass"
+            in capsys.readouterr().out)
     # stopped after step 3's checkpoint (max_steps 3), then resumed to 12
     train(_latent_cfg(student_dir, rkv_cache, tmp_path / "b", max_steps=3), echo=lambda *a: None)
     train(_latent_cfg(student_dir, rkv_cache, tmp_path / "b", max_steps=12, save_every=0, resume="auto"),
