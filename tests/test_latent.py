@@ -499,11 +499,12 @@ def test_a_latent_run_refuses_a_cache_of_another_slot_count_before_loading_the_s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("iters", [1, 0])
-def test_a_latent_run_under_gradient_checkpointing_logs_the_same_numbers(student_dir, rkv_cache, tmp_path, iters):
-    """--latent with --gradient-checkpointing (what fits a real student on a small GPU): step by
-    step the same losses and held-out cosines as without it; the memory estimate it prints counts
-    the latents' forwards as they run."""
+@pytest.mark.parametrize("iters, lora", [(1, 0), (0, 0), (1, 4)])
+def test_a_latent_run_under_gradient_checkpointing_logs_the_same_numbers(student_dir, rkv_cache, tmp_path, iters,
+                                                                         lora):
+    """--latent with --gradient-checkpointing (what fits a real student on a small GPU), plain and
+    through LoRA: step by step the same losses and held-out cosines as without it; the memory
+    estimate it prints counts the latents' forwards as they run."""
     import json
     import re
     from stage2_train.train import main as train
@@ -511,7 +512,7 @@ def test_a_latent_run_under_gradient_checkpointing_logs_the_same_numbers(student
     for gc in (False, True):
         lines = []
         train(_latent_cfg(student_dir, rkv_cache, tmp_path / f"gc{gc}", max_steps=3, save_every=0, jacobi_iters=iters,
-                          gradient_checkpointing=gc), echo=lines.append)
+                          gradient_checkpointing=gc, lora_r=lora), echo=lines.append)
         said[gc] = next(l for l in lines if l.startswith("estimated peak memory"))
         said[gc, "rows"] = [json.loads(l) for l in (tmp_path / f"gc{gc}" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(said[False, "rows"], said[True, "rows"]):
