@@ -112,9 +112,10 @@ def test_the_latent_forward_is_the_whole_sequence_in_one_forward():
 @pytest.mark.parametrize("iters", [0, 2])
 def test_gradient_checkpointing_changes_no_latent_value_and_no_gradient(iters, monkeypatch):
     """A latent micro-batch under gradient checkpointing: the same latents, answer logits, captured
-    K/V at the latent positions, loss and gradients (student, latent head) as without it. The K/V
-    come from the forward, not the backward's recomputation; sequential latents (iters 0), whose
-    cache transformers drops under checkpointing, are recomputed without one."""
+    K/V at the latent positions, loss (CODI's layer outputs in it) and gradients (student, latent
+    head) as without it. The K/V come from the forward, not the backward's recomputation;
+    sequential latents (iters 0), whose cache transformers drops under checkpointing, are
+    recomputed without one."""
     import types
     from kava_common.geometry import KVGeometry
     from stage2_train import latent as L
@@ -125,7 +126,7 @@ def test_gradient_checkpointing_changes_no_latent_value_and_no_gradient(iters, m
              "question_mask": torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]),
              "suffix_ids": torch.tensor([[2, 30, 31], [2, 32, 0]]), "suffix_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
     cap = StudentKV(model, [0, 1], KVGeometry.from_config(model.config))
-    cfg = types.SimpleNamespace(latent=3, jacobi_iters=iters, latent_hidden_weight=0.0)
+    cfg = types.SimpleNamespace(latent=3, jacobi_iters=iters, latent_hidden_weight=1.0)   # CODI's outputs too
     target = torch.randn(2, 2, 3, 8, generator=torch.Generator().manual_seed(1))
 
     def run():
@@ -134,7 +135,8 @@ def test_gradient_checkpointing_changes_no_latent_value_and_no_gradient(iters, m
                                               lambda: torch.autocast("cpu", enabled=False))
         kv = [x[:, :, where].detach().clone() for x in cap.kv(1)]
         k, v = cap.kv(0)
-        loss = L._answer_ce(out.logits, s, sm) + (k[:, :, where] - target).square().mean() + v[:, :, where].mean()
+        loss = L._answer_ce(out.logits, s, sm) + (k[:, :, where] - target).square().mean() + v[:, :, where].mean() \
+            + out.layer_outputs[1].square().mean()
         loss.backward()
         grads = [p.grad.clone() for p in (model.model.layers[0].self_attn.k_proj.weight,
                                           model.model.layers[1].mlp.up_proj.weight, *head.parameters())]
