@@ -113,11 +113,14 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
         seq = latent.seq
     tokens = batch * seq
     kv_dim = s.kv_heads * s.head_dim
-    # every forward the backward goes through: the main one, and a latent run's others
+    # every forward the backward goes through: the main one, and a latent run's others; under
+    # checkpointing each keeps its layers' inputs, and one layer of one forward (the largest) is
+    # recomputed at a time
     graph = tokens + (batch * (latent.pass_tokens(gradient_checkpointing) + latent.written) if latent else 0)
-    per_layer = graph * (6 * s.hidden + 2 * kv_dim + 4 * s.intermediate) * wb
-    layer_input = graph * s.hidden * wb
-    acts = (s.layers * layer_input + per_layer) if gradient_checkpointing else s.layers * per_layer
+    largest = batch * max(seq, latent.question + latent.steps, latent.written) if latent else tokens
+    per_token_layer = (6 * s.hidden + 2 * kv_dim + 4 * s.intermediate) * wb
+    acts = (s.layers * graph * s.hidden * wb + largest * per_token_layer) if gradient_checkpointing \
+        else s.layers * graph * per_token_layer
     acts += 2 * tokens * kv_dim * 4 * s.layers        # captured student K/V upcast for the loss
     logit_bytes = s.vocab * (wb + 4 + 4 + (8 if kd else 0))
     if latent:          # the suffix's logits, and the written sequence's for its cross-entropy

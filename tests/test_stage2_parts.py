@@ -332,8 +332,8 @@ def test_memory_estimate_of_a_latent_run_by_hand():
     assert e["teacher_kv"] == 2 * 3 * 2 * 2 * 4                          # 3 slots of K and V (width 2), and the copy
     seq_ckpt = estimate(s, (1, 1, 2), batch=1, seq=512, cuda_context=0, gradient_checkpointing=True,
                         latent=Latent(5, 3, 2, written=20, iters=0))
-    graph = 10 + 18 + 20
-    assert seq_ckpt["activations"] == 2 * graph * 4 * 2 + graph * per_token_layer + captured
+    graph = 10 + 18 + 20                          # layer inputs of every forward; one layer of the largest
+    assert seq_ckpt["activations"] == 2 * graph * 4 * 2 + 20 * per_token_layer + captured
     assert seq_ckpt["logits"] == (2 + 20) * 10 * (2 + 4 + 4)
     read = estimate(s, (1, 1, 2), batch=1, seq=512, cuda_context=0, latent=Latent(5, 3, 2, 20, 0, written_logits=16))
     assert read["logits"] == (2 + 16) * 10 * (2 + 4 + 4)                     # the written targets' logits alone
