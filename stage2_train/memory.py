@@ -81,6 +81,21 @@ class Latent:
         return m * q + m * (m - 1) // 2 if gradient_checkpointing else q + m
 
 
+def activations(s: Shape, batch: int, seq: int, wb: int, gradient_checkpointing: bool,
+                latent: Latent | None = None) -> int:
+    """Bytes the backward keeps of the forwards: every one it goes through (the main one of `seq`
+    positions, and a latent run's others), each layer's activations, or under checkpointing each
+    layer's input and one layer of the largest forward recomputed at a time; and the captured
+    student K/V of the main forward, upcast for the loss."""
+    tokens, kv_dim = batch * seq, s.kv_heads * s.head_dim
+    graph = tokens + (batch * (latent.pass_tokens(gradient_checkpointing) + latent.written) if latent else 0)
+    largest = batch * max(seq, latent.question + latent.steps, latent.written) if latent else tokens
+    per_token_layer = (6 * s.hidden + 2 * kv_dim + 4 * s.intermediate) * wb
+    acts = (s.layers * graph * s.hidden * wb + largest * per_token_layer) if gradient_checkpointing \
+        else s.layers * graph * per_token_layer
+    return acts + 2 * tokens * kv_dim * 4 * s.layers
+
+
 def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: int,
              precision: str = "bf16", optimizer: str = "adamw", lora_r: int = 0,
              gradient_checkpointing: bool = False, projector_params: int | None = None,
@@ -111,17 +126,7 @@ def estimate(student: Shape, teacher_kv: tuple[int, int, int], batch: int, seq: 
         projector_params = 2 * lt * (ht * dt + 1) * s.kv_heads * s.head_dim
     if latent:
         seq = latent.seq
-    tokens = batch * seq
-    kv_dim = s.kv_heads * s.head_dim
-    # every forward the backward goes through: the main one, and a latent run's others; under
-    # checkpointing each keeps its layers' inputs, and one layer of one forward (the largest) is
-    # recomputed at a time
-    graph = tokens + (batch * (latent.pass_tokens(gradient_checkpointing) + latent.written) if latent else 0)
-    largest = batch * max(seq, latent.question + latent.steps, latent.written) if latent else tokens
-    per_token_layer = (6 * s.hidden + 2 * kv_dim + 4 * s.intermediate) * wb
-    acts = (s.layers * graph * s.hidden * wb + largest * per_token_layer) if gradient_checkpointing \
-        else s.layers * graph * per_token_layer
-    acts += 2 * tokens * kv_dim * 4 * s.layers        # captured student K/V upcast for the loss
+    acts = activations(s, batch, seq, wb, gradient_checkpointing, latent)
     logit_bytes = s.vocab * (wb + 4 + 4 + (8 if kd else 0))
     if latent:          # the suffix's logits, and the written sequence's for its cross-entropy
         written = latent.written if latent.written_logits is None else min(latent.written, latent.written_logits)
