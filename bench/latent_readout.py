@@ -62,21 +62,18 @@ def project(distiller, teacher, pairs: dict, batch: dict) -> dict[int, tuple[tor
 
 
 def readout(run: Path, samples: int, progress: bool = True) -> dict:
-    import dataclasses
-    import yaml
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
     from kava_common.data import pad_id
     from kava_common.rope import rotate
     from stage1_extract.slot_answers import answer_score, answer_scores, cache_teacher, with_question
-    from stage2_train.config import TrainConfig, load_config
+    from stage2_train.config import load_config, saved_settings
     from stage2_train.latent import _latent_forward, _latent_pairs
     from stage2_train.latent_data import LatentData, collate_latent
     from stage2_train.trainer import Trainer
     final = run / "final"
     with tempfile.TemporaryDirectory() as out:
-        settings = {f.name for f in dataclasses.fields(TrainConfig)}      # not what the run recorded beside them
-        saved = {k: v for k, v in yaml.safe_load((run / "config.yaml").read_text()).items() if k in settings}
+        saved = saved_settings(run)
         cfg = load_config(None, {**saved, "student": str(final / "student"), "out": out, "device": "cpu",
                                  "progress": False, "resume": None, "report_to": "none"})
         if not cfg.latent:

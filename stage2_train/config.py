@@ -250,6 +250,22 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 RUN_CONTROL = ("out", "progress", "resume", "overwrite")
 
 
+def saved_settings(run) -> dict:
+    """The settings a stage-2 run recorded in RUN/config.yaml, those that are TrainConfig's (the
+    file holds what the run recorded beside them too); KavaError naming the file where it is
+    missing or unreadable."""
+    from pathlib import Path
+    from kava_common import KavaError
+    path = Path(run) / "config.yaml"
+    try:
+        saved = read_yaml(path) or {}
+    except (OSError, ValueError) as e:
+        raise KavaError(f"{path}: missing or unreadable ({e})") from None
+    if not isinstance(saved, dict):
+        raise KavaError(f"{path}: not a mapping of settings")
+    return {k: v for k, v in saved.items() if k in FIELDS}
+
+
 def load_config(path: str | None, overrides: dict, defaults: dict | None = None) -> TrainConfig:
     """Defaults (the dataclass's, then `defaults`), then the YAML file, then `overrides`;
     unknown keys are an error naming them."""

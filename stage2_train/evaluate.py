@@ -250,15 +250,14 @@ def student_of(model: str) -> str:
 def trained_latent(model: str) -> dict:
     """`latent` and `jacobi_iters` of the stage-2 run whose student `model` is (RUN/final/student,
     RUN/step-N/student: RUN/config.yaml), or {} for any other model."""
-    import yaml
-    p = Path(model)
-    saved = p.parent.parent / "config.yaml"
-    if p.name != "student" or not saved.is_file():
+    from .config import saved_settings
+    run = Path(model).parent.parent
+    if Path(model).name != "student" or not (run / "config.yaml").is_file():
         return {}
     try:
-        cfg = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise KavaError(f"{saved}: unreadable ({e}); give --latent and --jacobi-iters") from None
+        cfg = saved_settings(run)
+    except KavaError as e:
+        raise KavaError(f"{e}; give --latent and --jacobi-iters") from None
     return {k: int(cfg.get(k) or 0) for k in ("latent", "jacobi_iters") if k in cfg}
 
 
@@ -270,11 +269,12 @@ def with_run_latent(a: EvalConfig, trained: dict) -> tuple[EvalConfig, list[str]
     """--latent and --jacobi-iters not given: the run's own (a latent run answers as it trained),
     else 0 and 3; given otherwise than the run trained: said."""
     said = []
-    latent = a.latent if a.latent is not None else 0 if a.direct else trained.get("latent", 0)
-    iters = a.jacobi_iters if a.jacobi_iters is not None else trained.get("jacobi_iters", 3)
-    if trained.get("latent"):
-        how = f"{trained['latent']} latent steps, " + passes(trained.get("jacobi_iters", 3))
-        if latent and (latent, iters) != (trained["latent"], trained.get("jacobi_iters", 3)):
+    run_latent, run_iters = trained.get("latent", 0), trained.get("jacobi_iters", 3)
+    latent = a.latent if a.latent is not None else 0 if a.direct else run_latent
+    iters = a.jacobi_iters if a.jacobi_iters is not None else run_iters
+    if run_latent:
+        how = f"{run_latent} latent steps, {passes(run_iters)}"
+        if latent and (latent, iters) != (run_latent, run_iters):
             said.append(f"note: evaluating {latent} latent steps, {passes(iters)}; the run trained {how}")
         elif latent and a.latent is None:
             said.append(f"the run trained {how}: answering so (give --latent 0 for the written decode alone)")

@@ -26,12 +26,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from kava_common import KavaError
 from kava_common.cli import command, read_yaml, setting
 
-from .config import FIELDS, RUN_CONTROL, load_config
+from .config import FIELDS, RUN_CONTROL, load_config, saved_settings
 
 # metric columns; none shares a name with a setting, so a grid over `loss` stays readable
 COLUMNS = ["train_loss", "loss_kv", "loss_ce", "cos_k", "cos_k_shuffled", "cos_v", "cos_v_shuffled", "accuracy"]
@@ -80,8 +78,8 @@ def changed_settings(saved_config: Path, now: dict) -> list[str]:
     to_dict()). Paths compare resolved; a setting absent from an older config.yaml counts as
     its default."""
     try:
-        saved = yaml.safe_load(saved_config.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        saved = saved_settings(saved_config.parent)
+    except KavaError:
         return ["config.yaml missing or unreadable"]
 
     def norm(key, value):

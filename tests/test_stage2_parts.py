@@ -645,3 +645,19 @@ def test_accumulate_under_ddp_averages_over_micro_batches_and_ranks_with_an_empt
         assert got["parts"]["loss"] == 25.25
     else:   # b: (rank 0 (1 + 4) / 2 + rank 1 10 / 2) / 2; loss (rank 0 (8 + 23) / 2 + rank 1 80 / 2) / 2
         assert torch.equal(got["grads"]["b"], torch.tensor([3.75, 3.75])) and got["parts"]["loss"] == 27.75
+
+
+def test_a_runs_saved_settings_are_its_train_config_fields_and_a_bad_file_is_named(tmp_path):
+    """stage2_train.config.saved_settings, which evaluate, sweep and bench/latent_readout.py read
+    a run's config.yaml through: TrainConfig's fields only; a missing, unparsable or non-mapping
+    file is a KavaError naming it."""
+    from kava_common import KavaError
+    from stage2_train.config import saved_settings
+    (tmp_path / "config.yaml").write_text("latent: 8\njacobi_iters: 0\ncache_fingerprints: [abc]\n")
+    assert saved_settings(tmp_path) == {"latent": 8, "jacobi_iters": 0}
+    for text, why in (("latent: [8\n", "missing or unreadable"), ("- 8\n", "not a mapping of settings")):
+        (tmp_path / "config.yaml").write_text(text)
+        with pytest.raises(KavaError, match=f"{tmp_path / 'config.yaml'}: {why}"):
+            saved_settings(tmp_path)
+    with pytest.raises(KavaError, match=f"{tmp_path / 'nothing' / 'config.yaml'}: missing or unreadable"):
+        saved_settings(tmp_path / "nothing")
