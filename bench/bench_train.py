@@ -29,7 +29,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -295,26 +294,24 @@ def bench_memory():
     # A latent student (--latent 8) on GSM8K: a question of 235 characters on average (985 at
     # most), about 100 Qwen tokens with the prompt (400 at most) at GSM8K's ~2.5 characters per
     # token; eot, the answer line and EOS about 8; the written chain of thought 115 (300).
-    typical, longest = Latent(100, 8, 8, 0, 3), Latent(400, 8, 8, 0, 3)
+    def latent(question: int, cot: int, iters: int, written: bool) -> Latent:
+        """The token counts of one question; with the written chain of thought's cross-entropy,
+        its forward over question, chain of thought and answer, logits over the last two."""
+        return Latent(question, 8, 8, question + cot + 8 if written else 0, iters, cot + 8 if written else None)
     print("memory: latent student (--latent 8, 8 R-KV slots), batch 8, GSM8K questions of ~100 tokens "
           "(400 at most)")
-    latent_options = [("latent, Jacobi 3, bf16, AdamW", dict(), {}),
-                      ("latent, Jacobi 3, 8-bit AdamW", dict(optimizer="adamw8bit"), {}),
-                      ("latent, Jacobi 3, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit",
-                                                                            gradient_checkpointing=True), {}),
-                      ("latent, sequential, 8-bit AdamW, checkpointing", dict(optimizer="adamw8bit",
-                                                                              gradient_checkpointing=True),
-                       dict(iters=0)),
-                      ("latent, Jacobi 3, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True), {}),
-                      ("latent, Jacobi 3, 8-bit AdamW, ckpt, written CoT CE", dict(optimizer="adamw8bit",
-                                                                                   gradient_checkpointing=True),
-                       dict(written=((100 + 115 + 8, 115 + 8), (400 + 300 + 8, 300 + 8))))]
+    ckpt = dict(optimizer="adamw8bit", gradient_checkpointing=True)
+    latent_options = [("latent, Jacobi 3, bf16, AdamW", dict(), 3, False),
+                      ("latent, Jacobi 3, 8-bit AdamW", dict(optimizer="adamw8bit"), 3, False),
+                      ("latent, Jacobi 3, 8-bit AdamW, checkpointing", ckpt, 3, False),
+                      ("latent, sequential, 8-bit AdamW, checkpointing", ckpt, 0, False),
+                      ("latent, Jacobi 3, LoRA r=16, checkpointing", dict(lora_r=16, gradient_checkpointing=True),
+                       3, False),
+                      ("latent, Jacobi 3, 8-bit AdamW, ckpt, written CoT CE", ckpt, 3, True)]
     print(f"  {'':<52} {'longest':>10} {'typical':>12}")
-    for name, kw, lat in latent_options:
-        written = lat.get("written", ((0, None), (0, None)))
-        e_long, e_typ = (estimate(s, kv, 8, 0, latent=replace(shape, written=w, written_logits=read,
-                                                              iters=lat.get("iters", 3)), **kw)
-                         for shape, (w, read) in ((longest, written[1]), (typical, written[0])))
+    for name, kw, iters, written in latent_options:
+        e_long, e_typ = (estimate(s, kv, 8, 0, latent=latent(q, cot, iters, written), **kw)
+                         for q, cot in ((400, 300), (100, 115)))
         verdict = "fits" if e_long["total"] < 7.5 * GB else \
             "fits only with typical questions" if e_typ["total"] < 7.5 * GB else "does not fit"
         print(f"  {name:<52} {e_long['total'] / GB:7.2f} GB {e_typ['total'] / GB:9.2f} GB  {verdict} in 7.5 GB")
