@@ -82,6 +82,20 @@ def check_prereg(path: Path, allow_uncommitted: bool) -> str:
     return rev + (" (uncommitted changes)" if changed or not rev else "")
 
 
+def check_kernels(reg: dict, capability: str) -> str:
+    """A registration that names `torch_cpu_kernels` (AVX2, AVX512, DEFAULT: the kernels another
+    kind of CPU runs, emulated on this one) is refused unless torch runs those; its line for the
+    log otherwise (none for a registration that names none: the header names the kernels)."""
+    want = reg.get("torch_cpu_kernels")
+    if want is None:
+        return ""
+    if str(want).upper() != capability.upper():
+        raise SystemExit(f"error: the registration asks for torch CPU kernels {want} and torch runs "
+                         f"{capability}; set ATEN_CPU_CAPABILITY={str(want).lower()} ONEDNN_MAX_CPU_ISA="
+                         f"{str(want).upper()} MKL_ENABLE_INSTRUCTIONS={str(want).upper()} before the run")
+    return f"torch CPU kernels {capability}, as the registration asks"
+
+
 def train_lm(model, tok, texts: list[str], steps: int, batch: int, lr: float, seed: int, log,
              device: str = "cpu") -> None:
     """Plain next-token training on whole texts (ending in EOS), for the teachers; the batches
@@ -538,6 +552,8 @@ def main(argv=None):
     prereg = Path(a.prereg)
     log(f"pre-registration {prereg}: commit {check_prereg(prereg, a.allow_uncommitted)}")
     reg = yaml.safe_load(prereg.read_text())
+    if kernels := check_kernels(reg, torch.backends.cpu.get_cpu_capability()):
+        log(kernels)
     t0 = time.perf_counter()
     log("teachers and caches")
     paths = prepare(root, reg, log)

@@ -320,3 +320,12 @@ def test_a_teacher_trains_with_its_own_lr_and_batch_on_the_registrations_device(
     assert bl.build_teacher(tmp_path, "t-own", spec, task, tok, said.append) == path
     assert "not recorded; recorded now" in said[0] and len(seen) == 2
     assert json.loads((tmp_path / "t-own.settings.json").read_text())["batch"] == 32
+
+
+def test_a_registration_that_names_torch_kernels_is_refused_under_others():
+    bl = load("bench_learn")
+    assert bl.check_kernels({}, "AVX512") == ""
+    assert bl.check_kernels({"torch_cpu_kernels": "avx2"}, "AVX2") == "torch CPU kernels AVX2, as the registration asks"
+    with pytest.raises(SystemExit, match="asks for torch CPU kernels AVX2 and torch runs AVX512; set "
+                                         "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE"):
+        bl.check_kernels({"torch_cpu_kernels": "AVX2"}, "AVX512")
