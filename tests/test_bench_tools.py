@@ -220,10 +220,47 @@ def test_a_teacher_is_scored_with_and_without_its_chain_of_thought_once(tok, tmp
     assert said[2].endswith("without its chain of thought (scored before)")
 
 
+def _student_reads_its_answer_by_hand(run, cache, n: int) -> tuple[int, float, int]:
+    """A latent run's student answering its first `n` cache samples, recomputed step by step
+    from the saved files: the question and begin-of-thought, one full forward per latent step
+    (a run with --jacobi-iters >= M - 1 has these latents), end-of-thought and the answer
+    teacher-forced. (answers wholly right, summed NLL of the answer tokens, how many)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kava_common.cache.read import open_cache
+    from stage2_train.latent import load_latent_head
+    from stage2_train.latent_data import BOT, EOT
+    student = run / "final" / "student"
+    tok, model = AutoTokenizer.from_pretrained(student), AutoModelForCausalLM.from_pretrained(student).eval()
+    head = load_latent_head(str(student), model.config.hidden_size, "cpu")
+    emb, c, m = model.get_input_embeddings(), open_cache(cache), 4
+    right, nll, tokens = 0, 0.0, 0
+    for i in range(n):
+        s = c.text(i)
+        text, (r0, r1) = s["text"], s["char_segments"]["reasoning"]
+        question = tok(text[:r0].rstrip(" "))["input_ids"] + [tok.convert_tokens_to_ids(BOT)]
+        answer = tok(text[r1:], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            seq = emb(torch.tensor([question]))
+            for _ in range(m):
+                h = model(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1]
+                seq = torch.cat([seq, head(h[:, -1:])], 1)
+            seq = torch.cat([seq, emb(torch.tensor([[tok.convert_tokens_to_ids(EOT)] + answer]))], 1)
+            logits = model(inputs_embeds=seq).logits[0, -len(answer) - 1:-1]
+        # the answer segment's tokens are scored, not the text between the thought and them
+        (_, r), (a0, _) = s["token_segments"]["reasoning"], s["token_segments"]["answer"]
+        logits, target = logits[a0 - r:], torch.tensor(answer[a0 - r:])
+        right += bool((logits.argmax(-1) == target).all())
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        tokens += len(target)
+    return right, nll, tokens
+
+
 @pytest.mark.slow
 def test_latent_readout_gives_the_teacher_its_slots_its_students_latents_or_nothing(student_dir, teacher_dir, tmp_path,
                                                                                    monkeypatch):
-    """bench/latent_readout.py on a tiny latent run: the teacher reading its own slots and nothing
+    """bench/latent_readout.py on a tiny latent run: the student's own answer scores as a
+    step-by-step recomputation; the teacher reading its own slots and nothing
     scores as stage1_extract.slot_answers' `rkv M` and `none`; a projector that returned the very
     slots (un-rotated ones for a run taught keys before RoPE) puts them where the slots were; a
     student layer taught a mix of teacher layers is refused."""
@@ -241,9 +278,12 @@ def test_latent_readout_gives_the_teacher_its_slots_its_students_latents_or_noth
                                      rkv_slots=4, rkv_lambda=0.3, out=str(tmp_path / "c")))
     run = tmp_path / "run"
     train(TrainConfig(student=str(teacher_dir), caches=[str(cache)], out=str(run), device="cpu", progress=False,
-                      eval_samples=4, batch_size=4, max_steps=3, log_every=1, save_every=0, latent=4, jacobi_iters=1,
+                      eval_samples=4, batch_size=4, max_steps=3, log_every=1, save_every=0, latent=4, jacobi_iters=3,
                       kv_weight=3.0), echo=lambda *a: None)
     got = ro.readout(run, 8, progress=False)
+    right, nll, tokens = _student_reads_its_answer_by_hand(run, cache, 8)
+    assert got["forms"]["student"]["exact"] == right / 8
+    assert got["forms"]["student"]["nll"] == pytest.approx(nll / tokens, rel=1e-5)
     ref = slot_answers(SlotAnswersArgs(cache=str(cache), samples=8, slots=[4], select=["rkv"], device="cpu",
                                        progress=False))
     assert got["samples"] == ref["samples"] == 8 and got["latent"] == 4
