@@ -34,6 +34,12 @@ scores every model on that device, and is the students' device unless their sett
 teacher may set its own `lr` (2e-3) and `batch` (32). A teacher's training settings are kept
 beside it (ROOT/teacher-NAME.settings.json): a re-run reuses it, and another registration that
 gives its name other settings in the same root is refused.
+
+`torch_cpu_kernels: AVX2` runs a registration on the code paths of a CPU without AVX512 (torch's
+kernels, MKL's and oneDNN's code; the run refuses to start on others and names the variables that
+set them, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS); a teacher's
+`stage1: {cpu_4bit_kernel: plain}` takes bitsandbytes' 4-bit path of a CPU without AVX512-BF16.
+That is another machine's arithmetic on this machine's cores, not another machine.
 """
 
 from __future__ import annotations
