@@ -481,11 +481,18 @@ def diff_label(rows: list[dict]) -> str:
     return f"exact match minus {base or 'its baseline'} (paired, 95% CI)"
 
 
-def plot(sections: list[tuple[str, list[dict]]], png: Path) -> None:
+def figure(sections: list[tuple[str, list[dict]]]):
+    """One panel per section: each arm's paired difference to its baseline with its 95% interval,
+    green above zero, red below, gray across it. Long labels are wrapped and the figure is as tall
+    as they need, so that none is cut off at its edge."""
+    import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(sections), figsize=(7 * len(sections), 5), squeeze=False)
+    wrap = lambda text, width: "\n".join(textwrap.wrap(text, width))
+    lines = max(sum(wrap(r["what"], 40).count("\n") + 1 for r in rows if "paired" in r) for _, rows in sections)
+    fig, axes = plt.subplots(1, len(sections), figsize=(8 * len(sections), max(3.0, 1.5 + 0.3 * lines)),
+                             squeeze=False)
     for ax, (title, every) in zip(axes[0], sections):
         rows = [r for r in every if "paired" in r]
         y = list(range(len(rows)))[::-1]
@@ -496,10 +503,16 @@ def plot(sections: list[tuple[str, list[dict]]], png: Path) -> None:
                   for r in rows]
         ax.barh(y, d, xerr=err, capsize=4, color=colors)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(y, [r["what"] for r in rows], fontsize=8)
-        ax.set_title(title)
-        ax.set_xlabel(diff_label(every), fontsize=8)
+        ax.set_yticks(y, [wrap(r["what"], 40) for r in rows], fontsize=8)
+        ax.set_title(wrap(title, 50))
+        ax.set_xlabel(wrap(diff_label(every), 80), fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(sections: list[tuple[str, list[dict]]], png: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig = figure(sections)
     fig.savefig(png, dpi=100)
     plt.close(fig)
 

@@ -369,3 +369,30 @@ def test_a_registration_that_names_torch_kernels_is_refused_under_others():
     with pytest.raises(SystemExit, match="asks for torch CPU kernels AVX2 and torch runs AVX512; set "
                                          "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE"):
         bl.check_kernels({"torch_cpu_kernels": "AVX2"}, "AVX512")
+
+
+def test_the_registration_plot_keeps_every_label_inside_the_figure(tmp_path):
+    """Arm descriptions as long as the registrations' own: wrapped, and the title, the axis label
+    and every arm's label drawn inside the figure, in each panel (a label longer than the space
+    beside the bars once pushed the title and axis label off the image's right edge)."""
+    bl = load("bench_learn")
+    long = "K/V Mercator from the Llama teacher across tokenizers, character-overlap alignment, kv_weight 10, 1,200 steps"
+    rows = [{"arm": "base", "what": "no-CoT student: answer only", "baseline": "base"}] + [
+        {"arm": f"a{i}", "what": f"{long} ({i})", "baseline": "base",
+         "paired": {"diff": 0.1 * i - 0.15, "low": 0.1 * i - 0.2, "high": 0.1 * i - 0.1}} for i in range(6)]
+    sections = [("test (1000 problems x 5 seeds)", rows), ("validation (1000 problems x 5 seeds)", rows[:3])]
+    fig = bl.figure(sections)
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    arms = [t for ax in fig.axes for t in ax.get_yticklabels()]
+    labels = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label)] + arms
+    assert len(labels) == 2 * 2 + 6 + 2
+    for t in labels:
+        e = t.get_window_extent(renderer)
+        assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1, t.get_text()
+        assert max(len(line) for line in t.get_text().split("\n")) <= (40 if t in arms else 80)
+    from matplotlib.colors import to_rgba
+    assert [c.get_facecolor() for c in fig.axes[0].patches][:4] == [to_rgba("tab:red")] + [to_rgba("tab:gray")] * 2 + [
+        to_rgba("tab:green")]
+    bl.plot(sections, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
