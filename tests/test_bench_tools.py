@@ -369,6 +369,11 @@ def test_a_registration_that_names_torch_kernels_is_refused_under_others():
     with pytest.raises(SystemExit, match="asks for torch CPU kernels AVX2 and torch runs AVX512; set "
                                          "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE"):
         bl.check_kernels({"torch_cpu_kernels": "AVX2"}, "AVX512")
+    with pytest.raises(SystemExit, match="ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE "
+                                         "MKL_ENABLE_INSTRUCTIONS=AVX512 before"):
+        bl.check_kernels({"torch_cpu_kernels": "avx512"}, "AVX2")
+    with pytest.raises(SystemExit, match="torch_cpu_kernels AVX3: choose one of AVX2, AVX512, DEFAULT"):
+        bl.check_kernels({"torch_cpu_kernels": "avx3"}, "AVX2")
 
 
 def test_the_registration_plot_keeps_every_label_inside_the_figure(tmp_path):
