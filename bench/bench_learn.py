@@ -70,7 +70,7 @@ from stage2_train.evaluate import evaluate
 from stats import paired_bootstrap
 from stage2_train.sweep import run_sweep
 
-from header import header
+from header import ISA_LIMITS, header, isa_settings
 
 PREREG = Path(__file__).with_name("bench_learn_prereg.yaml")
 COSINES = ("cos_k", "cos_k_shuffled", "cos_v", "cos_v_shuffled")
@@ -88,10 +88,6 @@ def check_prereg(path: Path, allow_uncommitted: bool) -> str:
     return rev + (" (uncommitted changes)" if changed or not rev else "")
 
 
-# each torch CPU capability's matching limits for oneDNN and MKL, by their own names
-ISA_LIMITS = {"AVX2": ("AVX2", "AVX2"), "AVX512": ("AVX512_CORE", "AVX512"), "DEFAULT": ("SSE41", "SSE4_2")}
-
-
 def check_kernels(reg: dict, capability: str) -> str:
     """A registration that names `torch_cpu_kernels` (AVX2, AVX512 or DEFAULT: the kernels another
     kind of CPU runs, emulated on this one) is refused unless torch runs those; its line for the
@@ -103,10 +99,8 @@ def check_kernels(reg: dict, capability: str) -> str:
     if want not in ISA_LIMITS:
         raise SystemExit(f"error: torch_cpu_kernels {want}: choose one of {', '.join(ISA_LIMITS)}")
     if want != capability.upper():
-        onednn, mkl = ISA_LIMITS[want]
         raise SystemExit(f"error: the registration asks for torch CPU kernels {want} and torch runs "
-                         f"{capability}; set ATEN_CPU_CAPABILITY={want.lower()} ONEDNN_MAX_CPU_ISA={onednn} "
-                         f"MKL_ENABLE_INSTRUCTIONS={mkl} before the run")
+                         f"{capability}; set {isa_settings(want)} before the run")
     return f"torch CPU kernels {capability}, as the registration asks"
 
 

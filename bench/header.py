@@ -35,9 +35,20 @@ def header(**extra) -> str:
             f"software {soft}")
 
 
+# the variables that limit the instruction sets of torch's kernels, oneDNN and MKL (a CPU without
+# AVX512 emulated on one with it), and each torch CPU capability's values of them, in each
+# library's own spelling
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+ISA_LIMITS = {"AVX2": ("avx2", "AVX2", "AVX2"), "AVX512": ("avx512", "AVX512_CORE", "AVX512"),
+              "DEFAULT": ("default", "SSE41", "SSE4_2")}
+
+
+def isa_settings(capability: str) -> str:
+    """The variables' settings that hold the three libraries to torch CPU capability `capability`."""
+    return " ".join(f"{n}={v}" for n, v in zip(ISA_VARIABLES, ISA_LIMITS[capability]))
+
+
 def _isa_limits() -> str:
-    """The instruction-set limits set for torch's libraries (a CPU without AVX512 emulated on
-    one with it: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS)."""
-    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-    set_ = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
+    """The instruction-set limits set for torch's libraries, as the header names them."""
+    set_ = [f"{n}={os.environ[n]}" for n in ISA_VARIABLES if os.environ.get(n)]
     return f" ({', '.join(set_)})" if set_ else ""
