@@ -54,6 +54,16 @@ def write_jsonl(path, rows):
     return path
 
 
+def latents_by_hand(model, head, prefix, m):
+    """The step-by-step reference of M latent steps: a full forward per latent, no cache, one
+    sample; the M latent embeddings that follow `prefix` (1, T, hidden)."""
+    seq = prefix
+    for _ in range(m):
+        h = model(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1]
+        seq = torch.cat([seq, head(h[:, -1:])], 1)
+    return seq[:, prefix.shape[1]:]
+
+
 @pytest.fixture(scope="session")
 def extra_tok(tok, tmp_path_factory):
     """The tests' tokenizer with two special tokens added after its last id, as Qwen2.5's

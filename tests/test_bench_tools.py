@@ -227,6 +227,7 @@ def _student_reads_its_answer_by_hand(run, cache, n: int) -> tuple[int, float, i
     teacher-forced. (answers wholly right, summed NLL of the answer tokens, how many)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from conftest import latents_by_hand
     from kava_common.cache.read import open_cache
     from stage2_train.latent import load_latent_head
     from stage2_train.latent_data import BOT, EOT
@@ -242,10 +243,8 @@ def _student_reads_its_answer_by_hand(run, cache, n: int) -> tuple[int, float, i
         answer = tok(text[r1:], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             seq = emb(torch.tensor([question]))
-            for _ in range(m):
-                h = model(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1]
-                seq = torch.cat([seq, head(h[:, -1:])], 1)
-            seq = torch.cat([seq, emb(torch.tensor([[tok.convert_tokens_to_ids(EOT)] + answer]))], 1)
+            seq = torch.cat([seq, latents_by_hand(model, head, seq, m),
+                             emb(torch.tensor([[tok.convert_tokens_to_ids(EOT)] + answer]))], 1)
             logits = model(inputs_embeds=seq).logits[0, -len(answer) - 1:-1]
         # the answer segment's tokens are scored, not the text between the thought and them
         (_, r), (a0, _) = s["token_segments"]["reasoning"], s["token_segments"]["answer"]

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import latents_by_hand
 from kava_demo import tiny
 from stage2_train.latent import LatentHead, latent_sequence, latents
 
@@ -27,15 +28,6 @@ def _prefix(model, ids_list):
     return model.get_input_embeddings()(ids), mask
 
 
-def _by_hand(model, head, prefix, m):
-    """The step-by-step reference: a full forward per latent, no cache, one sample."""
-    seq = prefix
-    for _ in range(m):
-        h = model(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1]
-        seq = torch.cat([seq, head(h[:, -1:])], 1)
-    return seq[:, prefix.shape[1]:]
-
-
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_sequential_latents_equal_a_step_by_step_reference_and_jacobi_converges_to_them(arch):
     model, head = _model(arch)
@@ -47,7 +39,7 @@ def test_sequential_latents_equal_a_step_by_step_reference_and_jacobi_converges_
         assert seq.shape == (2, m, 32)
         for b, q in enumerate(questions):              # each sample alone, unpadded, by hand
             alone, _ = _prefix(model, [q])
-            assert torch.allclose(seq[b:b + 1], _by_hand(model, head, alone, m), atol=1e-5), b
+            assert torch.allclose(seq[b:b + 1], latents_by_hand(model, head, alone, m), atol=1e-5), b
         # Jacobi: after T passes the first T + 1 latents are exact; T >= M - 1 gives them all
         for t in range(1, m):
             jac = latents(model, head, prefix, mask, m, iters=t)
@@ -598,7 +590,7 @@ def test_latent_decoding_equals_a_step_by_step_reference(tok, iters):
     for b, p in enumerate(prompts):
         with torch.no_grad():
             seq = emb(torch.tensor([tok(p)["input_ids"] + [bot]]))
-            seq = torch.cat([seq, _by_hand(model, head, seq, m), emb(torch.tensor([[eot]]))], 1)
+            seq = torch.cat([seq, latents_by_hand(model, head, seq, m), emb(torch.tensor([[eot]]))], 1)
             out = []
             for _ in range(max_new):
                 nxt = int(model(inputs_embeds=seq).logits[0, -1].argmax())
